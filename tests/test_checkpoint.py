@@ -1,0 +1,124 @@
+"""Checkpoint loading: released layouts, safetensors, strictness and clear errors, unsafe pickles refused."""
+
+import os
+import pickle
+
+import pytest
+import torch
+
+import vqfr
+from tests.conftest import TINY_V1, TINY_V2, golden, needs_golden, seeded_model
+from vqfr.checkpoint import filter_state_dict, guess_arch, save_released
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("layout", ["params", "params_ema", "both", "module", "plain"])
+def test_released_layouts_load(tmp_path, layout):
+    model = seeded_model(TINY_V2)
+    sd = model.state_dict()
+    other = {k: torch.zeros_like(v) for k, v in sd.items()}
+    obj = {
+        "params": {"params": sd},
+        "params_ema": {"params_ema": sd},
+        "both": {"params": other, "params_ema": sd},  # params_ema wins
+        "module": {"params": {f"module.{k}": v for k, v in sd.items()}},
+        "plain": dict(sd),
+    }[layout]
+    path = tmp_path / "ckpt.pth"
+    torch.save(obj, path)
+    loaded = vqfr.load_model(path, TINY_V2)
+    assert _same_weights(loaded, model)
+    assert not loaded.training
+
+
+def test_filter_is_idempotent():
+    sd = seeded_model(TINY_V1).state_dict()
+    once = filter_state_dict({"params": {f"module.{k}": v for k, v in sd.items()}})
+    assert filter_state_dict(once) == once
+    assert once.keys() == sd.keys()
+
+
+def test_safetensors_round_trip_keeps_options(tmp_path):
+    model = seeded_model(TINY_V1)
+    path = vqfr.save_safetensors(model, tmp_path / "tiny.safetensors")
+    loaded = vqfr.load_model(path)  # options come from the file's metadata
+    assert loaded.options == model.options
+    assert _same_weights(loaded, model)
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_released_save_round_trip(tmp_path):
+    model = seeded_model(TINY_V2)
+    path = save_released(tmp_path / "net.pth", model.state_dict(), model.state_dict())
+    assert set(torch.load(path, weights_only=True)) == {"params", "params_ema"}
+    assert _same_weights(vqfr.load_model(path, TINY_V2), model)
+
+
+def test_version_guess_and_wrong_version_error(tmp_path):
+    path = tmp_path / "v1.pth"
+    torch.save({"params": seeded_model(TINY_V1).state_dict()}, path)
+    assert guess_arch(torch.load(path, weights_only=True)["params"]) == "VQFRv1"
+    with pytest.raises(vqfr.CheckpointError) as err:
+        vqfr.load_model(path, TINY_V2)
+    msg = str(err.value)
+    assert str(path) in msg and "looks like VQFRv1" in msg and "missing keys" in msg and "unexpected keys" in msg
+    assert "options='v1'" in msg
+
+
+def test_missing_keys_listed(tmp_path):
+    sd = seeded_model(TINY_V2).state_dict()
+    dropped = "feat2index.1.weight"
+    del sd[dropped]
+    path = tmp_path / "partial.pth"
+    torch.save({"params": sd}, path)
+    with pytest.raises(vqfr.CheckpointError, match="1 missing keys: feat2index.1.weight"):
+        vqfr.load_model(path, TINY_V2)
+
+
+def test_official_config_shape_mismatch_names_shapes(tmp_path):
+    path = tmp_path / "tiny_v2.pth"
+    torch.save({"params": seeded_model(TINY_V2).state_dict()}, path)
+    with pytest.raises(vqfr.CheckpointError, match="shape mismatches"):
+        vqfr.load_model(path)  # guessed v2, official config: shapes differ
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_code_executing_pickle_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"params": _RunsCode()}, f)
+    with pytest.raises(vqfr.CheckpointError, match="refused"):
+        vqfr.load_model(path, TINY_V2)
+
+
+def test_truncated_and_missing_files(tmp_path):
+    path = tmp_path / "cut.pth"
+    torch.save({"params": seeded_model(TINY_V2).state_dict()}, path)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(vqfr.CheckpointError, match="cut.pth"):
+        vqfr.load_model(path, TINY_V2)
+    with pytest.raises(vqfr.CheckpointError, match="does not exist"):
+        vqfr.load_model(tmp_path / "nope.pth")
+
+
+@needs_golden
+def test_golden_checkpoint_loads_from_yml(tmp_path):
+    import yaml
+
+    info, ckpt, _ = golden("v2")
+    yml = tmp_path / "test_small.yml"
+    yml.write_text(yaml.safe_dump({"name": "small", "network_sr": info["network_options"]}))
+    model = vqfr.load_model(ckpt, yml)
+    assert model.options["base_channels"] == 32
+    with pytest.raises(vqfr.CheckpointError, match="looks like VQFRv2"):
+        vqfr.load_model(ckpt, "v1")

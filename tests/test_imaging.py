@@ -1,0 +1,93 @@
+"""Pre- and post-processing exactly as the official code (OFFICIAL_VQFR.md §6)."""
+
+import numpy as np
+import pytest
+import torch
+
+from vqfr.errors import InputError
+from vqfr.imaging import as_bgr_uint8, load_image, save_image, to_images, to_tensor
+
+
+def _img(h=5, w=7, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_to_tensor_is_the_official_formula():
+    img = _img()
+    t = to_tensor(img)
+    # official: img / 255. (float64) -> float32 -> BGR2RGB -> CHW -> normalize(0.5, 0.5)
+    expected = torch.from_numpy((img / 255.0).astype(np.float32)[:, :, ::-1].copy()).permute(2, 0, 1)
+    expected = (expected - 0.5) / 0.5
+    assert t.shape == (1, 3, 5, 7) and t.dtype == torch.float32
+    assert torch.equal(t[0], expected)
+
+
+def test_to_images_is_the_official_formula_and_round_trips():
+    img = _img()
+    assert np.array_equal(to_images(to_tensor(img))[0], img)
+    t = torch.tensor([-2.0, -1.0, 0.0, 0.00196, 1.0, 3.0]).view(1, 3, 1, 2)
+    out = to_images(t)[0]
+    # clamp to [-1,1], (x+1)/2, *255, round half to even, RGB -> BGR
+    rgb = np.round(((np.clip(t.numpy()[0], -1, 1) + 1) / 2 * 255).astype(np.float32)).astype(np.uint8)
+    assert np.array_equal(out, rgb.transpose(1, 2, 0)[:, :, ::-1])
+
+
+def test_batch_and_single_shapes():
+    batch = np.stack([_img(seed=i) for i in range(3)])
+    t = to_tensor(batch)
+    assert t.shape == (3, 3, 5, 7)
+    assert to_images(t).shape == (3, 5, 7, 3)
+    assert to_images(t[0]).shape == (5, 7, 3)
+
+
+def test_conversions_never_modify_input():
+    img = _img()
+    before = img.copy()
+    out = as_bgr_uint8(img)
+    out[:] = 0
+    to_tensor(img)
+    assert np.array_equal(img, before)
+
+
+@pytest.mark.parametrize("arr,expect_shape", [
+    (np.zeros((4, 6), np.uint8), (4, 6, 3)),
+    (np.zeros((4, 6, 1), np.uint8), (4, 6, 3)),
+    (np.zeros((4, 6, 4), np.uint8), (4, 6, 3)),
+    (np.full((4, 6, 3), 65535, np.uint16), (4, 6, 3)),
+    (np.full((4, 6, 3), 0.5, np.float32), (4, 6, 3)),
+])
+def test_odd_formats_are_converted(arr, expect_shape):
+    out = as_bgr_uint8(arr)
+    assert out.shape == expect_shape and out.dtype == np.uint8
+    if arr.dtype == np.uint16:
+        assert out.max() == 255
+
+
+@pytest.mark.parametrize("arr,match", [
+    (np.full((4, 4, 3), np.nan, np.float32), "NaN"),
+    (np.zeros((4, 4, 3), np.int64), "dtype"),
+    (np.zeros((4, 4, 5), np.uint8), "shape"),
+    (np.zeros((0, 4, 3), np.uint8), "shape"),
+    (np.full((4, 4, 3), 7.0), r"\[0, 1\]"),
+])
+def test_bad_arrays_raise_input_error(arr, match):
+    with pytest.raises(InputError, match=match):
+        as_bgr_uint8(arr, name="arr")
+
+
+def test_save_and_load_round_trip(tmp_path):
+    img = _img(16, 20)
+    path = save_image(tmp_path / "x.png", img)
+    assert np.array_equal(load_image(path), img)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]  # no temporary file left behind
+
+
+def test_load_refuses_missing_empty_and_garbage(tmp_path):
+    with pytest.raises(InputError, match="cannot read"):
+        load_image(tmp_path / "missing.png")
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(InputError, match="empty"):
+        load_image(tmp_path / "empty.png")
+    (tmp_path / "text.jpg").write_text("not an image")
+    with pytest.raises(InputError, match="text.jpg"):
+        load_image(tmp_path / "text.jpg")

@@ -1,0 +1,199 @@
+"""Released checkpoints: the ``{"params"|"params_ema": state_dict}`` ``.pth`` layout and safetensors.
+
+Loading is strict. A mismatch is reported as the missing and unexpected keys (and shape differences), together with
+the architecture the file looks like. ``.pth`` files are read with ``torch.load(weights_only=True)``, so a pickle
+that would run code is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from vqfr.atomic import atomic_path, atomic_write_bytes
+from vqfr.errors import CheckpointError
+from vqfr.models import build_model, resolve_options
+
+__all__ = ["load_model", "read_state_dict", "filter_state_dict", "guess_arch", "save_safetensors", "save_released",
+           "file_sha256"]
+
+#: A key that only one architecture has, checked in this order.
+_SIGNATURES = (
+    ("VQFRv1", "main_decoder."),
+    ("VQFRv2", "main_branch."),
+    ("VQGANv1", "quantizer.quantize_dict."),
+    ("VQGANv2", "quantizer.embedding.weight"),
+)
+_ALIAS_OF = {"VQFRv1": "v1", "VQFRv2": "v2", "VQGANv1": "vqgan_v1", "VQGANv2": "vqgan_v2"}
+
+
+def guess_arch(keys) -> str | None:
+    """The architecture whose characteristic keys appear in ``keys``, or None."""
+    keys = list(keys)
+    for arch, marker in _SIGNATURES:
+        if any(k.startswith(marker) or k == marker for k in keys):
+            return arch
+    return None
+
+
+def filter_state_dict(obj: Mapping) -> dict[str, Tensor]:
+    """Released layout -> plain state dict. Idempotent.
+
+    Picks ``params_ema`` over ``params`` when the file is wrapped, and strips any ``module.`` prefix (DataParallel).
+    A plain state dict is returned unchanged (as a new dict).
+    """
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"holds a {type(obj).__name__}, not a state dict")
+    for key in ("params_ema", "params"):
+        if key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    out = {}
+    for k, v in obj.items():
+        if not isinstance(v, Tensor):
+            raise CheckpointError(f"entry {k!r} is a {type(v).__name__}, not a tensor")
+        out[k[len("module."):] if k.startswith("module.") else k] = v
+    return out
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, Tensor], dict | None]:
+    """Read a checkpoint file.
+
+    Returns:
+        (state dict, the model options stored in a safetensors file's metadata, or None).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError("does not exist", path=path, fix="pass the path of a VQFR .pth or .safetensors file")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"is not a readable safetensors file ({exc})", path=path,
+                                  fix="re-download or re-export the file") from exc
+        options = json.loads(meta["options"]) if "options" in meta else None
+        return filter_state_dict(sd), options
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            "refused: the file holds pickled Python objects beyond tensors, which could run code when loaded "
+            f"({str(exc).splitlines()[0]})",
+            path=path,
+            fix="use the released weights or a .safetensors file; only load pickles you trust",
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"is not a readable PyTorch checkpoint ({str(exc).splitlines()[0]})", path=path,
+                              fix="re-download the file; it may be truncated") from exc
+    try:
+        return filter_state_dict(obj), None
+    except CheckpointError as exc:
+        raise CheckpointError(str(exc), path=path, fix="pass a checkpoint in the released layout") from exc
+
+
+def _mismatch_report(model: nn.Module, sd: dict[str, Tensor]) -> str | None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
+              if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if not (missing or unexpected or shapes):
+        return None
+
+    def listing(title: str, items: list[str]) -> str:
+        shown = ", ".join(items[:8]) + (f", ... ({len(items) - 8} more)" if len(items) > 8 else "")
+        return f"{len(items)} {title}: {shown}"
+
+    parts = [listing(t, i) for t, i in (("missing keys", missing), ("unexpected keys", unexpected),
+                                         ("shape mismatches", shapes)) if i]
+    return "; ".join(parts)
+
+
+def load_model(
+    checkpoint: str | Path,
+    options: dict | str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """Load a released-layout checkpoint strictly into its architecture.
+
+    Args:
+        checkpoint: a ``.pth`` (``{"params": ...}`` and/or ``{"params_ema": ...}``, or a plain state dict; any
+            ``module.`` prefix is stripped) or a ``.safetensors`` file.
+        options: None (guess the version from the keys and use its official test configuration, or the options
+            stored in a safetensors file), ``"v1"``/``"v2"``/``"vqgan_v1"``/``"vqgan_v2"``, a dict, or a yml path.
+        device: where to put the model.
+
+    Returns:
+        The model in eval mode with ``model.options`` set and ``model.weights_path`` the checkpoint path.
+
+    Raises:
+        CheckpointError: unreadable or unsafe file, or keys/shapes that do not match the architecture; the message
+            lists the differences and says which version the file looks like.
+    """
+    path = Path(checkpoint)
+    sd, stored = read_state_dict(path)
+    looks_like = guess_arch(sd)
+    if options is None:
+        if stored is not None:
+            options = stored
+        elif looks_like is None:
+            raise CheckpointError("has none of the keys of a VQFR or VQGAN model", path=path,
+                                  fix="pass a VQFR checkpoint (e.g. VQFR_v2.pth)")
+        else:
+            options = _ALIAS_OF[looks_like]
+    opts = resolve_options(options)
+    model = build_model(opts)
+    problem = _mismatch_report(model, sd)
+    if problem:
+        hint = f"the file looks like {looks_like}" if looks_like else "the file matches no known architecture"
+        fix = (f"load it with options={_ALIAS_OF[looks_like]!r} (or the config it was trained with)"
+               if looks_like and looks_like != opts["type"] else "pass the config the checkpoint was trained with")
+        raise CheckpointError(f"does not match {opts['type']} ({hint}): {problem}", path=path, fix=fix)
+    model.load_state_dict(sd, strict=True)
+    model.weights_path = str(path)
+    return model.eval().to(device)
+
+
+def save_safetensors(model: nn.Module, path: str | Path) -> Path:
+    """Save ``model``'s weights and options to a ``.safetensors`` file (atomically). Returns the path."""
+    from safetensors.torch import save
+
+    path = Path(path)
+    meta = {"format": "vqfr-weights/1"}
+    if getattr(model, "options", None) is not None:
+        meta["arch"] = model.options["type"]
+        meta["options"] = json.dumps(model.options)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(path, save(sd, metadata=meta))
+    return path
+
+
+def save_released(path: str | Path, params: Mapping[str, Tensor], params_ema: Mapping[str, Tensor] | None = None) -> Path:
+    """Save state dicts in the released ``.pth`` layout (``params`` and optionally ``params_ema``), atomically."""
+    path = Path(path)
+    obj = {"params": {k: v.detach().cpu() for k, v in params.items()}}
+    if params_ema is not None:
+        obj["params_ema"] = {k: v.detach().cpu() for k, v in params_ema.items()}
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return path
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+

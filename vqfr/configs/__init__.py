@@ -1,0 +1,1 @@
+"""Packaged official test configurations (network blocks of the official test ymls)."""

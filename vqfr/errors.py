@@ -1,0 +1,41 @@
+"""The exceptions this package raises. Each names the file (when there is one) and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class VQFRError(Exception):
+    """Base class. ``path`` is the file concerned (or None) and ``fix`` what the user can do about it."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None, fix: str | None = None):
+        self.path = None if path is None else Path(path)
+        self.fix = fix
+        text = message if path is None else f"{path}: {message}"
+        if fix:
+            text = f"{text}. Fix: {fix}"
+        super().__init__(text)
+
+
+class InputError(VQFRError, ValueError):
+    """An input image or array cannot be used (unreadable, wrong type, shape or size, NaN ...)."""
+
+
+class CheckpointError(VQFRError, ValueError):
+    """A checkpoint cannot be loaded: unsafe pickle, wrong layout, missing or unexpected keys, wrong version."""
+
+
+class ConfigError(VQFRError, ValueError):
+    """Model options are invalid or cannot be read."""
+
+
+class EngineError(VQFRError, RuntimeError):
+    """An exported engine (ONNX, TensorRT, AOTInductor) is corrupt or was built for other hardware or software."""
+
+
+class BackendUnavailable(VQFRError, RuntimeError):
+    """A backend cannot run here (missing package, no GPU, ...)."""
+
+
+class OutputError(VQFRError, OSError):
+    """An output cannot be written (unwritable folder, output would overwrite an input ...)."""

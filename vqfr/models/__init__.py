@@ -1,0 +1,100 @@
+"""The four official architectures, built from the official option names.
+
+``build_model(options)`` takes a dict with ``type`` in :data:`ARCHS` plus the official arguments, a version alias
+(``"v1"``, ``"v2"``, ``"vqgan_v1"``, ``"vqgan_v2"``) or the path of an official-style yml (its ``network_sr``
+block, else its ``network_g`` block). The built model keeps its options in ``model.options``.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+
+import yaml
+from torch import nn
+
+from vqfr.errors import ConfigError
+from vqfr.models.v1 import VQFRv1, VQGANv1
+from vqfr.models.v2 import VQFRv2, VQGANv2
+
+ARCHS: dict[str, type[nn.Module]] = {"VQFRv1": VQFRv1, "VQFRv2": VQFRv2, "VQGANv1": VQGANv1, "VQGANv2": VQGANv2}
+
+#: version alias -> the packaged yml holding the official test configuration
+ALIASES = {"v1": "vqfr_v1.yml", "v2": "vqfr_v2.yml", "vqgan_v1": "vqgan_v1.yml", "vqgan_v2": "vqgan_v2.yml"}
+ALIASES.update({"1": "vqfr_v1.yml", "2": "vqfr_v2.yml", "1.0": "vqfr_v1.yml", "2.0": "vqfr_v2.yml"})
+ALIASES.update({arch: f"{arch[:-2].lower()}_{arch[-2:]}.yml" for arch in ARCHS})
+
+__all__ = ["ARCHS", "ALIASES", "build_model", "resolve_options", "official_options", "VQFRv1", "VQFRv2", "VQGANv1",
+           "VQGANv2"]
+
+
+def _network_block(doc: object, source: str) -> dict:
+    if not isinstance(doc, dict):
+        raise ConfigError("is not a YAML mapping", path=source, fix="pass an official-style yml")
+    for key in ("network_sr", "network_g"):
+        if isinstance(doc.get(key), dict):
+            return doc[key]
+    if "type" in doc:
+        return doc
+    raise ConfigError("has no network_sr or network_g block", path=source,
+                      fix="pass an official-style yml, e.g. vqfr/configs/vqfr_v2.yml")
+
+
+def read_yml(path: str | Path) -> dict:
+    """The network options of an official-style yml (``network_sr``, else ``network_g``, else the top level)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config ({exc.strerror})", path=path, fix="check the path") from exc
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"is not valid YAML ({exc})", path=path, fix="fix the YAML syntax") from exc
+    return _network_block(doc, str(path))
+
+
+def official_options(alias: str) -> dict:
+    """The official test configuration for ``alias`` (e.g. ``"v2"`` or ``"VQGANv1"``)."""
+    if alias not in ALIASES:
+        raise ConfigError(f"unknown model version {alias!r}", fix=f"use one of {sorted(set(ALIASES))}")
+    text = resources.files("vqfr.configs").joinpath(ALIASES[alias]).read_text()
+    return _network_block(yaml.safe_load(text), ALIASES[alias])
+
+
+def resolve_options(options: dict | str | Path) -> dict:
+    """Turn any accepted form of options into a fresh dict with ``type``."""
+    if isinstance(options, dict):
+        opts = copy.deepcopy(options)
+    elif isinstance(options, str) and options in ALIASES:
+        opts = official_options(options)
+    elif isinstance(options, (str, Path)):
+        if not Path(options).is_file():
+            raise ConfigError("is neither a version alias nor an existing yml file", path=options,
+                              fix=f"pass one of {sorted(set(ALIASES))} or the path of a yml")
+        opts = read_yml(options)
+    else:
+        raise ConfigError(f"options must be a dict, a version alias or a yml path, not {type(options).__name__}")
+    if opts.get("type") not in ARCHS:
+        raise ConfigError(f"options 'type' is {opts.get('type')!r}", fix=f"set type to one of {sorted(ARCHS)}")
+    return opts
+
+
+def build_model(options: dict | str | Path) -> nn.Module:
+    """Build an architecture with freshly initialised weights (the official initialisation).
+
+    Args:
+        options: a dict with ``type`` and the official arguments, a version alias, or an official-style yml path.
+
+    Returns:
+        The model (train mode, CPU, fp32) with ``model.options`` set.
+    """
+    opts = resolve_options(options)
+    arch = opts["type"]
+    kwargs = {k: v for k, v in opts.items() if k != "type"}
+    try:
+        model = ARCHS[arch](**copy.deepcopy(kwargs))
+    except TypeError as exc:
+        raise ConfigError(f"invalid options for {arch}: {exc}", fix="compare with vqfr/configs/*.yml") from exc
+    model.options = opts
+    return model
