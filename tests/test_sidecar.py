@@ -1,0 +1,41 @@
+"""The engine sidecar: round trip, validation and clear errors."""
+
+import json
+
+import pytest
+
+from vqfr.errors import EngineError
+from vqfr.sidecar import EngineMeta, TensorSpec, read_sidecar, sidecar_path, write_sidecar
+
+
+def _meta():
+    return EngineMeta(arch="VQFRv2", options={"type": "VQFRv2"}, face_size=512, precision="fp16",
+                      inputs=(TensorSpec("input", (-1, 3, 512, 512)), TensorSpec("fidelity", (-1,))),
+                      outputs=(TensorSpec("output", (-1, 3, 512, 512)),), weights_sha256="ab" * 32, opset=19,
+                      built_with={"torch": "2.13.0"})
+
+
+def test_round_trip(tmp_path):
+    engine = tmp_path / "m.onnx"
+    path = write_sidecar(engine, _meta())
+    assert path == sidecar_path(engine) == tmp_path / "m.onnx.json"
+    meta = read_sidecar(engine)
+    assert meta == _meta() and meta.takes_fidelity and meta.input_names == ["input", "fidelity"]
+
+
+def test_missing_and_malformed(tmp_path):
+    engine = tmp_path / "m.onnx"
+    with pytest.raises(EngineError, match="no readable sidecar"):
+        read_sidecar(engine)
+    sidecar_path(engine).write_text("{not json")
+    with pytest.raises(EngineError, match="not valid JSON"):
+        read_sidecar(engine)
+    d = _meta().to_dict()
+    del d["face_size"]
+    sidecar_path(engine).write_text(json.dumps(d))
+    with pytest.raises(EngineError, match="face_size"):
+        read_sidecar(engine)
+    d = _meta().to_dict() | {"format": "other/9"}
+    sidecar_path(engine).write_text(json.dumps(d))
+    with pytest.raises(EngineError, match="format"):
+        read_sidecar(engine)
