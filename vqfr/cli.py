@@ -239,9 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"no input images found at {args.input!r} (looked for {', '.join(IMAGE_SUFFIXES)})")
 
     version = args.version[0] if args.version else None
-    config = args.config or (f"v{version}" if version else None)
-    if engine is None and config is None:
-        config = "v2"
+    # A checkpoint or engine says which version it is (checked against -v below); -v picks the default weights.
+    config = args.config if engine else args.config or f"v{version or 2}"
     out = Path(args.output)
     job = _Job(args, out)
     try:
