@@ -272,12 +272,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             todo.append((f, stems[f]))
     started = time.perf_counter()
-    chunk_size = args.batch if args.aligned else max(1, args.batch // 2)
     interrupted = False
     with rt, tqdm(total=len(todo), unit="img", disable=args.quiet or None, file=sys.stderr) as bar:
         try:
-            for i in range(0, len(todo), chunk_size):
-                _run_chunk(rt, job, todo[i:i + chunk_size], bar)
+            for i in range(0, len(todo), args.batch):
+                _run_chunk(rt, job, todo[i:i + args.batch], bar)
         except KeyboardInterrupt:
             interrupted = True
     wall = time.perf_counter() - started
