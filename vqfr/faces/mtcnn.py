@@ -7,7 +7,8 @@ The weights (``weights/mtcnn.safetensors``, 1.9 MB, MIT) come from the facenet-p
 1. P-Net, a 12x12 fully convolutional proposal net, slides over an image pyramid (scale step ``factor``, smallest
    face ``min_face`` pixels); every cell above ``thresholds[0]`` proposes a box, refined by its regression.
 2. R-Net rescores 24x24 crops of the surviving (squared) boxes and refines them.
-3. O-Net rescores 48x48 crops, refines the boxes and predicts the 5 landmarks.
+3. O-Net rescores 48x48 crops and refines the boxes; a second O-Net pass on the final, squared boxes predicts the
+   5 landmarks.
 
 Non-maximum suppression follows each stage. Inputs are RGB, normalised as ``(u - 127.5) / 128``; crops are resized
 with area interpolation and zero-padded where a box leaves the image.
@@ -98,7 +99,8 @@ def _normalise(img_rgb: np.ndarray) -> np.ndarray:
 
 
 def _crops(img: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
-    """Square boxes [N,4] of a normalised [H,W,3] float image -> [N,3,size,size] float32, zero outside the image."""
+    """Square boxes [N,4] of an RGB uint8 [H,W,3] image -> [N,3,size,size] normalised float32, black outside the
+    image (as the original MTCNN pads)."""
     import cv2
 
     h, w = img.shape[:2]
@@ -111,7 +113,7 @@ def _crops(img: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
         if sx2 > sx1 and sy2 > sy1:
             patch[sy1 - y1:sy2 - y1, sx1 - x1:sx2 - x1] = img[sy1:sy2, sx1:sx2]
         out[i] = cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA)
-    return out.transpose(0, 3, 1, 2)
+    return _normalise(out).transpose(0, 3, 1, 2)
 
 
 def _refine(boxes: np.ndarray, reg: np.ndarray) -> np.ndarray:
@@ -131,10 +133,13 @@ class MTCNN:
             keeps textures and clutter from being reported as faces.
         factor: pyramid scale step.
         batch: crops per R-Net / O-Net call.
+        max_level_pixels: the largest pyramid level P-Net runs on; on bigger photos the smallest face searched
+            grows accordingly (a 16000x16000 photo is searched for faces from 96 px up), which bounds memory.
     """
 
     def __init__(self, weights: str | Path | None = None, *, device: str | torch.device = "cpu", min_face: int = 20,
-                 thresholds: tuple[float, float, float] = (0.6, 0.7, 0.95), factor: float = 0.709, batch: int = 256):
+                 thresholds: tuple[float, float, float] = (0.6, 0.7, 0.95), factor: float = 0.709, batch: int = 256,
+                 max_level_pixels: int = 4_000_000):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -155,6 +160,7 @@ class MTCNN:
                                   fix="pass the embedded weights (weights=None)") from exc
             net.eval().to(self.device)
         self.min_face, self.thresholds, self.factor, self.batch = min_face, tuple(thresholds), factor, batch
+        self.max_level_pixels = max_level_pixels
 
     def __repr__(self) -> str:
         return f"MTCNN(min_face={self.min_face}, thresholds={self.thresholds}, device={self.device})"
@@ -167,15 +173,15 @@ class MTCNN:
         return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
 
     def _proposals(self, img: np.ndarray) -> np.ndarray:
-        """Stage 1 over the pyramid -> [N, 5] (x1, y1, x2, y2, score), refined and squared."""
+        """Stage 1 over the pyramid of an RGB uint8 image -> [N, 5] (x1, y1, x2, y2, score), refined, squared."""
         import cv2
 
         h, w = img.shape[:2]
-        scale = 12.0 / self.min_face
+        scale = min(12.0 / self.min_face, float(np.sqrt(self.max_level_pixels / (h * w))))
         found = []
         while min(h, w) * scale >= 12:
             sh, sw = int(np.ceil(h * scale)), int(np.ceil(w * scale))
-            level = cv2.resize(img, (sw, sh), interpolation=cv2.INTER_AREA)
+            level = _normalise(cv2.resize(img, (sw, sh), interpolation=cv2.INTER_AREA))
             prob, reg = self.pnet(torch.from_numpy(level.transpose(2, 0, 1)[None]).to(self.device))
             prob, reg = prob[0].float().cpu().numpy(), reg[0].float().cpu().numpy()
             ys, xs = np.nonzero(prob >= self.thresholds[0])
@@ -201,7 +207,7 @@ class MTCNN:
             Detections sorted by score, highest first (box, score, landmarks [5,2] as in
             :class:`~vqfr.faces.detector.Detection`).
         """
-        rgb = _normalise(np.ascontiguousarray(img[:, :, ::-1]))
+        rgb = np.ascontiguousarray(img[:, :, ::-1])
         cand = self._proposals(rgb)
         if len(cand):
             prob, reg = self._run(self.rnet, _crops(rgb, cand[:, :4], 24))
@@ -212,12 +218,19 @@ class MTCNN:
             cand[:, :4] = square_boxes(_refine(cand[:, :4], reg[keep]))
         if not len(cand):
             return []
-        prob, reg, marks = self._run(self.onet, _crops(rgb, cand[:, :4], 48))
+        prob, reg, _ = self._run(self.onet, _crops(rgb, cand[:, :4], 48))
         ok = prob > self.thresholds[2]
-        boxes, prob, reg, marks = cand[ok, :4], prob[ok], reg[ok], marks[ok]
-        wh = np.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], 1)
-        # Landmarks are fractions of the box; pixel centres sit at integer coordinates, hence the -0.5.
-        lms = boxes[:, None, :2] + np.stack([marks[:, :5], marks[:, 5:]], 2) * wh[:, None, :] - 0.5
-        boxes = _refine(boxes, reg)
+        boxes, prob = _refine(cand[ok, :4], reg[ok]), prob[ok]
         keep = nms(boxes, prob, 0.7, mode="min")
-        return [Detection(boxes[i].astype(np.float32), float(prob[i]), lms[i].astype(np.float32)) for i in keep]
+        if not len(keep):
+            return []
+        boxes, prob = boxes[keep], prob[keep]
+        # Landmarks from a second O-Net pass on the final (squared) boxes: O-Net locates landmarks best in a
+        # well-centred crop, and this removes the outliers of the first pass's looser boxes.
+        squares = square_boxes(boxes)
+        _, _, marks = self._run(self.onet, _crops(rgb, squares, 48))
+        side = (squares[:, 2] - squares[:, 0])[:, None, None]
+        # Landmarks are fractions of the box; pixel centres sit at integer coordinates, hence the -0.5.
+        lms = squares[:, None, :2] + np.stack([marks[:, :5], marks[:, 5:]], 2) * side - 0.5
+        return [Detection(b.astype(np.float32), float(p), lm.astype(np.float32)) for b, p, lm in zip(boxes, prob, lms,
+                                                                                                         strict=True)]
