@@ -154,11 +154,10 @@ class _Job:
 
 def _fail(job: _Job, src: Path, exc: BaseException, bar) -> None:
     job.failed += 1
-    text = str(exc) if isinstance(exc, VQFRError) else f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, VQFRError) and exc.path is None:
-        text = f"{src}: {text}"
-    elif not isinstance(exc, VQFRError):
-        text = f"{src}: {text}"
+    if isinstance(exc, VQFRError):
+        text = str(exc) if exc.path is not None else f"{src}: {exc}"
+    else:
+        text = f"{src}: {type(exc).__name__}: {exc}"
     bar.write(f"vqfr: FAILED {text}", file=sys.stderr)
     if job.args.debug:
         bar.write("".join(traceback.format_exception(exc)).rstrip(), file=sys.stderr)

@@ -158,12 +158,15 @@ class Runtime:
         self.engine = source
         self.backend: Backend = self._load_backend(source, meta, backend, device, precision, config)
         self.arch: str = self.backend.arch or ""
-        if self.arch not in _RESTORERS:
+        try:
+            if self.arch not in _RESTORERS:
+                raise ConfigError(f"the engine is a {self.arch or 'model of unknown type'}, not a VQFR restoration "
+                                  "model", path=None if isinstance(source, nn.Module) else source,
+                                  fix="pass a VQFR v1 or v2 checkpoint or engine (VQGAN models do not restore)")
+            self.face_size = self._face_size(face_size)
+        except ConfigError:
             self.backend.close()
-            raise ConfigError(f"the engine is a {self.arch or 'model of unknown type'}, not a VQFR restoration model",
-                              path=None if isinstance(source, nn.Module) else source,
-                              fix="pass a VQFR v1 or v2 checkpoint or engine (VQGAN codebook models do not restore)")
-        self.face_size = self._face_size(face_size)
+            raise
         self._detector_spec, self._parser_spec = detector, parser
         self._detector = self._parser = None
         self.upsampler: Upsampler = upsampler or upscale_lanczos

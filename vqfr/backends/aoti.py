@@ -8,6 +8,7 @@ its device.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -62,7 +63,7 @@ class AOTIBackend(Backend):
             raise EngineError(f"was compiled in {self.precision}; precision {self.requested_precision} was asked",
                               path=path, fix=f"re-export with --precision {self.requested_precision} or use auto")
         try:
-            self._runner = torch._inductor.aoti_load_package(str(path))
+            self._runner: Any = torch._inductor.aoti_load_package(str(path))
         except (RuntimeError, OSError, ValueError) as exc:
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if "CUDA" in text or "cuda" in text:

@@ -46,7 +46,7 @@ class OnnxRuntimeBackend(Backend):
             return reasons(reason, cuda_missing() if entry.device == "cuda" else None), ""
         import onnxruntime as ort
 
-        found = []
+        found: list[str | None] = []
         if entry.provider not in ort.get_available_providers():
             hint = "pip install 'vqfr-deploy[gpu]' (onnxruntime-gpu)" if entry.device == "cuda" else "reinstall it"
             found.append(f"onnxruntime {ort.__version__} has no {entry.provider} (it has "

@@ -51,7 +51,7 @@ class TorchBackend(Backend):
                 model = copy.deepcopy(model)  # never change the caller's module in place
         else:
             model = load_model(model, options=self.options, device="cpu")
-        self.model = model.to(device=self.device, dtype=_DTYPES[precision]).eval()
+        self.model: nn.Module | None = model.to(device=self.device, dtype=_DTYPES[precision]).eval()
         self.precision = precision
         self.dtype = _DTYPES[precision]
         opts: dict[str, Any] = getattr(model, "options", None) or {}
@@ -61,6 +61,7 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def infer(self, x: Tensor, fidelity: Tensor) -> Tensor:
+        assert self.model is not None, "load() the backend first"
         x = x.to(device=self.device, dtype=self.dtype)
         if self.arch != "VQFRv2":
             return self.model(x)
