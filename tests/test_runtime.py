@@ -152,6 +152,7 @@ def test_infer_takes_one_fidelity_per_face(rt_v2, tiny_v2):
     with torch.no_grad():
         for i in range(2):
             torch.testing.assert_close(got[i:i + 1], tiny_v2(x[i:i + 1], fidelity=float(f[i])), atol=1e-4, rtol=0)
+    torch.testing.assert_close(rt_v2.infer(x.numpy(), f.numpy()), got, atol=0, rtol=0)
     with pytest.raises(InputError, match=r"infer takes \[B, 3, 64, 64\]"):
         rt_v2.infer(torch.zeros(1, 3, 32, 32))
     with pytest.raises(ConfigError, match=r"fidelity must be in \[0, 1\]"):

@@ -300,20 +300,24 @@ class Runtime:
         return self._parser
 
     # ------------------------------------------------------------------ inference
-    def infer(self, x: Tensor, fidelity: float | Tensor | None = None) -> Tensor:
+    def infer(self, x: Tensor | np.ndarray, fidelity: float | Tensor | np.ndarray | None = None) -> Tensor:
         """Run the model on aligned faces, in batches of at most ``max_batch``.
 
         Args:
-            x: [B, 3, S, S] float32 RGB in [-1, 1] (S = ``face_size``).
+            x: [B, 3, S, S] float32 RGB in [-1, 1] (S = ``face_size``), a tensor or an array.
             fidelity: a float, or [B] per face; None: the runtime's default.
 
         Returns:
             [B, 3, S, S] float32 on the CPU, unclamped (``vqfr.imaging.to_images`` makes images of it).
         """
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         if x.dim() != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != (self.face_size, self.face_size):
             raise InputError(f"infer takes [B, 3, {self.face_size}, {self.face_size}], got {tuple(x.shape)}",
                              fix="align faces to the model's face size first")
-        fid = torch.as_tensor(self.fidelity if fidelity is None else fidelity, dtype=torch.float32).reshape(-1)
+        f = self.fidelity if fidelity is None else fidelity
+        fid = (f.detach().float().cpu() if isinstance(f, Tensor) else torch.from_numpy(np.asarray(f, np.float32))
+               ).reshape(-1)
         if fid.numel() == 1:
             fid = fid.expand(x.shape[0]).contiguous()
         if fid.shape[0] != x.shape[0]:
