@@ -22,7 +22,8 @@ from vqfr.errors import InputError, OutputError
 #: Default refusal limit for decoded images (width * height); about 16k x 16k.
 MAX_PIXELS = 268_435_456
 
-__all__ = ["to_tensor", "to_images", "as_bgr_uint8", "load_image", "save_image", "MAX_PIXELS", "IMAGE_SUFFIXES"]
+__all__ = ["to_tensor", "to_images", "as_bgr_uint8", "load_image", "save_image", "upscale_lanczos", "MAX_PIXELS",
+           "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -170,3 +171,15 @@ def save_image(path: str | Path, img: np.ndarray, quality: int = 95) -> Path:
                               fix="use a .png or .jpg output name")
         tmp.write_bytes(encoded.tobytes())
     return path
+
+
+def upscale_lanczos(img: np.ndarray, scale: float) -> np.ndarray:
+    """The default background upsampler: [H,W,3] uint8 -> [int(H*scale), int(W*scale), 3] uint8, Lanczos-4 (as the
+    official demo resizes its background when it has no Real-ESRGAN). Returns a new array."""
+    import cv2
+
+    h, w = img.shape[:2]
+    size = (max(int(w * scale), 1), max(int(h * scale), 1))
+    if size == (w, h):
+        return img.copy()
+    return cv2.resize(img, size, interpolation=cv2.INTER_LANCZOS4)

@@ -1,0 +1,133 @@
+"""The CLI end to end on temporary folders, with a tiny model saved as a checkpoint (face size 64)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+import vqfr
+from tests.conftest import FACES, ROOT, TINY_V2, needs_faces, seeded_model
+from vqfr.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, main
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "tiny_v2.safetensors"
+    return vqfr.save_safetensors(seeded_model(TINY_V2, seed=3), path)
+
+
+def _face(seed: int, size: int = 64) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def _folder_with_bad_files(root):
+    inputs = root / "in"
+    inputs.mkdir()
+    cv2.imwrite(str(inputs / "good_a.png"), _face(1))
+    cv2.imwrite(str(inputs / "good_b.jpg"), _face(2, 96))  # resized to the face size
+    cv2.imwrite(str(inputs / "grey_c.png"), _face(3)[:, :, 0])  # converted
+    (inputs / "text.jpg").write_text("not an image")
+    (inputs / "empty.png").write_bytes(b"")
+    png = cv2.imencode(".png", _face(4))[1].tobytes()
+    (inputs / "truncated.png").write_bytes(png[: len(png) // 2])
+    cv2.imwrite(str(inputs / "wide.png"), np.zeros((64, 80, 3), np.uint8))  # not square: not an aligned face
+    (inputs / "notes.txt").write_text("ignored: not an image suffix")
+    return inputs
+
+
+def test_folder_run_survives_bad_files(tmp_path, weights, capsys):
+    inputs = _folder_with_bad_files(tmp_path)
+    before = {p.name: p.read_bytes() for p in inputs.iterdir()}
+    out = tmp_path / "out"
+    code = main(["-i", str(inputs), "-o", str(out), "--weights", str(weights), "--aligned", "--batch", "2", "-q"])
+    captured = capsys.readouterr()
+    assert code == EXIT_SOME_FAILED
+    failed = [line for line in captured.err.splitlines() if line.startswith("vqfr: FAILED")]
+    assert len(failed) == 4, captured.err
+    for name in ("text.jpg", "empty.png", "truncated.png", "wide.png"):
+        assert sum(name in line for line in failed) == 1, name
+    assert "Traceback" not in captured.err
+    assert "3 images, 3 faces restored, 4 failed, 1 non-image files ignored" in captured.out
+    for stem in ("good_a", "good_b", "grey_c"):
+        for group in ("restored_faces", "cropped_faces", "cmp"):
+            img = cv2.imread(str(out / group / f"{stem}_00.png"))
+            assert img is not None and img.shape == ((64, 128, 3) if group == "cmp" else (64, 64, 3)), (stem, group)
+    assert not (out / "restored_imgs").exists() or not any((out / "restored_imgs").iterdir())
+    assert sorted(p.name for p in out.rglob("*") if p.is_file() and p.name.startswith(".")) == []  # no temp files
+    assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before, "inputs must never change"
+
+
+def test_outputs_match_the_api_and_resume(tmp_path, weights, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    face = _face(7)
+    cv2.imwrite(str(inputs / "face.png"), face)
+    out = tmp_path / "out"
+    args = ["-i", str(inputs / "*.png"), "-o", str(out), "--weights", str(weights), "--aligned", "-q",
+            "--suffix", "v2", "-f", "0.0"]
+    assert main(args) == EXIT_OK
+    restored = cv2.imread(str(out / "restored_faces" / "face_00_v2.png"))
+    assert np.array_equal(restored, vqfr.Runtime(weights).restore(face, aligned=True))
+    capsys.readouterr()
+    assert main([*args, "--skip-existing"]) == EXIT_OK
+    assert "0 images, 0 faces restored, 0 failed, 1 skipped (existing)" in capsys.readouterr().out
+
+
+@needs_faces
+@pytest.mark.shared
+def test_whole_photo_run(tmp_path, weights, capsys):
+    out = tmp_path / "out"
+    code = main(["-i", str(FACES / "whole"), "-o", str(out), "--weights", str(weights), "-s", "2", "-q",
+                 "--ext", "png"])
+    assert code == EXIT_OK
+    photo = cv2.imread(str(FACES / "whole" / "Blake_Lively.jpg"))
+    restored = cv2.imread(str(out / "restored_imgs" / "Blake_Lively.png"))
+    assert restored.shape == (photo.shape[0] * 2, photo.shape[1] * 2, 3)
+    assert sorted(p.name for p in (out / "restored_faces").iterdir()) == ["Blake_Lively_00.png", "Blake_Lively_01.png"]
+    assert "1 images, 2 faces restored, 0 failed" in capsys.readouterr().out
+
+
+def test_output_never_overwrites_an_input(tmp_path, weights, capsys):
+    out = tmp_path / "out"
+    (out / "restored_imgs").mkdir(parents=True)
+    src = out / "restored_imgs" / "photo.png"
+    cv2.imwrite(str(src), _face(9, 80))
+    before = src.read_bytes()
+    code = main(["-i", str(src), "-o", str(out), "--weights", str(weights), "-q", "-s", "1"])
+    assert code == EXIT_SOME_FAILED
+    assert "would overwrite its own input" in capsys.readouterr().err
+    assert src.read_bytes() == before
+
+
+def test_setup_and_usage_errors(tmp_path, weights, capsys):
+    cv2.imwrite(str(tmp_path / "a.png"), _face(1))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["-i", str(tmp_path), "-o", str(blocker / "out"), "--weights", str(weights)]) == EXIT_ERROR
+    assert "cannot create the output folder" in capsys.readouterr().err
+    assert main(["-i", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--weights",
+                 str(tmp_path / "missing.pth")]) == EXIT_ERROR
+    assert "missing.pth: does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["-i", str(tmp_path / "nothing*.png"), "-o", str(tmp_path / "o"), "--weights", str(weights)])
+    assert exc.value.code == EXIT_USAGE
+    assert "no input images found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["-i", str(tmp_path), "-f", "2"])
+    assert exc.value.code == EXIT_USAGE
+    assert main(["-i", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--weights", str(weights), "-v",
+                 "1"]) == EXIT_ERROR
+    assert "-v 1 was asked but" in capsys.readouterr().err
+
+
+def test_module_entry_point_lists_backends():
+    out = subprocess.run([sys.executable, "-m", "vqfr", "--list-backends"], capture_output=True, text=True,
+                         cwd=ROOT, check=False)
+    assert out.returncode == EXIT_OK, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("tensorrt") and lines[-1].startswith("torch[cpu]")
+    assert any(line.startswith("torch[cpu]") and " yes " in line for line in lines)

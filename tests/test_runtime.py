@@ -1,0 +1,294 @@
+"""vqfr.Runtime: backend choice, the aligned path against the official pre/post-processing, golden parity through
+the runtime, engine and weight resolution, and clear errors."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import vqfr
+from tests.conftest import TINY_V1, TINY_V2, golden, needs_golden, seeded_model
+from vqfr.backends import BACKEND_NAMES, BACKENDS, candidates
+from vqfr.backends.tensorrt import compatibility_problem
+from vqfr.errors import BackendUnavailable, CheckpointError, ConfigError, EngineError, InputError
+from vqfr.imaging import to_images, to_tensor
+from vqfr.runtime import WEIGHTS_ENV, Runtime, find_weights
+from vqfr.sidecar import EngineMeta, TensorSpec, write_sidecar
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def tiny_v2():
+    return seeded_model(TINY_V2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def rt_v2(tiny_v2):
+    return Runtime(tiny_v2, device="cpu")
+
+
+def _faces(n: int, size: int = 64, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def _official(model, bgr: np.ndarray, fidelity: float) -> np.ndarray:
+    """The official demo's processing: /255, BGR->RGB, (x-0.5)/0.5, model, clamp, (x+1)/2*255, round, RGB->BGR."""
+    x = torch.from_numpy(np.ascontiguousarray(bgr[..., ::-1].astype(np.float32) / 255.0)).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        y = model(((x - 0.5) / 0.5), fidelity=fidelity) if fidelity is not None else model((x - 0.5) / 0.5)
+    y = ((y[0].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()[..., ::-1]
+    return (y * 255.0).round().astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------- backend table
+def test_table_is_ordered_fastest_first_and_feeds_names():
+    labels = [e.label for e in BACKENDS]
+    assert labels[0] == "tensorrt" and labels[-1] == "torch[cpu]"
+    assert labels.index("onnxruntime[TensorRT EP]") < labels.index("onnxruntime[CUDA EP]") < labels.index(
+        "torch[cuda]") < labels.index("onnxruntime[CPU]") < labels.index("torch[cpu]")
+    assert set(BACKEND_NAMES) == {"auto", "tensorrt", "onnxruntime", "aoti", "torch"}
+    assert [e.label for e in candidates(".onnx", "auto", "cpu")] == ["onnxruntime[CPU]"]
+    assert [e.name for e in candidates(".pth")] == ["torch", "torch"]
+
+
+def test_available_explains_every_no():
+    rows = {a.entry.label: a for a in Runtime.available()}
+    assert set(rows) == {e.label for e in BACKENDS}
+    assert rows["torch[cpu]"].usable
+    for a in rows.values():
+        assert a.usable or a.reason, a
+    if not torch.cuda.is_available():
+        assert not rows["tensorrt"].usable and "CUDA" in rows["tensorrt"].reason
+        assert not rows["torch[cuda]"].usable and "CUDA" in rows["torch[cuda]"].reason
+        assert not rows["onnxruntime[CUDA EP]"].usable and "CUDAExecutionProvider" in rows[
+            "onnxruntime[CUDA EP]"].reason
+    import importlib.util
+
+    spec = importlib.util.find_spec("tensorrt")
+    if spec is None or spec.origin is None:
+        assert "tensorrt is not installed (pip install 'vqfr-deploy[trt]')" in rows["tensorrt"].reason
+    assert "tensorrt" in str(rows["tensorrt"])
+
+
+def test_wrong_backend_for_engine_is_refused(tmp_path, tiny_v2):
+    ckpt = vqfr.save_safetensors(tiny_v2, tmp_path / "tiny.safetensors")
+    with pytest.raises(BackendUnavailable, match=r"loads \.safetensors.*tensorrt \(\.engine, \.plan\)"):
+        Runtime(ckpt, backend="tensorrt")
+    with pytest.raises(BackendUnavailable, match="unknown backend 'tensorrtx'.*auto, tensorrt, onnxruntime"):
+        Runtime(ckpt, backend="tensorrtx")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailable, match=r"torch\[cuda\]: no CUDA"):
+            Runtime(ckpt, device="cuda")
+
+
+def test_auto_picks_first_usable_row(rt_v2):
+    usable = [a.entry for a in Runtime.available(rt_v2.engine) if a.usable]
+    assert rt_v2.entry == usable[0]
+    assert rt_v2.arch == "VQFRv2" and rt_v2.face_size == 64 and rt_v2.precision == "fp32"
+
+
+# ----------------------------------------------------------------------------------------------- aligned path
+@pytest.mark.parametrize("fidelity", [0.0, 0.7])
+def test_aligned_restore_is_the_official_model_output(rt_v2, tiny_v2, fidelity):
+    face = _faces(1)[0]
+    got = rt_v2.restore(face, aligned=True, fidelity=fidelity)
+    want = _official(tiny_v2, face, fidelity)
+    assert got.shape == (64, 64, 3) and got.dtype == np.uint8
+    assert np.abs(got.astype(int) - want).max() <= 1
+
+
+def test_aligned_v1_and_face_size():
+    model = seeded_model(TINY_V1, seed=2)
+    rt = Runtime(model, face_size=64)
+    face = _faces(1, seed=3)[0]
+    assert np.abs(rt.restore(face, aligned=True).astype(int) - _official(model, face, None)).max() <= 1
+    assert rt.version == 1
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        Runtime(model, face_size=70)
+
+
+def test_aligned_resizes_squares_and_refuses_other_shapes(rt_v2, tiny_v2):
+    import cv2
+
+    big = _faces(1, size=96, seed=4)[0]
+    want = _official(tiny_v2, cv2.resize(big, (64, 64), interpolation=cv2.INTER_LINEAR), 0.0)
+    assert np.abs(rt_v2.restore(big, aligned=True).astype(int) - want).max() <= 1
+    with pytest.raises(InputError, match="not square"):
+        rt_v2.restore(np.zeros((64, 80, 3), np.uint8), aligned=True)
+
+
+def test_odd_formats_are_converted(rt_v2):
+    face = _faces(1, seed=5)[0]
+    grey = face[:, :, 1]
+    rgba = np.concatenate([face, np.full((64, 64, 1), 7, np.uint8)], axis=2)
+    wide = face.astype(np.uint16) * 257
+    base = rt_v2.restore(face, aligned=True)
+    assert np.array_equal(rt_v2.restore(rgba, aligned=True), base)
+    assert np.array_equal(rt_v2.restore(wide, aligned=True), base)
+    assert np.array_equal(rt_v2.restore(grey, aligned=True), rt_v2.restore(np.repeat(grey[..., None], 3, 2),
+                                                                          aligned=True))
+    before = face.copy()
+    rt_v2.restore(face, aligned=True)
+    assert np.array_equal(face, before), "the input array must never be modified"
+
+
+def test_batches_match_single_calls(tiny_v2):
+    rt = Runtime(tiny_v2, max_batch=2)
+    faces = list(_faces(5, seed=6))
+    batch = rt.restore_batch(faces, aligned=True)
+    for face, out in zip(faces, batch, strict=True):
+        assert np.abs(out.astype(int) - rt.restore(face, aligned=True)).max() <= 1
+
+
+def test_infer_takes_one_fidelity_per_face(rt_v2, tiny_v2):
+    x = to_tensor(_faces(2, seed=7))
+    f = torch.tensor([0.0, 1.0])
+    got = rt_v2.infer(x, f)
+    with torch.no_grad():
+        for i in range(2):
+            torch.testing.assert_close(got[i:i + 1], tiny_v2(x[i:i + 1], fidelity=float(f[i])), atol=1e-4, rtol=0)
+    torch.testing.assert_close(rt_v2.infer(x.numpy(), f.numpy()), got, atol=0, rtol=0)
+    with pytest.raises(InputError, match=r"infer takes \[B, 3, 64, 64\]"):
+        rt_v2.infer(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ConfigError, match=r"fidelity must be in \[0, 1\]"):
+        rt_v2.restore(_faces(1)[0], aligned=True, fidelity=1.5)
+
+
+# ----------------------------------------------------------------------------------------------- golden parity
+@needs_golden
+@pytest.mark.shared
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_golden_through_the_runtime(version):
+    info, ckpt, io = golden(version)
+    size = info["input_shape"][-1]
+    with Runtime(ckpt, config=info["network_options"], face_size=size if version == "v1" else None) as rt:
+        assert rt.face_size == size
+        for f in (0.0, 0.5) if version == "v2" else (None,):
+            got = rt.infer(io["input"], f)
+            key = f"outputs/fidelity_{f}/main_dec" if version == "v2" else "outputs/main_dec"
+            torch.testing.assert_close(got, io[key], atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------- weights
+def test_random_weights_warn_loudly(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    rt = Runtime(config=copy.deepcopy(TINY_V2))
+    assert rt.random_weights
+    err = capsys.readouterr().err
+    assert "RANDOM-WEIGHT VQFRv2" in err and "MEANINGLESS" in err and WEIGHTS_ENV in err
+    again = Runtime(config=copy.deepcopy(TINY_V2))
+    face = _faces(1)[0]
+    assert np.array_equal(rt.restore(face, aligned=True), again.restore(face, aligned=True)), "seeded"
+    assert "random weights" in repr(rt)
+
+
+def test_weights_found_through_env(monkeypatch, tmp_path, tiny_v2, capsys):
+    path = vqfr.save_safetensors(tiny_v2, tmp_path / "VQFR_v2.safetensors")
+    monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path))
+    assert find_weights("VQFRv2") == path
+    rt = Runtime(config=copy.deepcopy(TINY_V2))
+    assert not rt.random_weights and "RANDOM" not in capsys.readouterr().err
+    face = _faces(1)[0]
+    assert np.array_equal(rt.restore(face, aligned=True), Runtime(tiny_v2).restore(face, aligned=True))
+    monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / "missing.pth"))
+    with pytest.raises(ConfigError, match="VQFR_WEIGHTS"):
+        Runtime(config=copy.deepcopy(TINY_V2))
+
+
+def test_missing_and_wrong_files(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Runtime(tmp_path / "nope.pth")
+    with pytest.raises(EngineError, match="does not exist"):
+        Runtime(tmp_path / "nope.onnx")
+    vqgan = seeded_model(_vqgan_options())
+    with pytest.raises(ConfigError, match="not a VQFR restoration model"):
+        Runtime(vqgan)
+
+
+def _vqgan_options() -> dict:
+    opts = {k: v for k, v in copy.deepcopy(TINY_V2).items()
+            if k not in ("inpfeat_dim", "align_opt", "code_selection_mode")}
+    opts["type"] = "VQGANv2"
+    return opts
+
+
+# ----------------------------------------------------------------------------------------------- engines
+def _meta(**built) -> EngineMeta:
+    return EngineMeta(arch="VQFRv2", options=copy.deepcopy(TINY_V2), face_size=64, precision="fp32",
+                      inputs=(TensorSpec("input", (-1, 3, 64, 64)), TensorSpec("fidelity", (-1,))),
+                      outputs=(TensorSpec("output", (-1, 3, 64, 64)),), built_with=built)
+
+
+def test_engine_needs_its_sidecar(tmp_path):
+    engine = tmp_path / "model.onnx"
+    engine.write_bytes(b"not a model")
+    with pytest.raises(EngineError, match="model.onnx.json"):
+        Runtime(engine)
+
+
+def test_corrupt_onnx_is_a_clear_engine_error(tmp_path):
+    pytest.importorskip("onnxruntime")
+    engine = tmp_path / "model.onnx"
+    engine.write_bytes(b"\x08\x07garbage" * 10)
+    write_sidecar(engine, _meta())
+    with pytest.raises(EngineError, match="model.onnx: is not a loadable ONNX model"):
+        Runtime(engine, device="cpu")
+
+
+def test_tensorrt_engine_compatibility_from_sidecar():
+    ok = _meta(tensorrt="10.8.0.43", compute_capability="9.0", gpu="NVIDIA H100")
+    assert compatibility_problem(ok, "10.8.0.43", (9, 0)) is None
+    assert "TensorRT 10.8.0.43, this is TensorRT 10.9.0.34" in compatibility_problem(ok, "10.9.0.34", (9, 0))
+    assert "compute capability 9.0 (NVIDIA H100), this GPU is 8.6" in compatibility_problem(ok, "10.8.0.43", (8, 6))
+    relaxed = dataclass_replace(ok, extra={"version_compatible": True, "hardware_compatibility": "ampere_plus"})
+    assert compatibility_problem(relaxed, "10.9.0.34", (8, 6)) is None
+    assert "does not record" in compatibility_problem(_meta(), "10.8", (9, 0))
+    assert "no sidecar" in compatibility_problem(None, "10.8", (9, 0))
+
+
+def dataclass_replace(meta, **kw):
+    import dataclasses
+
+    return dataclasses.replace(meta, **kw)
+
+
+def test_aoti_rows_follow_the_package_device():
+    from vqfr.backends.aoti import AOTIBackend, package_device
+
+    assert package_device(_meta(compute_capability="9.0")) == "cuda"
+    assert package_device(dataclass_replace(_meta(), extra={"device": "cpu"})) == "cpu"
+    cpu_row = next(e for e in BACKENDS if e.label == "aoti[cpu]")
+    reason, _ = AOTIBackend.check(cpu_row, _meta(compute_capability="9.0"))
+    assert reason == "the package was compiled for cuda"
+    reason, _ = AOTIBackend.check(cpu_row, dataclass_replace(_meta(torch="1.0.0"), extra={"device": "cpu"}))
+    assert "built with torch 1.0.0" in reason
+
+
+def test_runtime_is_a_context_manager(tiny_v2):
+    with Runtime(tiny_v2) as rt:
+        assert rt.backend.loaded
+    assert not rt.backend.loaded
+
+
+def test_import_vqfr_stays_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, vqfr; bad = [m for m in ('onnx', 'onnxruntime', 'tensorrt', 'triton', 'cv2') "
+            "if m in sys.modules]; print(bad); vqfr.Runtime")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_to_images_roundtrip_helper_matches_official(tiny_v2):
+    face = _faces(1, seed=9)[0]
+    with torch.no_grad():
+        y = tiny_v2(to_tensor(face), fidelity=0.0)
+    assert np.abs(to_images(y)[0].astype(int) - _official(tiny_v2, face, 0.0)).max() <= 1

@@ -1,0 +1,87 @@
+"""AOTInductor backend for ``.pt2`` packages built by ``export/aoti.py`` (``torch._inductor.aoti_load_package``).
+
+A package is compiled for one device (the sidecar's ``extra.device``, else CUDA when ``built_with`` records a
+compute capability) and one torch version; the table has a CUDA row and a CPU row and each accepts only packages for
+its device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vqfr.backends.base import Backend, BackendEntry, cuda_missing
+from vqfr.errors import BackendUnavailable, EngineError
+from vqfr.sidecar import EngineMeta
+
+__all__ = ["AOTIBackend", "package_device"]
+
+
+def package_device(meta: EngineMeta | None) -> str | None:
+    """``"cuda"`` / ``"cpu"``: what the package was compiled for, from the sidecar; None if unknown."""
+    if meta is None:
+        return None
+    device = meta.extra.get("device") or meta.built_with.get("device")
+    if device:
+        return str(device).split(":")[0]
+    return "cuda" if meta.built_with.get("compute_capability") else "cpu"
+
+
+class AOTIBackend(Backend):
+    """Runs an AOTInductor package."""
+
+    @classmethod
+    def check(cls, entry: BackendEntry, meta: EngineMeta | None) -> tuple[str | None, str]:
+        if not hasattr(torch._inductor, "aoti_load_package"):
+            return f"this torch ({torch.__version__}) has no torch._inductor.aoti_load_package", ""
+        if entry.device == "cuda":
+            reason = cuda_missing()
+            if reason:
+                return reason, ""
+        built = package_device(meta)
+        if built is not None and built != entry.device:
+            return f"the package was compiled for {built}", ""
+        if meta is not None:
+            built_torch = str(meta.built_with.get("torch") or "")
+            if built_torch and built_torch.split("+")[0] != torch.__version__.split("+")[0]:
+                return f"package built with torch {built_torch}, this is torch {torch.__version__}; rebuild it", ""
+            cc = str(meta.built_with.get("compute_capability") or "")
+            if entry.device == "cuda" and cc:
+                here = "{}.{}".format(*torch.cuda.get_device_capability())
+                if cc != here:
+                    return f"package compiled for compute capability {cc}, this GPU is {here}", ""
+        return None, f"torch {torch.__version__}"
+
+    def load(self) -> None:
+        import torch._inductor
+
+        path = Path(self.engine)
+        if self.requested_precision not in ("auto", self.precision):
+            raise EngineError(f"was compiled in {self.precision}; precision {self.requested_precision} was asked",
+                              path=path, fix=f"re-export with --precision {self.requested_precision} or use auto")
+        try:
+            self._runner: Any = torch._inductor.aoti_load_package(str(path))
+        except (RuntimeError, OSError, ValueError) as exc:
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if "CUDA" in text or "cuda" in text:
+                raise BackendUnavailable(f"cannot start the package here ({text})", path=path,
+                                         fix="rebuild it on this machine with python -m export.aoti") from exc
+            raise EngineError(f"is not a loadable AOTInductor package ({text})", path=path,
+                              fix="re-export it with python -m export.aoti") from exc
+        self._dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
+        self.loaded = True
+
+    @torch.inference_mode()
+    def infer(self, x: Tensor, fidelity: Tensor) -> Tensor:
+        args = [x.to(self.device, self._dtype).contiguous()]
+        if self.takes_fidelity:
+            args.append(fidelity.reshape(-1).to(self.device, torch.float32).contiguous())
+        out = self._runner(*args)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+    def close(self) -> None:
+        self._runner = None
+        super().close()

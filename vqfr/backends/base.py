@@ -1,0 +1,229 @@
+"""The backend protocol and THE table of backends.
+
+A backend runs the restoration network on a batch: ``infer(x [B,3,S,S] float32 in [-1,1], fidelity [B] float32)
+-> [B,3,S,S]`` (unclamped, [-1,1] space). It is built from a table entry and an engine (a file, or an in-memory
+``nn.Module`` for the torch backend), loads it in :meth:`Backend.load`, and releases it in :meth:`Backend.close`
+(also as a context manager).
+
+:data:`BACKENDS` lists every backend, fastest first. ``backend="auto"`` takes the first entry that loads the
+engine's file type and is usable here; :func:`availability` says for every entry whether it is usable and why not.
+The CLI's ``--backend`` choices and the error listing valid names come from the same table.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import importlib
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vqfr.errors import BackendUnavailable
+from vqfr.sidecar import EngineMeta
+
+__all__ = ["Backend", "BackendEntry", "Availability", "BACKENDS", "BACKEND_NAMES", "MODULE", "engine_kind",
+           "availability", "candidates", "missing_package", "cuda_missing", "reasons"]
+
+#: The "suffix" of an in-memory nn.Module engine.
+MODULE = "nn.Module"
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendEntry:
+    """One row of the table.
+
+    Attributes:
+        name: what ``backend=`` takes: ``tensorrt``, ``onnxruntime``, ``aoti`` or ``torch``.
+        device: ``cuda`` or ``cpu``.
+        suffixes: engine kinds it loads (file suffixes, or :data:`MODULE`).
+        target: ``"module:Class"`` of the backend class (imported only when needed).
+        provider: the onnxruntime execution provider, for onnxruntime rows.
+    """
+
+    name: str
+    device: str
+    suffixes: tuple[str, ...]
+    target: str
+    provider: str | None = None
+
+    @property
+    def label(self) -> str:
+        """Unique, readable id: ``tensorrt``, ``onnxruntime[TensorRT EP]``, ``torch[cpu]`` ..."""
+        if self.provider:
+            return f"{self.name}[{_PROVIDER_LABELS.get(self.provider, self.provider)}]"
+        return self.name if self.name == "tensorrt" else f"{self.name}[{self.device}]"
+
+    def backend_class(self) -> type[Backend]:
+        module, _, cls = self.target.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+
+_PROVIDER_LABELS = {"TensorrtExecutionProvider": "TensorRT EP", "CUDAExecutionProvider": "CUDA EP",
+                    "CPUExecutionProvider": "CPU"}
+_ORT = "vqfr.backends.onnxruntime:OnnxRuntimeBackend"
+_TORCH = "vqfr.backends.torch:TorchBackend"
+_AOTI = "vqfr.backends.aoti:AOTIBackend"
+_WEIGHTS = (".pth", ".safetensors", MODULE)
+
+#: Every backend, fastest first (DESIGN.md, "Choosing a backend").
+BACKENDS: tuple[BackendEntry, ...] = (
+    BackendEntry("tensorrt", "cuda", (".engine", ".plan"), "vqfr.backends.tensorrt:TensorRTBackend"),
+    BackendEntry("onnxruntime", "cuda", (".onnx",), _ORT, provider="TensorrtExecutionProvider"),
+    BackendEntry("onnxruntime", "cuda", (".onnx",), _ORT, provider="CUDAExecutionProvider"),
+    BackendEntry("aoti", "cuda", (".pt2",), _AOTI),
+    BackendEntry("torch", "cuda", _WEIGHTS, _TORCH),
+    BackendEntry("onnxruntime", "cpu", (".onnx",), _ORT, provider="CPUExecutionProvider"),
+    BackendEntry("aoti", "cpu", (".pt2",), _AOTI),
+    BackendEntry("torch", "cpu", _WEIGHTS, _TORCH),
+)
+
+#: Valid ``backend=`` values.
+BACKEND_NAMES: tuple[str, ...] = ("auto", *dict.fromkeys(e.name for e in BACKENDS))
+DEVICES = ("auto", "cuda", "cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Availability:
+    """Whether ``entry`` can run here (and, given an engine, run that engine); ``reason`` says why not."""
+
+    entry: BackendEntry
+    usable: bool
+    reason: str = ""
+    note: str = ""
+
+    def __str__(self) -> str:
+        state = "yes" if self.usable else "no "
+        detail = self.note if self.usable else self.reason
+        return f"{self.entry.label:<26} {state}  {detail}".rstrip()
+
+
+def engine_kind(engine: Any) -> str:
+    """The table's key for an engine: the lower-case suffix of a path, or :data:`MODULE`."""
+    if engine is None or isinstance(engine, nn.Module):
+        return MODULE
+    return Path(engine).suffix.lower()
+
+
+def missing_package(module: str, extra: str) -> str | None:
+    """None if ``module`` is importable, else the reason, naming the pip extra (without importing the module)."""
+    spec = importlib.util.find_spec(module)
+    # A namespace package (no __init__, e.g. what type-stub packages leave behind) is not the real module.
+    if spec is not None and spec.origin is not None:
+        return None
+    return f"{module} is not installed (pip install 'vqfr-deploy[{extra}]')"
+
+
+def reasons(*found: str | None) -> str | None:
+    """Join the non-empty reasons with "; " (None when there are none)."""
+    text = "; ".join(r for r in found if r)
+    return text or None
+
+
+def cuda_missing() -> str | None:
+    """None if a CUDA GPU is visible to torch, else the reason."""
+    if torch.cuda.is_available():
+        return None
+    if torch.version.cuda is None:
+        return f"no CUDA: this torch ({torch.__version__}) is a CPU-only build"
+    return "no CUDA GPU visible (torch.cuda.is_available() is False)"
+
+
+def candidates(kind: str | None, backend: str = "auto", device: str = "auto") -> list[BackendEntry]:
+    """Table rows matching ``backend`` and ``device`` that load ``kind`` (None: any kind), in table order.
+
+    Raises:
+        BackendUnavailable: unknown backend or device name, or no row loads this kind of engine.
+    """
+    if backend not in BACKEND_NAMES:
+        raise BackendUnavailable(f"unknown backend {backend!r}", fix=f"use one of {', '.join(BACKEND_NAMES)}")
+    if device not in DEVICES and not device.startswith("cuda:"):
+        raise BackendUnavailable(f"unknown device {device!r}", fix=f"use one of {', '.join(DEVICES)} or cuda:N")
+    dev = device.split(":")[0]
+    rows = [e for e in BACKENDS if backend in ("auto", e.name) and dev in ("auto", e.device)]
+    if kind is not None:
+        rows_for_kind = [e for e in rows if kind in e.suffixes]
+        if not rows_for_kind:
+            loaders = sorted({f"{e.name} ({', '.join(e.suffixes)})" for e in BACKENDS})
+            raise BackendUnavailable(
+                f"no {backend if backend != 'auto' else ''} backend on device {device} loads {kind} engines".replace(
+                    "no  ", "no "),
+                fix=f"backends and what they load: {'; '.join(loaders)}")
+        rows = rows_for_kind
+    return rows
+
+
+def availability(engine: Any = None, meta: EngineMeta | None = None, backend: str = "auto",
+                 device: str = "auto") -> list[Availability]:
+    """Check every matching row of the table (all rows when ``engine`` is None)."""
+    kind = None if engine is None else engine_kind(engine)
+    out = []
+    for entry in candidates(kind, backend, device) if kind else [e for e in BACKENDS
+                                                                   if backend in ("auto", e.name)]:
+        reason, note = entry.backend_class().check(entry, meta)
+        out.append(Availability(entry, reason is None, reason or "", note))
+    return out
+
+
+class Backend(abc.ABC):
+    """Base class of every backend: ``load()``, ``infer(x, fidelity)``, ``close()``; a context manager.
+
+    Args:
+        entry: its row of :data:`BACKENDS`.
+        engine: a file path, or an nn.Module (torch backend only).
+        meta: the engine's sidecar (None for checkpoints and modules).
+        precision: ``auto``, ``fp32``, ``fp16`` or ``bf16``.
+        options: model options for checkpoints (as ``vqfr.load_model`` takes them).
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+    """
+
+    def __init__(self, entry: BackendEntry, engine: Any, *, meta: EngineMeta | None = None, precision: str = "auto",
+                 options: Any = None, device: str | None = None):
+        self.entry, self.engine, self.meta, self.options = entry, engine, meta, options
+        self.requested_precision = precision
+        self.device = torch.device(device or entry.device)
+        #: architecture name (``VQFRv1`` / ``VQFRv2``), face size and precision, known after load()
+        self.arch: str | None = meta.arch if meta else None
+        self.face_size: int | None = meta.face_size if meta else None
+        self.precision: str = meta.precision if meta else "fp32"
+        self.loaded = False
+
+    @classmethod
+    @abc.abstractmethod
+    def check(cls, entry: BackendEntry, meta: EngineMeta | None) -> tuple[str | None, str]:
+        """(reason it cannot run here, or None; a short note when it can)."""
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Load the engine. Raises EngineError (bad file), BackendUnavailable (cannot run here)."""
+
+    @abc.abstractmethod
+    def infer(self, x: Tensor, fidelity: Tensor) -> Tensor:
+        """x [B,3,S,S] float32 in [-1,1] (any device), fidelity [B] float32 -> [B,3,S,S] float (any device)."""
+
+    def close(self) -> None:
+        """Release the engine (idempotent)."""
+        self.loaded = False
+
+    @property
+    def max_batch(self) -> int | None:
+        """Largest batch the engine accepts (None: no limit)."""
+        return None
+
+    @property
+    def takes_fidelity(self) -> bool:
+        return self.arch == "VQFRv2"
+
+    def __enter__(self) -> Backend:
+        if not self.loaded:
+            self.load()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.entry.label}, {self.device}, {self.precision})"

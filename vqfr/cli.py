@@ -1,0 +1,296 @@
+"""``python -m vqfr`` / ``vqfr``: restore the faces in a photo, a folder or a glob, like the official demo.
+
+Outputs (each name contains its input's stem), written atomically::
+
+    OUTPUT/restored_imgs/{stem}[_{suffix}].{ext}     the restored photo (not for --aligned inputs)
+    OUTPUT/restored_faces/{stem}_{i:02d}[_{suffix}].png
+    OUTPUT/cropped_faces/{stem}_{i:02d}.png          the aligned crop fed to the model
+    OUTPUT/cmp/{stem}_{i:02d}.png                    crop | restored, side by side
+
+A bad input gets one line on stderr and the run goes on. Exit codes: 0 all inputs restored; 1 setup error (engine,
+weights, options, output folder); 2 usage error; 3 some inputs failed (the others were written); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from vqfr.backends.base import BACKEND_NAMES
+from vqfr.errors import OutputError, VQFRError
+from vqfr.imaging import IMAGE_SUFFIXES, MAX_PIXELS
+
+__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_SOME_FAILED", "EXIT_INTERRUPTED"]
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SOME_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+#: Where the sample faces live when the package is run from a checkout next to ../shared.
+SAMPLE_FACES = Path(__file__).resolve().parents[2] / "shared" / "faces"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vqfr", description="VQFR blind face restoration: detect, align, restore and paste back every face.",
+        epilog="Exit codes: 0 ok, 1 setup error, 2 usage error, 3 some inputs failed, 130 interrupted.")
+    io = p.add_argument_group("input and output")
+    io.add_argument("-i", "--input", help="image file, folder or glob (default: ../shared/faces/whole, or "
+                                          "../shared/faces/aligned with --aligned, when present)")
+    io.add_argument("-o", "--output", default="results", help="output folder (default: results)")
+    io.add_argument("--ext", choices=("auto", "jpg", "png"), default="auto",
+                    help="restored image format; auto = the input's (default: auto)")
+    io.add_argument("--suffix", help="suffix added to the restored image and face names")
+    io.add_argument("--skip-existing", action="store_true", help="skip inputs whose outputs already exist (resume)")
+    io.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="refuse larger images (default: %(default)s)")
+    model = p.add_argument_group("model")
+    model.add_argument("-v", "--version", choices=("1", "2", "1.0", "2.0"),
+                       help="VQFR version for --weights or the default weights (default: 2, or the engine's)")
+    src = model.add_mutually_exclusive_group()
+    src.add_argument("--weights", help="checkpoint: VQFR_v2.pth, VQFR_v1-33a1fac5.pth or .safetensors "
+                                       "(default: $VQFR_WEIGHTS, ./experiments/pretrained_models, ~/.cache/vqfr; "
+                                       "else RANDOM weights, with a warning)")
+    src.add_argument("--engine", help="exported engine: .onnx, .engine/.plan (TensorRT) or .pt2 (AOTInductor)")
+    model.add_argument("--config", help="model options yml for --weights (official network_sr block)")
+    model.add_argument("-f", "--fidelity", type=float, default=0.0,
+                       help="v2 fidelity in [0, 1]: 0 best quality, 1 best fidelity (default: 0)")
+    model.add_argument("--face-size", type=int, help="aligned face size for v1 checkpoints (default: 512)")
+    faces = p.add_argument_group("faces")
+    faces.add_argument("-s", "--upscale", type=float, default=2, help="output scale of the photo (default: 2)")
+    faces.add_argument("--aligned", action="store_true", help="inputs are FFHQ-aligned square faces")
+    faces.add_argument("--only_center_face", "--only-center-face", action="store_true",
+                       help="restore only the face nearest the centre")
+    faces.add_argument("--detector", help="face detector: mtcnn (default, embedded) or retinaface:PATH "
+                                          "(facexlib's detection_Resnet50_Final.pth)")
+    faces.add_argument("--parser", help="face-parsing network (.onnx or TorchScript) for the paste mask "
+                                        "(default: a feathered square)")
+    run = p.add_argument_group("execution")
+    run.add_argument("--backend", choices=BACKEND_NAMES, default="auto", help="default: auto (fastest usable)")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    run.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
+    run.add_argument("--batch", type=int, default=4, help="most faces per inference call (default: 4)")
+    run.add_argument("--list-backends", action="store_true", help="print which backends can run here, and exit")
+    run.add_argument("--debug", action="store_true", help="print tracebacks for failures")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _collect_inputs(spec: str) -> tuple[list[Path], int]:
+    """(image files, number of non-image files skipped in a folder)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [path], 0
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
+        images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+        return images, len(files) - len(images)
+    return sorted(Path(f) for f in glob.glob(spec, recursive=True) if Path(f).is_file()), 0
+
+
+def _output_stems(files: list[Path]) -> dict[Path, str]:
+    """Input -> output stem; inputs sharing a stem (a.jpg, a.png) get the extension appended so none is lost."""
+    counts: dict[str, int] = {}
+    for f in files:
+        counts[f.stem] = counts.get(f.stem, 0) + 1
+    return {f: f.stem if counts[f.stem] == 1 else f"{f.stem}_{f.suffix.lstrip('.').lower()}" for f in files}
+
+
+class _Job:
+    """Writes the outputs of one run and counts what happened."""
+
+    def __init__(self, args: argparse.Namespace, out: Path):
+        self.args, self.out = args, out
+        self.images = self.faces = self.failed = self.skipped = 0
+        self.infer_s = 0.0
+
+    def make_folders(self) -> None:
+        groups = ("restored_faces", "cropped_faces", "cmp") + (() if self.args.aligned else ("restored_imgs",))
+        for group in groups:
+            folder = self.out / group
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OutputError(f"cannot create the output folder ({exc.strerror})", path=folder,
+                                  fix="choose an output folder (-o) you can write to") from exc
+
+    def names(self, src: Path, stem: str, n_faces: int) -> dict[str, list[Path]]:
+        sfx = f"_{self.args.suffix}" if self.args.suffix else ""
+        ext = self.args.ext if self.args.ext != "auto" else src.suffix.lstrip(".").lower()
+        if f".{ext}" not in IMAGE_SUFFIXES:
+            ext = "png"
+        return {
+            "restored_imgs": [] if self.args.aligned else [self.out / "restored_imgs" / f"{stem}{sfx}.{ext}"],
+            "restored_faces": [self.out / "restored_faces" / f"{stem}_{i:02d}{sfx}.png" for i in range(n_faces)],
+            "cropped_faces": [self.out / "cropped_faces" / f"{stem}_{i:02d}.png" for i in range(n_faces)],
+            "cmp": [self.out / "cmp" / f"{stem}_{i:02d}.png" for i in range(n_faces)],
+        }
+
+    def done_before(self, src: Path, stem: str) -> bool:
+        first = self.names(src, stem, 1)
+        marker = first["restored_faces"][0] if self.args.aligned else first["restored_imgs"][0]
+        return marker.is_file()
+
+    def write(self, src: Path, stem: str, result) -> None:
+        from vqfr.imaging import save_image
+
+        names = self.names(src, stem, len(result.faces))
+        for path in (p for group in names.values() for p in group):
+            if path.resolve() == src.resolve():
+                raise OutputError("an output would overwrite its own input", path=path,
+                                  fix="choose an output folder (-o) apart from the inputs")
+        for face, rest, crop, cmp in zip(result.faces, names["restored_faces"], names["cropped_faces"], names["cmp"],
+                                         strict=True):
+            save_image(crop, face.cropped)
+            save_image(rest, face.restored)
+            save_image(cmp, np.concatenate([face.cropped, face.restored], axis=1))
+        for path in names["restored_imgs"]:
+            save_image(path, result.image)
+
+
+def _fail(job: _Job, src: Path, exc: BaseException, bar) -> None:
+    job.failed += 1
+    if isinstance(exc, VQFRError):
+        text = str(exc) if exc.path is not None else f"{src}: {exc}"
+    else:
+        text = f"{src}: {type(exc).__name__}: {exc}"
+    bar.write(f"vqfr: FAILED {text}", file=sys.stderr)
+    if job.args.debug:
+        bar.write("".join(traceback.format_exception(exc)).rstrip(), file=sys.stderr)
+
+
+def _run_chunk(rt, job: _Job, chunk: list[tuple[Path, str]], bar) -> None:
+    """Load, restore (faces batched across the chunk) and write; a failing input is isolated and reported."""
+    args = job.args
+    loaded = []
+    for src, stem in chunk:
+        try:
+            loaded.append((src, stem, rt.read(src)))
+        except (VQFRError, OSError, MemoryError) as exc:
+            _fail(job, src, exc, bar)
+            bar.update(1)
+    kwargs = dict(aligned=args.aligned, fidelity=args.fidelity, upscale=args.upscale,
+                  only_center_face=args.only_center_face)
+    start = time.perf_counter()
+    try:
+        results = rt.restore_faces_batch([img for _, _, img in loaded], **kwargs)
+    except (VQFRError, RuntimeError, ValueError, MemoryError):
+        # One input spoiled the shared batch: redo them one by one to find it and keep the others.
+        results = []
+        for _, _, img in loaded:
+            try:
+                results.append(rt.restore_faces(img, **kwargs))
+            except (VQFRError, RuntimeError, ValueError, MemoryError) as exc:
+                results.append(exc)
+    job.infer_s += time.perf_counter() - start
+    for (src, stem, _), result in zip(loaded, results, strict=True):
+        try:
+            if isinstance(result, BaseException):
+                raise result
+            job.write(src, stem, result)
+            job.images += 1
+            job.faces += len(result.faces)
+            if not result.faces and not args.aligned:
+                bar.write(f"vqfr: no face found in {src} (the photo was upscaled only)", file=sys.stderr)
+        except (VQFRError, RuntimeError, ValueError, MemoryError, OSError) as exc:
+            _fail(job, src, exc, bar)
+        bar.update(1)
+
+
+def _default_input(aligned: bool) -> str | None:
+    folder = SAMPLE_FACES / ("aligned" if aligned else "whole")
+    return str(folder) if folder.is_dir() else None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (see the module docstring)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.fidelity <= 1.0:
+        parser.error(f"--fidelity must be in [0, 1], got {args.fidelity}")
+    if args.batch < 1:
+        parser.error(f"--batch must be at least 1, got {args.batch}")
+    if not args.upscale > 0:
+        parser.error(f"--upscale must be positive, got {args.upscale}")
+
+    from vqfr.runtime import Runtime
+
+    engine = args.engine or args.weights
+    if args.list_backends:
+        try:
+            print(*Runtime.available(engine, args.backend, args.device), sep="\n")
+        except (VQFRError, ImportError) as exc:
+            print(f"vqfr: error: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        return EXIT_OK
+
+    if args.input is None:
+        args.input = _default_input(args.aligned)
+        if args.input is None:
+            parser.error("-i/--input is required (an image, a folder or a glob)")
+        print(f"vqfr: no -i given; using the sample faces in {args.input}", file=sys.stderr)
+    files, ignored = _collect_inputs(args.input)
+    if not files:
+        parser.error(f"no input images found at {args.input!r} (looked for {', '.join(IMAGE_SUFFIXES)})")
+
+    version = args.version[0] if args.version else None
+    # A checkpoint or engine says which version it is (checked against -v below); -v picks the default weights.
+    config = args.config if engine else args.config or f"v{version or 2}"
+    out = Path(args.output)
+    job = _Job(args, out)
+    try:
+        job.make_folders()
+        rt = Runtime(engine, backend=args.backend, device=args.device, precision=args.precision,
+                     fidelity=args.fidelity, config=None if args.engine else config, face_size=args.face_size,
+                     max_batch=args.batch, detector=args.detector, parser=args.parser, max_pixels=args.max_pixels)
+        if version and rt.version != int(version):
+            raise VQFRError(f"-v {version} was asked but {engine} is a VQFRv{rt.version} model",
+                            fix=f"drop -v or pass -v {rt.version}")
+        if args.fidelity and rt.version == 1:
+            print("vqfr: note: VQFR v1 has no fidelity control; -f is ignored", file=sys.stderr)
+        if not args.aligned:
+            rt.detector  # noqa: B018 - build the detector now, so a bad --detector fails before the loop
+    except (VQFRError, ImportError, OSError) as exc:
+        print(f"vqfr: error: {exc}", file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        return EXIT_ERROR
+    print(f"vqfr: {rt}", file=sys.stderr)
+
+    from tqdm import tqdm
+
+    stems = _output_stems(files)
+    todo = []
+    for f in files:
+        if args.skip_existing and job.done_before(f, stems[f]):
+            job.skipped += 1
+        else:
+            todo.append((f, stems[f]))
+    started = time.perf_counter()
+    interrupted = False
+    with rt, tqdm(total=len(todo), unit="img", disable=args.quiet or None, file=sys.stderr) as bar:
+        try:
+            for i in range(0, len(todo), args.batch):
+                _run_chunk(rt, job, todo[i:i + args.batch], bar)
+        except KeyboardInterrupt:
+            interrupted = True
+    wall = time.perf_counter() - started
+    rate = job.faces / job.infer_s if job.infer_s > 0 else 0.0
+    notes = [f"{job.skipped} skipped (existing)"] if job.skipped else []
+    if ignored:
+        notes.append(f"{ignored} non-image files ignored")
+    print(f"vqfr: {job.images} images, {job.faces} faces restored, {job.failed} failed"
+          f"{', ' + ', '.join(notes) if notes else ''} in {wall:.1f} s ({rate:.2f} faces/s) "
+          f"on {rt.entry.label}; outputs in {out}/")
+    if rt.random_weights:
+        print("vqfr: WARNING: these outputs come from RANDOM weights and are meaningless (see the message above)",
+              file=sys.stderr)
+    if interrupted:
+        print("vqfr: interrupted; every output written so far is complete (resume with --skip-existing)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_SOME_FAILED if job.failed else EXIT_OK

@@ -1,0 +1,154 @@
+"""The face-detector protocol, the detection record, box utilities, and :func:`load_detector`.
+
+A detector takes a BGR uint8 photo and returns :class:`Detection` records (box, score, 5 landmarks in the order
+left eye, right eye, nose, left mouth corner, right mouth corner, "left" meaning the image's left, i.e. the order of
+the FFHQ template in :mod:`vqfr.faces.align`), sorted by score, highest first.
+
+Detectors available by name or path (one table, :data:`DETECTORS`):
+
+- ``"mtcnn"`` (default): the embedded MTCNN, weights inside the package (:mod:`vqfr.faces.mtcnn`).
+- a path to facexlib's ``detection_Resnet50_Final.pth`` (RetinaFace-R50, the detector of the official demo) or
+  ``"retinaface:PATH"`` (:mod:`vqfr.faces.retinaface`).
+- any object with a ``detect(img) -> list[Detection]`` method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from vqfr.errors import ConfigError
+
+__all__ = ["Detection", "Detector", "DETECTORS", "load_detector", "nms", "square_boxes"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Detection:
+    """One face.
+
+    Attributes:
+        box: [4] float32 (x1, y1, x2, y2) in pixels of the input image.
+        score: detector confidence in [0, 1].
+        landmarks: [5, 2] float32 (x, y): left eye, right eye, nose, left mouth, right mouth (image left/right).
+    """
+
+    box: np.ndarray
+    score: float
+    landmarks: np.ndarray
+
+    @property
+    def eye_distance(self) -> float:
+        return float(np.linalg.norm(self.landmarks[1] - self.landmarks[0]))
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """Anything that finds faces: ``detect(img [H,W,3] uint8 BGR) -> list[Detection]`` sorted by score."""
+
+    def detect(self, img: np.ndarray) -> list[Detection]: ...
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, mode: str = "union") -> np.ndarray:
+    """Greedy non-maximum suppression.
+
+    Args:
+        boxes: [N, 4] (x1, y1, x2, y2), continuous coordinates (area = (x2 - x1) * (y2 - y1)).
+        scores: [N].
+        iou: overlap above which the lower-scoring box is dropped.
+        mode: ``"union"`` (intersection over union) or ``"min"`` (intersection over the smaller area).
+
+    Returns:
+        [K] int64 indices of the kept boxes, highest score first.
+    """
+    if len(boxes) == 0:
+        return np.zeros(0, np.int64)
+    x1, y1, x2, y2 = (boxes[:, i].astype(np.float64) for i in range(4))
+    area = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while order.size:
+        i, rest = order[0], order[1:]
+        keep.append(i)
+        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
+        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
+        inter = w * h
+        denom = np.minimum(area[i], area[rest]) if mode == "min" else area[i] + area[rest] - inter
+        overlap = inter / np.maximum(denom, 1e-12)
+        order = rest[overlap <= iou]
+    return np.asarray(keep, np.int64)
+
+
+def square_boxes(boxes: np.ndarray) -> np.ndarray:
+    """[N, 4] boxes -> the squares with the same centres and side max(width, height)."""
+    out = boxes.copy()
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    side = np.maximum(w, h)
+    out[:, 0] = boxes[:, 0] + (w - side) / 2
+    out[:, 1] = boxes[:, 1] + (h - side) / 2
+    out[:, 2] = out[:, 0] + side
+    out[:, 3] = out[:, 1] + side
+    return out
+
+
+def _mtcnn(path: str | None, device: str) -> Detector:
+    from vqfr.faces.mtcnn import MTCNN
+
+    return MTCNN(path, device=device)
+
+
+def _retinaface(path: str | None, device: str) -> Detector:
+    from vqfr.faces.retinaface import RetinaFace
+
+    if path is None:
+        raise ConfigError("the RetinaFace detector needs its weights file",
+                          fix="pass --detector retinaface:/path/to/detection_Resnet50_Final.pth (facexlib's file)")
+    return RetinaFace(path, device=device)
+
+
+#: name -> factory(weights path or None, device). The CLI's --detector choices come from here.
+DETECTORS = {"mtcnn": _mtcnn, "retinaface": _retinaface}
+
+
+def load_detector(spec: str | Path | Detector | None = None, device: str = "cpu") -> Detector:
+    """Resolve a detector.
+
+    Args:
+        spec: None or ``"mtcnn"`` (the embedded default), ``"NAME:PATH"`` for a detector in :data:`DETECTORS` with
+            weights at PATH, a bare weights path (the kind is read from the file's keys), or a Detector object.
+        device: torch device for the detector's networks.
+    """
+    if spec is None:
+        return _mtcnn(None, device)
+    if isinstance(spec, Detector) and not isinstance(spec, (str, Path)):
+        return spec
+    text = str(spec)
+    name, _, path = text.partition(":") if text.split(":", 1)[0] in DETECTORS else ("", "", text)
+    if name:
+        return DETECTORS[name](path or None, device)
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError("is neither a detector name nor an existing weights file", path=text,
+                          fix=f"use one of {sorted(DETECTORS)} or NAME:PATH, "
+                              "e.g. retinaface:detection_Resnet50_Final.pth")
+    return DETECTORS[_guess_kind(file)](str(file), device)
+
+
+def _guess_kind(path: Path) -> str:
+    from vqfr.checkpoint import read_state_dict
+    from vqfr.errors import CheckpointError
+
+    try:
+        sd, _ = read_state_dict(path)
+    except CheckpointError as exc:
+        raise ConfigError(f"cannot read detector weights ({exc})", path=path,
+                          fix="pass facexlib's detection_Resnet50_Final.pth or an MTCNN .safetensors") from exc
+    keys = {k.removeprefix("module.") for k in sd}
+    if any(k.startswith("pnet.") for k in keys):
+        return "mtcnn"
+    if any(k.startswith("body.") for k in keys) and any(k.startswith("LandmarkHead.") for k in keys):
+        return "retinaface"
+    raise ConfigError("holds weights of no detector known here", path=path,
+                      fix=f"use one of {sorted(DETECTORS)}: MTCNN (pnet./rnet./onet. keys) or facexlib RetinaFace-R50")

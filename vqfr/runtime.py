@@ -1,0 +1,467 @@
+"""``vqfr.Runtime``: restore faces in photos with the fastest backend this machine offers for the given engine.
+
+    import vqfr
+    rt = vqfr.Runtime("VQFR_v2.pth")              # or model.onnx / model.engine / model.pt2 / an nn.Module
+    restored = rt.restore("photo.jpg")             # BGR uint8, faces restored and pasted back
+    face = rt.restore(aligned_face, aligned=True)  # exactly the model's output for an FFHQ-aligned face
+
+Pipeline of :meth:`Runtime.restore` (DESIGN.md): load -> detect faces + 5 landmarks -> align each to the FFHQ
+template at the model's face size -> restore all faces in batches -> paste back (inverse warp, soft mask) over the
+Lanczos-upscaled background.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from vqfr.backends.base import Availability, Backend, BackendEntry, availability, candidates, engine_kind
+from vqfr.errors import BackendUnavailable, CheckpointError, ConfigError, EngineError, InputError
+from vqfr.imaging import MAX_PIXELS, as_bgr_uint8, load_image, to_images, to_tensor, upscale_lanczos
+from vqfr.sidecar import EngineMeta, read_sidecar
+
+__all__ = ["Runtime", "Restoration", "RestoredFace", "find_weights", "WEIGHTS_ENV", "RELEASED_WEIGHTS"]
+
+#: Environment variable naming a weights file, or a folder holding the released files.
+WEIGHTS_ENV = "VQFR_WEIGHTS"
+#: The released file names per version (the official demo's names first).
+RELEASED_WEIGHTS = {"VQFRv1": ("VQFR_v1-33a1fac5.pth", "VQFR_v1.pth", "VQFR_v1.safetensors"),
+                    "VQFRv2": ("VQFR_v2.pth", "VQFR_v2.safetensors")}
+_ENGINE_SUFFIXES = (".onnx", ".engine", ".plan", ".pt2")
+_RESTORERS = ("VQFRv1", "VQFRv2")
+
+#: A background upsampler: (BGR uint8 [H,W,3], scale) -> BGR uint8 [int(H*scale), int(W*scale), 3].
+Upsampler = Callable[[np.ndarray, float], np.ndarray]
+
+
+@dataclasses.dataclass
+class RestoredFace:
+    """One face of a photo.
+
+    Attributes:
+        box: [4] float32 (x1, y1, x2, y2) in input pixels (the whole image for aligned inputs).
+        score: detector confidence (1.0 for aligned inputs).
+        landmarks: [5, 2] float32 in input pixels (the template for aligned inputs).
+        affine: [2, 3] float64 input -> crop transform.
+        cropped: [S, S, 3] uint8 BGR aligned crop fed to the model.
+        restored: [S, S, 3] uint8 BGR model output.
+    """
+
+    box: np.ndarray
+    score: float
+    landmarks: np.ndarray
+    affine: np.ndarray
+    cropped: np.ndarray
+    restored: np.ndarray
+
+
+@dataclasses.dataclass
+class Restoration:
+    """The result for one input: the restored image and its faces (in detection order, highest score first)."""
+
+    image: np.ndarray
+    faces: list[RestoredFace]
+
+
+def find_weights(arch: str = "VQFRv2") -> Path | None:
+    """Where users keep the released weights, in this order: ``$VQFR_WEIGHTS`` (a file, or a folder holding
+    the released file names), ``./experiments/pretrained_models/`` (the official demo's folder), ``./weights/``,
+    ``$XDG_CACHE_HOME/vqfr`` (default ``~/.cache/vqfr``).
+
+    Raises:
+        ConfigError: ``$VQFR_WEIGHTS`` is set but names nothing that exists.
+    """
+    names = RELEASED_WEIGHTS.get(arch, ())
+    env = os.environ.get(WEIGHTS_ENV)
+    folders = []
+    if env:
+        path = Path(env).expanduser()
+        if path.is_file():
+            return path
+        if not path.is_dir():
+            raise ConfigError(f"${WEIGHTS_ENV} names {env!r}, which does not exist",
+                              fix=f"point {WEIGHTS_ENV} at VQFR_v2.pth (or the folder holding it), or unset it")
+        folders.append(path)
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vqfr"
+    folders += [Path("experiments/pretrained_models"), Path("weights"), cache]
+    for folder in folders:
+        for name in names:
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def _random_model(options: Any) -> nn.Module:
+    from vqfr.models import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build_model(options).eval()
+
+
+def _banner(arch: str) -> str:
+    line = "!" * 100
+    return (f"\n{line}\n!!! vqfr: NO WEIGHTS GIVEN OR FOUND. Using a RANDOM-WEIGHT {arch} "
+            f"(official architecture, seed 0).\n"
+            f"!!! Its output is MEANINGLESS: use it only to test the pipeline, never to judge restoration.\n"
+            f"!!! Fix: pass the released weights (vqfr.Runtime('VQFR_v2.pth'), CLI --weights VQFR_v2.pth) or set "
+            f"{WEIGHTS_ENV}=/path/to/VQFR_v2.pth.\n{line}\n")
+
+
+class Runtime:
+    """Restore faces with one engine on the fastest usable backend.
+
+    Args:
+        engine: ``.engine``/``.plan`` (TensorRT), ``.onnx`` (ONNX Runtime: TensorRT EP, CUDA EP, then CPU), ``.pt2``
+            (AOTInductor), ``.pth``/``.safetensors`` (PyTorch; Triton kernels on CUDA), an ``nn.Module`` such as
+            ``vqfr.load_model(...)`` returns, or None: the weights found by :func:`find_weights`, else a seeded
+            random-weight model of the official architecture (a loud warning, and ``random_weights`` is True).
+        backend: ``"auto"`` (the first usable row of :data:`vqfr.backends.BACKENDS` that loads this engine) or a
+            backend name: ``tensorrt``, ``onnxruntime``, ``aoti``, ``torch``.
+        device: ``"auto"``, ``"cuda"``, ``"cuda:N"`` or ``"cpu"``.
+        precision: ``"auto"`` (fp32 for checkpoints, the engine's own precision for engines), ``"fp32"``,
+            ``"fp16"`` or ``"bf16"`` (torch on CUDA; the precision an engine was built with).
+        fidelity: v2 fidelity ratio in [0, 1] used when a call does not give one (0: best quality, the demo
+            default; 1: best fidelity). v1 has none and ignores it.
+        config: model options for checkpoints, as ``vqfr.load_model`` takes them (``"v1"``, ``"v2"``, a dict or a
+            yml path); with ``engine=None`` it picks the version (default v2).
+        face_size: aligned face side for v1 checkpoints (default 512, the released model); v2 and engines fix it.
+        max_batch: most faces per inference call.
+        detector: face detector: None/"mtcnn" (embedded), "retinaface:PATH", a weights path, or an object with
+            ``detect(img)`` (see :mod:`vqfr.faces.detector`).
+        parser: optional face-parsing network (path or object) for the paste-back mask; None: feathered square.
+        upsampler: background upsampler ``(img, scale) -> img``; None: Lanczos.
+        aligned: default of :meth:`restore`'s ``aligned`` when a call passes None.
+        max_pixels: larger input images are refused (InputError).
+        eye_dist_threshold: faces whose eyes are closer than this many pixels are skipped (official: 5).
+    """
+
+    def __init__(self, engine: str | Path | nn.Module | None = None, *, backend: str = "auto", device: str = "auto",
+                 precision: str = "auto", fidelity: float = 0.0, config: Any = None, face_size: int | None = None,
+                 max_batch: int = 4, detector: Any = None, parser: Any = None, upsampler: Upsampler | None = None,
+                 aligned: bool = False, max_pixels: int = MAX_PIXELS, eye_dist_threshold: float = 5.0):
+        self.fidelity = _check_fidelity(fidelity)
+        if max_batch < 1:
+            raise ConfigError(f"max_batch must be at least 1, got {max_batch}")
+        self.max_batch, self.aligned, self.max_pixels = int(max_batch), aligned, max_pixels
+        self.eye_dist_threshold = eye_dist_threshold
+        self.random_weights = False
+        source, meta = self._resolve_engine(engine, config)
+        self.engine = source
+        self.backend: Backend = self._load_backend(source, meta, backend, device, precision, config)
+        self.arch: str = self.backend.arch or ""
+        try:
+            if self.arch not in _RESTORERS:
+                raise ConfigError(f"the engine is a {self.arch or 'model of unknown type'}, not a VQFR restoration "
+                                  "model", path=None if isinstance(source, nn.Module) else source,
+                                  fix="pass a VQFR v1 or v2 checkpoint or engine (VQGAN models do not restore)")
+            self.face_size = self._face_size(face_size)
+        except ConfigError:
+            self.backend.close()
+            raise
+        self._detector_spec, self._parser_spec = detector, parser
+        self._detector = self._parser = None
+        self.upsampler: Upsampler = upsampler or upscale_lanczos
+
+    # ------------------------------------------------------------------ engine and backend
+    def _resolve_engine(self, engine: Any, config: Any) -> tuple[Any, EngineMeta | None]:
+        if isinstance(engine, nn.Module):
+            return engine, None
+        if engine is None:
+            from vqfr.models import resolve_options
+
+            options = resolve_options(config if config is not None else "v2")
+            found = find_weights(options["type"])
+            if found is not None:
+                return found, None
+            self.random_weights = True
+            sys.stderr.write(_banner(options["type"]))
+            sys.stderr.flush()
+            return _random_model(options), None
+        path = Path(engine).expanduser()
+        kind = path.suffix.lower()
+        if not path.is_file():
+            error = EngineError if kind in _ENGINE_SUFFIXES else CheckpointError
+            raise error("does not exist", path=path, fix="check the path of the engine or weights file")
+        if kind in _ENGINE_SUFFIXES:
+            meta = read_sidecar(path)
+            if meta.arch not in _RESTORERS:
+                raise EngineError(f"sidecar says arch {meta.arch!r}, not a VQFR restoration model", path=path,
+                                  fix="export a VQFRv1 or VQFRv2 model")
+            return path, meta
+        return path, None
+
+    def _load_backend(self, source: Any, meta: EngineMeta | None, backend: str, device: str, precision: str,
+                      config: Any) -> Backend:
+        kind = engine_kind(source)
+        tried = []
+        for entry in candidates(kind, backend, device):
+            cls = entry.backend_class()
+            reason, _ = cls.check(entry, meta)
+            if reason:
+                tried.append(f"{entry.label}: {reason}")
+                continue
+            be = cls(entry, source, meta=meta, precision=precision, options=config,
+                     device=device if device.startswith("cuda:") else None)
+            try:
+                be.load()
+            except BackendUnavailable as exc:
+                tried.append(f"{entry.label}: {exc}")
+                continue
+            return be
+        where = "" if isinstance(source, nn.Module) else f" for {source}"
+        raise BackendUnavailable(f"no usable backend{where} (backend={backend}, device={device}): " + "; ".join(tried),
+                                 fix="see vqfr.Runtime.available() (CLI: --list-backends), install the missing extra, "
+                                     "or choose another --backend/--device")
+
+    def _face_size(self, requested: int | None) -> int:
+        fixed = self.backend.face_size
+        if fixed is not None:
+            if requested is not None and requested != fixed:
+                raise ConfigError(f"face_size {requested} asked, but this {self.arch} engine works at {fixed}",
+                                  fix="leave face_size unset")
+            return int(fixed)
+        size = 512 if requested is None else int(requested)
+        if size <= 0 or size % 32:
+            raise ConfigError(f"face_size must be a positive multiple of 32, got {size}")
+        return size
+
+    @staticmethod
+    def available(engine: str | Path | nn.Module | None = None, backend: str = "auto",
+                  device: str = "auto") -> list[Availability]:
+        """Every backend (or those that load ``engine``) with whether it is usable here and why not.
+
+        An engine file's sidecar is read, so an engine built for another GPU or TensorRT version shows as unusable
+        with the reason. ``print(*Runtime.available(), sep="\\n")`` gives a table.
+        """
+        meta = None
+        if engine is not None and not isinstance(engine, nn.Module) and Path(engine).suffix.lower() in _ENGINE_SUFFIXES:
+            meta = read_sidecar(engine)
+        return availability(engine, meta, backend, device)
+
+    @property
+    def entry(self) -> BackendEntry:
+        return self.backend.entry
+
+    @property
+    def device(self) -> torch.device:
+        return self.backend.device
+
+    @property
+    def precision(self) -> str:
+        return self.backend.precision
+
+    @property
+    def version(self) -> int:
+        return 1 if self.arch == "VQFRv1" else 2
+
+    def __repr__(self) -> str:
+        src = "random weights" if self.random_weights else (
+            "in-memory module" if isinstance(self.engine, nn.Module) else str(self.engine))
+        return (f"Runtime({src}: {self.arch} at {self.face_size}px on {self.entry.label} {self.device}, "
+                f"{self.precision})")
+
+    def close(self) -> None:
+        """Release the engine."""
+        self.backend.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ faces
+    @property
+    def detector(self):
+        """The face detector (built on first use)."""
+        if self._detector is None:
+            from vqfr.faces.detector import load_detector
+
+            self._detector = load_detector(self._detector_spec, device=str(self.device) if self.device.type == "cuda"
+                                           else "cpu")
+        return self._detector
+
+    @property
+    def parser(self):
+        """The face-parsing network, or None (feathered masks)."""
+        if self._parser is None and self._parser_spec is not None:
+            from vqfr.faces.parsing import load_parser
+
+            self._parser = load_parser(self._parser_spec, device=str(self.device))
+        return self._parser
+
+    # ------------------------------------------------------------------ inference
+    def infer(self, x: Tensor | np.ndarray, fidelity: float | Tensor | np.ndarray | None = None) -> Tensor:
+        """Run the model on aligned faces, in batches of at most ``max_batch``.
+
+        Args:
+            x: [B, 3, S, S] float32 RGB in [-1, 1] (S = ``face_size``), a tensor or an array.
+            fidelity: a float, or [B] per face; None: the runtime's default.
+
+        Returns:
+            [B, 3, S, S] float32 on the CPU, unclamped (``vqfr.imaging.to_images`` makes images of it).
+        """
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        if x.dim() != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != (self.face_size, self.face_size):
+            raise InputError(f"infer takes [B, 3, {self.face_size}, {self.face_size}], got {tuple(x.shape)}",
+                             fix="align faces to the model's face size first")
+        f = self.fidelity if fidelity is None else fidelity
+        fid = (f.detach().float().cpu() if isinstance(f, Tensor) else torch.from_numpy(np.asarray(f, np.float32))
+               ).reshape(-1)
+        if fid.numel() == 1:
+            fid = fid.expand(x.shape[0]).contiguous()
+        if fid.shape[0] != x.shape[0]:
+            raise InputError(f"{fid.shape[0]} fidelity values for {x.shape[0]} faces")
+        for v in fid.tolist():
+            _check_fidelity(v)
+        step = min(self.max_batch, self.backend.max_batch or self.max_batch)
+        outs = [self.backend.infer(x[i:i + step], fid[i:i + step]).float().cpu() for i in range(0, x.shape[0], step)]
+        return torch.cat(outs) if outs else x.new_zeros(x.shape)
+
+    def _restore_crops(self, crops: np.ndarray, fidelity: float | None) -> np.ndarray:
+        if not len(crops):
+            return crops.copy()
+        return to_images(self.infer(to_tensor(crops), fidelity))
+
+    # ------------------------------------------------------------------ public restore API
+    def restore(self, img: str | Path | np.ndarray, *, aligned: bool | None = None, fidelity: float | None = None,
+                upscale: float = 1, only_center_face: bool = False) -> np.ndarray:
+        """Restore one image.
+
+        Args:
+            img: a path, or an OpenCV BGR uint8 [H, W, 3] array (grey, BGRA and 16-bit are converted).
+            aligned: True: ``img`` is one FFHQ-aligned square face; it is resized to the face size if needed
+                (bilinear, as the official demo) and the model's restored face is returned. False: detect, align,
+                restore and paste back every face. None: the runtime's default (False unless set).
+            fidelity: v2 fidelity in [0, 1]; None: the runtime's default.
+            upscale: output scale of the photo (ignored for aligned inputs).
+            only_center_face: restore only the face nearest the image centre.
+
+        Returns:
+            [H*upscale, W*upscale, 3] uint8 BGR (aligned: [S, S, 3]). A photo without faces comes back upscaled.
+        """
+        return self.restore_faces(img, aligned=aligned, fidelity=fidelity, upscale=upscale,
+                                  only_center_face=only_center_face).image
+
+    def restore_faces(self, img: str | Path | np.ndarray, *, aligned: bool | None = None,
+                      fidelity: float | None = None, upscale: float = 1,
+                      only_center_face: bool = False) -> Restoration:
+        """Like :meth:`restore`, but returns every face's box, landmarks, affine, aligned crop and restored crop
+        together with the restored image."""
+        return self.restore_faces_batch([img], aligned=aligned, fidelity=fidelity, upscale=upscale,
+                                        only_center_face=only_center_face)[0]
+
+    def restore_batch(self, images: Sequence[str | Path | np.ndarray], *, aligned: bool | None = None,
+                      fidelity: float | None = None, upscale: float = 1,
+                      only_center_face: bool = False) -> list[np.ndarray]:
+        """Restore several images, batching their faces together. Returns one image per input."""
+        return [r.image for r in self.restore_faces_batch(images, aligned=aligned, fidelity=fidelity,
+                                                          upscale=upscale, only_center_face=only_center_face)]
+
+    def restore_faces_batch(self, images: Sequence[str | Path | np.ndarray], *, aligned: bool | None = None,
+                            fidelity: float | None = None, upscale: float = 1,
+                            only_center_face: bool = False) -> list[Restoration]:
+        """:meth:`restore_faces` for several images; all their faces go through the model in shared batches."""
+        aligned = self.aligned if aligned is None else aligned
+        if fidelity is not None:
+            _check_fidelity(fidelity)
+        if not upscale > 0:
+            raise ConfigError(f"upscale must be positive, got {upscale}")
+        photos = [self.read(img) for img in images]
+        if aligned:
+            crops = np.zeros((len(photos), self.face_size, self.face_size, 3), np.uint8)
+            for i, (photo, source) in enumerate(zip(photos, images, strict=True)):
+                crops[i] = self._aligned_crop(photo, source)
+            restored = self._restore_crops(crops, fidelity)
+            return [Restoration(r, [self._aligned_face(p, c, r)])
+                    for p, c, r in zip(photos, crops, restored, strict=True)]
+        from vqfr.faces.align import align_faces
+
+        found, all_crops = [], []
+        for photo in photos:
+            dets = self._detect(photo, only_center_face)
+            crops, affines = align_faces(photo, [d.landmarks for d in dets], self.face_size)
+            found.append((dets, crops, affines))
+            all_crops.append(crops)
+        restored = self._restore_crops(np.concatenate(all_crops), fidelity)
+        results, start = [], 0
+        for photo, (dets, crops, affines) in zip(photos, found, strict=True):
+            mine = restored[start:start + len(dets)]
+            start += len(dets)
+            faces = [RestoredFace(d.box, d.score, d.landmarks, a, c, r)
+                     for d, a, c, r in zip(dets, affines, crops, mine, strict=True)]
+            results.append(Restoration(self._paste(photo, mine, affines, upscale), faces))
+        return results
+
+    # ------------------------------------------------------------------ steps
+    def read(self, img: str | Path | np.ndarray) -> np.ndarray:
+        """A path or array -> BGR uint8 [H, W, 3] (a new array; the input is never modified)."""
+        if isinstance(img, (str, Path)):
+            return load_image(img, self.max_pixels)
+        arr = as_bgr_uint8(img)
+        if arr.shape[0] * arr.shape[1] > self.max_pixels:
+            raise InputError(f"image is {arr.shape[1]}x{arr.shape[0]} pixels, over the limit of {self.max_pixels}",
+                             fix="downscale it first or raise max_pixels")
+        return arr
+
+    def _aligned_crop(self, photo: np.ndarray, source: Any) -> np.ndarray:
+        import cv2
+
+        h, w = photo.shape[:2]
+        if h != w:
+            raise InputError(f"is {w}x{h}, not square: an aligned input must be a square FFHQ-aligned face",
+                             path=source if isinstance(source, (str, Path)) else None,
+                             fix="drop aligned=True (--aligned) to detect and align the faces, or crop it square")
+        if h == self.face_size:
+            return photo
+        return cv2.resize(photo, (self.face_size, self.face_size), interpolation=cv2.INTER_LINEAR)
+
+    def _aligned_face(self, photo: np.ndarray, crop: np.ndarray, restored: np.ndarray) -> RestoredFace:
+        from vqfr.faces.align import template
+
+        side = photo.shape[0]
+        scale = self.face_size / side
+        return RestoredFace(np.array([0, 0, side, side], np.float32), 1.0, template(side),
+                            np.array([[scale, 0, 0], [0, scale, 0]], np.float64), crop, restored)
+
+    def _detect(self, photo: np.ndarray, only_center_face: bool) -> list:
+        dets = [d for d in self.detector.detect(photo) if d.eye_distance >= self.eye_dist_threshold]
+        if only_center_face and len(dets) > 1:
+            centre = np.array([photo.shape[1], photo.shape[0]], np.float32) / 2
+            dets = [min(dets, key=lambda d: float(np.linalg.norm((d.box[:2] + d.box[2:]) / 2 - centre)))]
+        return dets
+
+    def _paste(self, photo: np.ndarray, restored: np.ndarray, affines: np.ndarray, upscale: float) -> np.ndarray:
+        import cv2
+
+        from vqfr.faces.paste import paste_faces
+
+        background = self.upsampler(photo, upscale)
+        size = (max(int(photo.shape[1] * upscale), 1), max(int(photo.shape[0] * upscale), 1))
+        if background.shape[:2] != size[::-1]:
+            background = cv2.resize(background, size, interpolation=cv2.INTER_LANCZOS4)
+        if not len(restored):
+            return background
+        regions = self.parser.regions(restored) if self.parser is not None else None
+        return paste_faces(background, restored, affines, upscale, regions)
+
+
+def _check_fidelity(value: float) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"fidelity must be a number in [0, 1], got {value!r}") from exc
+    if not 0.0 <= v <= 1.0:
+        raise ConfigError(f"fidelity must be in [0, 1], got {v}", fix="0 = best quality, 1 = best fidelity")
+    return v
+
