@@ -23,15 +23,16 @@ import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 __all__ = ["MODES", "LAUNCHES", "use", "active_mode", "interpreting", "triton_installed", "why_not_triton",
-           "use_triton", "launchable", "triton_module"]
+           "use_triton", "Launch", "launchable", "triton_module"]
 
 #: Valid values of ``VQFR_KERNELS`` and of :func:`use`.
 MODES = ("auto", "triton", "reference")
@@ -134,6 +135,18 @@ def use_triton(op: str, *tensors: Tensor | None) -> bool:
     chosen = reason is None
     LAUNCHES[f"{op}:{'triton' if chosen else 'reference'}"] += 1
     return chosen
+
+
+class Launch(NamedTuple):
+    """One kernel launch: the autotuned kernel, its grid function, its positional arguments and constexpr keywords.
+
+    The launchers build these; :mod:`kernels.aot_check` compiles exactly the same thing from meta tensors.
+    """
+
+    kernel: Any
+    grid: Callable[[dict], tuple[int, ...]]
+    args: list
+    constexprs: dict
 
 
 def launchable(kernel):

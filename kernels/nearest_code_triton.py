@@ -4,7 +4,7 @@ Imported lazily by :mod:`kernels.dispatch` (triton is an optional dependency); t
 :func:`kernels.nearest_code.nearest_code_reference`. One program owns BLOCK_N tokens and walks the whole codebook in
 BLOCK_K-row tiles. For each tile it computes ``(|z|^2 + |e|^2) - 2 z.e`` (the official formula, same evaluation
 order) with fp32 accumulation, takes the tile's argmin, and keeps the running minimum. A later tile replaces it only
-when strictly smaller, and ``tl.argmin`` takes the lowest index within a tile, so exact ties go to the lowest index,
+when strictly smaller, and the tile's argmin takes the lowest index among equals, so exact ties go to the lowest index,
 as ``torch.argmin`` does.
 """
 
@@ -16,8 +16,11 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels import dispatch
+from kernels.dispatch import Launch
 
 __all__ = ["nearest_code"]
+
+# Builtins only (tl.full, tl.reduce with triton's standard combine functions): see kernels/deform_conv_triton.py.
 
 
 @triton.jit
@@ -44,20 +47,20 @@ def _nearest_code_kernel(
     z_rows = z_ptr + rn.to(tl.int64)[:, None] * szn
 
     # |z|^2 once per token, fp32.
-    zz = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    zz = tl.full((BLOCK_N,), 0.0, tl.float32)
     for d0 in range(0, D, BLOCK_D):
         rd = d0 + rd0
         z = tl.load(z_rows + rd[None, :] * szd, mask=n_ok[:, None] & (rd < D)[None, :], other=0.0).to(tl.float32)
-        zz += tl.sum(z * z, axis=1)
+        zz += tl.reduce(z * z, 1, tl.standard._sum_combine)
 
     best = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
-    best_idx = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    best_idx = tl.full((BLOCK_N,), 0, tl.int32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + rk0
         k_ok = rk < K
         e_rows = e_ptr + rk.to(tl.int64)[:, None] * sek
-        dots = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        ee = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        dots = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
+        ee = tl.full((BLOCK_K,), 0.0, tl.float32)
         for d0 in range(0, D, BLOCK_D):
             rd = d0 + rd0
             d_ok = (rd < D)[None, :]
@@ -65,11 +68,13 @@ def _nearest_code_kernel(
             e = tl.load(e_rows + rd[None, :] * sed, mask=k_ok[:, None] & d_ok, other=0.0)
             dots = tl.dot(z, tl.trans(e), dots, input_precision=DOT_PRECISION)
             ef = e.to(tl.float32)
-            ee += tl.sum(ef * ef, axis=1)  # |e|^2 for this tile: cheap next to the dot, saves a launch
+            ee += tl.reduce(ef * ef, 1, tl.standard._sum_combine)  # |e|^2: cheap next to the dot, saves a launch
         dist = (zz[:, None] + ee[None, :]) - 2.0 * dots
         dist = tl.where(k_ok[None, :], dist, float("inf"))
-        tile_best = tl.min(dist, axis=1)
-        tile_idx = tl.argmin(dist, axis=1).to(tl.int32) + k0  # lowest index among equal values
+        # Row minimum and its column, lowest column among equal values (what tl.argmin(tie_break_left=True) does).
+        cols = tl.full((BLOCK_N, BLOCK_K), 0, tl.int32) + rk0[None, :]
+        tile_best, tile_col = tl.reduce((dist, cols), 1, tl.standard._argmin_combine_tie_break_left)
+        tile_idx = tile_col + k0
         better = tile_best < best  # strict: an earlier (lower-index) tile keeps exact ties
         best = tl.where(better, tile_best, best)
         best_idx = tl.where(better, tile_idx, best_idx)
@@ -92,11 +97,42 @@ CONFIGS = (
     if dispatch.interpreting()
     else [
         _cfg(16, 128, 64, 4, 3), _cfg(16, 64, 128, 4, 3), _cfg(32, 128, 64, 4, 3), _cfg(64, 128, 64, 4, 3),
-        _cfg(64, 64, 128, 4, 3), _cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4), _cfg(128, 256, 64, 8, 3),
+        _cfg(64, 64, 128, 4, 3), _cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4), _cfg(32, 64, 64, 4, 3),
     ]
 )
 
-_kernel = triton.autotune(CONFIGS, key=["N", "K", "D"])(_nearest_code_kernel)
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Exact fp32 (no tensor cores) keeps the distance tile at <= 32 registers per thread and BLOCK_D <= 64: larger
+    ones spill on sm_90 (``python -m kernels.aot_check``). At least one config is always kept."""
+    if kwargs.get("DOT_PRECISION") != "ieee":
+        return configs
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 32 * 32 * c.num_warps and c.kwargs["BLOCK_D"] <= 64]
+    return kept or configs[:1]
+
+
+_kernel = triton.autotune(CONFIGS, key=["N", "K", "D"], prune_configs_by={"early_config_prune": _prune})(
+    _nearest_code_kernel
+)
+
+
+def nearest_code_launch(z: Tensor, codebook: Tensor) -> tuple[tuple[Tensor, Tensor], Launch]:
+    """Allocate (idx, dist) and describe the launch; both inputs are promoted to their common dtype."""
+    n, d = z.shape
+    k = codebook.shape[0]
+    common = torch.promote_types(z.dtype, codebook.dtype)
+    z, codebook = z.to(common), codebook.to(common)
+    idx = torch.empty(n, dtype=torch.long, device=z.device)
+    dist = torch.empty(n, dtype=torch.float32, device=z.device)
+    precision = ("ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32") \
+        if common == torch.float32 else None
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]),)
+
+    args = [z, codebook, idx, dist, n, k, d, *z.stride(), *codebook.stride()]
+    return (idx, dist), Launch(_kernel, grid, args, dict(DOT_PRECISION=precision))
 
 
 def nearest_code(z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
@@ -109,21 +145,7 @@ def nearest_code(z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         ([N] int64 indices, [N] fp32 squared distances).
     """
-    n, d = z.shape
-    k = codebook.shape[0]
-    common = torch.promote_types(z.dtype, codebook.dtype)
-    z, codebook = z.to(common), codebook.to(common)
-    idx = torch.empty(n, dtype=torch.long, device=z.device)
-    dist = torch.empty(n, dtype=torch.float32, device=z.device)
-    if n == 0:
-        return idx, dist
-    precision = ("ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32") \
-        if z.dtype == torch.float32 else None
-
-    def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]),)
-
-    dispatch.launchable(_kernel)[grid](
-        z, codebook, idx, dist, n, k, d, *z.stride(), *codebook.stride(), DOT_PRECISION=precision
-    )
+    (idx, dist), launch = nearest_code_launch(z, codebook)
+    if idx.numel() > 0:
+        dispatch.launchable(launch.kernel)[launch.grid](*launch.args, **launch.constexprs)
     return idx, dist

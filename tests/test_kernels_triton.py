@@ -121,6 +121,20 @@ def test_deform_reads_nothing_outside_its_inputs():
         assert_close_scaled(got, want, 1e-5, f"grad_{name}")
 
 
+def test_deform_channels_last_in_channels_last_out():
+    """A channels-last x is read as is (no copy) and the output and grad_x come back channels-last."""
+    x, offset, mask, weight, bias = deform_case(12, 9, 11, 1, 3, 1, 1, 1, spread=3.0, seed=8, c_out=5, b=1)
+    x_cl = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    out = kernels.modulated_deform_conv2d(x_cl, offset, mask, weight, bias, 1, 1, 1)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close_scaled(out, deform_conv2d_reference(*as_double([x, offset, mask, weight, bias]), 1, 1, 1), 2e-6)
+    out.sum().backward()
+    assert x_cl.grad.is_contiguous(memory_format=torch.channels_last)
+    ref_x = x.double().requires_grad_(True)
+    deform_conv2d_reference(ref_x, *as_double([offset, mask, weight, bias]), 1, 1, 1).sum().backward()
+    assert_close_scaled(x_cl.grad, ref_x.grad, 1e-5)
+
+
 # Batch 1 for the 4-group case: the interpreter's cost grows with groups x taps x pixel tiles.
 BACKWARD_CASES = [(*COVERING[0], 1), (*COVERING[1], 2), (*COVERING[3], 2)]
 
