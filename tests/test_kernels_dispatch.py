@@ -170,3 +170,47 @@ def test_models_route_through_the_ops(tiny_v1_options):
         model(torch.rand(1, 3, 64, 64) * 2 - 1)
     assert dispatch.LAUNCHES["modulated_deform_conv2d:reference"] == dcns > 0
     assert dispatch.LAUNCHES["nearest_code:reference"] >= 1
+
+
+TRITON_OP_SCRIPT = """
+import torch
+real = torch.cuda.is_available
+torch.cuda.is_available = lambda: True  # register the GPU flavour of the ops on this CPU-only machine
+import kernels, kernels.ops
+torch.cuda.is_available = real
+from kernels import dispatch
+from kernels.deform_conv import deform_conv2d_reference
+assert kernels.ops.TRITON_OPS and dispatch.TRACEABLE_LAUNCHES
+g = torch.Generator().manual_seed(0)
+x, off = torch.randn(1, 8, 6, 7, generator=g), torch.randn(1, 36, 6, 7, generator=g)
+m, w, b = torch.rand(1, 18, 6, 7, generator=g), torch.randn(4, 8, 3, 3, generator=g), torch.randn(4, generator=g)
+z, e = torch.randn(10, 8, generator=g), torch.randn(6, 8, generator=g)
+ref = deform_conv2d_reference(x, off, m, w, b, 1, 1, 1)
+eager = kernels.modulated_deform_conv2d(x, off, m, w, b, 1, 1, 1)  # the interpreter, through triton_op's body
+assert dispatch.LAUNCHES["modulated_deform_conv2d:triton"] == 1, dict(dispatch.LAUNCHES)
+assert (eager - ref).abs().max() < 1e-5
+
+def f(x, off, m, w, b, z, e):
+    return kernels.modulated_deform_conv2d(x, off, m, w, b, 1, 1, 1), kernels.nearest_code(z, e)
+
+compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+xg = x.clone().requires_grad_(True)
+out, idx = compiled(xg, off, m, w, b, z, e)
+out.sum().backward()
+xr = x.clone().requires_grad_(True)
+deform_conv2d_reference(xr, off, m, w, b, 1, 1, 1).sum().backward()
+assert (out - ref).abs().max() < 1e-5 and torch.equal(idx, kernels.nearest_code_reference(z, e))
+assert (xg.grad - xr.grad).abs().max() < 1e-5
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not dispatch.triton_installed(), reason="triton_op needs triton")
+def test_triton_op_flavour_registers_runs_and_traces():
+    """The ops as registered on a GPU machine (torch.library.triton_op): eager calls reach the kernel, and
+    torch.compile traces the forward and its autograd formula (fullgraph). On a CPU the traced body takes the
+    reference; on a GPU the same body records the Triton launches through wrap_triton."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env.pop("VQFR_KERNELS", None)
+    res = subprocess.run([sys.executable, "-c", TRITON_OP_SCRIPT], capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr[-3000:]
