@@ -31,7 +31,7 @@ from torch import Tensor
 from kernels import dispatch
 from kernels.dispatch import Launch
 
-__all__ = ["forward", "backward"]
+__all__ = ["forward", "backward", "forward_launch", "backward_launches"]
 
 # The kernels call triton.language builtins only: tl.full rather than tl.zeros, and tl.reduce with triton's own
 # combine functions rather than tl.sum / tl.argmin. Those helpers are themselves @triton.jit functions, compiled or
@@ -43,7 +43,7 @@ __all__ = ["forward", "backward"]
 @triton.jit
 def _fwd_kernel(
     # pointers
-    x_ptr,  # [B, C_IN, H, W], any strides
+    x_ptr,  # [B, C_IN, H, W], any strides (channels-last from the launcher: a corner's channels load as vectors)
     offset_ptr,  # [B, 2*G*KH*KW, H_OUT, W_OUT], any strides, (dy, dx) interleaved per tap
     mask_ptr,  # [B, G*KH*KW, H_OUT, W_OUT], any strides
     w_ptr,  # [KH*KW, C_IN, C_OUT] contiguous: the weight repacked so that output channels are contiguous

@@ -18,7 +18,7 @@ from torch import Tensor
 from kernels import dispatch
 from kernels.dispatch import Launch
 
-__all__ = ["nearest_code"]
+__all__ = ["nearest_code", "nearest_code_launch"]
 
 # Builtins only (tl.full, tl.reduce with triton's standard combine functions): see kernels/deform_conv_triton.py.
 
