@@ -1,10 +1,17 @@
 """VQFR's two unusual operations: nearest-code search and modulated deformable convolution.
 
 Each has a pure-torch reference (the specification) and a public entry point that dispatches through a
-``torch.library`` custom op. Nothing runs at import except the op registration.
+``torch.library`` custom op (``torch.ops.vqfr.*``, registered by :mod:`kernels.ops` on first use). The op runs a
+Triton kernel on CUDA tensors (and on CPU tensors under ``TRITON_INTERPRET=1``) and the reference elsewhere;
+``$VQFR_KERNELS=auto|triton|reference`` or ``with kernels.use(...)`` forces either. Importing this package imports
+neither triton nor the custom ops.
 """
 
 from kernels.deform_conv import deform_conv2d_reference, modulated_deform_conv2d
+from kernels.dispatch import LAUNCHES, active_mode, use, why_not_triton
 from kernels.nearest_code import nearest_code, nearest_code_reference
 
-__all__ = ["modulated_deform_conv2d", "deform_conv2d_reference", "nearest_code", "nearest_code_reference"]
+__all__ = [
+    "modulated_deform_conv2d", "deform_conv2d_reference", "nearest_code", "nearest_code_reference",
+    "use", "active_mode", "why_not_triton", "LAUNCHES",
+]

@@ -1,7 +1,8 @@
 """Modulated deformable convolution (DCNv2) with torchvision's exact semantics.
 
-This file holds the pure-torch reference, which is the specification, and the public entry point
-:func:`modulated_deform_conv2d`.
+This file holds the pure-torch reference (the specification: forward, and backward by explicit formulas) and the
+public entry point :func:`modulated_deform_conv2d`. The Triton kernels live in ``kernels/deform_conv_triton.py``,
+imported only when a kernel runs, because triton is an optional dependency.
 
 Semantics (identical to ``torchvision.ops.deform_conv2d(x, offset, weight, bias, stride, padding, dilation, mask)``):
 
@@ -17,10 +18,15 @@ Semantics (identical to ``torchvision.ops.deform_conv2d(x, offset, weight, bias,
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
-__all__ = ["deform_conv2d_reference", "modulated_deform_conv2d", "bilinear_sample_reference", "check_deform_args"]
+__all__ = [
+    "deform_conv2d_reference", "deform_conv2d_backward_reference", "modulated_deform_conv2d",
+    "bilinear_sample_reference", "bilinear_corners", "check_deform_args",
+]
 
 
 def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -44,7 +50,9 @@ def check_deform_args(
     """
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     if x.dim() != 4 or weight.dim() != 4:
-        raise ValueError(f"x must be [B,C,H,W] and weight [C_out,C_in,KH,KW]; got {tuple(x.shape)}, {tuple(weight.shape)}")
+        raise ValueError(
+            f"x must be [B,C,H,W] and weight [C_out,C_in,KH,KW]; got {tuple(x.shape)}, {tuple(weight.shape)}"
+        )
     b, c_in, h, w = x.shape
     c_out, w_cin, kh, kw = weight.shape
     if w_cin != c_in:
@@ -66,6 +74,41 @@ def check_deform_args(
     return groups, stride, padding, dilation, h_out, w_out
 
 
+class Corner(NamedTuple):
+    """One of the four bilinear corners of a batch of sample points (see :func:`bilinear_corners`)."""
+
+    index: Tensor  # [N, P] int64 flat pixel index y*W + x, clamped into the image (read only where valid)
+    weight: Tensor  # [N, P] interpolation weight, zero where the corner is invalid
+    d_dy: Tensor  # [N, P] derivative of ``weight`` along y, zero where invalid
+    d_dx: Tensor  # [N, P] derivative of ``weight`` along x, zero where invalid
+
+
+def bilinear_corners(h: int, w: int, py: Tensor, px: Tensor) -> list[Corner]:
+    """The four corners (y0x0, y0x1, y1x0, y1x1) of bilinear reads at ``(py, px)`` in an H x W image.
+
+    torchvision's rules: a point with y <= -1, y >= H, x <= -1 or x >= W reads 0; otherwise each corner outside
+    the image reads 0. The derivatives are those of the weights on the cell containing the point (right-sided at
+    integer coordinates, like autograd through ``floor``).
+
+    Args:
+        h, w: image size.
+        py, px: [N, P] sample rows and columns in pixels (floating point; the weights take their dtype).
+    """
+    inside = (py > -1) & (py < h) & (px > -1) & (px < w)
+    y0f, x0f = torch.floor(py), torch.floor(px)
+    ly, lx = py - y0f, px - x0f
+    hy, hx = 1 - ly, 1 - lx
+    y0, x0 = y0f.long(), x0f.long()
+    y1, x1 = y0 + 1, x0 + 1
+    corners = []
+    for yi, xi, wgt, d_dy, d_dx in ((y0, x0, hy * hx, -hx, -hy), (y0, x1, hy * lx, -lx, hy),
+                                    (y1, x0, ly * hx, hx, -ly), (y1, x1, ly * lx, lx, ly)):
+        valid = (inside & (yi >= 0) & (yi <= h - 1) & (xi >= 0) & (xi <= w - 1)).to(wgt.dtype)
+        index = yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)
+        corners.append(Corner(index, wgt * valid, d_dy * valid, d_dx * valid))
+    return corners
+
+
 def bilinear_sample_reference(feat: Tensor, py: Tensor, px: Tensor) -> Tensor:
     """Bilinear read of ``feat`` at fractional pixel positions, zero outside, torchvision's corner rules.
 
@@ -77,27 +120,33 @@ def bilinear_sample_reference(feat: Tensor, py: Tensor, px: Tensor) -> Tensor:
         [N, C, P] sampled values, in the dtype of ``feat``.
     """
     n, c, h, w = feat.shape
-    inside = (py > -1) & (py < h) & (px > -1) & (px < w)
-    y0f = torch.floor(py)
-    x0f = torch.floor(px)
-    ly = py - y0f
-    lx = px - x0f
-    hy = 1 - ly
-    hx = 1 - lx
-    y0 = y0f.long()
-    x0 = x0f.long()
-    y1 = y0 + 1
-    x1 = x0 + 1
     flat = feat.reshape(n, c, h * w)
     out = None
-    for yi, xi, wgt in ((y0, x0, hy * hx), (y0, x1, hy * lx), (y1, x0, ly * hx), (y1, x1, ly * lx)):
-        valid = inside & (yi >= 0) & (yi <= h - 1) & (xi >= 0) & (xi <= w - 1)
-        idx = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).unsqueeze(1).expand(n, c, yi.shape[1])
-        val = torch.gather(flat, 2, idx)
-        term = val * (wgt * valid.to(wgt.dtype)).unsqueeze(1).to(val.dtype)
+    for corner in bilinear_corners(h, w, py, px):
+        val = torch.gather(flat, 2, corner.index.unsqueeze(1).expand(n, c, corner.index.shape[1]))
+        term = val * corner.weight.unsqueeze(1).to(val.dtype)
         out = term if out is None else out + term
     assert out is not None
     return out
+
+
+def _sample_grid(
+    offset: Tensor, groups: int, taps: int, kw: int, stride, padding, dilation, dtype: torch.dtype
+) -> list[tuple[Tensor, Tensor]]:
+    """Sample rows and columns of every kernel tap: ``taps`` pairs of [B*G, H_out*W_out] in ``dtype``."""
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    b, _, h_out, w_out = offset.shape
+    dev = offset.device
+    base_y = (torch.arange(h_out, device=dev, dtype=dtype) * sh - ph).view(1, 1, h_out, 1)
+    base_x = (torch.arange(w_out, device=dev, dtype=dtype) * sw - pw).view(1, 1, 1, w_out)
+    off = offset.to(dtype).view(b, groups, taps, 2, h_out, w_out)
+    grid = []
+    for k in range(taps):
+        ky, kx = divmod(k, kw)
+        py = (base_y + ky * dh + off[:, :, k, 0]).reshape(b * groups, h_out * w_out)
+        px = (base_x + kx * dw + off[:, :, k, 1]).reshape(b * groups, h_out * w_out)
+        grid.append((py, px))
+    return grid
 
 
 def deform_conv2d_reference(
@@ -113,7 +162,8 @@ def deform_conv2d_reference(
     """Pure-torch modulated deformable convolution; differentiable in every input (see module docstring).
 
     It loops over the KH*KW kernel taps, so it holds one [B, C_in, H_out*W_out] sampled map at a time instead of a
-    full im2col buffer. Sampling positions are computed in fp32 (fp64 for fp64 inputs).
+    full im2col buffer. Sampling positions are computed in fp32 (fp64 for fp64 inputs); everything else runs in the
+    dtype of ``x``, as plain torch would.
 
     Args:
         x: [B, C_in, H, W].
@@ -125,7 +175,7 @@ def deform_conv2d_reference(
     Returns:
         [B, C_out, H_out, W_out] in the dtype of ``x``.
     """
-    groups, (sh, sw), (ph, pw), (dh, dw), h_out, w_out = check_deform_args(
+    groups, stride, padding, dilation, h_out, w_out = check_deform_args(
         x, offset, mask, weight, bias, stride, padding, dilation
     )
     b, c_in, h, w = x.shape
@@ -133,19 +183,13 @@ def deform_conv2d_reference(
     taps = kh * kw
     cg = c_in // groups
     coord_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    dev = x.device
-
-    base_y = (torch.arange(h_out, device=dev, dtype=coord_dtype) * sh - ph).view(1, 1, h_out, 1)
-    base_x = (torch.arange(w_out, device=dev, dtype=coord_dtype) * sw - pw).view(1, 1, 1, w_out)
-    off = offset.to(coord_dtype).view(b, groups, taps, 2, h_out, w_out)
+    grid = _sample_grid(offset, groups, taps, kw, stride, padding, dilation, coord_dtype)
     msk = None if mask is None else mask.view(b, groups, taps, h_out * w_out)
     xg = x.reshape(b * groups, cg, h, w)
 
     out = None
-    for k in range(taps):
+    for k, (py, px) in enumerate(grid):
         ky, kx = divmod(k, kw)
-        py = (base_y + ky * dh + off[:, :, k, 0]).reshape(b * groups, h_out * w_out)
-        px = (base_x + kx * dw + off[:, :, k, 1]).reshape(b * groups, h_out * w_out)
         col = bilinear_sample_reference(xg, py, px).view(b, groups, cg, h_out * w_out)
         if msk is not None:
             col = col * msk[:, :, k].unsqueeze(2).to(col.dtype)
@@ -159,6 +203,70 @@ def deform_conv2d_reference(
     return out.to(x.dtype)
 
 
+def deform_conv2d_backward_reference(
+    grad_out: Tensor,
+    x: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    weight: Tensor,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`deform_conv2d_reference` by explicit formulas (no autograd), tap by tap.
+
+    With ``v`` the bilinear sample of tap k, ``m`` its mask and ``g = W_k^T grad_out`` the gradient of the masked
+    sample: ``grad_mask = sum_c g*v``, ``grad_offset = sum_c g*m*dv/d(y,x)``, ``grad_weight_k = grad_out (m*v)^T``,
+    and ``grad_x`` scatters ``g*m*corner_weight`` to the four corners. Computed in fp32 (fp64 for fp64 inputs); the
+    bias gradient is ``grad_out.sum((0, 2, 3))`` and is left to the caller.
+
+    Args:
+        grad_out: [B, C_out, H_out, W_out].
+        x, offset, mask, weight: as for :func:`deform_conv2d_reference` (mask required).
+
+    Returns:
+        (grad_x, grad_offset, grad_mask, grad_weight), each shaped and typed like its input.
+    """
+    groups, stride, padding, dilation, h_out, w_out = check_deform_args(
+        x, offset, mask, weight, None, stride, padding, dilation
+    )
+    b, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    taps, cg, p = kh * kw, c_in // groups, h_out * w_out
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    grid = _sample_grid(offset, groups, taps, kw, stride, padding, dilation, acc)
+    xg = x.to(acc).reshape(b * groups, cg, h * w)
+    msk = mask.to(acc).view(b * groups, taps, 1, p)
+    gout = grad_out.to(acc).reshape(b, c_out, p)
+    wt = weight.to(acc)
+
+    grad_x = torch.zeros_like(xg)
+    grad_offset = torch.zeros(b * groups, taps, 2, p, dtype=acc, device=x.device)
+    grad_mask = torch.zeros(b * groups, taps, p, dtype=acc, device=x.device)
+    grad_weight = torch.zeros_like(wt)
+    for k, (py, px) in enumerate(grid):
+        ky, kx = divmod(k, kw)
+        corners = bilinear_corners(h, w, py, px)
+        reads = [torch.gather(xg, 2, c.index.unsqueeze(1).expand(-1, cg, -1)) for c in corners]
+        pairs = list(zip(reads, corners, strict=True))
+        val = sum(r * c.weight.unsqueeze(1) for r, c in pairs)  # [B*G, Cg, P]
+        g_col = torch.einsum("oc,bop->bcp", wt[:, :, ky, kx], gout).reshape(b * groups, cg, p)
+        grad_mask[:, k] = (g_col * val).sum(1)
+        g_val = g_col * msk[:, k]
+        grad_offset[:, k, 0] = sum((g_val * r * c.d_dy.unsqueeze(1)).sum(1) for r, c in pairs)
+        grad_offset[:, k, 1] = sum((g_val * r * c.d_dx.unsqueeze(1)).sum(1) for r, c in pairs)
+        for c in corners:
+            grad_x.scatter_add_(2, c.index.unsqueeze(1).expand(-1, cg, -1), g_val * c.weight.unsqueeze(1))
+        col = (val * msk[:, k]).reshape(b, c_in, p)
+        grad_weight[:, :, ky, kx] = torch.einsum("bop,bcp->oc", gout, col)
+    return (
+        grad_x.view(b, c_in, h, w).to(x.dtype),
+        grad_offset.view(b, 2 * groups * taps, h_out, w_out).to(offset.dtype),
+        grad_mask.view(b, groups * taps, h_out, w_out).to(mask.dtype),
+        grad_weight.to(weight.dtype),
+    )
+
+
 def modulated_deform_conv2d(
     x: Tensor,
     offset: Tensor,
@@ -169,14 +277,33 @@ def modulated_deform_conv2d(
     padding: int | tuple[int, int] = 0,
     dilation: int | tuple[int, int] = 1,
 ) -> Tensor:
-    """Modulated deformable convolution, torchvision semantics (see the module docstring for shapes).
+    """Modulated deformable convolution with torchvision's semantics (see the module docstring).
 
-    Dispatches through the ``vqfr::modulated_deform_conv2d`` custom op, so that torch.compile, torch.export and the
-    ONNX exporter see one node.
+    Runs the Triton kernel where it can (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``; fp16, bf16 or
+    fp32) and the reference elsewhere; :func:`kernels.use` and ``$VQFR_KERNELS`` force either. Dispatches through the
+    ``vqfr::modulated_deform_conv2d`` custom op, so torch.compile, torch.export and the ONNX exporter see one node.
+    Differentiable in x, offset, mask, weight and bias.
+
+    Args:
+        x: [B, C_in, H, W] float16, bfloat16, float32 (or float64: reference only).
+        offset: [B, 2*G*KH*KW, H_out, W_out], (dy, dx) interleaved per tap; G offset groups divide C_in.
+        mask: [B, G*KH*KW, H_out, W_out] or None (all ones).
+        weight: [C_out, C_in, KH, KW].
+        bias: [C_out] or None.
+        stride, padding, dilation: int or (h, w) pair.
+
+    Returns:
+        [B, C_out, H_out, W_out] in the dtype of ``x``.
+
+    Raises:
+        ValueError: on inconsistent shapes (the message names the tensor and the expected shape).
     """
     from kernels import ops
 
+    groups, stride, padding, dilation, _, _ = check_deform_args(
+        x, offset, mask, weight, bias, stride, padding, dilation
+    )
     if mask is None:
-        groups = offset.shape[1] // (2 * weight.shape[2] * weight.shape[3])
-        mask = offset.new_ones(offset.shape[0], groups * weight.shape[2] * weight.shape[3], *offset.shape[2:])
-    return ops.deform_conv2d_op(x, offset, mask, weight, bias, list(_pair(stride)), list(_pair(padding)), list(_pair(dilation)))
+        taps = weight.shape[2] * weight.shape[3]
+        mask = offset.new_ones(offset.shape[0], groups * taps, *offset.shape[2:])
+    return ops.deform_conv2d_op(x, offset, mask, weight, bias, list(stride), list(padding), list(dilation))

@@ -3,7 +3,7 @@
 This file holds the pure-torch reference, which is the specification, and the public entry point
 :func:`nearest_code`. The reference uses the official quantizer's formula
 ``d = sum(z^2) + sum(e^2) - 2 z e^T`` and ``argmin`` (the lowest index wins exact ties), so its indices equal the
-official code's.
+official code's. The fused Triton kernel lives in ``kernels/nearest_code_triton.py``, imported only when it runs.
 """
 
 from __future__ import annotations
@@ -17,10 +17,14 @@ __all__ = ["nearest_code_reference", "nearest_code", "check_nearest_args"]
 def check_nearest_args(z: Tensor, codebook: Tensor) -> None:
     """Raise ValueError unless ``z`` is [N, D] and ``codebook`` is [K, D] with K >= 1."""
     if z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1] or codebook.shape[0] == 0:
-        raise ValueError(f"z must be [N, D] and codebook [K, D] with K >= 1; got {tuple(z.shape)} and {tuple(codebook.shape)}")
+        raise ValueError(
+            f"z must be [N, D] and codebook [K, D] with K >= 1; got {tuple(z.shape)} and {tuple(codebook.shape)}"
+        )
 
 
-def nearest_code_reference(z: Tensor, codebook: Tensor, return_distance: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+def nearest_code_reference(
+    z: Tensor, codebook: Tensor, return_distance: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
     """Index of the nearest codebook row for every token, by the official formula.
 
     Args:
@@ -42,9 +46,23 @@ def nearest_code_reference(z: Tensor, codebook: Tensor, return_distance: bool = 
 
 
 def nearest_code(z: Tensor, codebook: Tensor, return_distance: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """Nearest codebook row for every token (see :func:`nearest_code_reference` for shapes).
+    """Index of the nearest codebook row (squared L2) for every token.
 
-    Dispatches through the ``vqfr::nearest_code`` custom op.
+    Runs the fused Triton kernel where it can (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``; fp16, bf16
+    or fp32, accumulated in fp32, no N x K matrix in memory) and :func:`nearest_code_reference` elsewhere;
+    :func:`kernels.use` and ``$VQFR_KERNELS`` force either. Exact ties go to the lowest index. Dispatches through the
+    ``vqfr::nearest_code`` custom op.
+
+    Args:
+        z: [N, D] tokens.
+        codebook: [K, D] code vectors.
+        return_distance: also return the squared distance to the chosen code.
+
+    Returns:
+        [N] int64 indices, and with ``return_distance`` also [N] distances (fp32; fp64 for fp64 inputs).
+
+    Raises:
+        ValueError: when the shapes do not fit.
     """
     from kernels import ops
 

@@ -1,25 +1,57 @@
 """``torch.library`` custom ops for the two VQFR kernels, with fake (meta) implementations and autograd.
 
 torch.compile, torch.export and the ONNX exporter see each op as one node:
-``torch.ops.vqfr.modulated_deform_conv2d`` and ``torch.ops.vqfr.nearest_code``. The eager implementations
-live beside their references in ``kernels/deform_conv.py`` and ``kernels/nearest_code.py``.
+
+- ``torch.ops.vqfr.modulated_deform_conv2d(x, offset, mask, weight, bias, stride, padding, dilation) -> out``
+- ``torch.ops.vqfr.modulated_deform_conv2d_backward(grad_out, x, offset, mask, weight, stride, padding, dilation)
+  -> (grad_x, grad_offset, grad_mask, grad_weight)`` (what the forward's autograd formula calls)
+- ``torch.ops.vqfr.nearest_code(z, codebook) -> (idx, dist)``
+
+Each op body picks the Triton kernel or the reference per call (:func:`kernels.dispatch.use_triton`).
+
+How the ops are registered (decided once, when this module is first imported):
+
+- With a CUDA device and triton installed, as ``torch.library.triton_op`` and the launchers go through
+  ``torch.library.wrap_triton``. torch.compile then traces into the op and sees the Triton launches, and
+  AOTInductor compiles the kernels into its package (no Python needed to run it). torch.export keeps the op as one
+  node either way, which is what the ONNX translation to ``DeformConv`` matches.
+- Otherwise as ``torch.library.custom_op`` (opaque to torch.compile, which runs it as an extern call).
+  ``triton_op`` imports triton and ``torch._inductor`` when it registers (about 4 s on a small CPU), a cost that
+  buys nothing on a machine without a GPU. The schemas are the same either way.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from kernels.deform_conv import deform_conv2d_reference
+from kernels import dispatch
+from kernels.deform_conv import deform_conv2d_backward_reference, deform_conv2d_reference
 from kernels.nearest_code import nearest_code_reference
 
-__all__ = ["deform_conv2d_op", "nearest_code_op"]
+__all__ = ["deform_conv2d_op", "deform_conv2d_backward_op", "nearest_code_op", "TRITON_OPS"]
+
+#: True when the ops are ``triton_op``s (CUDA and triton present at registration).
+TRITON_OPS = torch.cuda.is_available() and dispatch.triton_installed()
+dispatch.TRACEABLE_LAUNCHES = TRITON_OPS
+_define = functools.partial(torch.library.triton_op if TRITON_OPS else torch.library.custom_op, mutates_args=())
 
 
-@torch.library.custom_op("vqfr::modulated_deform_conv2d", mutates_args=())
-def deform_conv2d_op(
+def _conv_args(stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]):
+    return (int(stride[0]), int(stride[1])), (int(padding[0]), int(padding[1])), (int(dilation[0]), int(dilation[1]))
+
+
+def _out_hw(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, int]:
+    kh, kw = weight.shape[2], weight.shape[3]
+    h_out = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    w_out = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return h_out, w_out
+
+
+def _deform_conv2d(
     x: Tensor,
     offset: Tensor,
     mask: Tensor,
@@ -30,42 +62,73 @@ def deform_conv2d_op(
     dilation: Sequence[int],
 ) -> Tensor:
     """Modulated deformable convolution; see ``kernels.deform_conv`` for shapes and semantics."""
-    return deform_conv2d_reference(x, offset, mask, weight, bias, tuple(stride), tuple(padding), tuple(dilation))
+    conv = _conv_args(stride, padding, dilation)
+    if dispatch.use_triton("modulated_deform_conv2d", x, offset, mask, weight, bias):
+        return dispatch.triton_module("deform_conv_triton").forward(x, offset, mask, weight, bias, *conv)
+    return deform_conv2d_reference(x, offset, mask, weight, bias, *conv)
+
+
+deform_conv2d_op = _define("vqfr::modulated_deform_conv2d", _deform_conv2d)
 
 
 @deform_conv2d_op.register_fake
 def _(x, offset, mask, weight, bias, stride, padding, dilation):
-    kh, kw = weight.shape[2], weight.shape[3]
-    h_out = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    w_out = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    h_out, w_out = _out_hw(x, weight, stride, padding, dilation)
     return x.new_empty(x.shape[0], weight.shape[0], h_out, w_out)
+
+
+def _deform_conv2d_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    weight: Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, grad_offset, grad_mask, grad_weight) of the modulated deformable convolution."""
+    conv = _conv_args(stride, padding, dilation)
+    if dispatch.use_triton("modulated_deform_conv2d_backward", x, offset, mask, weight, grad_out):
+        return dispatch.triton_module("deform_conv_triton").backward(grad_out, x, offset, mask, weight, *conv)
+    return deform_conv2d_backward_reference(grad_out, x, offset, mask, weight, *conv)
+
+
+deform_conv2d_backward_op = _define("vqfr::modulated_deform_conv2d_backward", _deform_conv2d_backward)
+
+
+@deform_conv2d_backward_op.register_fake
+def _(grad_out, x, offset, mask, weight, stride, padding, dilation):
+    return torch.empty_like(x), torch.empty_like(offset), torch.empty_like(mask), torch.empty_like(weight)
 
 
 def _deform_setup_context(ctx, inputs, output):
     x, offset, mask, weight, bias, stride, padding, dilation = inputs
     ctx.save_for_backward(x, offset, mask, weight, bias)
-    ctx.conv_args = (tuple(stride), tuple(padding), tuple(dilation))
+    ctx.conv_args = (list(stride), list(padding), list(dilation))
 
 
 def _deform_backward(ctx, grad_out):
-    # Recompute the reference with autograd and differentiate it: exact gradients for every input.
     x, offset, mask, weight, bias = ctx.saved_tensors
-    leaves = [t.detach().requires_grad_(True) if t is not None else None for t in (x, offset, mask, weight, bias)]
-    with torch.enable_grad():
-        out = deform_conv2d_reference(*leaves, *ctx.conv_args)
-        wanted = [t for t in leaves if t is not None]
-        grads = iter(torch.autograd.grad(out, wanted, grad_out))
-    return tuple(next(grads) if t is not None else None for t in leaves) + (None, None, None)
+    grad_x, grad_offset, grad_mask, grad_weight = deform_conv2d_backward_op(
+        grad_out.contiguous(), x, offset, mask, weight, *ctx.conv_args
+    )
+    grad_bias = None if bias is None else grad_out.sum((0, 2, 3)).to(bias.dtype)
+    return grad_x, grad_offset, grad_mask, grad_weight, grad_bias, None, None, None
 
 
 deform_conv2d_op.register_autograd(_deform_backward, setup_context=_deform_setup_context)
 
 
-@torch.library.custom_op("vqfr::nearest_code", mutates_args=())
-def nearest_code_op(z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
-    """Nearest codebook row: ([N] int64 index, [N] squared distance)."""
+def _nearest_code(z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
+    """Nearest codebook row: ([N] int64 index, [N] squared distance, fp32 (fp64 for fp64 inputs))."""
+    if dispatch.use_triton("nearest_code", z, codebook):
+        return dispatch.triton_module("nearest_code_triton").nearest_code(z, codebook)
     idx, dist = nearest_code_reference(z, codebook, return_distance=True)
     return idx, dist
+
+
+nearest_code_op = _define("vqfr::nearest_code", _nearest_code)
 
 
 @nearest_code_op.register_fake

@@ -1,0 +1,1 @@
+"""Latency benchmarking and serving. Uses :mod:`vqfr` and :mod:`kernels`; neither imports this package."""

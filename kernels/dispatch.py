@@ -1,0 +1,181 @@
+"""Which implementation runs: the Triton kernels or the pure-torch references.
+
+The choice is made per call, from the tensors and one switch:
+
+- ``VQFR_KERNELS=auto|triton|reference`` (environment, read at every call; default ``auto``), overridden inside a
+  ``with kernels.use("reference"):`` block (a context variable, so threads and tasks do not see each other's choice).
+- ``auto`` runs Triton where it can run and the reference elsewhere. ``triton`` raises where Triton cannot run.
+- Triton can run on CUDA tensors of dtype float16, bfloat16 or float32 when the ``triton`` package is installed, and on
+  CPU tensors too while ``TRITON_INTERPRET=1`` is set (Triton's interpreter; this is how CI tests the kernels).
+  float64, other devices and tensors being traced by torch.compile on the CPU always take the reference.
+
+Triton is imported lazily, on the first call that runs a kernel. ``TRITON_INTERPRET`` only matters when a kernel is
+decorated, so each Triton module is loaded once per mode (compiled and interpreted) and both copies can live in one
+process. :data:`LAUNCHES` counts what ran, so tests can prove that the Triton path really executed.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import contextvars
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["MODES", "LAUNCHES", "use", "active_mode", "interpreting", "triton_installed", "why_not_triton",
+           "use_triton", "Launch", "launchable", "triton_module"]
+
+#: Valid values of ``VQFR_KERNELS`` and of :func:`use`.
+MODES = ("auto", "triton", "reference")
+ENV_VAR = "VQFR_KERNELS"
+#: Supported dtypes of the Triton kernels (computation in fp32 whatever the storage dtype).
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+#: ``"<op>:triton"`` / ``"<op>:reference"`` -> number of eager calls (or traces) that took that path.
+LAUNCHES: collections.Counter[str] = collections.Counter()
+
+#: Set by :mod:`kernels.ops` when it registered the ops with ``torch.library.triton_op``.
+TRACEABLE_LAUNCHES = False
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("vqfr_kernels_mode", default=None)
+_modules: dict[tuple[str, bool], ModuleType] = {}
+
+
+def _check_mode(mode: str, source: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"{source}={mode!r} is not a kernel mode; use one of {', '.join(MODES)}")
+    return mode
+
+
+def active_mode() -> str:
+    """The mode in force: the innermost :func:`use` block, else ``$VQFR_KERNELS``, else ``"auto"``."""
+    forced = _forced.get()
+    if forced is not None:
+        return forced
+    return _check_mode(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+
+
+@contextlib.contextmanager
+def use(mode: str) -> Iterator[None]:
+    """Force an implementation inside a ``with`` block: ``"auto"``, ``"triton"`` or ``"reference"``.
+
+    Example:
+        >>> with kernels.use("reference"):
+        ...     y = model(x)
+    """
+    token = _forced.set(_check_mode(mode, "kernels.use(mode)"))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def interpreting() -> bool:
+    """True when ``TRITON_INTERPRET`` is on (Triton's own parsing: 1, true or on)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
+
+
+def triton_installed() -> bool:
+    """True when the ``triton`` package can be imported (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _is_traced(t: Tensor) -> bool:
+    """True for fake (or functionalized fake) tensors and inside torch.compile: nothing real to launch on."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t) or torch.compiler.is_compiling()
+
+
+def why_not_triton(*tensors: Tensor | None) -> str | None:
+    """Why the Triton kernels cannot take these tensors (None when they can). The first tensor sets dtype/device."""
+    present = [t for t in tensors if t is not None]
+    lead = present[0]
+    if not triton_installed():
+        return "the triton package is not installed (pip install 'vqfr-deploy[gpu]')"
+    if lead.dtype not in TRITON_DTYPES:
+        return f"dtype {lead.dtype} is not one of float16, bfloat16, float32"
+    devices = {t.device for t in present}
+    if len(devices) != 1:
+        return f"tensors are on several devices: {sorted(map(str, devices))}"
+    if lead.device.type == "cuda":
+        return None
+    if lead.device.type == "cpu":
+        if not interpreting():
+            return "CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)"
+        if _is_traced(lead):
+            return "the interpreter only runs eagerly, not under torch.compile/export tracing"
+        if lead.dtype == torch.bfloat16:
+            return "the interpreter has no bfloat16 (numpy lacks it)"
+        return None
+    return f"device {lead.device} is not supported by the Triton kernels"
+
+
+def use_triton(op: str, *tensors: Tensor | None) -> bool:
+    """Decide the implementation of one call of ``op`` and count it in :data:`LAUNCHES`.
+
+    Raises:
+        RuntimeError: in mode ``triton`` when the kernels cannot take these tensors (says why and the fix).
+    """
+    mode = active_mode()
+    reason = "mode is 'reference'" if mode == "reference" else why_not_triton(*tensors)
+    if mode == "triton" and reason is not None:
+        raise RuntimeError(f"{op}: the Triton kernel was forced ({ENV_VAR}=triton or kernels.use('triton')) but "
+                           f"cannot run: {reason}. Fix: run on a CUDA GPU, set TRITON_INTERPRET=1 for CPU tensors, "
+                           "or use mode 'auto'")
+    chosen = reason is None
+    LAUNCHES[f"{op}:{'triton' if chosen else 'reference'}"] += 1
+    return chosen
+
+
+class Launch(NamedTuple):
+    """One kernel launch: the autotuned kernel, its grid function, its positional arguments and constexpr keywords.
+
+    The launchers build these; :mod:`kernels.aot_check` compiles exactly the same thing from meta tensors.
+    """
+
+    kernel: Any
+    grid: Callable[[dict], tuple[int, ...]]
+    args: list
+    constexprs: dict
+
+
+def launchable(kernel):
+    """``kernel`` as the launchers should call it: through ``torch.library.wrap_triton`` when the ops are
+    ``triton_op``s (so torch.compile and AOTInductor see the launch), directly otherwise (eager custom ops, or the
+    interpreter, whose kernels wrap_triton does not take on every torch version)."""
+    if TRACEABLE_LAUNCHES and not interpreting():
+        return torch.library.wrap_triton(kernel)
+    return kernel
+
+
+def triton_module(name: str) -> ModuleType:
+    """Import ``kernels.<name>`` (the module holding ``@triton.jit`` kernels) for the current interpreter mode.
+
+    ``@triton.jit`` reads ``TRITON_INTERPRET`` when it decorates, so the interpreted copy is loaded separately, under
+    the name ``kernels.<name>__interpreted``; the compiled copy is the ordinary module.
+    """
+    interpret = interpreting()
+    key = (name, interpret)
+    module = _modules.get(key)
+    if module is None:
+        if not interpret:
+            module = importlib.import_module(f"kernels.{name}")
+        else:
+            qualified = f"kernels.{name}__interpreted"
+            spec = importlib.util.spec_from_file_location(qualified, Path(__file__).with_name(f"{name}.py"))
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[qualified] = module
+            spec.loader.exec_module(module)
+        _modules[key] = module
+    return module

@@ -1,0 +1,151 @@
+"""Triton kernel of the nearest-code search: a fused distance GEMM and running argmin, no N x K matrix in memory.
+
+Imported lazily by :mod:`kernels.dispatch` (triton is an optional dependency); the reference is
+:func:`kernels.nearest_code.nearest_code_reference`. One program owns BLOCK_N tokens and walks the whole codebook in
+BLOCK_K-row tiles. For each tile it computes ``(|z|^2 + |e|^2) - 2 z.e`` (the official formula, same evaluation
+order) with fp32 accumulation, takes the tile's argmin, and keeps the running minimum. A later tile replaces it only
+when strictly smaller, and the tile's argmin takes the lowest index among equals, so exact ties go to the lowest index,
+as ``torch.argmin`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels import dispatch
+from kernels.dispatch import Launch
+
+__all__ = ["nearest_code", "nearest_code_launch"]
+
+# Builtins only (tl.full, tl.reduce with triton's standard combine functions): see kernels/deform_conv_triton.py.
+
+
+@triton.jit
+def _nearest_code_kernel(
+    # pointers
+    z_ptr,  # [N, D] tokens, any strides
+    e_ptr,  # [K, D] codebook, any strides
+    idx_ptr,  # [N] int64 out: index of the nearest code
+    dist_ptr,  # [N] fp32 out: its squared distance
+    # sizes
+    N, K, D,
+    # strides (elements)
+    szn, szd,
+    sek, sed,
+    # meta-parameters
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 (official indices need exact fp32 dots), None otherwise
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rd0 = tl.arange(0, BLOCK_D)
+    rk0 = tl.arange(0, BLOCK_K)
+    n_ok = rn < N
+    z_rows = z_ptr + rn.to(tl.int64)[:, None] * szn
+
+    # |z|^2 once per token, fp32.
+    zz = tl.full((BLOCK_N,), 0.0, tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        rd = d0 + rd0
+        z = tl.load(z_rows + rd[None, :] * szd, mask=n_ok[:, None] & (rd < D)[None, :], other=0.0).to(tl.float32)
+        zz += tl.reduce(z * z, 1, tl.standard._sum_combine)
+
+    best = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
+    best_idx = tl.full((BLOCK_N,), 0, tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + rk0
+        k_ok = rk < K
+        e_rows = e_ptr + rk.to(tl.int64)[:, None] * sek
+        dots = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
+        ee = tl.full((BLOCK_K,), 0.0, tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            rd = d0 + rd0
+            d_ok = (rd < D)[None, :]
+            z = tl.load(z_rows + rd[None, :] * szd, mask=n_ok[:, None] & d_ok, other=0.0)
+            e = tl.load(e_rows + rd[None, :] * sed, mask=k_ok[:, None] & d_ok, other=0.0)
+            dots = tl.dot(z, tl.trans(e), dots, input_precision=DOT_PRECISION)
+            ef = e.to(tl.float32)
+            ee += tl.reduce(ef * ef, 1, tl.standard._sum_combine)  # |e|^2: cheap next to the dot, saves a launch
+        dist = (zz[:, None] + ee[None, :]) - 2.0 * dots
+        dist = tl.where(k_ok[None, :], dist, float("inf"))
+        # Row minimum and its column, lowest column among equal values (what tl.argmin(tie_break_left=True) does).
+        cols = tl.full((BLOCK_N, BLOCK_K), 0, tl.int32) + rk0[None, :]
+        tile_best, tile_col = tl.reduce((dist, cols), 1, tl.standard._argmin_combine_tie_break_left)
+        tile_idx = tile_col + k0
+        better = tile_best < best  # strict: an earlier (lower-index) tile keeps exact ties
+        best = tl.where(better, tile_best, best)
+        best_idx = tl.where(better, tile_idx, best_idx)
+
+    tl.store(idx_ptr + rn, best_idx.to(tl.int64), mask=n_ok)
+    tl.store(dist_ptr + rn, best, mask=n_ok)
+
+
+# --- autotune configs -------------------------------------------------------------------------------------------
+# H100-class GPUs: the codebook (1024 x 256 fp16 = 512 KB) stays in L2, so every program re-reads it from L2.
+# Small BLOCK_N gives enough programs at one image's 256 tokens; large BLOCK_N cuts L2 traffic at 64 x 256 tokens.
+# Under the interpreter a single config (never benchmarked) keeps CPU tests fast.
+
+def _cfg(bn: int, bk: int, bd: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=warps, num_stages=stages)
+
+
+CONFIGS = (
+    [_cfg(64, 32, 32, 4, 1)]
+    if dispatch.interpreting()
+    else [
+        _cfg(16, 128, 64, 4, 3), _cfg(16, 64, 128, 4, 3), _cfg(32, 128, 64, 4, 3), _cfg(64, 128, 64, 4, 3),
+        _cfg(64, 64, 128, 4, 3), _cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4), _cfg(32, 64, 64, 4, 3),
+    ]
+)
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Exact fp32 (no tensor cores) keeps the distance tile at <= 32 registers per thread and BLOCK_D <= 64: larger
+    ones spill on sm_90 (``python -m kernels.aot_check``). At least one config is always kept."""
+    if kwargs.get("DOT_PRECISION") != "ieee":
+        return configs
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 32 * 32 * c.num_warps and c.kwargs["BLOCK_D"] <= 64]
+    return kept or configs[:1]
+
+
+_kernel = triton.autotune(CONFIGS, key=["N", "K", "D"], prune_configs_by={"early_config_prune": _prune})(
+    _nearest_code_kernel
+)
+
+
+def nearest_code_launch(z: Tensor, codebook: Tensor) -> tuple[tuple[Tensor, Tensor], Launch]:
+    """Allocate (idx, dist) and describe the launch; both inputs are promoted to their common dtype."""
+    n, d = z.shape
+    k = codebook.shape[0]
+    common = torch.promote_types(z.dtype, codebook.dtype)
+    z, codebook = z.to(common), codebook.to(common)
+    idx = torch.empty(n, dtype=torch.long, device=z.device)
+    dist = torch.empty(n, dtype=torch.float32, device=z.device)
+    precision = ("ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32") \
+        if common == torch.float32 else None
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]),)
+
+    args = [z, codebook, idx, dist, n, k, d, *z.stride(), *codebook.stride()]
+    return (idx, dist), Launch(_kernel, grid, args, dict(DOT_PRECISION=precision))
+
+
+def nearest_code(z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
+    """Nearest codebook row of every token with the Triton kernel. Arguments already validated.
+
+    Args:
+        z: [N, D] float16, bfloat16 or float32.
+        codebook: [K, D]; both are promoted to their common dtype.
+
+    Returns:
+        ([N] int64 indices, [N] fp32 squared distances).
+    """
+    (idx, dist), launch = nearest_code_launch(z, codebook)
+    if idx.numel() > 0:
+        dispatch.launchable(launch.kernel)[launch.grid](*launch.args, **launch.constexprs)
+    return idx, dist

@@ -1,0 +1,40 @@
+"""deploy.bench_kernels runs end to end on the CPU with tiny sizes (the GPU numbers need a GPU)."""
+
+import json
+
+import pytest
+
+from deploy import bench_kernels
+from kernels import dispatch
+
+TINY = ["--device", "cpu", "--levels", "8x6x7", "--batches", "1", "2", "--tokens", "20", "--codebook", "24x8",
+        "--iters", "2", "--warmup", "0", "--rotate", "2"]
+
+
+def test_bench_runs_on_cpu_and_writes_json(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    rows = bench_kernels.main([*TINY, "--json", str(tmp_path / "kernels.json")])
+    out = capsys.readouterr().out
+    assert "### deform_conv" in out and "### nearest_code" in out
+    assert "| 2x8x6x7 | fp32 |" in out and "| 20 tokens, 24x8 codebook | fp32 |" in out
+    timed = {(r.op, r.case, r.impl) for r in rows if r.median_ms is not None}
+    assert ("deform_conv", "1x8x6x7", "dense conv2d") in timed
+    assert ("deform_conv", "2x8x6x7", "vqfr reference") in timed
+    assert ("nearest_code", "20 tokens, 24x8 codebook", "torch distance+argmin") in timed
+    skipped = {r.impl: r.note for r in rows if r.median_ms is None}
+    assert "TRITON_INTERPRET" in skipped["vqfr triton"]
+    report = json.loads((tmp_path / "kernels.json").read_text())
+    assert report["environment"]["device"] == "cpu" and len(report["timings"]) == len(rows)
+
+
+@pytest.mark.skipif(not dispatch.triton_installed(), reason="triton is not installed")
+def test_bench_times_the_triton_kernels_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    rows = bench_kernels.main([*TINY, "--batches", "1", "--iters", "1"])
+    triton_rows = [r for r in rows if r.impl == "vqfr triton"]
+    assert len(triton_rows) == 2 and all(r.median_ms is not None for r in triton_rows)
+
+
+def test_bench_rejects_bad_levels():
+    with pytest.raises(SystemExit):
+        bench_kernels.main(["--device", "cpu", "--levels", "6x8x8"])  # 6 channels do not split in 4 groups

@@ -1,0 +1,216 @@
+"""Which implementation runs: the switch, the fallbacks, the lazy triton import and the custom-op contract."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels
+import kernels.ops  # noqa: F401  (registers torch.ops.vqfr.*)
+from kernels import dispatch
+from kernels.deform_conv import deform_conv2d_reference
+from kernels.nearest_code import nearest_code_reference
+
+
+@pytest.fixture(autouse=True)
+def clean_switches(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("VQFR_KERNELS", raising=False)
+    dispatch.LAUNCHES.clear()
+
+
+def small_dcn(dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 8, 6, 7, generator=gen)
+    offset = torch.randn(1, 2 * 2 * 9, 6, 7, generator=gen)
+    mask = torch.rand(1, 2 * 9, 6, 7, generator=gen)
+    weight = torch.randn(4, 8, 3, 3, generator=gen)
+    bias = torch.randn(4, generator=gen)
+    return [t.to(dtype) for t in (x, offset, mask, weight, bias)]
+
+
+def run_both(dtype=torch.float32):
+    args = small_dcn(dtype)
+    out = kernels.modulated_deform_conv2d(*args, 1, 1, 1)
+    z, codebook = torch.randn(10, 8, dtype=dtype), torch.randn(6, 8, dtype=dtype)
+    idx = kernels.nearest_code(z, codebook)
+    return out, deform_conv2d_reference(*args, 1, 1, 1), idx, nearest_code_reference(z, codebook)
+
+
+def test_cpu_without_interpreter_runs_the_reference():
+    out, ref, idx, ref_idx = run_both()
+    assert torch.equal(out, ref) and torch.equal(idx, ref_idx)
+    assert dispatch.LAUNCHES == {"modulated_deform_conv2d:reference": 1, "nearest_code:reference": 1}
+    assert "TRITON_INTERPRET" in kernels.why_not_triton(torch.ones(1))
+
+
+def test_float64_takes_the_reference_even_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    out, ref, idx, ref_idx = run_both(torch.float64)
+    assert torch.equal(out, ref) and torch.equal(idx, ref_idx)
+    assert set(dispatch.LAUNCHES) == {"modulated_deform_conv2d:reference", "nearest_code:reference"}
+    monkeypatch.setenv("VQFR_KERNELS", "triton")
+    with pytest.raises(RuntimeError, match="float64"):
+        run_both(torch.float64)
+
+
+def test_bfloat16_under_the_interpreter_takes_the_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "bfloat16" in kernels.why_not_triton(torch.ones(1, dtype=torch.bfloat16))
+    run_both(torch.bfloat16)
+    assert dispatch.LAUNCHES["modulated_deform_conv2d:reference"] == 1
+
+
+def test_forcing_triton_where_it_cannot_run_says_why(monkeypatch):
+    monkeypatch.setenv("VQFR_KERNELS", "triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        run_both()
+
+
+def test_missing_triton_falls_back_and_names_the_extra(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(dispatch, "triton_installed", lambda: False)
+    run_both()
+    assert set(dispatch.LAUNCHES) == {"modulated_deform_conv2d:reference", "nearest_code:reference"}
+    with kernels.use("triton"), pytest.raises(RuntimeError, match=r"pip install 'vqfr-deploy\[gpu\]'"):
+        run_both()
+
+
+def test_use_overrides_the_environment_and_nests(monkeypatch):
+    monkeypatch.setenv("VQFR_KERNELS", "triton")
+    assert kernels.active_mode() == "triton"
+    with kernels.use("reference"):
+        assert kernels.active_mode() == "reference"
+        run_both()  # would raise in mode triton
+        with kernels.use("auto"):
+            assert kernels.active_mode() == "auto"
+        assert kernels.active_mode() == "reference"
+    assert kernels.active_mode() == "triton"
+
+
+def test_reference_mode_wins_over_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("VQFR_KERNELS", "reference")
+    run_both()
+    assert set(dispatch.LAUNCHES) == {"modulated_deform_conv2d:reference", "nearest_code:reference"}
+
+
+def test_bad_mode_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("VQFR_KERNELS", "fastest")
+    with pytest.raises(ValueError, match="VQFR_KERNELS='fastest'.*auto, triton, reference"):
+        run_both()
+    with pytest.raises(ValueError, match="kernels.use"):
+        with kernels.use("cuda"):
+            pass
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the ops are triton_ops, which import triton")
+def test_cpu_use_never_loads_the_triton_kernels():
+    """Registering the ops imports neither triton nor torch._inductor, and CPU calls never load the kernel modules.
+
+    (The first call of any torch custom op imports torch._dynamo, which imports triton when it is installed: that is
+    torch's doing, so only this package's own Triton modules are checked after the calls.)
+    """
+    code = (
+        "import sys, torch, kernels, kernels.ops\n"
+        "print(kernels.ops.TRITON_OPS, 'triton' in sys.modules, 'torch._inductor' in sys.modules)\n"
+        "x = torch.randn(1, 4, 5, 5); off = torch.zeros(1, 18, 5, 5); m = torch.ones(1, 9, 5, 5)\n"
+        "kernels.modulated_deform_conv2d(x, off, m, torch.randn(2, 4, 3, 3), None, 1, 1, 1)\n"
+        "kernels.nearest_code(torch.randn(3, 4), torch.randn(5, 4))\n"
+        "print(sorted(m for m in sys.modules if m.startswith('kernels.') and 'triton' in m))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VQFR_KERNELS")}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["False", "False", "False", "[]"], res.stdout
+
+
+def test_op_schemas_are_the_published_contract():
+    """The ONNX translation and AOTInductor rely on these names and argument orders."""
+    schemas = {name: str(getattr(torch.ops.vqfr, name).default._schema)
+               for name in ("modulated_deform_conv2d", "modulated_deform_conv2d_backward", "nearest_code")}
+    assert schemas["modulated_deform_conv2d"] == (
+        "vqfr::modulated_deform_conv2d(Tensor x, Tensor offset, Tensor mask, Tensor weight, Tensor? bias, "
+        "SymInt[] stride, SymInt[] padding, SymInt[] dilation) -> Tensor"
+    )
+    assert schemas["nearest_code"] == "vqfr::nearest_code(Tensor z, Tensor codebook) -> (Tensor, Tensor)"
+    assert schemas["modulated_deform_conv2d_backward"].startswith(
+        "vqfr::modulated_deform_conv2d_backward(Tensor grad_out, Tensor x, Tensor offset, Tensor mask, Tensor weight,"
+    )
+
+
+class _Both(torch.nn.Module):
+    def forward(self, x, offset, mask, weight, z, codebook):
+        out = kernels.modulated_deform_conv2d(x, offset, mask, weight, None, 1, 1, 1)
+        return out, kernels.nearest_code(z, codebook)
+
+
+def test_export_sees_one_node_per_op_with_correct_fake_shapes():
+    x, offset, mask, weight, _ = small_dcn()
+    z, codebook = torch.randn(10, 8), torch.randn(6, 8)
+    ep = torch.export.export(_Both(), (x, offset, mask, weight, z, codebook))
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert targets.count("vqfr.modulated_deform_conv2d.default") == 1
+    assert targets.count("vqfr.nearest_code.default") == 1
+    out, idx = ep.module()(x, offset, mask, weight, z, codebook)
+    assert out.shape == (1, 4, 6, 7) and idx.shape == (10,)
+    assert torch.equal(out, deform_conv2d_reference(x, offset, mask, weight, None, 1, 1, 1))
+
+
+def test_models_route_through_the_ops(tiny_v1_options):
+    from tests.conftest import seeded_model
+
+    model = seeded_model(tiny_v1_options)
+    dcns = sum(type(m).__name__ == "DCNv2Pack" for m in model.modules())
+    with torch.no_grad():
+        model(torch.rand(1, 3, 64, 64) * 2 - 1)
+    assert dispatch.LAUNCHES["modulated_deform_conv2d:reference"] == dcns > 0
+    assert dispatch.LAUNCHES["nearest_code:reference"] >= 1
+
+
+TRITON_OP_SCRIPT = """
+import torch
+real = torch.cuda.is_available
+torch.cuda.is_available = lambda: True  # register the GPU flavour of the ops on this CPU-only machine
+import kernels, kernels.ops
+torch.cuda.is_available = real
+from kernels import dispatch
+from kernels.deform_conv import deform_conv2d_reference
+assert kernels.ops.TRITON_OPS and dispatch.TRACEABLE_LAUNCHES
+g = torch.Generator().manual_seed(0)
+x, off = torch.randn(1, 8, 6, 7, generator=g), torch.randn(1, 36, 6, 7, generator=g)
+m, w, b = torch.rand(1, 18, 6, 7, generator=g), torch.randn(4, 8, 3, 3, generator=g), torch.randn(4, generator=g)
+z, e = torch.randn(10, 8, generator=g), torch.randn(6, 8, generator=g)
+ref = deform_conv2d_reference(x, off, m, w, b, 1, 1, 1)
+eager = kernels.modulated_deform_conv2d(x, off, m, w, b, 1, 1, 1)  # the interpreter, through triton_op's body
+assert dispatch.LAUNCHES["modulated_deform_conv2d:triton"] == 1, dict(dispatch.LAUNCHES)
+assert (eager - ref).abs().max() < 1e-5
+
+def f(x, off, m, w, b, z, e):
+    return kernels.modulated_deform_conv2d(x, off, m, w, b, 1, 1, 1), kernels.nearest_code(z, e)
+
+compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+xg = x.clone().requires_grad_(True)
+out, idx = compiled(xg, off, m, w, b, z, e)
+out.sum().backward()
+xr = x.clone().requires_grad_(True)
+deform_conv2d_reference(xr, off, m, w, b, 1, 1, 1).sum().backward()
+assert (out - ref).abs().max() < 1e-5 and torch.equal(idx, kernels.nearest_code_reference(z, e))
+assert (xg.grad - xr.grad).abs().max() < 1e-5
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not dispatch.triton_installed(), reason="triton_op needs triton")
+def test_triton_op_flavour_registers_runs_and_traces():
+    """The ops as registered on a GPU machine (torch.library.triton_op): eager calls reach the kernel, and
+    torch.compile traces the forward and its autograd formula (fullgraph). On a CPU the traced body takes the
+    reference; on a GPU the same body records the Triton launches through wrap_triton."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env.pop("VQFR_KERNELS", None)
+    res = subprocess.run([sys.executable, "-c", TRITON_OP_SCRIPT], capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr[-3000:]

@@ -1,0 +1,253 @@
+"""The Triton kernels against the pure-torch references.
+
+On a machine with a CUDA GPU the kernels run natively; elsewhere they run under Triton's CPU interpreter
+(``TRITON_INTERPRET=1``, set by a fixture for these tests only, so the rest of the suite keeps the fast reference).
+Every test forces ``VQFR_KERNELS=triton``: if the Triton path could not run, the call raises instead of silently
+testing the reference, and :data:`kernels.dispatch.LAUNCHES` is checked as well.
+
+The interpreter runs one small tile config and is slow (its cost is per operation), so the deformable-convolution
+shapes are a covering set of the issue's grid rather than its full product: every value of every parameter appears,
+most pairs of (groups, kernel, stride, padding, dilation) appear, and each case still spans several pixel tiles.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+import kernels.ops  # noqa: F401  (registers torch.ops.vqfr.*)
+from kernels import dispatch
+from kernels.deform_conv import deform_conv2d_backward_reference, deform_conv2d_reference
+from kernels.nearest_code import nearest_code_reference
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+pytestmark = pytest.mark.skipif(not dispatch.triton_installed(), reason="triton is not installed (extra 'gpu'/'dev')")
+
+#: Allowed error of the kernel against the float64 reference, as a fraction of the reference's largest magnitude.
+TOLERANCE = {torch.float32: 2e-6, torch.float16: 4e-3}
+
+
+@pytest.fixture(autouse=True)
+def triton_path(monkeypatch):
+    """Run the Triton kernels: natively on a GPU, else under the interpreter; never fall back silently."""
+    if not ON_GPU:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("VQFR_KERNELS", "triton")
+    dispatch.LAUNCHES.clear()
+
+
+def deform_case(c, h, w, groups, k, stride, padding, dilation, *, spread, c_out=6, b=2, seed=0,
+                dtype=torch.float32):
+    """Random DCN inputs. ``spread`` is the largest offset in pixels (uniform in [-spread, spread])."""
+    gen = torch.Generator().manual_seed(seed)
+    ho = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    wo = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    x = torch.randn(b, c, h, w, generator=gen)
+    offset = (torch.rand(b, 2 * groups * k * k, ho, wo, generator=gen) * 2 - 1) * spread
+    mask = torch.rand(b, groups * k * k, ho, wo, generator=gen)
+    weight = torch.randn(c_out, c, k, k, generator=gen) / (c * k * k) ** 0.5
+    bias = torch.randn(c_out, generator=gen)
+    return [t.to(DEVICE, dtype) for t in (x, offset, mask, weight, bias)]
+
+
+def as_double(tensors):
+    return [None if t is None else t.double() for t in tensors]
+
+
+def assert_close_scaled(actual, expected, frac, what=""):
+    """max |actual - expected| <= frac * max |expected| (errors scale with the magnitude of the result)."""
+    scale = expected.abs().max().item() or 1.0
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert err <= frac * scale, f"{what}: max error {err:.3g} > {frac:g} * {scale:.3g}"
+
+
+# (channels, H, W, offset groups, kernel, stride, padding, dilation, offset spread in px, output channels)
+COVERING = [
+    (12, 9, 13, 4, 3, 1, 1, 1, 1.5, 6),
+    (20, 17, 9, 2, 3, 2, 2, 1, 17.0, 6),  # offsets up to +-H: many samples fall outside
+    (12, 13, 17, 3, 3, 1, 0, 2, 13.0, 6),
+    (20, 9, 9, 1, 1, 2, 1, 1, 9.0, 40),  # 1x1; 20 channels in one group (two channel blocks); 40 outputs (two tiles)
+    (12, 17, 13, 2, 1, 1, 0, 2, 2.5, 6),
+    (20, 13, 13, 4, 3, 2, 2, 2, 0.7, 6),
+    (12, 9, 17, 1, 3, 1, 2, 1, 9.0, 6),
+]
+
+
+@pytest.mark.parametrize("c,h,w,groups,k,stride,padding,dilation,spread,c_out", COVERING)
+def test_deform_forward_matches_reference(c, h, w, groups, k, stride, padding, dilation, spread, c_out):
+    args = deform_case(c, h, w, groups, k, stride, padding, dilation, spread=spread, c_out=c_out)
+    out = kernels.modulated_deform_conv2d(*args, stride, padding, dilation)
+    ref = deform_conv2d_reference(*as_double(args), stride, padding, dilation)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert_close_scaled(out, ref, TOLERANCE[torch.float32])
+    assert dispatch.LAUNCHES["modulated_deform_conv2d:triton"] == 1
+
+
+def test_deform_forward_on_cell_edges_and_image_border():
+    """Offsets on a half-pixel lattice: samples land exactly on pixels, on cell edges and on y/x = -1 or H/W."""
+    x, offset, mask, weight, bias = deform_case(12, 9, 11, 2, 3, 1, 1, 1, spread=1.0, seed=3)
+    offset = (offset * 8).round() / 2  # multiples of 0.5 in [-4, 4]
+    out = kernels.modulated_deform_conv2d(x, offset, mask, weight, bias, 1, 1, 1)
+    ref = deform_conv2d_reference(*as_double([x, offset, mask, weight, bias]), 1, 1, 1)
+    assert_close_scaled(out, ref, TOLERANCE[torch.float32])
+
+
+def nan_moat(t, pad=2):
+    """``t`` as a strided view into a NaN-filled buffer with ``pad`` extra entries on both sides of every dimension.
+
+    A kernel that reads anything outside ``t`` (a pixel tail, a padded channel, a corner outside the image) picks up
+    NaN and poisons its result, even where the value read would have been multiplied by zero.
+    """
+    big = torch.full([s + 2 * pad for s in t.shape], float("nan"), dtype=t.dtype, device=t.device)
+    view = big[tuple(slice(pad, pad + s) for s in t.shape)]
+    view.copy_(t)
+    return view
+
+
+def test_deform_reads_nothing_outside_its_inputs():
+    """Forward and backward on NaN-moated, non-contiguous inputs, without bias: exact results, no NaN."""
+    x, offset, mask, weight, _ = deform_case(20, 9, 13, 2, 3, 1, 1, 1, spread=9.0, seed=5, c_out=5)
+    grad_out = torch.randn(2, 5, 9, 13, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    moated = [nan_moat(t) for t in (x, offset, mask, weight)]
+    out = kernels.modulated_deform_conv2d(*moated, None, 1, 1, 1)
+    ref = deform_conv2d_reference(*as_double([x, offset, mask, weight]), None, 1, 1, 1)
+    assert_close_scaled(out, ref, TOLERANCE[torch.float32])
+    grads = torch.ops.vqfr.modulated_deform_conv2d_backward(nan_moat(grad_out), *moated, [1, 1], [1, 1], [1, 1])
+    expected = deform_conv2d_backward_reference(*as_double([grad_out, x, offset, mask, weight]), 1, 1, 1)
+    for name, got, want in zip(("x", "offset", "mask", "weight"), grads, expected, strict=True):
+        assert_close_scaled(got, want, 1e-5, f"grad_{name}")
+
+
+def test_deform_channels_last_in_channels_last_out():
+    """A channels-last x is read as is (no copy) and the output and grad_x come back channels-last."""
+    x, offset, mask, weight, bias = deform_case(12, 9, 11, 1, 3, 1, 1, 1, spread=3.0, seed=8, c_out=5, b=1)
+    x_cl = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    out = kernels.modulated_deform_conv2d(x_cl, offset, mask, weight, bias, 1, 1, 1)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close_scaled(out, deform_conv2d_reference(*as_double([x, offset, mask, weight, bias]), 1, 1, 1), 2e-6)
+    out.sum().backward()
+    assert x_cl.grad.is_contiguous(memory_format=torch.channels_last)
+    ref_x = x.double().requires_grad_(True)
+    deform_conv2d_reference(ref_x, *as_double([offset, mask, weight, bias]), 1, 1, 1).sum().backward()
+    assert_close_scaled(x_cl.grad, ref_x.grad, 1e-5)
+
+
+# Batch 1 for the 4-group case: the interpreter's cost grows with groups x taps x pixel tiles.
+BACKWARD_CASES = [(*COVERING[0], 1), (*COVERING[1], 2), (*COVERING[3], 2)]
+
+
+@pytest.mark.parametrize("c,h,w,groups,k,stride,padding,dilation,spread,c_out,b", BACKWARD_CASES)
+def test_deform_backward_matches_reference(c, h, w, groups, k, stride, padding, dilation, spread, c_out, b):
+    x, offset, mask, weight, _ = deform_case(c, h, w, groups, k, stride, padding, dilation, spread=spread,
+                                             c_out=c_out, seed=1, b=b)
+    ho, wo = offset.shape[2:]
+    grad_out = torch.randn(x.shape[0], c_out, ho, wo, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    conv = ([stride] * 2, [padding] * 2, [dilation] * 2)
+    grads = torch.ops.vqfr.modulated_deform_conv2d_backward(grad_out, x, offset, mask, weight, *conv)
+    expected = deform_conv2d_backward_reference(*as_double([grad_out, x, offset, mask, weight]), stride, padding,
+                                                dilation)
+    for name, got, want in zip(("x", "offset", "mask", "weight"), grads, expected, strict=True):
+        assert got.shape == want.shape and got.dtype == torch.float32
+        assert_close_scaled(got, want, 1e-5, f"grad_{name}")
+    assert dispatch.LAUNCHES["modulated_deform_conv2d_backward:triton"] == 1
+
+
+def test_deform_autograd_uses_triton_backward_for_every_input():
+    """Gradients through the public function (x, offset, mask, weight, bias) equal autograd of the reference."""
+    args = deform_case(12, 9, 13, 1, 3, 1, 1, 1, spread=2.0, seed=7, c_out=5)
+    ours = [t.clone().requires_grad_(True) for t in args]
+    ref = [t.double().requires_grad_(True) for t in args]
+    kernels.modulated_deform_conv2d(*ours, 1, 1, 1).square().sum().backward()
+    deform_conv2d_reference(*ref, 1, 1, 1).square().sum().backward()
+    for name, a, b in zip(("x", "offset", "mask", "weight", "bias"), ours, ref, strict=True):
+        assert_close_scaled(a.grad, b.grad, 1e-5, f"grad_{name}")
+    assert dispatch.LAUNCHES["modulated_deform_conv2d_backward:triton"] == 1
+
+
+def test_deform_fp16_error_within_twice_plain_torch_fp16():
+    """fp16 accuracy, measured against exact maths on the same fp16 inputs.
+
+    truth: the reference in float64 on the fp16 inputs (so input rounding is not counted as anyone's error).
+    plain torch fp16: the same reference run on the fp16 tensors, i.e. what a torch model gets in half precision
+    (fp16 interpolation, fp16 products and sums per tap). kernel: the Triton kernel on the fp16 tensors (fp32
+    coordinates and accumulation, the sampled values rounded once to fp16 for the tensor cores, fp16 output).
+    Both the largest and the RMS error of the kernel must stay within 2x those of plain torch fp16.
+    """
+    args = deform_case(20, 17, 13, 2, 3, 1, 1, 1, spread=6.0, seed=11, c_out=16, dtype=torch.float16)
+    truth = deform_conv2d_reference(*as_double(args), 1, 1, 1)
+    kernel_err = (kernels.modulated_deform_conv2d(*args, 1, 1, 1).double() - truth).abs()
+    torch_err = (deform_conv2d_reference(*args, 1, 1, 1).double() - truth).abs()
+    assert kernel_err.max() <= 2 * torch_err.max(), (kernel_err.max().item(), torch_err.max().item())
+    assert kernel_err.square().mean().sqrt() <= 2 * torch_err.square().mean().sqrt()
+    assert_close_scaled(kernels.modulated_deform_conv2d(*args, 1, 1, 1), truth, TOLERANCE[torch.float16])
+
+
+# --- nearest code -------------------------------------------------------------------------------------------------
+
+
+def codebook_case(n, k, d, seed=0, noise=0.05):
+    """Tokens that are noisy copies of known codes: the true code wins by a wide margin."""
+    gen = torch.Generator().manual_seed(seed)
+    codebook = torch.randn(k, d, generator=gen)
+    truth = torch.randint(0, k, (n,), generator=gen)
+    z = codebook[truth] + noise * torch.randn(n, d, generator=gen)
+    return z, codebook, truth
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nearest_code_clear_winner_exact(dtype):
+    z, codebook, truth = codebook_case(300, 77, 24)  # several token blocks, code tiles and a dim tail
+    idx, dist = kernels.nearest_code(z.to(DEVICE, dtype), codebook.to(DEVICE, dtype), return_distance=True)
+    assert idx.dtype == torch.int64 and dist.dtype == torch.float32
+    assert torch.equal(idx.cpu(), truth)
+    _, ref_dist = nearest_code_reference(z.to(dtype), codebook.to(dtype), return_distance=True)
+    torch.testing.assert_close(dist.cpu(), ref_dist, atol=2e-3 if dtype == torch.float16 else 1e-4, rtol=1e-3)
+    assert dispatch.LAUNCHES["nearest_code:triton"] == 1
+
+
+def test_nearest_code_equals_reference_where_margin_is_clear():
+    """Random tokens: indices equal the reference's wherever the best code beats the second by a clear margin."""
+    gen = torch.Generator().manual_seed(4)
+    z, codebook = torch.randn(200, 40, generator=gen), torch.randn(150, 40, generator=gen)
+    dist = torch.cdist(z.double(), codebook.double()).square()
+    two = dist.topk(2, dim=1, largest=False).values
+    clear = (two[:, 1] - two[:, 0]) > 1e-3
+    idx = kernels.nearest_code(nan_moat(z.to(DEVICE)), nan_moat(codebook.to(DEVICE))).cpu()  # strided, NaN around
+    assert clear.sum() > 150
+    assert torch.equal(idx[clear], nearest_code_reference(z, codebook)[clear])
+
+
+def test_nearest_code_ties_go_to_lowest_index():
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(70, 16, generator=gen)
+    codebook = base.clone()
+    codebook[4] = codebook[3]  # tie inside one tile
+    codebook[45] = codebook[3]  # tie across tiles
+    codebook[69] = codebook[10]
+    z = torch.stack([codebook[3], codebook[45], codebook[69], codebook[10]]) + 0.01 * torch.randn(4, 16, generator=gen)
+    idx = kernels.nearest_code(z.to(DEVICE), codebook.to(DEVICE)).cpu()
+    assert idx.tolist() == [3, 3, 10, 10]
+    same = torch.zeros(40, 16)  # every code identical: every token takes code 0
+    assert kernels.nearest_code(torch.randn(9, 16).to(DEVICE), same.to(DEVICE)).cpu().tolist() == [0] * 9
+
+
+def test_model_modules_run_the_kernels():
+    """The model's DCNv2Pack and quantizer reach the Triton kernels through the public functions."""
+    from vqfr.models.quantizer import L2VectorQuantizer
+    from vqfr.models.warping import DCNv2Pack
+
+    torch.manual_seed(0)
+    dcn, quantizer = DCNv2Pack(12, 12, deformable_groups=4).to(DEVICE).eval(), L2VectorQuantizer(40, 12).to(DEVICE)
+    x, feat = torch.randn(1, 12, 7, 9, device=DEVICE), torch.randn(1, 12, 7, 9, device=DEVICE)
+    with torch.no_grad():
+        out = dcn(x, feat)
+        quantized = quantizer(x)
+        with kernels.use("reference"):
+            ref = dcn(x, feat)
+            ref_quantized = quantizer(x)
+    assert_close_scaled(out, ref, 1e-5)
+    assert torch.equal(quantized.indices, ref_quantized.indices)
+    assert dispatch.LAUNCHES["modulated_deform_conv2d:triton"] == 1 and dispatch.LAUNCHES["nearest_code:triton"] == 1
