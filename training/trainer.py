@@ -104,12 +104,13 @@ def latest_state(path: str | Path) -> Path:
 def _optimizer(params: list[nn.Parameter], opts: dict) -> torch.optim.Optimizer:
     opts = dict(opts)
     kind = opts.pop("type", "Adam")
-    classes = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
+    classes = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW, "SGD": torch.optim.SGD}
     if kind not in classes:
         raise ConfigError(f"optimiser type {kind!r} is not supported", fix=f"use one of {sorted(classes)}")
     if "betas" in opts:
         opts["betas"] = tuple(opts["betas"])
-    return classes[kind](params, **{k: float(v) if k in ("lr", "weight_decay", "eps") else v for k, v in opts.items()})
+    floats = ("lr", "weight_decay", "eps", "momentum")
+    return classes[kind](params, **{k: float(v) if k in floats else v for k, v in opts.items()})
 
 
 class Trainer:
@@ -129,6 +130,8 @@ class Trainer:
             (cfg.get("dist_params") or {}).get("backend") if torch.cuda.is_available() else None)
         use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
         self.device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+        if use_cuda:
+            torch.cuda.set_device(self.device)
         self.is_main = self.rank == 0
         self.train_opt = cfg["train"]
         self.total_iter = int(self.train_opt["total_iter"])
@@ -233,6 +236,7 @@ class Trainer:
                  len(self.train_set), self.sampler.batches_per_epoch, batch, self.world)
         self.val_set = None
         val = self.cfg["datasets"].get("val")
+        self.val_enabled = bool(val)  # on every rank: the others wait for rank 0 at a barrier
         if val and self.is_main:
             val_deg = None
             if self.cfg["model_type"] != "VQGANModel" and not val.get("dataroot_lq"):
@@ -283,7 +287,7 @@ class Trainer:
                     now = time.perf_counter()
                     last = self._log(it, epoch, terms, (now - timer) / timed)
                     timer, timed = time.perf_counter(), 0
-                if self.val_set is not None and (it % val_freq == 0 or it == self.total_iter):
+                if self.val_enabled and (it % val_freq == 0 or it == self.total_iter):
                     self.validate(it)
                 if it % save_freq == 0 or it == self.total_iter:
                     self.save(it)
