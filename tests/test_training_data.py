@@ -14,6 +14,11 @@ from vqfr.errors import ConfigError, InputError
 N_DRAWS = 300
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)  # tiny tensors; two threads only spin on a busy 2-core machine
+
+
 def _draws(preset: str, n: int = N_DRAWS, size: int = 48):
     img = synthetic_face(3, size).astype(np.float32) / 255.0
     params = PRESETS[preset]

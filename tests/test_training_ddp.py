@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -56,8 +58,10 @@ def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
+    if sys.platform == "linux":
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback, whatever the host name resolves to
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timedelta(seconds=300))  # a hang becomes an error
     try:
         for name, cfg in _configs(batch_per_rank=2).items():
             trainer = Trainer(cfg, Path(out) / name, device="cpu")

@@ -198,11 +198,14 @@ def test_stage1_vqgan_v1_thirty_steps_with_kmeans(tmp_path):
     assert len(list((tmp_path / "run" / "visualization" / "30").glob("*.png"))) == 1
 
 
-def test_stage1_vqgan_v2_with_bf16_autocast(tmp_path):
+def test_stage1_vqgan_v2_with_bf16_autocast_and_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
     cfg = tiny_vqgan_v2()
     cfg["amp"] = "bf16"
     cfg["train"]["total_iter"] = 3
+    cfg["logger"]["use_tb_logger"] = True
     Trainer(cfg, tmp_path / "run").train()
+    assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
     recs = records(tmp_path / "run")
     _assert_finite(recs)
     assert {"l_rec", "l_g_percep", "l_codebook", "l_g_gan_global", "l_d_global", "real_score_global",

@@ -23,6 +23,11 @@ from vqfr.errors import CheckpointError, ConfigError
 from vqfr.models.quantizer import codebook_loss
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)  # tiny tensors; two threads only spin on a busy 2-core machine
+
+
 def test_pixel_and_code_losses_by_hand():
     a = torch.tensor([[1.0, -2.0], [0.5, 4.0]])
     b = torch.tensor([[0.0, 0.0], [0.5, 2.0]])

@@ -21,6 +21,11 @@ from training.metrics import imresize_half, niqe, psnr, ssim
 from vqfr.errors import ConfigError
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)  # tiny tensors; two threads only spin on a busy 2-core machine
+
+
 @pytest.mark.parametrize("cls", [SWADiscriminator, StyleGAN2Discriminator])
 def test_global_discriminators_shapes_and_gradients(cls):
     torch.manual_seed(0)
