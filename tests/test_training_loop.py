@@ -1,0 +1,300 @@
+"""The training loop on tiny configurations (16x16 faces): both stages, both versions, checkpoints, resume, CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import vqfr
+from training.config import load_config
+from training.recipes import unwrap
+from training.train import main as train_main
+from training.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_V2_NET = {"base_channels": 32, "channel_multipliers": [1, 1, 2], "num_enc_blocks": 1, "use_enc_attention": True,
+           "num_dec_blocks": 1, "use_dec_attention": True, "code_dim": 16,
+           "quantizer_opt": {"type": "L2VectorQuantizer", "num_code": 32, "code_dim": 16, "spatial_size": [4, 4]}}
+_V1_CORE = {"base_channels": 32, "proj_patch_size": 4, "resolution_scale_rates": [1, 2, 2],
+            "channel_multipliers": [1, 1, 2], "encoder_num_blocks": 1, "decoder_num_blocks": 1,
+            "quant_level": ["Level_4"]}
+
+
+def _v1_quantizer(**kw) -> dict:
+    opts = {"type": "L2VectorQuantizerKmeans", "in_dim": 64, "num_code": 16, "code_dim": 8, "reservoir_size": 64,
+            "reestimate_iters": 2000, "reestimate_maxiters": -1, "warmup_iters": -1}
+    return {"Level_4": {**opts, **kw}}
+
+
+def _common(model_type: str, lr: float = 1e-3) -> dict:
+    adam = {"type": "Adam", "lr": lr, "betas": [0.9, 0.96]}
+    return {
+        "name": "tiny", "model_type": model_type, "manual_seed": 0, "amp": "none",
+        "datasets": {"train": {"dataroot_gt": "synthetic:4", "out_size": 16, "use_hflip": True, "degradation": "v2",
+                               "batch_size_per_gpu": 2, "num_worker_per_gpu": 0}},
+        "train": {"total_iter": 30, "ema_decay": 0.5, "optim_d": adam,
+                  "pixel_opt": {"type": "L1Loss", "loss_weight": 1.0},
+                  "perceptual_opt": {"type": "LPIPS", "perceptual_weight": 1.0, "random_vgg": True},
+                  "r1_reg_weight": 10, "net_d_reg_every": 4},
+        "logger": {"print_freq": 1, "save_checkpoint_freq": 1000, "use_tb_logger": False},
+    }
+
+
+def tiny_vqfr_v2(lr: float = 1e-3) -> dict:
+    cfg = _common("VQFRv2Model", lr)
+    cfg["network_sr"] = {"type": "VQFRv2", **_V2_NET, "inpfeat_dim": 32, "code_selection_mode": "Predict",
+                         "align_opt": {"cond_channels": 32, "deformable_groups": 4}}
+    cfg["network_g"] = {"type": "VQGANv2", **_V2_NET}
+    cfg["network_d"] = {"type": "StyleGAN2Discriminator", "out_size": 16, "narrow": 1 / 16}
+    cfg["network_d_local"] = {"type": "NLayerDiscriminator", "input_nc": 3, "ndf": 8, "n_layers": 2}
+    adam = {"type": "Adam", "lr": lr, "betas": [0.9, 0.96]}
+    cfg["train"].update({"optim_sr_enc": adam, "optim_sr_maindec": adam, "gan_opt": {"gan_type": "wgan_softplus"},
+                         "patch_gan_opt": {"gan_type": "hinge"}, "generator_d_local_weight": 0.5,
+                         "quant_feature_opt": {"loss_weight": 1.0}, "quant_index_opt": {"loss_weight": 1.0},
+                         "gan_start_iter": 10})
+    return cfg
+
+
+def tiny_vqgan_v1(lr: float = 1e-3) -> dict:
+    cfg = _common("VQGANModel", lr)
+    cfg["network_g"] = {"type": "VQGANv1", **_V1_CORE,
+                        "quantizer_opt": _v1_quantizer(reestimate_iters=5, reestimate_maxiters=16, warmup_iters=6)}
+    cfg["network_d"] = {"type": "SWADiscriminator", "out_size": 16, "narrow": 1 / 16}
+    cfg["train"].update({"optim_g": {"type": "Adam", "lr": lr, "betas": [0.9, 0.96]}, "codebook_loss_weight": 1.0,
+                         "gan_opt": {"gan_type": "wgan_softplus"}, "gan_start_iter": 24, "kmeans_iters": 50})
+    return cfg
+
+
+def tiny_vqgan_v2() -> dict:
+    cfg = _common("VQGANModel")
+    cfg["network_g"] = {"type": "VQGANv2", **_V2_NET}
+    cfg["network_d"] = {"type": "StyleGAN2Discriminator", "out_size": 16, "narrow": 1 / 16}
+    cfg["train"].update({"optim_g": {"type": "Adam", "lr": 1e-3}, "gan_opt": {"gan_type": "wgan_softplus"},
+                         "gan_start_iter": 0})
+    return cfg
+
+
+def tiny_vqfr_v1() -> dict:
+    cfg = _common("VQFRv1Model")
+    align = {f"Level_{r}": {"cond_channels": 32, "cond_downscale_rate": r, "deformable_groups": 4} for r in (4, 2, 1)}
+    cfg["network_sr"] = {"type": "VQFRv1", **_V1_CORE, "fix_keys": ["embedding"], "align_from_patch": 4,
+                         "inpfeat_extraction_opt": {"in_dim": 3, "out_dim": 32}, "align_opt": align,
+                         "quantizer_opt": _v1_quantizer()}
+    cfg["network_g"] = {"type": "VQGANv1", **_V1_CORE, "quantizer_opt": _v1_quantizer()}
+    for key in ("network_d_global", "network_d_main_global"):
+        cfg[key] = {"type": "SWADiscriminator", "out_size": 16, "narrow": 1 / 16}
+    for key in ("network_d_local", "network_d_main_local"):
+        cfg[key] = {"type": "NLayerDiscriminator", "input_nc": 3, "ndf": 8, "n_layers": 2}
+    cfg["train"].update({"optim_sr": {"type": "Adam", "lr": 1e-3, "betas": [0.5, 0.9]},
+                         "pixel_main_opt": {"loss_weight": 0.0}, "latent_opt": {"Level_4": {"loss_weight": 1.0}},
+                         "perceptual_opt": {"perceptual_weight": 1.0, "style_weight": 2000.0, "random_vgg": True},
+                         "global_gan_opt": {"gan_type": "wgan_softplus"}, "patch_gan_opt": {"gan_type": "hinge"},
+                         "generator_d_global_weight": 0.5, "generator_d_local_weight": 0.5,
+                         "gan_start_iter": -1, "main_gan_start_iter": 1, "net_d_reg_every": 2, "total_iter": 3})
+    return cfg
+
+
+def write_config(cfg: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _falls(values: list[float], ratio: float) -> bool:
+    """The mean of the last 10 values is below ``ratio`` times the mean of the first 10."""
+    return sum(values[-10:]) / 10 < ratio * sum(values[:10]) / 10
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny ops run fastest on one thread, and a loaded 2-core machine does not make two threads spin.
+    torch.set_num_threads(1)
+
+
+def _assert_finite(recs: list[dict]) -> None:
+    for r in recs:
+        assert all(v == v and abs(v) != float("inf") for v in r.values() if isinstance(v, float)), r
+
+
+def test_stage2_v2_thirty_steps_and_checkpoint_round_trip(tmp_path):
+    cfg = tiny_vqfr_v2()
+    cfg["datasets"]["train"]["batch_size_per_gpu"] = 4  # the whole (4-face) set every step: smoother curves
+    cfg_path = write_config(cfg, tmp_path / "tiny_v2.yml")
+    cfg = load_config(cfg_path)
+    trainer = Trainer(cfg, tmp_path / "run")
+    stage1 = copy.deepcopy(trainer.recipe.stage1.state_dict())
+    start = {k: v.clone() for k, v in unwrap(trainer.net).state_dict().items()}
+    trainer.train()
+    recs = records(tmp_path / "run")
+    assert [r["iter"] for r in recs] == list(range(1, 31))
+    _assert_finite(recs)
+    for key, ratio in (("l_rec", 0.95), ("l_quant_feature", 0.7), ("l_quant_index", 0.97), ("l_g_percep", 0.95)):
+        assert _falls([r[key] for r in recs], ratio), (key, [round(r[key], 4) for r in recs])
+    assert all("l_g_gan_global" not in r for r in recs[:10])
+    for key in ("l_g_gan_global", "l_g_gan_local", "d_weight_local", "l_d_global", "l_d_local"):
+        assert all(key in r for r in recs[10:]), key
+    assert all("l_d_r1" in r for r in recs if r["iter"] > 10 and r["iter"] % 4 == 0)
+    assert all(r["loss_total"] == pytest.approx(sum(v for k, v in r.items() if k.startswith("l_g") or
+                                                    k in ("l_rec", "l_quant_feature", "l_quant_index")), rel=1e-5)
+               for r in recs)
+
+    # v2 trains only encoder+feat2index and main_branch+inpfeat_extraction; the rest keeps the stage-1 weights
+    trained = unwrap(trainer.net).state_dict()
+    for name, value in trained.items():
+        moved = not torch.equal(value, start[name])
+        should = any(k in name for k in ("encoder", "feat2index", "main_branch", "inpfeat_extraction"))
+        assert moved == should, name
+        if name in stage1 and not should:
+            assert torch.equal(value, stage1[name]), name
+
+    # the released-layout checkpoint loads through the public API with the training config
+    ckpt = tmp_path / "run" / "models" / "net_sr_30.pth"
+    saved = torch.load(ckpt, weights_only=True)
+    assert set(saved) == {"params", "params_ema"}
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    for options in (cfg_path, tmp_path / "run" / "config.yml"):
+        model = vqfr.load_model(ckpt, options)
+        with torch.no_grad():
+            assert torch.equal(model(x), trainer.ema.model.eval()(x))
+    for name, value in unwrap(trainer.net).state_dict().items():
+        assert torch.equal(saved["params"][name], value)
+    val = json.loads((tmp_path / "run" / "val_metrics.jsonl").read_text().splitlines()[-1]) if (
+        tmp_path / "run" / "val_metrics.jsonl").exists() else None
+    assert val is None  # no val block configured
+
+
+def test_stage1_vqgan_v1_thirty_steps_with_kmeans(tmp_path):
+    cfg = tiny_vqgan_v1()
+    cfg["datasets"]["train"]["batch_size_per_gpu"] = 4
+    cfg["datasets"]["val"] = {"dataroot_gt": "synthetic:4", "max_images": 2}
+    cfg["val"] = {"val_freq": 30, "save_img": 1}
+    trainer = Trainer(cfg, tmp_path / "run")
+    codebook0 = trainer.recipe.generator.quantizer.quantize_dict["Level_4"].embedding.weight.detach().clone()
+    trainer.train()
+    recs = records(tmp_path / "run")
+    assert len(recs) == 30
+    _assert_finite(recs)
+    for key in ("l_rec", "l_g_percep"):
+        assert _falls([r[key] for r in recs], 0.9), (key, [round(r[key], 4) for r in recs])
+    assert all(r["l_codebook"] == 0 for r in recs[:5])  # quantization bypassed during the warm-up
+    assert all(r["l_codebook"] > 0 for r in recs[6:])
+    assert all("l_g_gan_global" in r for r in recs[24:]) and all("l_g_gan_global" not in r for r in recs[:24])
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert re.findall(r"iter (\d+): k-means re-estimated", log) == ["5", "10", "15"]
+    codebook = trainer.recipe.generator.quantizer.quantize_dict["Level_4"].embedding.weight
+    assert not torch.allclose(codebook, codebook0)
+    val = json.loads((tmp_path / "run" / "val_metrics.jsonl").read_text())
+    assert val["iter"] == 30 and val["images"] == 2 and val["psnr"] > 5
+    assert len(list((tmp_path / "run" / "visualization" / "30").glob("*.png"))) == 1
+
+
+def test_stage1_vqgan_v2_with_bf16_autocast_and_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    cfg = tiny_vqgan_v2()
+    cfg["amp"] = "bf16"
+    cfg["train"]["total_iter"] = 3
+    cfg["logger"]["use_tb_logger"] = True
+    Trainer(cfg, tmp_path / "run").train()
+    assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+    recs = records(tmp_path / "run")
+    _assert_finite(recs)
+    assert {"l_rec", "l_g_percep", "l_codebook", "l_g_gan_global", "l_d_global", "real_score_global",
+            "fake_score_global"} <= set(recs[-1])
+    assert vqfr.load_model(tmp_path / "run" / "models" / "net_g_3.pth", tmp_path / "run" / "config.yml")
+
+
+def test_stage2_v1_both_branches(tmp_path):
+    cfg = tiny_vqfr_v1()
+    trainer = Trainer(cfg, tmp_path / "run")
+    embedding0 = trainer.recipe.generator.quantizer.quantize_dict["Level_4"].embedding.weight.detach().clone()
+    trainer.train()
+    recs = records(tmp_path / "run")
+    _assert_finite(recs)
+    last = recs[-1]
+    for key in ("l_rec", "l_latent", "l_g_percep", "l_g_style", "l_g_percep_main", "l_g_style_main",
+                "l_g_gan_global", "l_g_gan_local", "l_g_gan_global_main", "l_g_gan_local_main", "l_d_global",
+                "l_d_local", "l_d_global_main", "l_d_local_main"):
+        assert key in last, key
+    assert "l_d_r1" in recs[1] and "l_d_r1_main" in recs[1]  # lazy R1 on even iterations
+    assert "l_main_rec" not in last  # weight 0, as the official v1
+    assert "l_g_gan_global_main" not in recs[0]  # the main-branch GAN starts after iteration 1
+    # fix_keys: the codebook stays frozen
+    assert torch.equal(trainer.recipe.generator.quantizer.quantize_dict["Level_4"].embedding.weight, embedding0)
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    cfg = tiny_vqfr_v2()
+    cfg["train"].update({"total_iter": 4, "gan_start_iter": 0, "net_d_reg_every": 2})
+    cfg["logger"]["save_checkpoint_freq"] = 2
+    straight = Trainer(cfg, tmp_path / "a")
+    straight.train()
+    resumed = Trainer(cfg, tmp_path / "b", resume=tmp_path / "a" / "training_states" / "2.state")
+    assert resumed.start_iter == 2
+    resumed.train()
+    a = torch.load(tmp_path / "a" / "training_states" / "4.state", weights_only=True)
+    b = torch.load(tmp_path / "b" / "training_states" / "4.state", weights_only=True)
+    for part in ("nets", "ema"):
+        flat_a = a[part] if part == "ema" else {f"{n}.{k}": v for n, sd in a[part].items() for k, v in sd.items()}
+        flat_b = b[part] if part == "ema" else {f"{n}.{k}": v for n, sd in b[part].items() for k, v in sd.items()}
+        assert flat_a.keys() == flat_b.keys()
+        for k in flat_a:
+            assert torch.equal(flat_a[k], flat_b[k]), k
+    assert records(tmp_path / "a")[-1]["loss_total"] == records(tmp_path / "b")[-1]["loss_total"]
+
+
+def test_discriminator_gradients_are_zeroed_every_step(tmp_path):
+    cfg = tiny_vqfr_v2()
+    cfg["train"]["optim_d"] = {"type": "Adam", "lr": 0.0}  # parameters stay put: the same step twice
+    trainer = Trainer(cfg, tmp_path / "run")
+    branch = trainer.recipe.branches["main"]
+    branch.d_global.eval()  # no spectral-norm power iteration: both steps compute the same gradient
+    fake, real = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
+    branch.discriminator_step(fake, real, 1, trainer.scaler_d, trainer.autocast())
+    first = [p.grad.clone() for p in branch.d_global.parameters()]
+    branch.discriminator_step(fake, real, 1, trainer.scaler_d, trainer.autocast())
+    second = [p.grad for p in branch.d_global.parameters()]
+    for a, b in zip(first, second, strict=True):  # the official v2 would accumulate: b == 2 * a
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    trainer.close()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"model_type": "VQFRModel"}, "use model_type: VQFRv1Model"),
+    ({"network_g": {"type": "VQGAN"}}, "use type: VQGANv1"),
+    ({"network_g": {"quantizer_opt": {"Level_4": {"type": "L2VectorQuantizer"}}}}, "L2VectorQuantizerKmeans"),
+])
+def test_cli_explains_the_stale_official_v1_names(tmp_path, capsys, change, message):
+    from training.config import merge
+
+    cfg = merge(tiny_vqfr_v1(), change)
+    code = train_main(["--config", str(write_config(cfg, tmp_path / "stale.yml")), "--out", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "stale.yml" in err and message in err
+
+
+def test_cli_runs_the_smoke_config_and_missing_vgg_weights_are_explained(tmp_path, capsys):
+    cfg = load_config(ROOT / "training" / "configs" / "smoke_vqfr_v2.yml")
+    assert cfg["train"]["perceptual_opt"]["random_vgg"] is True  # the smoke config needs no VGG file
+    broken = tiny_vqfr_v2()
+    broken["train"]["perceptual_opt"] = {"perceptual_weight": 1.0, "vgg_weights": str(tmp_path / "vgg16.pth")}
+    code = train_main(["--config", str(write_config(broken, tmp_path / "b.yml")), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "vgg16.pth" in capsys.readouterr().err
+
+
+def test_inference_code_never_imports_training():
+    pattern = re.compile(r"^\s*(from|import)\s+training\b", re.M)
+    for package in ("vqfr", "kernels", "export", "deploy"):
+        for path in (ROOT / package).rglob("*.py") if (ROOT / package).is_dir() else []:
+            assert not pattern.search(path.read_text()), path

@@ -1,0 +1,100 @@
+"""Training configuration: official-style yml files (the option names of TencentARC/VQFR's training ymls).
+
+The network blocks are read by the model code (:func:`vqfr.build_model` takes ``network_sr``, else ``network_g``),
+so ``vqfr.load_model(checkpoint, config_yml)`` rebuilds the trained network from the same file. The official v1
+stage-2 yml uses names that no longer exist at the official HEAD; they are reported with the fix (§8).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from vqfr.errors import ConfigError
+
+__all__ = ["MODEL_TYPES", "load_config", "check_config", "network_key"]
+
+#: model_type -> the block holding the trained generator.
+MODEL_TYPES = {"VQGANModel": "network_g", "VQFRv1Model": "network_sr", "VQFRv2Model": "network_sr"}
+
+#: (model_type, expected arch of the generator, expected arch of the stage-1 network or None)
+_ARCH_OF = {"VQGANModel": ("VQGANv1", "VQGANv2"), "VQFRv1Model": ("VQFRv1",), "VQFRv2Model": ("VQFRv2",)}
+_STAGE1_OF = {"VQFRv1Model": "VQGANv1", "VQFRv2Model": "VQGANv2"}
+
+# Names in the official ymls that the official code itself no longer accepts, with their fixes.
+_STALE_MODEL_TYPES = {"VQFRModel": "VQFRv1Model"}
+_STALE_ARCHS = {"VQGAN": "VQGANv1"}
+
+
+def network_key(cfg: dict) -> str:
+    """The block of the trained generator: ``network_g`` for VQGAN configs, ``network_sr`` for VQFR configs."""
+    return MODEL_TYPES[cfg["model_type"]]
+
+
+def _stale_quantizer(block: dict) -> list[str]:
+    bad = []
+    for level, q in (block.get("quantizer_opt") or {}).items():
+        if isinstance(q, dict) and q.get("type") == "L2VectorQuantizer" and "reservoir_size" in q:
+            bad.append(level)
+    return bad
+
+
+def check_config(cfg: dict, source: str = "config") -> dict:
+    """Validate the parts every recipe needs; raise ConfigError naming the key and the fix."""
+    if not isinstance(cfg, dict):
+        raise ConfigError("is not a YAML mapping", path=source)
+    model_type = cfg.get("model_type")
+    if model_type in _STALE_MODEL_TYPES:
+        raise ConfigError(f"model_type {model_type!r} is the stale name of the official v1 yml", path=source,
+                          fix=f"use model_type: {_STALE_MODEL_TYPES[model_type]}")
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(f"model_type is {model_type!r}", path=source, fix=f"use one of {sorted(MODEL_TYPES)}")
+    key = MODEL_TYPES[model_type]
+    blocks = [key] + (["network_g"] if model_type in _STAGE1_OF else [])
+    for name in blocks:
+        block = cfg.get(name)
+        if not isinstance(block, dict):
+            raise ConfigError(f"{model_type} needs a {name} block", path=source,
+                              fix="copy one from training/configs/*.yml")
+        if block.get("type") in _STALE_ARCHS:
+            raise ConfigError(f"{name}.type {block['type']!r} is the stale name of the official v1 yml", path=source,
+                              fix=f"use type: {_STALE_ARCHS[block['type']]}")
+        if block.get("type") == "VQGANv1" and _stale_quantizer(block):
+            raise ConfigError(f"{name}.quantizer_opt uses type L2VectorQuantizer with k-means options (the stale "
+                              "official v1 yml)", path=source, fix="use type: L2VectorQuantizerKmeans")
+    if cfg[key].get("type") not in _ARCH_OF[model_type]:
+        raise ConfigError(f"{key}.type is {cfg[key].get('type')!r} but {model_type} trains {_ARCH_OF[model_type]}",
+                          path=source, fix="match model_type and the network type")
+    if model_type in _STAGE1_OF and cfg["network_g"].get("type") != _STAGE1_OF[model_type]:
+        raise ConfigError(f"network_g (the frozen stage-1 model) must be {_STAGE1_OF[model_type]}, got "
+                          f"{cfg['network_g'].get('type')!r}", path=source,
+                          fix="use the stage-1 network of this version")
+    train_ds = (cfg.get("datasets") or {}).get("train")
+    if not isinstance(train_ds, dict) or "dataroot_gt" not in train_ds:
+        raise ConfigError("needs datasets.train.dataroot_gt", path=source, fix="point it at a folder of aligned faces")
+    if not isinstance(cfg.get("train"), dict) or "total_iter" not in cfg["train"]:
+        raise ConfigError("needs train.total_iter", path=source)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> dict:
+    """Read and validate a training yml; ``overrides`` are merged into it (nested dicts merge key by key)."""
+    path = Path(path)
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config ({exc.strerror})", path=path, fix="check the path") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"is not valid YAML ({exc})", path=path, fix="fix the YAML syntax") from exc
+    cfg = merge(cfg or {}, overrides or {})
+    return check_config(cfg, str(path))
+
+
+def merge(base: dict, update: dict) -> dict:
+    """A deep copy of ``base`` with ``update`` merged in (dicts recursively, anything else replaced)."""
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out

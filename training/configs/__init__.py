@@ -1,0 +1,1 @@
+"""Training configurations (official-style ymls); see docs/TRAINING.md."""

@@ -1,0 +1,230 @@
+"""Image-quality metrics on 8-bit BGR images, computed as the official training/evaluation code does (basicsr).
+
+- :func:`psnr` and :func:`ssim` (validation during training): all channels, optional border crop; SSIM with an
+  11x11 Gaussian window (sigma 1.5) on the valid region, averaged over channels.
+- :func:`niqe` (offline, no reference): the Y channel (BT.601), 96x96 blocks, two scales (the second by MATLAB-style
+  bicubic, antialiased halving), against the pristine-model parameters in ``training/weights`` (see its README).
+
+Command line::
+
+    python -m training.metrics psnr-ssim --restored results/ --gt hq/ [--crop-border 0]
+    python -m training.metrics niqe results/ [--crop-border 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["psnr", "ssim", "niqe", "bgr_to_y", "imresize_half", "main"]
+
+
+def _check_pair(img: np.ndarray, ref: np.ndarray) -> None:
+    if img.shape != ref.shape:
+        raise ValueError(f"image shapes differ: {img.shape} vs {ref.shape}")
+
+
+def _crop(img: np.ndarray, border: int) -> np.ndarray:
+    return img[border:-border, border:-border] if border else img
+
+
+def psnr(img: np.ndarray, ref: np.ndarray, crop_border: int = 0) -> float:
+    """PSNR in dB of two uint8 (or [0, 255] float) images of equal shape; ``inf`` when identical."""
+    _check_pair(img, ref)
+    a = _crop(img, crop_border).astype(np.float64)
+    b = _crop(ref, crop_border).astype(np.float64)
+    mse = float(np.mean((a - b) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+
+
+def _ssim_channel(a: np.ndarray, b: np.ndarray) -> float:
+    import cv2
+
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    g = cv2.getGaussianKernel(11, 1.5)
+    window = g @ g.T
+
+    def blur(x: np.ndarray) -> np.ndarray:
+        return cv2.filter2D(x, -1, window)[5:-5, 5:-5]  # the valid region only
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    num = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
+    den = (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
+    return float(np.mean(num / den))
+
+
+def ssim(img: np.ndarray, ref: np.ndarray, crop_border: int = 0) -> float:
+    """SSIM of two uint8 (or [0, 255] float) images [H, W] or [H, W, C], mean over channels."""
+    _check_pair(img, ref)
+    a = _crop(img, crop_border).astype(np.float64)
+    b = _crop(ref, crop_border).astype(np.float64)
+    if a.ndim == 2:
+        return _ssim_channel(a, b)
+    return float(np.mean([_ssim_channel(a[..., c], b[..., c]) for c in range(a.shape[2])]))
+
+
+def bgr_to_y(img: np.ndarray) -> np.ndarray:
+    """BT.601 luma of a BGR uint8 image, as MATLAB's rgb2ycbcr: float64 [H, W] in [16, 235]."""
+    x = img.astype(np.float64) / 255.0
+    return (x @ np.array([24.966, 128.553, 65.481]) + 16.0)
+
+
+def _cubic(x: np.ndarray) -> np.ndarray:
+    ax = np.abs(x)
+    near = (1.5 * ax**3 - 2.5 * ax**2 + 1) * (ax <= 1)
+    far = (-0.5 * ax**3 + 2.5 * ax**2 - 4 * ax + 2) * ((ax > 1) & (ax <= 2))
+    return near + far
+
+
+def _resize_matrix(n: int, scale: float) -> np.ndarray:
+    """[ceil(n*scale), n] MATLAB bicubic resampling (antialiased when shrinking, symmetric edge padding)."""
+    m = math.ceil(n * scale)
+    width = 4.0 / scale if scale < 1 else 4.0
+    u = np.arange(1, m + 1) / scale + 0.5 * (1 - 1 / scale)  # output pixel centres in 1-based input coordinates
+    left = np.floor(u - width / 2)
+    taps = left[:, None] + np.arange(math.ceil(width) + 2)[None, :]
+    dist = u[:, None] - taps
+    w = scale * _cubic(dist * scale) if scale < 1 else _cubic(dist)
+    w /= w.sum(1, keepdims=True)
+    idx = taps.astype(np.int64) - 1  # 0-based; mirror outside [0, n) with the edge pixel repeated
+    idx = np.where(idx < 0, -idx - 1, idx)
+    idx = np.where(idx >= n, 2 * n - 1 - idx, idx)
+    mat = np.zeros((m, n))
+    np.add.at(mat, (np.repeat(np.arange(m), idx.shape[1]), idx.ravel()), w.ravel())
+    return mat
+
+
+def imresize_half(img: np.ndarray) -> np.ndarray:
+    """MATLAB ``imresize(img, 0.5)`` (bicubic, antialiased) of a 2-D float image."""
+    return _resize_matrix(img.shape[0], 0.5) @ img @ _resize_matrix(img.shape[1], 0.5).T
+
+
+@lru_cache(maxsize=1)
+def _aggd_table() -> tuple[np.ndarray, np.ndarray]:
+    gam = np.arange(0.2, 10.001, 0.001)
+    gamma = np.vectorize(math.gamma)
+    return gam, gamma(2 / gam) ** 2 / (gamma(1 / gam) * gamma(3 / gam))
+
+
+def _aggd(x: np.ndarray) -> tuple[float, float, float]:
+    """Asymmetric generalised Gaussian fit by moment matching: (alpha, beta_left, beta_right)."""
+    gam, r_gam = _aggd_table()
+    x = x.ravel()
+    left = math.sqrt(np.mean(x[x < 0] ** 2)) if np.any(x < 0) else math.nan
+    right = math.sqrt(np.mean(x[x > 0] ** 2)) if np.any(x > 0) else math.nan
+    gammahat = left / right
+    rhat = np.mean(np.abs(x)) ** 2 / np.mean(x**2)
+    rhatnorm = rhat * (gammahat**3 + 1) * (gammahat + 1) / (gammahat**2 + 1) ** 2
+    alpha = float(gam[np.argmin((r_gam - rhatnorm) ** 2)])
+    ratio = math.sqrt(math.gamma(1 / alpha) / math.gamma(3 / alpha))
+    return alpha, left * ratio, right * ratio
+
+
+def _block_features(block: np.ndarray) -> list[float]:
+    """The 18 NIQE features of one normalised block: the AGGD fit of the coefficients, then of the products with
+    the four neighbours (right, down, down-right, down-left)."""
+    alpha, bl, br = _aggd(block)
+    feats = [alpha, (bl + br) / 2]
+    for shift in ((0, 1), (1, 0), (1, 1), (1, -1)):
+        alpha, bl, br = _aggd(block * np.roll(block, shift, axis=(0, 1)))
+        feats += [alpha, (br - bl) * math.gamma(2 / alpha) / math.gamma(1 / alpha), bl, br]
+    return feats
+
+
+@lru_cache(maxsize=1)
+def _pristine() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from safetensors.numpy import load
+
+    data = load(resources.files("training.weights").joinpath("niqe_pris_params.safetensors").read_bytes())
+    return data["mu_pris_param"].ravel(), data["cov_pris_param"], data["gaussian_window"]
+
+
+def niqe(img: np.ndarray, crop_border: int = 0, block: int = 96) -> float:
+    """NIQE of a BGR uint8 image [H, W, 3] (or a grey/Y image [H, W] in [0, 255]); lower is better.
+
+    The image must hold at least one ``block`` x ``block`` block (it is cropped to whole blocks).
+    """
+    import cv2
+
+    y = bgr_to_y(img) if img.ndim == 3 else img.astype(np.float64)
+    y = np.round(_crop(y, crop_border))
+    nh, nw = y.shape[0] // block, y.shape[1] // block
+    if nh == 0 or nw == 0:
+        raise ValueError(f"NIQE needs an image of at least {block}x{block} pixels, got {y.shape[1]}x{y.shape[0]}")
+    y = y[: nh * block, : nw * block]
+    mu_p, cov_p, window = _pristine()
+    per_scale = []
+    for scale in (1, 2):
+        mu = cv2.filter2D(y, -1, window, borderType=cv2.BORDER_REPLICATE)
+        sigma = np.sqrt(np.abs(cv2.filter2D(y * y, -1, window, borderType=cv2.BORDER_REPLICATE) - mu * mu))
+        norm = (y - mu) / (sigma + 1)
+        b = block // scale
+        per_scale.append(np.array([_block_features(norm[i * b:(i + 1) * b, j * b:(j + 1) * b])
+                                   for j in range(nw) for i in range(nh)]))
+        if scale == 1:
+            y = imresize_half(y / 255.0) * 255.0
+    feats = np.concatenate(per_scale, axis=1)
+    mu_d = np.nanmean(feats, axis=0)
+    cov_d = np.cov(feats[~np.isnan(feats).any(axis=1)], rowvar=False)
+    diff = mu_p - mu_d
+    return float(np.sqrt(diff @ np.linalg.pinv((cov_p + cov_d) / 2) @ diff))
+
+
+def _pairs(restored: Path, gt: Path) -> list[tuple[Path, Path]]:
+    from training.data import list_images
+
+    refs = {p.stem: p for p in list_images(gt)}
+    pairs = [(p, refs[p.stem]) for p in list_images(restored) if p.stem in refs]
+    if not pairs:
+        raise SystemExit(f"error: no file in {restored} has a namesake in {gt}")
+    return pairs
+
+
+def main(argv: list[str] | None = None) -> int:
+    from training.data import list_images
+    from vqfr.imaging import load_image
+
+    parser = argparse.ArgumentParser(prog="python -m training.metrics", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("psnr-ssim", help="PSNR and SSIM of restored images against references of the same name")
+    p.add_argument("--restored", type=Path, required=True)
+    p.add_argument("--gt", type=Path, required=True)
+    p.add_argument("--crop-border", type=int, default=0)
+    n = sub.add_parser("niqe", help="NIQE (no reference) of every image in a folder")
+    n.add_argument("folder", type=Path)
+    n.add_argument("--crop-border", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = parser.parse_args(argv)
+
+    rows: list[dict] = []
+    if args.command == "psnr-ssim":
+        for a, b in _pairs(args.restored, args.gt):
+            img, ref = load_image(a), load_image(b)
+            rows.append({"name": a.stem, "psnr": psnr(img, ref, args.crop_border),
+                         "ssim": ssim(img, ref, args.crop_border)})
+    else:
+        for a in list_images(args.folder):
+            rows.append({"name": a.stem, "niqe": niqe(load_image(a), args.crop_border)})
+    keys = [k for k in rows[0] if k != "name"]
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    if args.json:
+        print(json.dumps({"images": rows, "mean": mean}))
+        return 0
+    for r in rows:
+        print(f"{r['name']:40s} " + " ".join(f"{k} {r[k]:8.4f}" for k in keys))
+    print(f"{'mean (' + str(len(rows)) + ' images)':40s} " + " ".join(f"{k} {mean[k]:8.4f}" for k in keys))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Command line: ``python -m training.train --config training/configs/<name>.yml [--max-iters N] [--out DIR]
+[--resume PATH] [--device cpu|cuda]``.
+
+One GPU: run it as is. Several GPUs or nodes: launch it with torchrun, e.g.
+``torchrun --nproc_per_node=8 -m training.train --config training/configs/vqfr_v2.yml``; ``datasets.train.
+batch_size_per_gpu`` is per process. See docs/TRAINING.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from training.config import load_config
+from training.trainer import Trainer
+from vqfr.errors import VQFRError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.train", description="Train VQGAN (stage 1) or VQFR "
+                                     "(stage 2) from an official-style yml.")
+    parser.add_argument("--config", required=True, type=Path, help="training yml (training/configs/*.yml)")
+    parser.add_argument("--max-iters", type=int, help="stop after this many iterations (overrides train.total_iter)")
+    parser.add_argument("--out", type=Path, help="output folder (default experiments/<name>)")
+    parser.add_argument("--resume", type=Path, help="a training_states/<iter>.state file, or an output folder to "
+                        "resume from its latest state")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (torch.set_num_threads)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Under torchrun only rank 0 reports progress; the others report warnings and errors.
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        overrides = {"train": {"total_iter": args.max_iters}} if args.max_iters else {}
+        cfg = load_config(args.config, overrides)
+        out = args.out or Path("experiments") / str(cfg.get("name", args.config.stem))
+        trainer = Trainer(cfg, out, device=args.device, resume=args.resume)
+        trainer.train()
+    except VQFRError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

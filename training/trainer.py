@@ -1,0 +1,482 @@
+"""The training loop shared by both stages and both versions.
+
+One :class:`Trainer` runs a recipe (``training/recipes.py``): it sets up torch.distributed from the torchrun
+environment (DistributedDataParallel for the generator and every discriminator), the data, the optimisers and the
+learning-rate schedule, AMP (bf16 or fp16 with loss scaling), an EMA of the generator, k-means codebook
+re-estimation (VQGANv1), logging (``metrics.jsonl``, optional TensorBoard), validation (PSNR/SSIM), checkpoints
+in the released layout and exact resume.
+
+Output folder::
+
+    config.yml                      the merged config (vqfr.load_model(checkpoint, "config.yml") rebuilds the net)
+    models/net_{g|sr}_{iter}.pth    {"params": ..., "params_ema": ...}, the released layout
+    training_states/{iter}.state    everything needed to resume (nets, EMA, optimisers, scalers, k-means)
+    metrics.jsonl                   one JSON object per logged iteration: iter, loss_total, every loss term, lr, timing
+    val_metrics.jsonl               one JSON object per validation: iter, psnr, ssim
+    visualization/{iter}/           validation outputs
+    tb/                             TensorBoard events (logger.use_tb_logger)
+    train.log
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from training.data import EpochSampler, FaceDataset, PairedDataset
+from training.degradations import DegradationParams
+from training.kmeans import CodebookReestimator
+from training.metrics import psnr, ssim
+from training.recipes import RECIPES, Recipe, unwrap
+from vqfr._optional import require
+from vqfr.atomic import atomic_path
+from vqfr.errors import ConfigError
+
+__all__ = ["Trainer", "EMA", "init_distributed", "latest_state"]
+
+log = logging.getLogger("training")
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def init_distributed(backend: str | None = None) -> tuple[int, int, int, bool]:
+    """Join the process group described by torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*).
+
+    Returns:
+        (rank, world size, local rank, whether this call created the group).
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), local_rank, False
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world <= 1:
+        return 0, 1, 0, False
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size(), local_rank, True
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (buffers are copied): ``ema = decay*ema + (1-decay)*p``."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = float(decay)
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_p = list(self.model.parameters())
+        own_p = list(model.parameters())
+        torch._foreach_lerp_(ema_p, own_p, 1.0 - self.decay)
+        for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            b_ema.copy_(b)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.model.state_dict()
+
+
+def latest_state(path: str | Path) -> Path:
+    """A ``.state`` file as given, or the newest one in ``path/training_states``."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    states = sorted((path / "training_states").glob("*.state"), key=lambda p: int(p.stem)) if path.is_dir() else []
+    if not states:
+        raise ConfigError("holds no training state to resume from", path=path,
+                          fix="pass a training_states/<iter>.state file or an output folder that has one")
+    return states[-1]
+
+
+def _optimizer(params: list[nn.Parameter], opts: dict) -> torch.optim.Optimizer:
+    opts = dict(opts)
+    kind = opts.pop("type", "Adam")
+    classes = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW, "SGD": torch.optim.SGD}
+    if kind not in classes:
+        raise ConfigError(f"optimiser type {kind!r} is not supported", fix=f"use one of {sorted(classes)}")
+    if "betas" in opts:
+        opts["betas"] = tuple(opts["betas"])
+    floats = ("lr", "weight_decay", "eps", "momentum")
+    return classes[kind](params, **{k: float(v) if k in floats else v for k, v in opts.items()})
+
+
+class Trainer:
+    """Train the network of ``cfg`` (a validated training config) into ``out_dir``.
+
+    Args:
+        cfg: the config dict (:func:`training.config.load_config`).
+        out_dir: the output folder (created).
+        device: ``"cuda"``, ``"cpu"`` or None (CUDA when available; ``cuda:LOCAL_RANK`` under torchrun).
+        resume: a training state or an output folder to continue from.
+    """
+
+    def __init__(self, cfg: dict, out_dir: str | Path, device: str | None = None, resume: str | Path | None = None):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.rank, self.world, local_rank, self._owns_group = init_distributed(
+            (cfg.get("dist_params") or {}).get("backend") if torch.cuda.is_available() else None)
+        use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+        self.device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+        if use_cuda:
+            torch.cuda.set_device(self.device)
+        self.is_main = self.rank == 0
+        self.train_opt = cfg["train"]
+        self.total_iter = int(self.train_opt["total_iter"])
+        self.seed = int(cfg.get("manual_seed", 0))
+        amp = str(cfg.get("amp", "none"))
+        if amp not in AMP_DTYPES:
+            raise ConfigError(f"amp is {amp!r}", fix=f"use one of {sorted(AMP_DTYPES)}")
+        self.amp_dtype = AMP_DTYPES[amp]
+        self._setup_output()
+        torch.manual_seed(self.seed)  # identical initialisation on every rank
+
+        self.recipe: Recipe = RECIPES[cfg["model_type"]](cfg)
+        generator = self.recipe.build_generator().to(self.device)
+        if self.recipe.stage1 is not None:
+            self.recipe.stage1.to(self.device)
+        if self.recipe.perceptual is not None:
+            self.recipe.perceptual.to(self.device)
+        self.net = self._wrap(generator, cfg.get("find_unused_parameters", False))
+        self.recipe.build_branches(self._wrap_discriminator)
+
+        self.g_optimizers = {name: _optimizer(params, opts)
+                             for name, (params, opts) in self.recipe.param_groups().items()}
+        for branch in self.recipe.branches.values():
+            for kind, d in branch.discriminators().items():
+                opts = self.train_opt.get("optim_d")
+                if not opts:
+                    raise ConfigError("train.optim_d is missing but discriminators are configured")
+                branch.optimizers[kind] = _optimizer(list(d.parameters()), opts)
+        sched = self.train_opt.get("scheduler") or {"type": "MultiStepLR", "milestones": [], "gamma": 1.0}
+        if sched.get("type", "MultiStepLR") != "MultiStepLR":
+            raise ConfigError(f"scheduler type {sched.get('type')!r} is not supported", fix="use MultiStepLR")
+        self.milestones = sorted(int(float(m)) for m in sched.get("milestones", []))
+        self.gamma = float(sched.get("gamma", 1.0))
+        self.base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in self._all_optimizers().items()}
+        scaler_on = self.amp_dtype == torch.float16
+        self.scaler_g = torch.amp.GradScaler(self.device.type, enabled=scaler_on)
+        self.scaler_d = torch.amp.GradScaler(self.device.type, enabled=scaler_on)
+        decay = float(self.train_opt.get("ema_decay", 0.0))
+        self.ema = EMA(generator, decay) if decay > 0 else None
+        self.reestimators = self._build_reestimators(generator)
+        self._setup_data()
+        self.start_iter = 0
+        if resume is not None:
+            self._resume(latest_state(resume))
+        self.tb = None
+        if self.is_main and (cfg.get("logger") or {}).get("use_tb_logger", False):
+            tensorboard = require("torch.utils.tensorboard", "TensorBoard logging (logger.use_tb_logger)")
+            self.tb = tensorboard.SummaryWriter(str(self.out / "tb"))
+
+    # --- setup ----------------------------------------------------------------------------------------------------
+    def _setup_output(self) -> None:
+        if self.is_main:
+            for sub in ("models", "training_states"):
+                (self.out / sub).mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.out / "config.yml") as tmp:
+                Path(tmp).write_text(yaml.safe_dump(self.cfg, sort_keys=False))
+            self._log_handler = logging.FileHandler(self.out / "train.log")
+            self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            log.addHandler(self._log_handler)
+            if log.level == logging.NOTSET:
+                log.setLevel(logging.INFO)
+        if self.world > 1:
+            dist.barrier()
+
+    def _wrap(self, module: nn.Module, find_unused: bool = False) -> nn.Module:
+        if self.world == 1:
+            return module
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused)
+
+    def _wrap_discriminator(self, d: nn.Module) -> nn.Module:
+        if self.world > 1 and self.device.type == "cuda" and self.cfg.get("syncbn", True):
+            d = nn.SyncBatchNorm.convert_sync_batchnorm(d)
+        return self._wrap(d.to(self.device).train())
+
+    def _build_reestimators(self, generator: nn.Module) -> dict[str, CodebookReestimator]:
+        quantizer = getattr(generator, "quantizer", None)
+        if self.cfg["model_type"] != "VQGANModel" or not hasattr(quantizer, "quantize_dict"):
+            return {}
+        out = {}
+        for level, q in quantizer.quantize_dict.items():
+            r = CodebookReestimator(q.embedding.weight, q.reservoir_size, q.reestimate_iters, q.reestimate_maxiters,
+                                    seed=self.seed, kmeans_iters=int(self.train_opt.get("kmeans_iters", 300)))
+            if r.active:
+                out[level] = r
+        return out
+
+    def _setup_data(self) -> None:
+        ds = self.cfg["datasets"]["train"]
+        size = int(ds.get("out_size", 512))
+        degradation = None
+        if self.cfg["model_type"] != "VQGANModel":
+            degradation = DegradationParams.from_options(ds)
+        self.train_set = FaceDataset(ds["dataroot_gt"], size, bool(ds.get("use_hflip", True)), degradation, self.seed)
+        batch = int(ds.get("batch_size_per_gpu", 2))
+        self.sampler = EpochSampler(len(self.train_set), batch, self.world, self.rank, self.seed,
+                                    bool(ds.get("use_shuffle", True)))
+        workers = int(ds.get("num_worker_per_gpu", 0))
+        self.loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=workers,
+                                 pin_memory=self.device.type == "cuda", persistent_workers=False)
+        log.info("training data: %s (%d images, %d batches of %d per GPU x %d GPUs per epoch)", self.train_set.root,
+                 len(self.train_set), self.sampler.batches_per_epoch, batch, self.world)
+        self.val_set = None
+        val = self.cfg["datasets"].get("val")
+        self.val_enabled = bool(val)  # on every rank: the others wait for rank 0 at a barrier
+        if val and self.is_main:
+            val_deg = None
+            if self.cfg["model_type"] != "VQGANModel" and not val.get("dataroot_lq"):
+                val_deg = DegradationParams.from_options(val) if "degradation" in val else degradation
+            self.val_set = PairedDataset(val["dataroot_gt"], int(val.get("out_size", size)), val.get("dataroot_lq"),
+                                         val_deg, int(val.get("seed", 1234)), val.get("max_images"))
+
+    def _all_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        opts = dict(self.g_optimizers)
+        for bname, branch in self.recipe.branches.items():
+            for kind, opt in branch.optimizers.items():
+                opts[f"optim_d_{bname}_{kind}"] = opt
+        return opts
+
+    def _discriminators(self) -> dict[str, nn.Module]:
+        return {f"net_d_{bname}_{kind}": unwrap(d) for bname, branch in self.recipe.branches.items()
+                for kind, d in branch.discriminators().items()}
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # --- the loop -------------------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        """Run until ``train.total_iter``. Returns the last logged metrics."""
+        logger_opt = self.cfg.get("logger") or {}
+        print_freq = int(logger_opt.get("print_freq", 100))
+        save_freq = int(float(logger_opt.get("save_checkpoint_freq", 5000)))
+        val_opt = self.cfg.get("val") or {}
+        val_freq = int(float(val_opt.get("val_freq", 5000)))
+        it = self.start_iter
+        last: dict = {}
+        timer, timed = time.perf_counter(), 0
+        bpe = self.sampler.batches_per_epoch
+        self.net.train()
+        while it < self.total_iter:
+            epoch = it // bpe
+            self.train_set.set_epoch(epoch)
+            self.sampler.set_epoch(epoch, it % bpe)
+            for batch in self.loader:
+                it += 1
+                terms = self.step(batch, it)
+                timed += 1
+                if it % print_freq == 0 or it == self.total_iter:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    now = time.perf_counter()
+                    last = self._log(it, epoch, terms, (now - timer) / timed)
+                    timer, timed = time.perf_counter(), 0
+                if self.val_enabled and (it % val_freq == 0 or it == self.total_iter):
+                    self.validate(it)
+                if it % save_freq == 0 or it == self.total_iter:
+                    self.save(it)
+                if it >= self.total_iter:
+                    break
+        self.close()
+        return last
+
+    def step(self, batch: dict, it: int) -> dict[str, Tensor]:
+        """One iteration: generator step, k-means, discriminator steps, EMA. Returns detached terms."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, Tensor)}
+        self._set_lr(it)
+        for opt in self.g_optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        grad_scale = float(self.scaler_g.get_scale()) if self.scaler_g.is_enabled() else 1.0
+        with self.autocast():
+            terms, extra, fakes, out = self.recipe.generator_step(self.net, batch, it, grad_scale)
+            loss_total = sum(t.float() for t in terms.values())
+        self.scaler_g.scale(loss_total).backward()
+        for opt in self.g_optimizers.values():
+            self.scaler_g.step(opt)
+        self.scaler_g.update()
+        for level, r in self.reestimators.items():
+            z = out["feat_dict"][level]["z_conv"]
+            if r.step(it, z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])):
+                log.info("iter %d: k-means re-estimated the %s codebook", it, level)
+                if self.ema is not None:
+                    self.ema.model.quantizer.quantize_dict[level].embedding.weight.copy_(r.codebook)
+        d_terms: dict[str, Tensor] = {}
+        for name, fake in fakes.items():
+            d_terms.update(self.recipe.branches[name].discriminator_step(fake, batch["gt"], it, self.scaler_d,
+                                                                         self.autocast()))
+        if fakes:
+            self.scaler_d.update()
+        if self.ema is not None:
+            self.ema.update(unwrap(self.net))
+        out_terms = {"loss_total": loss_total.detach()}
+        out_terms.update({k: v.detach().float() for k, v in terms.items()})
+        out_terms.update({k: v.detach().float() for k, v in {**extra, **d_terms}.items()})
+        return out_terms
+
+    def _set_lr(self, it: int) -> None:
+        """MultiStepLR as a function of the iteration: base lr * gamma ** (milestones reached by ``it``)."""
+        factor = self.gamma ** sum(it >= m for m in self.milestones)
+        for name, opt in self._all_optimizers().items():
+            for group, base in zip(opt.param_groups, self.base_lrs[name], strict=True):
+                group["lr"] = base * factor
+
+    def _log(self, it: int, epoch: int, terms: dict[str, Tensor], seconds_per_iter: float) -> dict:
+        keys = sorted(terms)
+        values = torch.stack([terms[k].reshape(()) for k in keys])
+        if self.world > 1:
+            dist.all_reduce(values)
+            values /= self.world
+        record = {"iter": it, "epoch": epoch, "loss_total": float(values[keys.index("loss_total")])}
+        record.update({k: float(v) for k, v in zip(keys, values.tolist(), strict=True) if k != "loss_total"})
+        record.update({f"lr_{n}": opt.param_groups[0]["lr"] for n, opt in self._all_optimizers().items()})
+        record["seconds_per_iter"] = seconds_per_iter
+        if not self.is_main:
+            return record
+        if not all(math.isfinite(v) for k, v in record.items() if isinstance(v, float)):
+            log.warning("iter %d: non-finite values in %s", it, record)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        shown = " ".join(f"{k} {record[k]:.4g}" for k in ["loss_total"] + [k for k in keys if k.startswith("l_")])
+        log.info("[iter %d/%d] %s (%.3f s/iter)", it, self.total_iter, shown, seconds_per_iter)
+        if self.tb is not None:
+            for k, v in record.items():
+                if k not in ("iter", "epoch"):
+                    self.tb.add_scalar(f"train/{k}", v, it)
+        return record
+
+    # --- validation ----------------------------------------------------------------------------------------------
+    def eval_model(self) -> nn.Module:
+        """The network validation and checkpoints evaluate: the EMA when enabled, else the trained one."""
+        return self.ema.model if self.ema is not None else unwrap(self.net)
+
+    @torch.no_grad()
+    def restore(self, model: nn.Module, lq: Tensor, gt: Tensor) -> Tensor:
+        """The validation output of ``model`` for one batch, per ``val.test_which`` and ``val.fidelity_ratio``."""
+        val_opt = self.cfg.get("val") or {}
+        which = val_opt.get("test_which", "main_branch")
+        if self.cfg["model_type"] == "VQGANModel":
+            return model(gt)
+        kwargs = {"fidelity": float(val_opt.get("fidelity_ratio", 1.0))} if model.arch == "VQFRv2" else {}
+        if which == "main_branch":
+            return model(lq, **kwargs)
+        if which != "texture_branch":
+            raise ConfigError(f"val.test_which is {which!r}", fix="use main_branch or texture_branch")
+        out = model(lq, return_all=True, **kwargs)
+        return out["texture_dec"] if "texture_dec" in out else out["dec"]
+
+    def validate(self, it: int) -> dict | None:
+        """PSNR and SSIM on the validation set (rank 0; the others wait). Appends to ``val_metrics.jsonl``."""
+        from vqfr.imaging import save_image, to_images
+
+        result = None
+        if self.is_main and self.val_set is not None:
+            model = self.eval_model()
+            was_training = model.training
+            model.eval()
+            save = (self.cfg.get("val") or {}).get("save_img", False)
+            limit = len(self.val_set) if save is True else int(save or 0)
+            if limit:
+                (self.out / "visualization" / str(it)).mkdir(parents=True, exist_ok=True)
+            scores = []
+            for i in range(len(self.val_set)):
+                item = self.val_set[i]
+                lq, gt = item["lq"][None].to(self.device), item["gt"][None].to(self.device)
+                with self.autocast():
+                    pred = self.restore(model, lq, gt)
+                img, ref = to_images(pred.float().cpu())[0], to_images(gt.cpu())[0]
+                scores.append((psnr(img, ref), ssim(img, ref)))
+                if i < limit:
+                    save_image(self.out / "visualization" / str(it) / f"{item['name']}.png", img)
+            model.train(was_training)
+            finite = [p for p, _ in scores if math.isfinite(p)]
+            result = {"iter": it, "psnr": sum(finite) / max(1, len(finite)),
+                      "ssim": sum(s for _, s in scores) / len(scores), "images": len(scores)}
+            with open(self.out / "val_metrics.jsonl", "a") as f:
+                f.write(json.dumps(result) + "\n")
+            log.info("[iter %d] validation: PSNR %.3f dB, SSIM %.4f (%d images)", it, result["psnr"], result["ssim"],
+                     result["images"])
+            if self.tb is not None:
+                self.tb.add_scalar("val/psnr", result["psnr"], it)
+                self.tb.add_scalar("val/ssim", result["ssim"], it)
+        if self.world > 1:
+            dist.barrier()
+        return result
+
+    # --- checkpoints ---------------------------------------------------------------------------------------------
+    def checkpoint_path(self, it: int) -> Path:
+        return self.out / "models" / f"{self.recipe.generator_name}_{it}.pth"
+
+    def save(self, it: int) -> None:
+        """Write the released-layout generator checkpoint and the full training state (rank 0)."""
+        from vqfr.checkpoint import save_released
+
+        if self.is_main:
+            net = unwrap(self.net)
+            save_released(self.checkpoint_path(it), net.state_dict(),
+                          None if self.ema is None else self.ema.state_dict())
+            state = {
+                "iter": it,
+                "global_batch": self.sampler.batch_size * self.world,
+                "nets": {self.recipe.generator_name: net.state_dict(),
+                         **{k: d.state_dict() for k, d in self._discriminators().items()}},
+                "ema": None if self.ema is None else self.ema.state_dict(),
+                "optimizers": {k: o.state_dict() for k, o in self._all_optimizers().items()},
+                "scalers": {"g": self.scaler_g.state_dict(), "d": self.scaler_d.state_dict()},
+                "kmeans": {k: r.state_dict() for k, r in self.reestimators.items()},
+            }
+            with atomic_path(self.out / "training_states" / f"{it}.state") as tmp:
+                torch.save(state, tmp)
+            log.info("[iter %d] saved %s", it, self.checkpoint_path(it))
+        if self.world > 1:
+            dist.barrier()
+
+    def _resume(self, path: Path) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        unwrap(self.net).load_state_dict(state["nets"][self.recipe.generator_name])
+        for name, d in self._discriminators().items():
+            d.load_state_dict(state["nets"][name])
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise ConfigError("has no EMA weights but this config sets train.ema_decay", path=path,
+                                  fix="resume with the config the run was started with")
+            self.ema.model.load_state_dict(state["ema"])
+        for k, o in self._all_optimizers().items():
+            o.load_state_dict(state["optimizers"][k])
+        self.scaler_g.load_state_dict(state["scalers"]["g"])
+        self.scaler_d.load_state_dict(state["scalers"]["d"])
+        for k, r in self.reestimators.items():
+            r.load_state_dict(state["kmeans"][k], self.device)
+        self.start_iter = int(state["iter"])
+        if state.get("global_batch") != self.sampler.batch_size * self.world:
+            log.warning("resuming with a global batch of %d instead of %s: the data order differs from the original "
+                        "run", self.sampler.batch_size * self.world, state.get("global_batch"))
+        log.info("resumed from %s at iteration %d", path, self.start_iter)
+
+    def close(self) -> None:
+        """Flush logs and leave the process group this trainer created."""
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        if self.is_main and getattr(self, "_log_handler", None) is not None:
+            log.removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_group = False
