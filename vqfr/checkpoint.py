@@ -12,6 +12,7 @@ import json
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -128,6 +129,10 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict | None]:
 
 
 def _note_global(found: list[str], name: str) -> None:
+    import _compat_pickle
+
+    module, _, attr = name.partition(".")
+    name = f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{attr}"  # protocol 2 writes __builtin__ for builtins
     if not name.startswith(("torch.", "collections.OrderedDict")) and name not in found:
         found.append(name)
 
@@ -169,9 +174,9 @@ def _pickled_globals(path: Path) -> list[str]:
             elif "UNICODE" in op.name or op.name in ("STRING", "BINSTRING", "SHORT_BINSTRING"):
                 pushed = str(arg)
             elif op.name in ("BINGET", "LONG_BINGET", "GET"):
-                pushed = memo.get(int(arg))
+                pushed = memo.get(int(str(arg)))
             elif op.name in ("BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE"):
-                index = memoized if op.name == "MEMOIZE" else int(arg)
+                index = memoized if op.name == "MEMOIZE" else int(str(arg))
                 memoized += op.name == "MEMOIZE"
                 if last is not None:
                     memo[index] = last
@@ -243,7 +248,7 @@ def load_model(
                if looks_like and looks_like != opts["type"] else "pass the config the checkpoint was trained with")
         raise CheckpointError(f"does not match {opts['type']} ({hint}): {problem}", path=path, fix=fix)
     model.load_state_dict(sd, strict=True)
-    model.weights_path = str(path)
+    model.weights_path = str(path)  # type: ignore[assignment]  # nn.Module.__setattr__ is typed for tensors
     return model.eval().to(device)
 
 
@@ -253,9 +258,10 @@ def save_safetensors(model: nn.Module, path: str | Path) -> Path:
 
     path = Path(path)
     meta = {"format": "vqfr-weights/1"}
-    if getattr(model, "options", None) is not None:
-        meta["arch"] = model.options["type"]
-        meta["options"] = json.dumps(model.options)
+    options: Any = getattr(model, "options", None)
+    if options is not None:
+        meta["arch"] = options["type"]
+        meta["options"] = json.dumps(options)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(path, save(sd, metadata=meta))
     return path

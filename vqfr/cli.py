@@ -31,6 +31,7 @@ import time
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -135,7 +136,7 @@ class _Signals:
         self.received: int | None = None
         self._pending = False
         self._depth = 0
-        self._old: dict[int, object] = {}
+        self._old: dict[int, Any] = {}
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import stat
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -167,7 +168,7 @@ def _webp_size(data: bytes) -> tuple[int, int] | None:
 
 def _tiff_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from the first IFD of a classic TIFF (tags 256 and 257)."""
-    order = "little" if data[:2] == b"II" else "big"
+    order: Literal["little", "big"] = "little" if data[:2] == b"II" else "big"
     if int.from_bytes(data[2:4], order) != 42 or len(data) < 8:
         return None
     ifd = int.from_bytes(data[4:8], order)
@@ -273,8 +274,13 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         # would skip the rotation).
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
     except cv2.error as exc:  # OpenCV's own checks (e.g. its pixel limit) raise instead of returning None
-        raise InputError(f"cannot be decoded ({str(exc).strip().splitlines()[-1]})", path=path,
-                         fix="re-export it as PNG or JPEG") from exc
+        text = str(exc).strip().splitlines()[-1]
+        if "CV_IO_MAX_IMAGE_PIXELS" in text:
+            raise InputError("cannot be decoded: it is larger than OpenCV's own limit (CV_IO_MAX_IMAGE_PIXELS, "
+                             "2^30 pixels by default)", path=path,
+                             fix="downscale it first, or raise the environment variable CV_IO_MAX_IMAGE_PIXELS"
+                             ) from exc
+        raise InputError(f"cannot be decoded ({text})", path=path, fix="re-export it as PNG or JPEG") from exc
     if img is None:
         raise InputError(_undecodable(data), path=path, fix="re-copy or re-export it (as PNG or JPEG)")
     if img.shape[0] * img.shape[1] > max_pixels:
@@ -296,10 +302,10 @@ def save_image(path: str | Path, img: np.ndarray, quality: int = 95) -> Path:
     params = [cv2.IMWRITE_JPEG_QUALITY, quality] if suffix.lower() in (".jpg", ".jpeg") else []
     try:
         ok, encoded = cv2.imencode(suffix, img, params)
+        detail = ""
     except cv2.error as exc:
-        ok, encoded = False, str(exc).strip().splitlines()[-1]
+        ok, detail = False, f" ({str(exc).strip().splitlines()[-1]})"
     if not ok:
-        detail = f" ({encoded})" if isinstance(encoded, str) else ""
         raise OutputError(f"cannot encode a {img.shape[1]}x{img.shape[0]} image as {suffix}{detail}", path=path,
                           fix="write PNG (--ext png) or use a smaller --upscale")
     atomic_write_bytes(path, encoded.tobytes())
