@@ -391,8 +391,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, signals: _Si
                               fix=f"drop -v or pass -v {rt.version}")
         if args.fidelity and rt.version == 1:
             print("vqfr: note: VQFR v1 has no fidelity control; -f is ignored", file=sys.stderr)
-        if not args.aligned:
-            rt.detector  # noqa: B018 - build the detector now, so a bad --detector fails before the loop
+        if not args.aligned:  # build the detector and parser now: a bad --detector/--parser fails before the loop
+            rt.detector  # noqa: B018
+            rt.parser  # noqa: B018
     except (VQFRError, ImportError, OSError) as exc:
         print(f"vqfr: error: {exc}", file=sys.stderr)
         if args.debug:
