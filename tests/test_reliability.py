@@ -163,6 +163,7 @@ class Case:
     cli_fragment: str | None = None
     fake_tensorrt: bool = False
     check: Callable[[Any, Any, Any], None] | None = None
+    whole_photo: bool = False  # the CLI run is without --aligned (detector and parser are built only then)
 
 
 def _aligned(rt, thing):
@@ -314,6 +315,14 @@ CASES = [
          lambda tmp, w: _evil_pickle(tmp), _runtime, _weights_args),
     Case("truncated checkpoint", CheckpointError, "is not a readable safetensors file", "setup",
          lambda tmp, w: _file("cut.safetensors", lambda: w.read_bytes()[:5000])(tmp, w), _runtime, _weights_args),
+    Case("detector weights that would run code", ConfigError, "cannot read detector weights: refused: its pickle "
+         "calls builtins.eval", "setup", lambda tmp, w: _evil_pickle(tmp),
+         lambda rt, thing: vqfr.Runtime(rt.engine, detector=thing).detector,
+         lambda thing, w: ["--weights", str(w), "--detector", str(thing)], whole_photo=True),
+    Case("face-parsing file that is not TorchScript", ConfigError, "is not a TorchScript file", "setup",
+         _file("parser.pt", lambda: b"PK\x03\x04 not really a zip"),
+         lambda rt, thing: vqfr.Runtime(rt.engine, parser=thing).parser,
+         lambda thing, w: ["--weights", str(w), "--parser", str(thing)], whole_photo=True),
     # outputs
     Case("unwritable output folder", OutputError, "cannot be written", "setup",
          lambda tmp, w: Path("/proc/vqfr-no-such-folder/out.png"),
@@ -524,7 +533,8 @@ def test_cli_setup_error(case: Case, weights, tmp_path, monkeypatch):
     thing = _prepare(case, tmp_path, weights, monkeypatch)
     face = tmp_path / "face.png"
     face.write_bytes(_png(_face(1)))
-    argv = ["-i", str(face), "-o", str(tmp_path / "out"), "--aligned", "-q", *case.cli_args(thing, weights)]
+    argv = ["-i", str(face), "-o", str(tmp_path / "out"), "-q", *case.cli_args(thing, weights)]
+    argv += [] if case.whole_photo else ["--aligned"]
     code, stdout, stderr = _run_cli(argv)
     assert code == EXIT_ERROR
     lines = stderr.strip().splitlines()
