@@ -175,10 +175,10 @@ def _quiet_native_stderr(active: bool) -> Iterator[None]:
         return
     sys.stderr.flush()
     saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    os.close(devnull)
     try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
         yield
     finally:
         os.dup2(saved, 2)

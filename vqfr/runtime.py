@@ -190,7 +190,8 @@ class Runtime:
         kind = path.suffix.lower()
         if not path.is_file():
             error = EngineError if kind in _ENGINE_SUFFIXES else CheckpointError
-            raise error("does not exist", path=path, fix="check the path of the engine or weights file")
+            raise error("is not a file" if path.exists() else "does not exist", path=path,
+                        fix="check the path of the engine or weights file")
         if kind in _ENGINE_SUFFIXES:
             meta = read_sidecar(path)
             if meta.arch not in _RESTORERS:
