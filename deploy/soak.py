@@ -5,7 +5,8 @@ real architecture, tiny), a fraction of them broken in the ways :data:`BAD_KINDS
 as a subprocess (``python -m vqfr -i DIR/inputs -o DIR/results --aligned ...``), sampling the process's resident
 memory (VmRSS) and the number of finished outputs every ``--interval`` seconds. Then it checks what a user relies on:
 
-- exit code 3 (some inputs failed), one ``FAILED`` line naming each bad input, none for the good ones;
+- exit code 3 (some inputs failed), one ``FAILED`` line naming each bad input, none for the good ones, and nothing
+  else on stderr (no traceback, no libpng/libjpeg/OpenCV messages);
 - one complete, decodable output set per good input, no temporary files, inputs byte-identical to before;
 - resident memory flat after warm-up: the peak after the first ``--warmup`` of the images is within ``--rss-tolerance``
   of the RSS at that point.
@@ -255,6 +256,8 @@ def run_soak(count: int, bad_fraction: float, out: str | Path, *, batch: int = 8
         problems.append(f"{len(failed)} FAILED lines for {len(bad)} bad inputs")
     if any("Traceback" in line for line in err_lines):
         problems.append("a traceback was printed")
+    if stray_lines := [line for line in err_lines if line.strip() and not line.startswith("vqfr: ")]:
+        problems.append(f"{len(stray_lines)} stderr lines besides the CLI's own (decoder chatter?): {stray_lines[:3]}")
     outputs = 0
     for path in good:
         group = [results / g / f"{path.stem}_00.png" for g in ("restored_faces", "cropped_faces", "cmp")]
