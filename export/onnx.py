@@ -148,13 +148,13 @@ def _trace(model: torch.nn.Module, spec: source.ExportSpec, opset: int) -> Any:
 
 
 def run_onnxruntime(path: str | Path, inputs: tuple[torch.Tensor, ...], names: list[str]) -> np.ndarray:
-    """Run an exported graph with onnxruntime on the CPU; returns ``output`` as float32."""
+    """Run an exported graph with onnxruntime on the CPU; returns its (first) output as float32."""
     ort = require("onnxruntime", "running ONNX graphs")
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed = {name: t.detach().cpu().numpy().astype(np.float32) for name, t in zip(names, inputs, strict=True)}
-    return session.run(["output"], feed)[0].astype(np.float32)
+    return session.run(None, feed)[0].astype(np.float32)
 
 
 def check_onnx(path: str | Path, model: torch.nn.Module, spec: source.ExportSpec, precision: str) -> Agreement:
