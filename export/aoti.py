@@ -57,13 +57,17 @@ def _probe_args(device: str) -> dict[str, tuple[Any, ...]]:
     }
 
 
-def custom_op_problems(device: str = "cpu") -> list[str]:
+def custom_op_problems(device: str = "cpu", probes: dict[str, tuple[Any, tuple[Any, ...]]] | None = None) -> list[str]:
     """Custom ops whose real outputs disagree with their fake kernels (shape, dtype or strides), as messages.
 
     Inductor allocates and indexes op outputs by their fake kernel, so any disagreement corrupts results.
+
+    Args:
+        device: where to run the ops.
+        probes: {name: (op overload, example args)}; default: VQFR's two custom ops on small inputs.
     """
     problems = []
-    for name, (op, args) in _probe_args(device).items():
+    for name, (op, args) in (probes if probes is not None else _probe_args(device)).items():
         result = torch.library.opcheck(op, args, test_utils=("test_faketensor",), raise_exception=False)
         if result["test_faketensor"] != "SUCCESS":
             problems.append(f"{name}: {result['test_faketensor']}")

@@ -40,7 +40,8 @@ from vqfr.sidecar import EngineMeta, read_sidecar, write_sidecar
 if TYPE_CHECKING:
     import tensorrt as trt
 
-__all__ = ["build_engine", "BuildOptions", "check_engine", "main", "FP16_MIN_PSNR", "FP32_MAX_ABS"]
+__all__ = ["build_engine", "BuildOptions", "check_engine", "tensorrt_available", "main", "FP16_MIN_PSNR",
+           "FP32_MAX_ABS"]
 
 #: ``--check`` fails below this PSNR (dB) for fp16 engines ...
 FP16_MIN_PSNR = 45.0
@@ -51,8 +52,25 @@ _ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
 
 
 def _tensorrt() -> Any:
-    """The tensorrt module, or an ImportError that names the pip extra."""
-    return require("tensorrt", _PURPOSE)
+    """The tensorrt module, or an ImportError that names the pip extra.
+
+    tensorrt-stubs installs a ``tensorrt/`` folder of ``.pyi`` files, which Python imports as an empty namespace
+    package; that is not TensorRT.
+    """
+    module = require("tensorrt", _PURPOSE)
+    if not hasattr(module, "Builder"):
+        raise ImportError(f"tensorrt is needed for {_PURPOSE} but only its type stubs are installed "
+                          f"({getattr(module, '__path__', '?')}). Install it with: pip install 'vqfr-deploy[trt]'")
+    return module
+
+
+def tensorrt_available() -> bool:
+    """True when the real TensorRT Python package imports (type stubs alone do not count)."""
+    try:
+        _tensorrt()
+    except ImportError:
+        return False
+    return True
 
 
 @dataclasses.dataclass(frozen=True)
