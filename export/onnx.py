@@ -20,7 +20,11 @@ These translations tag their nodes as fp32 islands, which ``--precision fp16`` k
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +46,9 @@ __all__ = ["export_onnx", "translation_table", "run_onnxruntime", "check_onnx", 
            "FP32_TOLERANCE", "FP16_MIN_PSNR"]
 
 DEFAULT_OPSET = 19
-#: ``--check`` passes when fp32 engines are within this max abs error of PyTorch fp32 ...
+#: ``--check`` passes when fp32 engines are within this max abs error of PyTorch fp32 (times the output's peak
+#: magnitude when that exceeds 1: random full-size weights give outputs up to ~4, and fp32 rounding then differs by
+#: ~2e-4 between PyTorch's and onnxruntime's convolutions) ...
 FP32_TOLERANCE = 1e-4
 #: ... and fp16 engines reach this PSNR (dB) against PyTorch fp32.
 FP16_MIN_PSNR = 45.0
@@ -127,11 +133,27 @@ def translation_table() -> dict[Any, Any]:
 _DROPPED_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
 
 
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's notices that do not concern the user (torchvision ops it skips, pytree deprecations,
+    the shared batch axis being named once)."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+            warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used")
+            yield
+    finally:
+        registration.setLevel(level)
+
+
 def _trace(model: torch.nn.Module, spec: source.ExportSpec, opset: int) -> Any:
     """torch.onnx.export (dynamo) -> the optimised fp32 ``ir.Model``."""
     engine = source.engine_module(model)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_exporter():
             program = torch.onnx.export(
                 engine, spec.example_inputs(), dynamo=True, opset_version=opset, input_names=spec.input_names,
                 output_names=["output"], dynamic_shapes=spec.dynamic_shapes(model.patch),
@@ -161,14 +183,16 @@ def check_onnx(path: str | Path, model: torch.nn.Module, spec: source.ExportSpec
     """Compare onnxruntime (CPU) on a fixed input with the PyTorch fp32 model.
 
     Raises:
-        EngineError: fp32 beyond :data:`FP32_TOLERANCE` max abs, or fp16 below :data:`FP16_MIN_PSNR` dB.
+        EngineError: fp32 beyond :data:`FP32_TOLERANCE` max abs (times the output's peak if above 1), or fp16 below
+            :data:`FP16_MIN_PSNR` dB.
     """
     inputs = source.check_inputs(spec)
     with torch.no_grad():
         reference = source.engine_module(model)(*inputs)
     result = agreement(run_onnxruntime(path, inputs, spec.input_names), reference)
-    if precision == "fp32" and not result.max_abs <= FP32_TOLERANCE:
-        raise EngineError(f"onnxruntime differs from PyTorch: {result} (fp32 tolerance {FP32_TOLERANCE})", path=path,
+    tolerance = FP32_TOLERANCE * max(1.0, float(reference.abs().max()))
+    if precision == "fp32" and not result.max_abs <= tolerance:
+        raise EngineError(f"onnxruntime differs from PyTorch: {result} (fp32 tolerance {tolerance:.3g})", path=path,
                           fix="report this with the torch, onnxscript and onnxruntime versions")
     if precision == "fp16" and not result.psnr_db >= FP16_MIN_PSNR:
         raise EngineError(f"fp16 onnxruntime output is too far from PyTorch fp32: {result} "
@@ -202,7 +226,8 @@ def export_onnx(
         dynamic_size: v1 only: dynamic H and W (multiples of 32).
         opset: ONNX opset, >= 19 (DeformConv).
         check: compare onnxruntime (CPU) with PyTorch on a fixed input before writing: fp32 within
-            :data:`FP32_TOLERANCE` max abs, fp16 at least :data:`FP16_MIN_PSNR` dB PSNR against fp32.
+            :data:`FP32_TOLERANCE` max abs (times the output's peak if above 1), fp16 at least
+            :data:`FP16_MIN_PSNR` dB PSNR against fp32.
         random_weights: export seeded random weights with this seed (testing only; recorded in the sidecar).
 
     Returns:

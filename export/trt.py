@@ -48,7 +48,7 @@ FP16_MIN_PSNR = 45.0
 #: ... and above this max abs error for fp32 engines (TensorRT and onnxruntime choose different conv algorithms).
 FP32_MAX_ABS = 1e-3
 _PURPOSE = "building TensorRT engines"
-_ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
+_ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^|\]]+?)\s*[|\]]")
 
 
 def _tensorrt() -> Any:

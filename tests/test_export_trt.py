@@ -127,3 +127,86 @@ def test_engine_from_tiny_v2_fp16_onnx_matches_onnxruntime(tmp_path):
     assert meta.precision == "fp16" and meta.extra["strongly_typed"] and meta.extra["dcn_precision"] == "fp32"
     assert meta.built_with["tensorrt"] and meta.built_with["compute_capability"]
     assert meta.extra["check"]["sample"]["psnr_db"] >= 45 and cache.stat().st_size > 0
+
+
+class _FakeLayerType:
+    CONVOLUTION, NORMALIZATION, SOFTMAX, PLUGIN_V2, PLUGIN_V3, ELEMENTWISE, SHAPE = range(7)
+
+
+class _FakeTensor:
+    def __init__(self, dtype, shape=()):
+        self.dtype, self.shape, self.name = dtype, shape, "t"
+
+
+class _FakeLayer:
+    def __init__(self, kind, metadata, dtype="f16"):
+        self.type, self.metadata, self.name = kind, metadata, "layer"
+        self.num_outputs = 1
+        self.precision = None
+        self._out = _FakeTensor(dtype)
+        self.output_types = {}
+
+    def get_output(self, i):
+        return self._out
+
+    def set_output_type(self, i, dtype):
+        self.output_types[i] = dtype
+
+
+class _FakeNetwork:
+    def __init__(self, layers=(), inputs=()):
+        self.layers, self.inputs = list(layers), list(inputs)
+        self.num_layers, self.num_inputs = len(self.layers), len(self.inputs)
+
+    def get_layer(self, i):
+        return self.layers[i]
+
+    def get_input(self, i):
+        return self.inputs[i]
+
+
+@pytest.fixture
+def fake_tensorrt(monkeypatch):
+    """Just enough of the tensorrt module for the helpers that inspect a parsed network."""
+    import types
+
+    module = types.SimpleNamespace(LayerType=_FakeLayerType, float32="f32", float16="f16")
+    monkeypatch.setitem(sys.modules, "tensorrt", module)
+    return module
+
+
+def test_weakly_typed_fp16_builds_pin_exactly_the_islands(fake_tensorrt):
+    from export.trt import _pin_fp32_islands
+
+    layers = {
+        "island conv": _FakeLayer(_FakeLayerType.CONVOLUTION, "[ONNX Layer: node_Conv_99]"),
+        "island add (local function)": _FakeLayer(_FakeLayerType.ELEMENTWISE, "[ONNX Layer: node_Add_7 | Local F]"),
+        "normalization": _FakeLayer(_FakeLayerType.NORMALIZATION, "[ONNX Layer: node_InstanceNormalization_3]"),
+        "softmax": _FakeLayer(_FakeLayerType.SOFTMAX, "[ONNX Layer: node_Softmax_1]"),
+        "deform conv plugin": _FakeLayer(_FakeLayerType.PLUGIN_V3, "[ONNX Layer: node_DeformConv_5]"),
+        "other conv": _FakeLayer(_FakeLayerType.CONVOLUTION, "[ONNX Layer: node_Conv_9]"),
+        "shape": _FakeLayer(_FakeLayerType.SHAPE, "[ONNX Layer: node_Conv_99]", dtype="i64"),
+    }
+    network = _FakeNetwork(layers.values())
+    assert _pin_fp32_islands(network, {"node_Conv_99", "node_Add_7", "node_DeformConv_5"}, dcn_fp16=False) == 6
+    pinned = {name for name, layer in layers.items() if layer.precision == "f32"}
+    assert pinned == set(layers) - {"other conv"}
+    assert layers["island conv"].output_types == {0: "f32"} and layers["shape"].output_types == {}
+
+    for layer in layers.values():
+        layer.precision = None
+    _pin_fp32_islands(network, {"node_Conv_99", "node_DeformConv_5"}, dcn_fp16=True)
+    assert layers["deform conv plugin"].precision is None and layers["island conv"].precision == "f32"
+
+
+def test_profile_covers_the_batch_and_fixes_dynamic_size(fake_tensorrt):
+    from export.trt import _profile_shapes
+    from vqfr.sidecar import EngineMeta, TensorSpec
+
+    meta = EngineMeta(arch="VQFRv1", options={}, face_size=512, precision="fp32",
+                      inputs=(TensorSpec("input", (-1, 3, -1, -1)),), outputs=(TensorSpec("output", (-1, 3, -1, -1)),))
+    tensor = _FakeTensor("f32", (-1, 3, -1, -1))
+    tensor.name = "input"
+    shapes = _profile_shapes(_FakeNetwork(inputs=[tensor]), meta, BuildOptions(min_batch=1, opt_batch=2,
+                                                                                max_batch=6, size=256))
+    assert shapes == {"input": ([1, 3, 256, 256], [2, 3, 256, 256], [6, 3, 256, 256])}
