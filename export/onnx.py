@@ -7,7 +7,7 @@ The dynamo-based ``torch.onnx.export`` (opset >= 19) traces the model; custom tr
 - ``vqfr::nearest_code`` (v1) -> the official distances ``sum(z^2) + sum(e^2) - 2 z e^T`` and ``ArgMin`` with
   ``select_last_index=0``, so ties keep the lowest index as ``torch.argmin`` does.
 - ``aten::group_norm`` -> ``Reshape [B, 32, -1]``, ``InstanceNormalization`` (unit scale, zero bias), ``Reshape``
-  back, then the per-channel affine ``Mul``/``Add``. Both TensorRT (>= 8.6, native normalisation layer) and
+  back, then the per-channel affine ``Mul``/``Add``. Both TensorRT (10.x: its native normalisation layer) and
   onnxruntime run it; opset-18 ``GroupNormalization`` has per-group affines (wrong for GroupNorm) and the corrected
   opset-21 form needs TensorRT >= 10.9.
 - ``aten::layer_norm`` -> ``LayerNormalization``; ``aten::linear`` -> ``MatMul`` + ``Add``.
