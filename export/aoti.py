@@ -31,7 +31,7 @@ from vqfr.atomic import atomic_path
 from vqfr.errors import BackendUnavailable, ConfigError, EngineError, VQFRError
 from vqfr.sidecar import write_sidecar
 
-__all__ = ["export_aoti", "custom_op_problems", "fp16_model", "main"]
+__all__ = ["export_aoti", "trace_engine", "custom_op_problems", "fp16_model", "main"]
 
 PRECISIONS = ("fp32", "fp16")
 #: Modules kept in fp32 by ``--precision fp16``, per architecture: the last convolution and the code predictor.
@@ -85,15 +85,16 @@ class _Fp32(nn.Module):
         return self.inner(x.float())
 
 
-class _Fp16Engine(nn.Module):
-    """fp32 ``input`` -> fp16 model -> fp32 ``output`` (the last convolution already computes in fp32)."""
+class _Fp16Io(nn.Module):
+    """fp32 input -> fp16 ``model`` -> fp32 output; keeps ``options`` and ``patch`` so it wraps like a model."""
 
-    def __init__(self, engine: nn.Module):
+    def __init__(self, model: nn.Module):
         super().__init__()
-        self.engine = engine
+        self.model = model
+        self.options, self.patch = model.options, model.patch
 
-    def forward(self, *inputs: Tensor) -> Tensor:
-        return self.engine(inputs[0].half(), *inputs[1:]).float()
+    def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
+        return self.model(x.half(), **kwargs).float()
 
 
 def fp16_model(model: nn.Module) -> nn.Module:
@@ -104,6 +105,14 @@ def fp16_model(model: nn.Module) -> nn.Module:
         parent = half.get_submodule(parent_path) if parent_path else half
         setattr(parent, child, _Fp32(getattr(parent, child)))
     return half
+
+
+def trace_engine(model: nn.Module, spec: source.ExportSpec, precision: str, device: str) -> Any:
+    """``torch.export`` of the engine module (fp32, or fp16 with fp32 islands) on ``device``."""
+    engine = source.engine_module(_Fp16Io(fp16_model(model)) if precision == "fp16" else model).to(device)
+    inputs = tuple(t.to(device) for t in spec.example_inputs())
+    with torch.no_grad():
+        return torch.export.export(engine, inputs, dynamic_shapes=spec.dynamic_shapes(model.patch), strict=False)
 
 
 def export_aoti(
@@ -156,15 +165,8 @@ def export_aoti(
     output = Path(output)
     model = source.load_source_model(weights, config, random_weights)
     spec = source.export_spec(model, batch, size, dynamic_size)
-    engine = source.engine_module(fp16_model(model) if precision == "fp16" else model)
-    if precision == "fp16":
-        engine = _Fp16Engine(engine)
-    engine = engine.to(device).eval()
-    inputs = tuple(t.to(device) for t in spec.example_inputs())
     try:
-        with torch.no_grad():
-            program = torch.export.export(engine, inputs, dynamic_shapes=spec.dynamic_shapes(model.patch),
-                                          strict=False)
+        program = trace_engine(model, spec, precision, device)
         with atomic_path(output) as tmp:
             torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
                                                      inductor_configs=inductor_configs or {})

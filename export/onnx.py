@@ -87,7 +87,12 @@ def _group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-
     grouped = op.Reshape(input, op.Constant(value_ints=[0, num_groups, -1]))
     normed = op.InstanceNormalization(grouped, _fp32_constant([1.0] * num_groups),
                                       _fp32_constant([0.0] * num_groups), epsilon=eps)
-    y = op.Reshape(normed, op.Shape(input))
+    trailing = list(input.shape)[1:]
+    if all(isinstance(d, int) for d in trailing):
+        # 0 copies the (dynamic) batch; static trailing dims need no Shape op.
+        y = op.Reshape(normed, op.Constant(value_ints=[0, *trailing]))
+    else:
+        y = op.Reshape(normed, op.Shape(input))
     channel_axes = op.Constant(value_ints=list(range(1, len(input.shape) - 1)))
     if weight is not None:
         y = op.Mul(y, op.Unsqueeze(weight, channel_axes))

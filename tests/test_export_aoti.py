@@ -22,6 +22,13 @@ SMALL_V1 = {
                   for r in (4, 2, 1)},
     "quantizer_opt": {"Level_4": {"type": "L2VectorQuantizerKmeans", "in_dim": 64, "num_code": 32, "code_dim": 16}},
 }
+#: A three-level VQFRv2 (16x16 inputs, fidelity input, code predictor).
+SMALL_V2 = {
+    "type": "VQFRv2", "base_channels": 32, "channel_multipliers": [1, 1, 2], "num_enc_blocks": 1,
+    "use_enc_attention": True, "num_dec_blocks": 1, "use_dec_attention": True, "code_dim": 16, "inpfeat_dim": 32,
+    "align_opt": {"cond_channels": 32, "deformable_groups": 4}, "code_selection_mode": "Predict",
+    "quantizer_opt": {"type": "L2VectorQuantizer", "num_code": 32, "code_dim": 16, "spatial_size": [4, 4]},
+}
 
 
 @torch.library.custom_op("vqfr_test::transposed_copy", mutates_args=())
@@ -77,3 +84,21 @@ def test_aoti_cpu_package_matches_pytorch(tmp_path, monkeypatch):
     assert (meta.arch, meta.precision, meta.face_size) == ("VQFRv1", "fp32", 16)
     assert meta.built_with["device"] == "cpu" and meta.extra["format"] == "aoti"
     assert [t.shape for t in meta.inputs] == [(-1, 3, 16, 16)]
+
+
+@pytest.mark.parametrize("config", [SMALL_V1, SMALL_V2], ids=["v1", "v2"])
+def test_fp16_engine_traces_with_fp32_inputs_and_output(config):
+    """The fp16 program (compiled only on GPUs) takes and returns fp32, and its convolutions run in fp16."""
+    from export.aoti import trace_engine
+
+    model = source.load_source_model(None, config, 0)
+    program = trace_engine(model, source.export_spec(model, size=16), "fp16", "cpu")
+    inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in ("input", "fidelity")]
+    assert len(inputs) == (2 if config is SMALL_V2 else 1)
+    assert all(n.meta["val"].dtype == torch.float32 for n in inputs)
+    (output,) = [n for n in program.graph.nodes if n.op == "output"][0].args[0]
+    assert output.meta["val"].dtype == torch.float32
+    conv_dtypes = [n.meta["val"].dtype for n in program.graph.nodes if "convolution" in str(n.target)
+                   or "conv2d" in str(n.target)]
+    # all but the last conv (v2 runs its shared conv_out twice: texture and main output)
+    assert conv_dtypes.count(torch.float16) >= len(conv_dtypes) - 2 > 10
