@@ -157,6 +157,30 @@ def test_signal_during_a_write_waits_for_the_whole_set(weights, tmp_path, monkey
     assert done == 2 and problems == [], problems
 
 
+def test_signal_while_the_model_loads(weights, tmp_path, monkeypatch):
+    import vqfr.runtime
+
+    def interrupted_load(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(vqfr.runtime, "Runtime", interrupted_load)
+    _faces(tmp_path / "in", 1)
+    code, _, stderr = _run_cli(["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--weights", str(weights),
+                                "--aligned", "-q"])
+    assert code == EXIT_INTERRUPTED and stderr.strip() == "vqfr: interrupted before any input was restored"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the CLI restores the handlers it set"
+
+
+def test_output_names_never_collide(tmp_path):
+    from vqfr.cli import _output_stems
+
+    files = [tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", tmp_path / "c" / "X.PNG", tmp_path / "d" / "p.jpg",
+             tmp_path / "d" / "p.png", tmp_path / "d" / "p_png.png", tmp_path / "d" / "q.png"]
+    stems = _output_stems(files)
+    assert len({v.casefold() for v in stems.values()}) == len(files)
+    assert stems[files[-1]] == "q" and stems[files[3]] == "p_jpg"
+
+
 def test_sigint_to_a_real_run_then_resume(weights, tmp_path):
     """SIGINT to ``python -m vqfr`` mid-run: exit 130, only complete outputs; --skip-existing finishes the set,
     and what the other process wrote is byte-identical to this process's result for the same batches."""
