@@ -184,7 +184,7 @@ def test_output_names_never_collide(tmp_path):
 def test_sigint_to_a_real_run_then_resume(weights, tmp_path):
     """SIGINT to ``python -m vqfr`` mid-run: exit 130, only complete outputs; --skip-existing finishes the set,
     and what the other process wrote is byte-identical to this process's result for the same batches."""
-    inputs = _faces(tmp_path / "in", 50, seed=1)
+    inputs = _faces(tmp_path / "in", 40, seed=1)
     before = _hashes(tmp_path / "in")
     out = tmp_path / "out"
     argv = ["-i", str(tmp_path / "in"), "-o", str(out), "--weights", str(weights), "--aligned", "-q", "--batch", "2"]
@@ -192,8 +192,9 @@ def test_sigint_to_a_real_run_then_resume(weights, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "vqfr", *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
+    faces = out / "restored_faces"
     while time.monotonic() < deadline and proc.poll() is None:
-        if (out / "restored_faces").is_dir() and len(os.listdir(out / "restored_faces")) >= 6:
+        if faces.is_dir() and sum(not name.startswith(".") for name in os.listdir(faces)) >= 4:
             break
         time.sleep(0.005)
     proc.send_signal(signal.SIGINT)
@@ -201,7 +202,7 @@ def test_sigint_to_a_real_run_then_resume(weights, tmp_path):
     assert proc.returncode == EXIT_INTERRUPTED, stderr
     assert "interrupted; every output written so far is complete" in stderr and "Traceback" not in stderr
     done, problems = _complete_sets(out, inputs)
-    assert problems == [] and 4 <= done < len(inputs), (done, problems)
+    assert problems == [] and 4 <= done < len(inputs), (done, problems)  # stopped mid-run, not at the end
     written_there = {p.name: p.read_bytes() for p in (out / "restored_faces").iterdir()}
 
     code, resumed, _ = _run_cli([*argv, "--skip-existing"])
