@@ -106,10 +106,9 @@ def test_fp16_engine_traces_with_fp32_inputs_and_output(config):
 
 @pytest.mark.gpu
 @pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 @pytest.mark.parametrize("precision,check", [("fp32", "max_abs"), ("fp16", "psnr")])
 def test_aoti_cuda_package_matches_pytorch(precision, check, tmp_path):
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU")
     if custom_op_problems("cuda"):
         pytest.skip(f"custom op layouts disagree with their fake kernels on CUDA: {custom_op_problems('cuda')}")
     from export.compare import agreement
