@@ -102,3 +102,23 @@ def test_fp16_engine_traces_with_fp32_inputs_and_output(config):
                    or "conv2d" in str(n.target)]
     # all but the last conv (v2 runs its shared conv_out twice: texture and main output)
     assert conv_dtypes.count(torch.float16) >= len(conv_dtypes) - 2 > 10
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("precision,check", [("fp32", "max_abs"), ("fp16", "psnr")])
+def test_aoti_cuda_package_matches_pytorch(precision, check, tmp_path):
+    if custom_op_problems("cuda"):
+        pytest.skip(f"custom op layouts disagree with their fake kernels on CUDA: {custom_op_problems('cuda')}")
+    from export.compare import agreement
+
+    path = export_aoti(None, tmp_path / f"small_v2_{precision}.pt2", config=SMALL_V2, random_weights=3,
+                       device="cuda", precision=precision)
+    package = torch._inductor.aoti_load_package(str(path))
+    model = source.load_source_model(None, SMALL_V2, 3).cuda()
+    x = (torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1).cuda()
+    f = torch.tensor([0.0, 1.0, 0.5], device="cuda")
+    with torch.no_grad():
+        result = agreement(package(x, f), model(x, fidelity=f))
+    assert result.max_abs <= 1e-3 if check == "max_abs" else result.psnr_db >= 45.0, str(result)

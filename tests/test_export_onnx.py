@@ -390,3 +390,16 @@ def test_supported_op_list_records_its_source():
     ops = SUPPORTED["operators"]
     assert ops["DeformConv"]["supported"] and ops["DeformConv"]["types"] == ["FP32", "FP16"]
     assert not ops["AffineGrid"]["supported"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("CUDAExecutionProvider" not in pytest.importorskip("onnxruntime").get_available_providers(),
+                    reason="onnxruntime has no CUDA provider here")
+def test_fp16_v2_on_onnxruntime_cuda_reaches_45_db(v2_fp32, v2_fp16, v2_reference):
+    """fp16 arithmetic for real (the CPU provider computes most fp16 nodes in fp32)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(v2_fp16), providers=["CUDAExecutionProvider"])
+    x, f, reference = v2_reference
+    (y,) = session.run(None, {"input": x.numpy(), "fidelity": f.numpy()})
+    assert psnr(y, reference) >= MIN_PSNR

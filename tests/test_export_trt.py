@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from export.trt import BuildOptions, build_engine, main, tensorrt_available
 from vqfr.errors import ConfigError
@@ -108,11 +109,8 @@ def test_build_options_are_checked_first(tmp_path):
 @pytest.mark.trt
 @pytest.mark.gpu
 @needs_tensorrt
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 def test_engine_from_tiny_v2_fp16_onnx_matches_onnxruntime(tmp_path):
-    import torch
-
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU")
     from export.onnx import export_onnx
     from tests.conftest import TINY_V2
     from vqfr.sidecar import read_sidecar
