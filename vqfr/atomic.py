@@ -1,45 +1,73 @@
 """Atomic file writes: a temporary file in the destination folder, then a rename into place.
 
-A reader never sees a half-written output, and an interrupted run leaves either the old file or the new one.
+A reader never sees a half-written output, and an interrupted run leaves either the old file or the new one. The
+temporary file is named ``.{name}.{random}.partial{suffix}`` (hidden, and never taken for an input by the CLI); it
+is created with the permissions a plain ``open()`` would give (0666 less the umask), not ``mkstemp``'s 0600.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from vqfr.errors import OutputError
 
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_with", "PARTIAL_MARK"]
+
+#: Every temporary file's name contains this (``.photo.png.3f2a9c1e.partial.png``).
+PARTIAL_MARK = ".partial"
+
+
+def _output_error(path: Path, exc: OSError) -> OutputError:
+    err = OutputError(f"cannot be written ({exc.strerror or exc})", path=path,
+                      fix="check that the output folder exists, is writable and has free space")
+    err.errno = exc.errno
+    return err
+
+
+def _create_temp(path: Path) -> Path:
+    folder = path.parent
+    for _ in range(100):
+        tmp = folder / f".{path.name}.{secrets.token_hex(4)}{PARTIAL_MARK}{path.suffix}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise _output_error(path, exc) from exc
+        return tmp
+    raise OutputError(f"cannot create a temporary file in {folder}", path=path, fix="clean up the output folder")
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is renamed to ``path``, on error removed.
+    """Yield a temporary path beside ``path``; on success it is renamed to ``path``, on any error (or interrupt)
+    removed.
 
     The temporary name keeps the final suffix, so writers that pick a format from the suffix work.
+
+    Raises:
+        OutputError: the folder cannot be written (the OSError's errno is kept), or the body raised an OSError.
     """
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
+    tmp = _create_temp(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=folder)
-    except OSError as exc:
-        raise OutputError(f"cannot write into {folder} ({exc.strerror})", path=path,
-                          fix="choose an output folder you can write to") from exc
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    except BaseException:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as exc:
         with contextlib.suppress(OSError):
-            tmp_path.unlink()
+            tmp.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+            raise _output_error(path, exc) from exc
         raise
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (fsync'd before the rename)."""
+    """Write ``data`` to ``path`` atomically (fsync'd before the rename, so a crash cannot leave an empty file
+    under the final name)."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)

@@ -12,6 +12,7 @@ import json
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -67,38 +68,125 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, Tensor], dict | None]:
 
     Returns:
         (state dict, the model options stored in a safetensors file's metadata, or None).
+
+    Raises:
+        CheckpointError: missing, empty, truncated or corrupt file; a pickle holding objects beyond tensors (it could
+            run code, so it is refused without being executed); not a state dict.
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError("does not exist", path=path, fix="pass the path of a VQFR .pth or .safetensors file")
+        what = "is not a file" if path.exists() else "does not exist"
+        raise CheckpointError(what, path=path, fix="pass the path of a VQFR .pth or .safetensors file")
+    if path.stat().st_size == 0:
+        raise CheckpointError("is empty (0 bytes)", path=path, fix="re-download the file")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                sd = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"is not a readable safetensors file ({exc})", path=path,
-                                  fix="re-download or re-export the file") from exc
-        options = json.loads(meta["options"]) if "options" in meta else None
-        return filter_state_dict(sd), options
+        return _read_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            "refused: the file holds pickled Python objects beyond tensors, which could run code when loaded "
-            f"({str(exc).splitlines()[0]})",
-            path=path,
-            fix="use the released weights or a .safetensors file; only load pickles you trust",
-        ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"is not a readable PyTorch checkpoint ({str(exc).splitlines()[0]})", path=path,
-                              fix="re-download the file; it may be truncated") from exc
+        found = _pickled_globals(path)
+        if found:
+            raise CheckpointError(
+                f"refused: its pickle calls {', '.join(found[:4])}, which could run code when loaded (only tensors "
+                "and plain containers are accepted)",
+                path=path,
+                fix="use the released weights or a .safetensors file (if you trust this file, load it with "
+                    "torch.load(weights_only=False) yourself and re-save it with vqfr.save_safetensors)",
+            ) from exc
+        raise CheckpointError("is not a readable PyTorch checkpoint (not a pickle of tensors: corrupt, or another kind "
+                              "of file)", path=path, fix="re-download the file") from exc
+    except Exception as exc:  # torch.load on arbitrary bytes raises many types (RuntimeError, EOFError, KeyError ...)
+        raise CheckpointError(f"is not a readable PyTorch checkpoint (truncated or corrupt: {_first_line(exc)})",
+                              path=path, fix="re-download the file; it may be truncated") from exc
     try:
         return filter_state_dict(obj), None
     except CheckpointError as exc:
         raise CheckpointError(str(exc), path=path, fix="pass a checkpoint in the released layout") from exc
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict | None]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"is not a readable safetensors file ({_first_line(exc)})", path=path,
+                              fix="re-download or re-export the file") from exc
+    try:
+        options = json.loads(meta["options"]) if "options" in meta else None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"has malformed model options in its metadata ({exc})", path=path,
+                              fix="pass options= (CLI --config) or re-save it with vqfr.save_safetensors") from exc
+    if options is not None and not isinstance(options, dict):
+        raise CheckpointError(f"has model options of type {type(options).__name__} in its metadata, not a mapping",
+                              path=path, fix="pass options= (CLI --config) or re-save it with vqfr.save_safetensors")
+    try:
+        return filter_state_dict(sd), options
+    except CheckpointError as exc:
+        raise CheckpointError(str(exc), path=path, fix="pass a checkpoint in the released layout") from exc
+
+
+def _note_global(found: list[str], name: str) -> None:
+    import _compat_pickle
+
+    module, _, attr = name.partition(".")
+    name = f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{attr}"  # protocol 2 writes __builtin__ for builtins
+    if not name.startswith(("torch.", "collections.OrderedDict")) and name not in found:
+        found.append(name)
+
+
+def _first_line(exc: BaseException) -> str:
+    """``Type: first sentence`` of an exception, at most ~120 characters."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0].split(". ")[0] if lines else ""
+    return f"{type(exc).__name__}: {text[:120]}" if text else type(exc).__name__
+
+
+def _pickled_globals(path: Path) -> list[str]:
+    """The ``module.name`` globals a pickle would import, outside torch's tensor rebuilding (read statically with
+    pickletools, never executed). Empty when the file is not a pickle at all."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                member = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                data = z.read(member) if member else b""
+        else:
+            data = path.read_bytes()
+    except (OSError, zipfile.BadZipFile):
+        return []
+    found: list[str] = []
+    strings: list[str] = []  # strings pushed so far (STACK_GLOBAL takes the last two)
+    memo: dict[int, str] = {}
+    last: str | None = None  # the string the previous opcode pushed, if any
+    memoized = 0
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            pushed = None
+            if op.name in ("GLOBAL", "INST"):
+                _note_global(found, str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                _note_global(found, f"{strings[-2]}.{strings[-1]}")
+            elif "UNICODE" in op.name or op.name in ("STRING", "BINSTRING", "SHORT_BINSTRING"):
+                pushed = str(arg)
+            elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+                pushed = memo.get(int(str(arg)))
+            elif op.name in ("BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE"):
+                index = memoized if op.name == "MEMOIZE" else int(str(arg))
+                memoized += op.name == "MEMOIZE"
+                if last is not None:
+                    memo[index] = last
+                continue  # the value stays on the stack: ``last`` is still the top
+            if pushed is not None:
+                strings.append(pushed)
+            last = pushed
+    except ValueError:  # the stream is damaged here: report what was found before
+        return found
+    return found
 
 
 def _mismatch_report(model: nn.Module, sd: dict[str, Tensor]) -> str | None:
@@ -160,7 +248,7 @@ def load_model(
                if looks_like and looks_like != opts["type"] else "pass the config the checkpoint was trained with")
         raise CheckpointError(f"does not match {opts['type']} ({hint}): {problem}", path=path, fix=fix)
     model.load_state_dict(sd, strict=True)
-    model.weights_path = str(path)
+    model.weights_path = str(path)  # type: ignore[assignment]  # nn.Module.__setattr__ is typed for tensors
     return model.eval().to(device)
 
 
@@ -170,15 +258,17 @@ def save_safetensors(model: nn.Module, path: str | Path) -> Path:
 
     path = Path(path)
     meta = {"format": "vqfr-weights/1"}
-    if getattr(model, "options", None) is not None:
-        meta["arch"] = model.options["type"]
-        meta["options"] = json.dumps(model.options)
+    options: Any = getattr(model, "options", None)
+    if options is not None:
+        meta["arch"] = options["type"]
+        meta["options"] = json.dumps(options)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(path, save(sd, metadata=meta))
     return path
 
 
-def save_released(path: str | Path, params: Mapping[str, Tensor], params_ema: Mapping[str, Tensor] | None = None) -> Path:
+def save_released(path: str | Path, params: Mapping[str, Tensor],
+                  params_ema: Mapping[str, Tensor] | None = None) -> Path:
     """Save state dicts in the released ``.pth`` layout (``params`` and optionally ``params_ema``), atomically."""
     path = Path(path)
     obj = {"params": {k: v.detach().cpu() for k, v in params.items()}}

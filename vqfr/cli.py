@@ -7,29 +7,45 @@ Outputs (each name contains its input's stem), written atomically::
     OUTPUT/cropped_faces/{stem}_{i:02d}.png          the aligned crop fed to the model
     OUTPUT/cmp/{stem}_{i:02d}.png                    crop | restored, side by side
 
-A bad input gets one line on stderr and the run goes on. Exit codes: 0 all inputs restored; 1 setup error (engine,
-weights, options, output folder); 2 usage error; 3 some inputs failed (the others were written); 130 interrupted.
+A bad input gets one line on stderr and the run goes on. Inputs are only read; an output that would replace an input
+of the run is refused. The outputs of one input are written together: an interrupt (Ctrl-C, SIGTERM) waits until they
+are all in place, so an interrupted run holds only complete outputs and ``--skip-existing`` resumes it.
+
+Exit codes: 0 all inputs restored; 1 setup error (engine, weights, options, output folder; or the output folder
+became unwritable mid-run, e.g. disk full); 2 usage error; 3 some inputs failed (the others were written);
+130 interrupted (SIGINT), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import glob
+import os
+import signal
 import sys
+import tempfile
+import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from vqfr.backends.base import BACKEND_NAMES
-from vqfr.errors import OutputError, VQFRError
+from vqfr.errors import ConfigError, OutputError, VQFRError
 from vqfr.imaging import IMAGE_SUFFIXES, MAX_PIXELS
 
-__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_SOME_FAILED", "EXIT_INTERRUPTED"]
+__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_SOME_FAILED", "EXIT_INTERRUPTED",
+           "EXIT_TERMINATED"]
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SOME_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SOME_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
+
+#: Write errors that hit every later output too: the run stops (exit 1) instead of failing each input in turn.
+_FOLDER_ERRNOS = {errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 #: Where the sample faces live when the package is run from a checkout next to ../shared.
 SAMPLE_FACES = Path(__file__).resolve().parents[2] / "shared" / "faces"
@@ -38,7 +54,8 @@ SAMPLE_FACES = Path(__file__).resolve().parents[2] / "shared" / "faces"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vqfr", description="VQFR blind face restoration: detect, align, restore and paste back every face.",
-        epilog="Exit codes: 0 ok, 1 setup error, 2 usage error, 3 some inputs failed, 130 interrupted.")
+        epilog="Exit codes: 0 ok, 1 setup error, 2 usage error, 3 some inputs failed, 130 interrupted, "
+               "143 terminated.")
     io = p.add_argument_group("input and output")
     io.add_argument("-i", "--input", help="image file, folder or glob (default: ../shared/faces/whole, or "
                                           "../shared/faces/aligned with --aligned, when present)")
@@ -93,20 +110,94 @@ def _collect_inputs(spec: str) -> tuple[list[Path], int]:
 
 
 def _output_stems(files: list[Path]) -> dict[Path, str]:
-    """Input -> output stem; inputs sharing a stem (a.jpg, a.png) get the extension appended so none is lost."""
+    """Input -> output stem, unique without regard to case so no output overwrites another: inputs sharing a stem
+    (a.jpg, a.png) get their extension appended (a_jpg, a_png), and any clash left (x.png in two folders) a number."""
     counts: dict[str, int] = {}
     for f in files:
-        counts[f.stem] = counts.get(f.stem, 0) + 1
-    return {f: f.stem if counts[f.stem] == 1 else f"{f.stem}_{f.suffix.lstrip('.').lower()}" for f in files}
+        counts[f.stem.casefold()] = counts.get(f.stem.casefold(), 0) + 1
+    taken: set[str] = set()
+    stems = {}
+    for f in files:
+        stem = f.stem if counts[f.stem.casefold()] == 1 else f"{f.stem}_{f.suffix.lstrip('.').lower()}"
+        candidate, n = stem, 1
+        while candidate.casefold() in taken:
+            n += 1
+            candidate = f"{stem}_{n}"
+        taken.add(candidate.casefold())
+        stems[f] = candidate
+    return stems
+
+
+class _Signals:
+    """SIGINT and SIGTERM become KeyboardInterrupt, except inside :meth:`protect`, where they wait until its end
+    (so the outputs of one input are written all together or not at all)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._pending = False
+        self._depth = 0
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        if self._depth:
+            self._pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def protect(self) -> Iterator[None]:
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if not self._depth and self._pending:
+                self._pending = False
+                raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr(active: bool) -> Iterator[None]:
+    """Send what native code (OpenCV, libpng, libjpeg) prints to stderr to /dev/null: a failing file gets one line
+    from us, not decoder chatter. Python's own sys.stderr is untouched."""
+    if not active:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class _Job:
     """Writes the outputs of one run and counts what happened."""
 
-    def __init__(self, args: argparse.Namespace, out: Path):
-        self.args, self.out = args, out
-        self.images = self.faces = self.failed = self.skipped = 0
+    def __init__(self, args: argparse.Namespace, out: Path, inputs: list[Path], signals: _Signals):
+        self.args, self.out, self.signals = args, out, signals
+        self.images = self.faces = self.failed = self.skipped = self.faceless = 0
         self.infer_s = 0.0
+        # (device, inode) of every input: no output may replace one, whatever path (link, ../) leads to it.
+        self.inputs = {}
+        for f in inputs:
+            with contextlib.suppress(OSError):
+                st = f.stat()
+                self.inputs[(st.st_dev, st.st_ino)] = f
 
     def make_folders(self) -> None:
         groups = ("restored_faces", "cropped_faces", "cmp") + (() if self.args.aligned else ("restored_imgs",))
@@ -117,6 +208,12 @@ class _Job:
             except OSError as exc:
                 raise OutputError(f"cannot create the output folder ({exc.strerror})", path=folder,
                                   fix="choose an output folder (-o) you can write to") from exc
+            try:
+                with tempfile.TemporaryFile(dir=folder):
+                    pass
+            except OSError as exc:
+                raise OutputError(f"cannot write into the output folder ({exc.strerror})", path=folder,
+                                  fix="choose an output folder (-o) you can write to, or fix its permissions") from exc
 
     def names(self, src: Path, stem: str, n_faces: int) -> dict[str, list[Path]]:
         sfx = f"_{self.args.suffix}" if self.args.suffix else ""
@@ -131,46 +228,67 @@ class _Job:
         }
 
     def done_before(self, src: Path, stem: str) -> bool:
+        """The input's last-written output exists (see :meth:`write`), so all of them do."""
         first = self.names(src, stem, 1)
         marker = first["restored_faces"][0] if self.args.aligned else first["restored_imgs"][0]
         return marker.is_file()
 
+    def _refuse_overwriting_inputs(self, src: Path, paths: list[Path]) -> None:
+        for path in paths:
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            other = self.inputs.get((st.st_dev, st.st_ino))
+            if other is not None:
+                what = "its own input" if other == src else f"another input of this run, {other}"
+                raise OutputError(f"an output would overwrite {what}", path=path,
+                                  fix="choose an output folder (-o) apart from the inputs")
+
     def write(self, src: Path, stem: str, result) -> None:
+        """Write every output of one input, the marker of :meth:`done_before` last; a signal waits until all are
+        written."""
         from vqfr.imaging import save_image
 
         names = self.names(src, stem, len(result.faces))
-        for path in (p for group in names.values() for p in group):
-            if path.resolve() == src.resolve():
-                raise OutputError("an output would overwrite its own input", path=path,
-                                  fix="choose an output folder (-o) apart from the inputs")
-        for face, rest, crop, cmp in zip(result.faces, names["restored_faces"], names["cropped_faces"], names["cmp"],
-                                         strict=True):
-            save_image(crop, face.cropped)
-            save_image(rest, face.restored)
-            save_image(cmp, np.concatenate([face.cropped, face.restored], axis=1))
-        for path in names["restored_imgs"]:
-            save_image(path, result.image)
+        self._refuse_overwriting_inputs(src, [p for group in names.values() for p in group])
+        with self.signals.protect():
+            for face, rest, crop, cmp in zip(result.faces, names["restored_faces"], names["cropped_faces"],
+                                             names["cmp"], strict=True):
+                save_image(crop, face.cropped)
+                save_image(cmp, np.concatenate([face.cropped, face.restored], axis=1))
+                save_image(rest, face.restored)
+            for path in names["restored_imgs"]:
+                save_image(path, result.image)
 
 
 def _fail(job: _Job, src: Path, exc: BaseException, bar) -> None:
+    """One line on stderr for a failed input (and the traceback with --debug)."""
     job.failed += 1
     if isinstance(exc, VQFRError):
         text = str(exc) if exc.path is not None else f"{src}: {exc}"
+    elif isinstance(exc, MemoryError):
+        text = f"{src}: out of memory. Fix: lower --batch or --max-pixels, or free memory"
     else:
-        text = f"{src}: {type(exc).__name__}: {exc}"
+        text = f"{src}: unexpected {type(exc).__name__}: {exc} (a bug: please report it with the --debug output)"
     bar.write(f"vqfr: FAILED {text}", file=sys.stderr)
     if job.args.debug:
         bar.write("".join(traceback.format_exception(exc)).rstrip(), file=sys.stderr)
 
 
 def _run_chunk(rt, job: _Job, chunk: list[tuple[Path, str]], bar) -> None:
-    """Load, restore (faces batched across the chunk) and write; a failing input is isolated and reported."""
+    """Load, restore (faces batched across the chunk) and write; a failing input is reported and the others go on.
+
+    Any Exception is caught per input (here, and only here): one bad file must not cost the others. An output
+    folder that stops taking files (disk full, read-only) ends the run instead (OutputError raised).
+    """
     args = job.args
     loaded = []
     for src, stem in chunk:
         try:
-            loaded.append((src, stem, rt.read(src)))
-        except (VQFRError, OSError, MemoryError) as exc:
+            with _quiet_native_stderr(not args.debug):
+                loaded.append((src, stem, rt.read(src)))
+        except Exception as exc:  # noqa: BLE001 - reported per input
             _fail(job, src, exc, bar)
             bar.update(1)
     kwargs = dict(aligned=args.aligned, fidelity=args.fidelity, upscale=args.upscale,
@@ -178,13 +296,12 @@ def _run_chunk(rt, job: _Job, chunk: list[tuple[Path, str]], bar) -> None:
     start = time.perf_counter()
     try:
         results = rt.restore_faces_batch([img for _, _, img in loaded], **kwargs)
-    except (VQFRError, RuntimeError, ValueError, MemoryError):
-        # One input spoiled the shared batch: redo them one by one to find it and keep the others.
+    except Exception:  # noqa: BLE001 - one input spoiled the shared batch: redo them one by one, keep the others
         results = []
         for _, _, img in loaded:
             try:
                 results.append(rt.restore_faces(img, **kwargs))
-            except (VQFRError, RuntimeError, ValueError, MemoryError) as exc:
+            except Exception as exc:  # noqa: BLE001 - reported per input below
                 results.append(exc)
     job.infer_s += time.perf_counter() - start
     for (src, stem, _), result in zip(loaded, results, strict=True):
@@ -194,9 +311,14 @@ def _run_chunk(rt, job: _Job, chunk: list[tuple[Path, str]], bar) -> None:
             job.write(src, stem, result)
             job.images += 1
             job.faces += len(result.faces)
-            if not result.faces and not args.aligned:
+            if not result.faces:
+                job.faceless += 1
                 bar.write(f"vqfr: no face found in {src} (the photo was upscaled only)", file=sys.stderr)
-        except (VQFRError, RuntimeError, ValueError, MemoryError, OSError) as exc:
+        except OutputError as exc:
+            if exc.errno in _FOLDER_ERRNOS:
+                raise
+            _fail(job, src, exc, bar)
+        except Exception as exc:  # noqa: BLE001 - reported per input
             _fail(job, src, exc, bar)
         bar.update(1)
 
@@ -216,7 +338,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--batch must be at least 1, got {args.batch}")
     if not args.upscale > 0:
         parser.error(f"--upscale must be positive, got {args.upscale}")
+    if args.max_pixels < 1:
+        parser.error(f"--max-pixels must be positive, got {args.max_pixels}")
+    if args.suffix is not None and (not args.suffix or set(args.suffix) & {"/", "\\", "\0"} or args.suffix == ".."):
+        parser.error(f"--suffix must be a plain name part (no path separators), got {args.suffix!r}")
 
+    signals = _Signals()
+    signals.install()
+    try:
+        return _run(parser, args, signals)
+    except KeyboardInterrupt:
+        print("vqfr: interrupted before any input was restored", file=sys.stderr)
+        return EXIT_TERMINATED if signals.received == signal.SIGTERM else EXIT_INTERRUPTED
+    finally:
+        signals.restore()
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, signals: _Signals) -> int:
     from vqfr.runtime import Runtime
 
     engine = args.engine or args.weights
@@ -241,19 +379,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A checkpoint or engine says which version it is (checked against -v below); -v picks the default weights.
     config = args.config if engine else args.config or f"v{version or 2}"
     out = Path(args.output)
-    job = _Job(args, out)
+    job = _Job(args, out, files, signals)
     try:
         job.make_folders()
         rt = Runtime(engine, backend=args.backend, device=args.device, precision=args.precision,
                      fidelity=args.fidelity, config=None if args.engine else config, face_size=args.face_size,
                      max_batch=args.batch, detector=args.detector, parser=args.parser, max_pixels=args.max_pixels)
         if version and rt.version != int(version):
-            raise VQFRError(f"-v {version} was asked but {engine} is a VQFRv{rt.version} model",
-                            fix=f"drop -v or pass -v {rt.version}")
+            rt.close()
+            raise ConfigError(f"-v {version} was asked but {engine} is a VQFRv{rt.version} model",
+                              fix=f"drop -v or pass -v {rt.version}")
         if args.fidelity and rt.version == 1:
             print("vqfr: note: VQFR v1 has no fidelity control; -f is ignored", file=sys.stderr)
-        if not args.aligned:
-            rt.detector  # noqa: B018 - build the detector now, so a bad --detector fails before the loop
+        if not args.aligned:  # build the detector and parser now: a bad --detector/--parser fails before the loop
+            rt.detector  # noqa: B018
+            rt.parser  # noqa: B018
     except (VQFRError, ImportError, OSError) as exc:
         print(f"vqfr: error: {exc}", file=sys.stderr)
         if args.debug:
@@ -271,16 +411,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             todo.append((f, stems[f]))
     started = time.perf_counter()
-    interrupted = False
+    interrupted, stopped = False, None
     with rt, tqdm(total=len(todo), unit="img", disable=args.quiet or None, file=sys.stderr) as bar:
         try:
             for i in range(0, len(todo), args.batch):
                 _run_chunk(rt, job, todo[i:i + args.batch], bar)
         except KeyboardInterrupt:
             interrupted = True
+        except OutputError as exc:
+            stopped = exc
     wall = time.perf_counter() - started
     rate = job.faces / job.infer_s if job.infer_s > 0 else 0.0
-    notes = [f"{job.skipped} skipped (existing)"] if job.skipped else []
+    notes = [f"{job.faceless} without faces"] if job.faceless and not args.aligned else []
+    if job.skipped:
+        notes.append(f"{job.skipped} skipped (existing)")
     if ignored:
         notes.append(f"{ignored} non-image files ignored")
     print(f"vqfr: {job.images} images, {job.faces} faces restored, {job.failed} failed"
@@ -289,8 +433,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rt.random_weights:
         print("vqfr: WARNING: these outputs come from RANDOM weights and are meaningless (see the message above)",
               file=sys.stderr)
+    if stopped is not None:
+        print(f"vqfr: error: stopped: {stopped}", file=sys.stderr)
+        return EXIT_ERROR
     if interrupted:
-        print("vqfr: interrupted; every output written so far is complete (resume with --skip-existing)",
+        what = "terminated" if signals.received == signal.SIGTERM else "interrupted"
+        print(f"vqfr: {what}; every output written so far is complete (resume with --skip-existing)",
               file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if signals.received == signal.SIGTERM else EXIT_INTERRUPTED
     return EXIT_SOME_FAILED if job.failed else EXIT_OK

@@ -6,10 +6,12 @@ from pathlib import Path
 
 
 class VQFRError(Exception):
-    """Base class. ``path`` is the file concerned (or None) and ``fix`` what the user can do about it."""
+    """Base class. ``path`` is the file concerned (or None), ``reason`` what is wrong and ``fix`` what the user can do
+    about it; ``str(error)`` is ``"{path}: {reason}. Fix: {fix}"``."""
 
     def __init__(self, message: str, *, path: str | Path | None = None, fix: str | None = None):
         self.path = None if path is None else Path(path)
+        self.reason = message  # what is wrong, without the path and the fix
         self.fix = fix
         text = message if path is None else f"{path}: {message}"
         if fix:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from vqfr.backends.base import Availability, Backend, BackendEntry, availability, candidates, engine_kind
 from vqfr.errors import BackendUnavailable, CheckpointError, ConfigError, EngineError, InputError
 from vqfr.imaging import MAX_PIXELS, as_bgr_uint8, load_image, to_images, to_tensor, upscale_lanczos
-from vqfr.sidecar import EngineMeta, read_sidecar
+from vqfr.sidecar import EngineMeta, read_sidecar, verify_engine_file
 
 __all__ = ["Runtime", "Restoration", "RestoredFace", "find_weights", "WEIGHTS_ENV", "RELEASED_WEIGHTS"]
 
@@ -190,24 +190,29 @@ class Runtime:
         kind = path.suffix.lower()
         if not path.is_file():
             error = EngineError if kind in _ENGINE_SUFFIXES else CheckpointError
-            raise error("does not exist", path=path, fix="check the path of the engine or weights file")
+            raise error("is not a file" if path.exists() else "does not exist", path=path,
+                        fix="check the path of the engine or weights file")
         if kind in _ENGINE_SUFFIXES:
             meta = read_sidecar(path)
             if meta.arch not in _RESTORERS:
                 raise EngineError(f"sidecar says arch {meta.arch!r}, not a VQFR restoration model", path=path,
                                   fix="export a VQFRv1 or VQFRv2 model")
+            verify_engine_file(path, meta)
             return path, meta
         return path, None
 
     def _load_backend(self, source: Any, meta: EngineMeta | None, backend: str, device: str, precision: str,
                       config: Any) -> Backend:
         kind = engine_kind(source)
-        tried = []
+        tried, mismatches = [], []
         for entry in candidates(kind, backend, device):
             cls = entry.backend_class()
             reason, _ = cls.check(entry, meta)
             if reason:
                 tried.append(f"{entry.label}: {reason}")
+                mismatch = cls.engine_problem(entry, meta)
+                if mismatch:
+                    mismatches.append(f"{entry.label}: {mismatch}")
                 continue
             be = cls(entry, source, meta=meta, precision=precision, options=config,
                      device=device if device.startswith("cuda:") else None)
@@ -217,6 +222,11 @@ class Runtime:
                 tried.append(f"{entry.label}: {exc}")
                 continue
             return be
+        if mismatches:
+            raise EngineError("was built for other software or hardware than this machine's: "
+                              + "; ".join(mismatches), path=source,
+                              fix="rebuild the engine on this machine (python -m export.trt / export.aoti), "
+                                  "or run its .onnx or the .pth weights instead")
         where = "" if isinstance(source, nn.Module) else f" for {source}"
         raise BackendUnavailable(f"no usable backend{where} (backend={backend}, device={device}): " + "; ".join(tried),
                                  fix="see vqfr.Runtime.available() (CLI: --list-backends), install the missing extra, "
@@ -310,28 +320,47 @@ class Runtime:
         Returns:
             [B, 3, S, S] float32 on the CPU, unclamped (``vqfr.imaging.to_images`` makes images of it).
         """
-        if isinstance(x, np.ndarray):
-            x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        x = _as_float_batch(x)
         if x.dim() != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != (self.face_size, self.face_size):
             raise InputError(f"infer takes [B, 3, {self.face_size}, {self.face_size}], got {tuple(x.shape)}",
                              fix="align faces to the model's face size first")
+        if not torch.isfinite(x).all():
+            raise InputError("infer input contains NaN or inf", fix="pass finite values in [-1, 1]")
         f = self.fidelity if fidelity is None else fidelity
-        fid = (f.detach().float().cpu() if isinstance(f, Tensor) else torch.from_numpy(np.asarray(f, np.float32))
-               ).reshape(-1)
+        try:
+            fid = (f.detach().float().cpu() if isinstance(f, Tensor) else torch.from_numpy(np.asarray(f, np.float32))
+                   ).reshape(-1)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"fidelity must be a number or one number per face in [0, 1], got {f!r}") from exc
         if fid.numel() == 1:
             fid = fid.expand(x.shape[0]).contiguous()
         if fid.shape[0] != x.shape[0]:
             raise InputError(f"{fid.shape[0]} fidelity values for {x.shape[0]} faces")
         for v in fid.tolist():
             _check_fidelity(v)
-        step = min(self.max_batch, self.backend.max_batch or self.max_batch)
-        outs = [self.backend.infer(x[i:i + step], fid[i:i + step]).float().cpu() for i in range(0, x.shape[0], step)]
+        outs = []
+        for i in range(0, x.shape[0], self.batch_size):
+            out = self.backend.infer(x[i:i + self.batch_size], fid[i:i + self.batch_size]).float().cpu()
+            if not torch.isfinite(out).all():
+                where = "in-memory model" if isinstance(self.engine, nn.Module) else str(self.engine)
+                raise EngineError(f"the model returned NaN or inf for faces {i}..{i + out.shape[0] - 1} of the batch",
+                                  path=None if isinstance(self.engine, nn.Module) else self.engine,
+                                  fix=f"run {where} in fp32 (precision='fp32'); if it persists, the weights are broken")
+            outs.append(out)
         return torch.cat(outs) if outs else x.new_zeros(x.shape)
 
+    @property
+    def batch_size(self) -> int:
+        """Faces per inference call: ``max_batch``, or less when the engine was built for fewer."""
+        return min(self.max_batch, self.backend.max_batch or self.max_batch)
+
     def _restore_crops(self, crops: np.ndarray, fidelity: float | None) -> np.ndarray:
-        if not len(crops):
-            return crops.copy()
-        return to_images(self.infer(to_tensor(crops), fidelity))
+        """[N, S, S, 3] uint8 crops -> restored crops, converted batch by batch (a photo with hundreds of faces
+        never holds them all as float tensors)."""
+        out = np.empty_like(crops)
+        for i in range(0, len(crops), self.batch_size):
+            out[i:i + self.batch_size] = to_images(self.infer(to_tensor(crops[i:i + self.batch_size]), fidelity))
+        return out
 
     # ------------------------------------------------------------------ public restore API
     def restore(self, img: str | Path | np.ndarray, *, aligned: bool | None = None, fidelity: float | None = None,
@@ -388,7 +417,8 @@ class Runtime:
         from vqfr.faces.align import align_faces
 
         found, all_crops = [], []
-        for photo in photos:
+        for photo, source in zip(photos, images, strict=True):
+            self._check_output_size(photo, upscale, source)
             dets = self._detect(photo, only_center_face)
             crops, affines = align_faces(photo, [d.landmarks for d in dets], self.face_size)
             found.append((dets, crops, affines))
@@ -413,6 +443,15 @@ class Runtime:
             raise InputError(f"image is {arr.shape[1]}x{arr.shape[0]} pixels, over the limit of {self.max_pixels}",
                              fix="downscale it first or raise max_pixels")
         return arr
+
+    def _check_output_size(self, photo: np.ndarray, upscale: float, source: Any) -> None:
+        """Refuse a photo whose upscaled result would pass ``max_pixels`` (before any memory is spent on it)."""
+        width, height = max(int(photo.shape[1] * upscale), 1), max(int(photo.shape[0] * upscale), 1)
+        if width * height > self.max_pixels:
+            raise InputError(f"upscaled {upscale:g}x it would be {width}x{height} = {width * height:,} pixels, over "
+                             f"the limit of {self.max_pixels:,}",
+                             path=source if isinstance(source, (str, Path)) else None,
+                             fix="lower the upscale (-s), or raise the limit (max_pixels=, CLI --max-pixels)")
 
     def _aligned_crop(self, photo: np.ndarray, source: Any) -> np.ndarray:
         import cv2
@@ -454,6 +493,20 @@ class Runtime:
             return background
         regions = self.parser.regions(restored) if self.parser is not None else None
         return paste_faces(background, restored, affines, upscale, regions)
+
+
+def _as_float_batch(x: Any) -> Tensor:
+    """A float tensor or array -> a float tensor (arrays become float32); anything else -> InputError."""
+    if isinstance(x, Tensor):
+        if not x.is_floating_point():
+            raise InputError(f"infer takes a float tensor in [-1, 1], got {x.dtype}",
+                             fix="convert images with vqfr.imaging.to_tensor")
+        return x
+    if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
+        what = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
+        raise InputError(f"infer takes a float array or tensor in [-1, 1], got {what}",
+                         fix="convert images with vqfr.imaging.to_tensor")
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
 
 def _check_fidelity(value: float) -> float:

@@ -10,17 +10,22 @@ Schema (``format: vqfr-engine/1``)::
      "inputs": [{"name": "input", "shape": [-1, 3, 512, 512], "dtype": "float32"},
                 {"name": "fidelity", "shape": [-1], "dtype": "float32"}],
      "outputs": [{"name": "output", "shape": [-1, 3, 512, 512], "dtype": "float32"}],
-     "weights_sha256": "...", "opset": 19,
+     "weights_sha256": "...", "opset": 19, "file_size": 123456789, "file_sha256": "...",
      "built_with": {"torch": "...", "onnx": "...", "onnxscript": "...", "tensorrt": "...", "gpu": "...",
                     "compute_capability": "9.0"},
      "extra": {...}}
 
-Dimensions of -1 are dynamic.
+Dimensions of -1 are dynamic. ``file_size`` and ``file_sha256`` describe the engine file itself; :func:`write_sidecar`
+fills them in, and :func:`verify_engine_file` refuses an engine that was truncated or changed since (older sidecars
+without them are not checked). ``python -m vqfr.sidecar ENGINE [--update]`` shows and checks a sidecar, or records
+the current file after a deliberate change.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -31,7 +36,8 @@ from vqfr.errors import EngineError
 FORMAT = "vqfr-engine/1"
 PRECISIONS = ("fp32", "fp16", "bf16")
 
-__all__ = ["EngineMeta", "TensorSpec", "sidecar_path", "write_sidecar", "read_sidecar", "FORMAT"]
+__all__ = ["EngineMeta", "TensorSpec", "sidecar_path", "write_sidecar", "read_sidecar", "verify_engine_file",
+           "FORMAT"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +66,8 @@ class EngineMeta:
     opset: int | None = None
     built_with: dict[str, Any] = dataclasses.field(default_factory=dict)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    file_size: int | None = None
+    file_sha256: str | None = None
 
     @property
     def input_names(self) -> list[str]:
@@ -82,6 +90,8 @@ class EngineMeta:
             "opset": self.opset,
             "built_with": self.built_with,
             "extra": self.extra,
+            "file_size": self.file_size,
+            "file_sha256": self.file_sha256,
         }
 
     @classmethod
@@ -104,6 +114,8 @@ class EngineMeta:
                 opset=d.get("opset"),
                 built_with=dict(d.get("built_with") or {}),
                 extra=dict(d.get("extra") or {}),
+                file_size=None if d.get("file_size") is None else int(d["file_size"]),
+                file_sha256=None if d.get("file_sha256") is None else str(d["file_sha256"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise EngineError(f"sidecar is missing or has a malformed field ({exc!r})", path=path, fix=fix) from exc
@@ -118,8 +130,25 @@ def sidecar_path(engine: str | Path) -> Path:
     return engine.with_name(engine.name + ".json")
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def write_sidecar(engine: str | Path, meta: EngineMeta) -> Path:
-    """Write the sidecar of ``engine`` atomically; returns its path."""
+    """Write the sidecar of ``engine`` atomically; returns its path.
+
+    When the engine file exists (exporters write it first), its size and sha256 are recorded in the sidecar
+    (replacing any in ``meta``), so a truncated or altered engine is caught before it is loaded.
+    """
+    engine = Path(engine)
+    if engine.is_file():
+        meta = dataclasses.replace(meta, file_size=engine.stat().st_size, file_sha256=_sha256(engine))
+    else:
+        meta = dataclasses.replace(meta, file_size=None, file_sha256=None)
     path = sidecar_path(engine)
     atomic_write_bytes(path, (json.dumps(meta.to_dict(), indent=2, sort_keys=False) + "\n").encode())
     return path
@@ -142,3 +171,50 @@ def read_sidecar(engine: str | Path) -> EngineMeta:
     except json.JSONDecodeError as exc:
         raise EngineError(f"sidecar is not valid JSON ({exc})", path=path, fix="re-export the engine") from exc
     return EngineMeta.from_dict(d, path=path)
+
+
+def verify_engine_file(engine: str | Path, meta: EngineMeta) -> None:
+    """Check that ``engine`` is the file its sidecar describes (size, then sha256); a no-op for sidecars that do
+    not record them.
+
+    Raises:
+        EngineError: the engine is shorter than written (truncated), or its size or content changed since export.
+    """
+    engine = Path(engine)
+    fix = (f"re-export it; if you changed {engine.name} on purpose, record the new file with "
+           f"python -m vqfr.sidecar --update {engine}")
+    if meta.file_size is not None:
+        size = engine.stat().st_size
+        if size < meta.file_size:
+            raise EngineError(f"is truncated: {size:,} bytes, but {meta.file_size:,} were written at export "
+                              f"(sidecar {sidecar_path(engine).name})", path=engine, fix=fix)
+        if size != meta.file_size:
+            raise EngineError(f"has changed since export: {size:,} bytes, the sidecar says {meta.file_size:,}",
+                              path=engine, fix=fix)
+    if meta.file_sha256 is not None and _sha256(engine) != meta.file_sha256:
+        raise EngineError("has changed since export (its sha256 differs from the sidecar's): corrupt or modified",
+                          path=engine, fix=fix)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vqfr.sidecar ENGINE [--update]``: print and verify an engine's sidecar, or re-record the file."""
+    p = argparse.ArgumentParser(prog="python -m vqfr.sidecar", description=main.__doc__)
+    p.add_argument("engine", help="the engine file (.onnx, .engine, .plan, .pt2); its sidecar is ENGINE.json")
+    p.add_argument("--update", action="store_true", help="record the engine's current size and sha256")
+    args = p.parse_args(argv)
+    try:
+        meta = read_sidecar(args.engine)
+        if args.update:
+            print(f"updated {write_sidecar(args.engine, meta)}")
+            return 0
+        print(json.dumps(meta.to_dict(), indent=2))
+        verify_engine_file(args.engine, meta)
+    except EngineError as exc:
+        print(f"error: {exc}")
+        return 1
+    print("ok: the engine matches its sidecar" if meta.file_sha256 else "note: this sidecar records no file hash")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

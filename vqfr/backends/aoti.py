@@ -41,19 +41,27 @@ class AOTIBackend(Backend):
             reason = cuda_missing()
             if reason:
                 return reason, ""
+        problem = cls.engine_problem(entry, meta)
+        if problem:
+            return problem, ""
+        return None, f"torch {torch.__version__}"
+
+    @classmethod
+    def engine_problem(cls, entry: BackendEntry, meta: EngineMeta | None) -> str | None:
+        if meta is None or (entry.device == "cuda" and cuda_missing()):
+            return None
         built = package_device(meta)
         if built is not None and built != entry.device:
-            return f"the package was compiled for {built}", ""
-        if meta is not None:
-            built_torch = str(meta.built_with.get("torch") or "")
-            if built_torch and built_torch.split("+")[0] != torch.__version__.split("+")[0]:
-                return f"package built with torch {built_torch}, this is torch {torch.__version__}; rebuild it", ""
-            cc = str(meta.built_with.get("compute_capability") or "")
-            if entry.device == "cuda" and cc:
-                here = "{}.{}".format(*torch.cuda.get_device_capability())
-                if cc != here:
-                    return f"package compiled for compute capability {cc}, this GPU is {here}", ""
-        return None, f"torch {torch.__version__}"
+            return f"the package was compiled for {built}"
+        built_torch = str(meta.built_with.get("torch") or "")
+        if built_torch and built_torch.split("+")[0] != torch.__version__.split("+")[0]:
+            return f"package built with torch {built_torch}, this is torch {torch.__version__}; rebuild it"
+        cc = str(meta.built_with.get("compute_capability") or "")
+        if entry.device == "cuda" and cc:
+            here = "{}.{}".format(*torch.cuda.get_device_capability())
+            if cc != here:
+                return f"package compiled for compute capability {cc}, this GPU is {here}"
+        return None
 
     def load(self) -> None:
         import torch._inductor

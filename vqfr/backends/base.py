@@ -196,6 +196,13 @@ class Backend(abc.ABC):
     def check(cls, entry: BackendEntry, meta: EngineMeta | None) -> tuple[str | None, str]:
         """(reason it cannot run here, or None; a short note when it can)."""
 
+    @classmethod
+    def engine_problem(cls, entry: BackendEntry, meta: EngineMeta | None) -> str | None:
+        """Why the engine described by ``meta`` cannot run on this row although the row's packages and device are
+        here (built for another TensorRT version, GPU, torch or device), or None. ``check`` includes it; the
+        runtime raises :class:`~vqfr.errors.EngineError` rather than BackendUnavailable when it is the cause."""
+        return None
+
     @abc.abstractmethod
     def load(self) -> None:
         """Load the engine. Raises EngineError (bad file), BackendUnavailable (cannot run here)."""

@@ -68,6 +68,7 @@ class OnnxRuntimeBackend(Backend):
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        self._errors = ort_errors(ort)
         try:
             self.session = ort.InferenceSession(str(path), so, providers=self._providers(path))
         except ort_errors(ort) as exc:
@@ -114,7 +115,12 @@ class OnnxRuntimeBackend(Backend):
         arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy().astype(_NP[self.in_dtype] if k != "fidelity"
                                                                           else np.float32))
                   for k, v in feeds.items()}
-        (out,) = self.session.run([self.output_name], arrays)
+        try:
+            (out,) = self.session.run([self.output_name], arrays)
+        except self._errors as exc:
+            raise EngineError(f"onnxruntime failed on a batch of {x.shape[0]} ({str(exc).strip().splitlines()[0]})",
+                              path=self.engine,
+                              fix="check that the engine matches its sidecar, or re-export it") from exc
         return torch.from_numpy(out)
 
     def _infer_bound(self, feeds: dict[str, Tensor], shape: torch.Size) -> Tensor:
@@ -130,7 +136,12 @@ class OnnxRuntimeBackend(Backend):
         out = torch.empty(tuple(shape), device=self.device, dtype=_TORCH[self.in_dtype])
         binding.bind_output(self.output_name, "cuda", index, _NP[self.in_dtype], tuple(out.shape), out.data_ptr())
         torch.cuda.current_stream(self.device).synchronize()
-        self.session.run_with_iobinding(binding)
+        try:
+            self.session.run_with_iobinding(binding)
+        except self._errors as exc:
+            raise EngineError(f"onnxruntime failed on a batch of {shape[0]} ({str(exc).strip().splitlines()[0]})",
+                              path=self.engine,
+                              fix="check that the engine matches its sidecar, or re-export it") from exc
         return out
 
     def close(self) -> None:

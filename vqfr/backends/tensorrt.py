@@ -60,12 +60,19 @@ class TensorRTBackend(Backend):
             return reason, ""
         import tensorrt as trt
 
-        if meta is not None:
-            problem = compatibility_problem(meta, trt.__version__, torch.cuda.get_device_capability(),
-                                            torch.cuda.get_device_name())
-            if problem:
-                return problem, ""
+        problem = cls.engine_problem(entry, meta)
+        if problem:
+            return problem, ""
         return None, f"TensorRT {trt.__version__}, {torch.cuda.get_device_name()}"
+
+    @classmethod
+    def engine_problem(cls, entry: BackendEntry, meta: EngineMeta | None) -> str | None:
+        if meta is None or missing_package("tensorrt", "trt") or cuda_missing():
+            return None
+        import tensorrt as trt
+
+        return compatibility_problem(meta, trt.__version__, torch.cuda.get_device_capability(),
+                                     torch.cuda.get_device_name())
 
     def load(self) -> None:
         trt = require("tensorrt", "running TensorRT engines")

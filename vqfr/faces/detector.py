@@ -143,8 +143,9 @@ def _guess_kind(path: Path) -> str:
     try:
         sd, _ = read_state_dict(path)
     except CheckpointError as exc:
-        raise ConfigError(f"cannot read detector weights ({exc})", path=path,
-                          fix="pass facexlib's detection_Resnet50_Final.pth or an MTCNN .safetensors") from exc
+        raise ConfigError(f"cannot read detector weights: {exc.reason}", path=path,
+                          fix=f"{exc.fix}; pass facexlib's detection_Resnet50_Final.pth or an MTCNN .safetensors"
+                          ) from exc
     keys = {k.removeprefix("module.") for k in sd}
     if any(k.startswith("pnet.") for k in keys):
         return "mtcnn"

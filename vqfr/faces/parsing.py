@@ -69,7 +69,8 @@ class NetworkParser:
             try:
                 self._module = torch.jit.load(str(self.path), map_location=device).eval()
             except (RuntimeError, ValueError) as exc:
-                raise ConfigError(f"is not a TorchScript file ({str(exc).splitlines()[0]})", path=self.path,
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+                raise ConfigError(f"is not a TorchScript file ({first})", path=self.path,
                                   fix="save the parser with torch.jit.save(torch.jit.trace(net, x), path)") from exc
             self._run = self._run_torch
         else:

@@ -189,8 +189,8 @@ class RetinaFace:
         try:
             sd, _ = read_state_dict(path)
         except CheckpointError as exc:
-            raise ConfigError(f"cannot read RetinaFace weights ({exc})", path=path,
-                              fix="pass facexlib's detection_Resnet50_Final.pth") from exc
+            raise ConfigError(f"cannot read RetinaFace weights: {exc.reason}", path=path,
+                              fix=f"{exc.fix}; pass facexlib's detection_Resnet50_Final.pth") from exc
         self.net = RetinaFaceNet()
         try:
             self.net.load_state_dict(sd, strict=True)

@@ -1,0 +1,248 @@
+"""Nothing lost: atomic outputs, interrupted runs (a real SIGINT to ``python -m vqfr``), resume, determinism."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import vqfr
+from deploy.soak import FACE_SIZE, MICRO_V2
+from tests.conftest import FACES, ROOT, needs_faces, seeded_model
+from vqfr.atomic import atomic_path, atomic_write_bytes
+from vqfr.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, main
+from vqfr.errors import OutputError
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+GROUPS = ("restored_faces", "cropped_faces", "cmp")
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    return vqfr.save_safetensors(seeded_model(MICRO_V2, seed=5),
+                                 tmp_path_factory.mktemp("weights") / "micro_v2.safetensors")
+
+
+def _faces(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        face = cv2.resize(small, (FACE_SIZE, FACE_SIZE), interpolation=cv2.INTER_CUBIC)
+        paths.append(folder / f"face{i:04d}.png")
+        cv2.imwrite(str(paths[-1]), face)
+    return paths
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def _run_cli(argv: list[str]) -> tuple[int, str, str]:
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(argv)
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+def _complete_sets(out: Path, inputs: list[Path]) -> tuple[int, list[str]]:
+    """(inputs with all three outputs, problems: partial sets, undecodable outputs, temporary files)."""
+    problems, done = [], 0
+    for src in inputs:
+        paths = [out / g / f"{src.stem}_00.png" for g in GROUPS]
+        present = [p.is_file() for p in paths]
+        if all(present):
+            if any(cv2.imread(str(p)) is None for p in paths):
+                problems.append(f"{src.name}: an output does not decode")
+            done += 1
+        elif any(present):
+            problems.append(f"{src.name}: partial output set {present}")
+    temps = [p.name for p in out.rglob("*") if p.name.startswith(".")]
+    if temps:
+        problems.append(f"temporary files left: {temps[:3]}")
+    return done, problems
+
+
+# --------------------------------------------------------------------------------------------- atomic writes
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "out.png"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_path(path) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("encoder died")
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+    with pytest.raises(KeyboardInterrupt), atomic_path(path) as tmp:
+        tmp.write_bytes(b"half")
+        raise KeyboardInterrupt
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+
+
+def test_atomic_write_gives_normal_permissions(tmp_path):
+    atomic_write_bytes(tmp_path / "a.bin", b"x")
+    with open(tmp_path / "b.bin", "wb") as f:
+        f.write(b"x")
+    mode = stat.S_IMODE((tmp_path / "a.bin").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "b.bin").stat().st_mode), oct(mode)
+
+
+def test_write_errors_become_output_errors(tmp_path):
+    with pytest.raises(OutputError, match="cannot be written") as info:
+        atomic_write_bytes(tmp_path / "missing-folder" / "x.png", b"x")
+    assert info.value.errno == 2
+    with pytest.raises(OutputError, match="cannot encode a 70000x1 image as .jpg"):
+        vqfr.imaging.save_image(tmp_path / "wide.jpg", np.zeros((1, 70000, 3), np.uint8))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_full_stops_the_run(weights, tmp_path, monkeypatch):
+    """ENOSPC on an output ends the run with exit 1 (every later input would fail the same way)."""
+    import vqfr.imaging
+
+    inputs = _faces(tmp_path / "in", 3)
+    real = vqfr.imaging.atomic_write_bytes
+
+    def full(path, data):
+        if "face0001" in Path(path).name:
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(vqfr.imaging, "atomic_write_bytes", lambda p, d: _raise_as_output(full, p, d))
+    code, stdout, stderr = _run_cli(["-i", str(inputs[0].parent), "-o", str(tmp_path / "out"), "--weights",
+                                     str(weights), "--aligned", "-q", "--batch", "1"])
+    assert code == 1 and "stopped:" in stderr and "No space left on device" in stderr
+    assert "1 images" in stdout  # face0000 was written before the disk filled up
+
+
+def _raise_as_output(fn, path, data):
+    with atomic_path(path) as tmp:
+        fn(path, data)
+        tmp.write_bytes(data)
+
+
+# --------------------------------------------------------------------------------------------- interrupts
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, EXIT_INTERRUPTED), (signal.SIGTERM, EXIT_TERMINATED)])
+def test_signal_during_a_write_waits_for_the_whole_set(weights, tmp_path, monkeypatch, sig, code):
+    """The signal arrives between the first and second output file of an input: all three are still written."""
+    import vqfr.imaging
+
+    inputs = _faces(tmp_path / "in", 4)
+    real, writes = vqfr.imaging.atomic_write_bytes, []
+
+    def write_then_signal(path, data):
+        real(path, data)
+        writes.append(Path(path).name)
+        if len(writes) == 4:  # the first output of the second input
+            os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(vqfr.imaging, "atomic_write_bytes", write_then_signal)
+    out = tmp_path / "out"
+    result, _, stderr = _run_cli(["-i", str(tmp_path / "in"), "-o", str(out), "--weights", str(weights),
+                                  "--aligned", "-q", "--batch", "1"])
+    assert result == code
+    assert ("terminated" if sig == signal.SIGTERM else "interrupted") in stderr
+    done, problems = _complete_sets(out, inputs)
+    assert done == 2 and problems == [], problems
+
+
+def test_signal_while_the_model_loads(weights, tmp_path, monkeypatch):
+    import vqfr.runtime
+
+    def interrupted_load(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(vqfr.runtime, "Runtime", interrupted_load)
+    _faces(tmp_path / "in", 1)
+    code, _, stderr = _run_cli(["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--weights", str(weights),
+                                "--aligned", "-q"])
+    assert code == EXIT_INTERRUPTED and stderr.strip() == "vqfr: interrupted before any input was restored"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the CLI restores the handlers it set"
+
+
+def test_output_names_never_collide(tmp_path):
+    from vqfr.cli import _output_stems
+
+    files = [tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", tmp_path / "c" / "X.PNG", tmp_path / "d" / "p.jpg",
+             tmp_path / "d" / "p.png", tmp_path / "d" / "p_png.png", tmp_path / "d" / "q.png"]
+    stems = _output_stems(files)
+    assert len({v.casefold() for v in stems.values()}) == len(files)
+    assert stems[files[-1]] == "q" and stems[files[3]] == "p_jpg"
+
+
+def test_sigint_to_a_real_run_then_resume(weights, tmp_path):
+    """SIGINT to ``python -m vqfr`` mid-run: exit 130, only complete outputs; --skip-existing finishes the set,
+    and what the other process wrote is byte-identical to this process's result for the same batches."""
+    inputs = _faces(tmp_path / "in", 40, seed=1)
+    before = _hashes(tmp_path / "in")
+    out = tmp_path / "out"
+    argv = ["-i", str(tmp_path / "in"), "-o", str(out), "--weights", str(weights), "--aligned", "-q", "--batch", "2"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "vqfr", *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    faces = out / "restored_faces"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if faces.is_dir() and sum(not name.startswith(".") for name in os.listdir(faces)) >= 4:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED, stderr
+    assert "interrupted; every output written so far is complete" in stderr and "Traceback" not in stderr
+    done, problems = _complete_sets(out, inputs)
+    assert problems == [] and 4 <= done < len(inputs), (done, problems)  # stopped mid-run, not at the end
+    written_there = {p.name: p.read_bytes() for p in (out / "restored_faces").iterdir()}
+
+    code, resumed, _ = _run_cli([*argv, "--skip-existing"])
+    assert code == EXIT_OK
+    assert f"{len(inputs) - done} images" in resumed and f"{done} skipped (existing)" in resumed
+    assert _complete_sets(out, inputs) == (len(inputs), [])
+    assert _hashes(tmp_path / "in") == before
+
+    # Same inputs in the same batches (--batch 2 from the start), same backend, another process: same bytes.
+    here = vqfr.Runtime(weights, max_batch=2).restore_batch(inputs[:4], aligned=True)
+    for src, img in zip(inputs[:4], here, strict=True):
+        mine = vqfr.imaging.save_image(tmp_path / f"{src.stem}_00.png", img).read_bytes()
+        assert mine == written_there[f"{src.stem}_00.png"]
+
+
+# --------------------------------------------------------------------------------------------- determinism
+def test_cli_runs_are_byte_identical(weights, tmp_path):
+    inputs = _faces(tmp_path / "in", 3, seed=2)
+    runs = []
+    for k in range(2):
+        out = tmp_path / f"out{k}"
+        assert _run_cli(["-i", str(inputs[0].parent), "-o", str(out), "--weights", str(weights), "--aligned", "-q",
+                         "--batch", "2"])[0] == EXIT_OK
+        runs.append({str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.png"))})
+    assert len(runs[0]) == 9 and runs[0] == runs[1]
+
+
+def test_api_is_deterministic(weights):
+    """Including the main branch (fidelity > 0: deformable convolutions)."""
+    rng = np.random.default_rng(3)
+    faces = list(rng.integers(0, 256, (2, FACE_SIZE, FACE_SIZE, 3), dtype=np.uint8))
+    a = vqfr.Runtime(weights, max_batch=2).restore_batch(faces, aligned=True, fidelity=0.3)
+    b = vqfr.Runtime(weights, max_batch=2).restore_batch(faces, aligned=True, fidelity=0.3)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@needs_faces
+@pytest.mark.shared
+def test_whole_photo_is_deterministic(weights):
+    photo = FACES / "whole" / "Blake_Lively.jpg"
+    rt = vqfr.Runtime(weights)
+    first, second = rt.restore_faces(photo, upscale=1), rt.restore_faces(photo, upscale=1)
+    assert len(first.faces) == 2 and np.array_equal(first.image, second.image)

@@ -1,0 +1,29 @@
+"""The folder soak at CI size: 60 images, 3 bad, through a real ``python -m vqfr`` subprocess (deploy/soak.py).
+
+The 1,000-image run is ``python -m deploy.soak --count 1000 --bad-fraction 0.05 --out DIR``; its result is in
+docs/RELIABILITY.md.
+"""
+
+from __future__ import annotations
+
+import json
+
+from deploy.soak import BAD_KINDS, main, make_folder
+
+
+def test_soak_60_images_3_bad(tmp_path, capsys):
+    code = main(["--count", "60", "--bad-fraction", "0.05", "--out", str(tmp_path), "--batch", "8"])
+    summary = capsys.readouterr().out
+    print(summary)
+    record = json.loads((tmp_path / "soak.json").read_text())
+    assert code == 0 and record["ok"] and "all checks passed" in summary, summary
+    assert [record[k] for k in ("good", "bad", "outputs", "reported", "exit_code")] == [57, 3, 57, 3, 3]
+    assert record["rss_growth"] is not None and record["rss_growth"] <= 0.10
+    assert len(record["samples"]) >= 10
+
+
+def test_folder_spreads_every_bad_kind(tmp_path):
+    good, bad = make_folder(tmp_path, 140, 0.05)
+    assert len(good) == 133 and len(bad) == 7
+    assert sorted(p.stem.split("_", 1)[1] for p in bad) == sorted(BAD_KINDS)
+    assert len({p.name for p in good + bad}) == 140
