@@ -131,3 +131,15 @@ def test_module_entry_point_lists_backends():
     lines = out.stdout.splitlines()
     assert lines[0].startswith("tensorrt") and lines[-1].startswith("torch[cpu]")
     assert any(line.startswith("torch[cpu]") and " yes " in line for line in lines)
+
+
+def test_default_input_is_the_embedded_demo_photo(tmp_path, weights, capsys):
+    """The README's main job: no -i restores the packaged public-domain photo (one face), needing no ../shared."""
+    out = tmp_path / "out"
+    assert main(["-o", str(out), "--weights", str(weights), "-q"]) == EXIT_OK
+    captured = capsys.readouterr()
+    assert "no -i given" in captured.err and "astronaut_degraded.jpg" in captured.err
+    assert "1 images, 1 faces restored, 0 failed" in captured.out
+    restored = cv2.imread(str(out / "restored_imgs" / "astronaut_degraded.jpg"))
+    assert restored.shape == (1024, 1024, 3)  # the official demo's default upscale, 2
+    assert [p.name for p in (out / "restored_faces").iterdir()] == ["astronaut_degraded_00.png"]

@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 ok, 1 setup error, 2 usage error, 3 some inputs failed, 130 interrupted, "
                "143 terminated.")
     io = p.add_argument_group("input and output")
-    io.add_argument("-i", "--input", help="image file, folder or glob (default: ../shared/faces/whole, or "
-                                          "../shared/faces/aligned with --aligned, when present)")
+    io.add_argument("-i", "--input", help="image file, folder or glob (default: the embedded demo photo; with "
+                                          "--aligned, ../shared/faces/aligned when present)")
     io.add_argument("-o", "--output", default="results", help="output folder (default: results)")
     io.add_argument("--ext", choices=("auto", "jpg", "png"), default="auto",
                     help="restored image format; auto = the input's (default: auto)")
@@ -324,7 +324,12 @@ def _run_chunk(rt, job: _Job, chunk: list[tuple[Path, str]], bar) -> None:
 
 
 def _default_input(aligned: bool) -> str | None:
-    folder = SAMPLE_FACES / ("aligned" if aligned else "whole")
+    """The embedded demo photo; for --aligned, the sample aligned faces next to a checkout (None if absent)."""
+    if not aligned:
+        from vqfr.demo import demo_photo
+
+        return str(demo_photo())
+    folder = SAMPLE_FACES / "aligned"
     return str(folder) if folder.is_dir() else None
 
 
@@ -370,7 +375,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, signals: _Si
         args.input = _default_input(args.aligned)
         if args.input is None:
             parser.error("-i/--input is required (an image, a folder or a glob)")
-        print(f"vqfr: no -i given; using the sample faces in {args.input}", file=sys.stderr)
+        print(f"vqfr: no -i given; restoring {args.input}", file=sys.stderr)
     files, ignored = _collect_inputs(args.input)
     if not files:
         parser.error(f"no input images found at {args.input!r} (looked for {', '.join(IMAGE_SUFFIXES)})")
