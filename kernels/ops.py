@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from kernels import dispatch
-from kernels.deform_conv import deform_conv2d_backward_reference, deform_conv2d_reference
+from kernels.deform_conv import deform_conv2d_backward_reference, deform_conv2d_grid_sample, deform_conv2d_reference
 from kernels.nearest_code import nearest_code_reference
 
 __all__ = ["deform_conv2d_op", "deform_conv2d_backward_op", "nearest_code_op", "TRITON_OPS"]
@@ -63,8 +63,12 @@ def _deform_conv2d(
 ) -> Tensor:
     """Modulated deformable convolution; see ``kernels.deform_conv`` for shapes and semantics."""
     conv = _conv_args(stride, padding, dilation)
-    if dispatch.use_triton("modulated_deform_conv2d", x, offset, mask, weight, bias):
+    fast = dispatch.use_grid_sample(x)
+    if dispatch.use_triton("modulated_deform_conv2d", x, offset, mask, weight, bias,
+                           fallback="grid_sample" if fast else "reference"):
         return dispatch.triton_module("deform_conv_triton").forward(x, offset, mask, weight, bias, *conv)
+    if fast:
+        return deform_conv2d_grid_sample(x, offset, mask, weight, bias, *conv)
     return deform_conv2d_reference(x, offset, mask, weight, bias, *conv)
 
 
