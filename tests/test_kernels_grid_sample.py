@@ -81,3 +81,21 @@ def test_gradients_flow_through_the_grid_sample_forward():
         kernels.modulated_deform_conv2d(*ref_leaves, *conv).square().sum().backward()
     for ours, ref in zip(leaves, ref_leaves, strict=True):
         torch.testing.assert_close(ours.grad, ref.grad, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_op_output_layout_matches_its_fake_kernel(channels_last):
+    """Inductor and AOTInductor lay out the op's output by the fake kernel; every implementation must agree with it
+    (batch 2: einsum outputs come back permuted otherwise)."""
+    import kernels.ops  # noqa: F401  (registers torch.ops.vqfr.*)
+
+    (x, offset, mask, weight, bias), _ = case(2, 8, 5, 6, 2, 1, 1, 1, 2.0)
+    x = x.float().contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    args = (x, offset.float(), mask.float(), weight.float(), bias.float(), [1, 1], [1, 1], [1, 1])
+    for mode in ("auto", "reference"):
+        with kernels.use(mode):
+            result = torch.library.opcheck(torch.ops.vqfr.modulated_deform_conv2d.default, args,
+                                           test_utils=("test_faketensor",), raise_exception=False)
+            assert result["test_faketensor"] == "SUCCESS", (mode, result)
+            out = torch.ops.vqfr.modulated_deform_conv2d(*args)
+        assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
