@@ -278,7 +278,8 @@ def expand_backends(names: Sequence[str], device: torch.device) -> list[str]:
 
 
 def make_subjects(cfg: BenchConfig, model: nn.Module, device: torch.device, engines: EngineCache) -> list[Subject]:
-    """Baselines first (the fp32 reference leads: it provides the reference outputs), then the candidates."""
+    """The fp32 reference first (it provides the reference outputs), then the candidates, then the other baselines
+    (so that a run cut short by a time limit has measured what it was run for)."""
     assert cfg.precisions is not None and cfg.batches is not None
     base_precisions = ["fp32"] + [p for p in PRECISIONS[1:] if p in cfg.precisions or
                                   (p == "fp16" and device.type == "cuda")]
@@ -306,10 +307,9 @@ def make_subjects(cfg: BenchConfig, model: nn.Module, device: torch.device, engi
                                                ("channels_last", fast.channels_last),
                                                ("fp32 islands", fast.fp32_islands)) if on) or "no extras",
     }
-    for name in expand_backends(cfg.backends, device):
-        for p in cfg.precisions:
-            subjects.append(Subject(name, p, False, factories[name](p), notes.get(name, "")))
-    return subjects
+    candidates = [Subject(name, p, False, factories[name](p), notes.get(name, ""))
+                  for name in expand_backends(cfg.backends, device) for p in cfg.precisions]
+    return subjects[:1] + candidates + subjects[1:]
 
 
 def _loaded(backend: Backend) -> Backend:
@@ -576,7 +576,8 @@ def resolve_device(name: str) -> torch.device:
 
 # ---------------------------------------------------------------------------------------------------- the run
 def run(cfg: BenchConfig, log: Callable[[str], None] | None = None,
-        extra: Callable[[nn.Module, torch.device], Sequence[Subject]] | None = None) -> tuple[dict, list[Row]]:
+        extra: Callable[[nn.Module, torch.device], Sequence[Subject]] | None = None,
+        on_subject: Callable[[dict, list[Row]], None] | None = None) -> tuple[dict, list[Row]]:
     """Run the benchmark; returns (meta, rows). Writes nothing (see :func:`main` and :mod:`deploy.report`).
 
     Args:
@@ -584,6 +585,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] | None = None,
         log: progress lines (default: stderr).
         extra: ``extra(model, device)`` -> more subjects to time after the configured ones (your own runner: any
             object with ``infer(x, fidelity)``, ``close()`` and ``max_batch``), measured and compared the same way.
+        on_subject: called with (meta, rows so far) after each subject (``main`` saves partial results with it).
     """
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     device = resolve_device(cfg.device)
@@ -611,12 +613,6 @@ def run(cfg: BenchConfig, log: Callable[[str], None] | None = None,
     engines = EngineCache(Path(cfg.out) / "engines", model, cfg.weights, rebuild=cfg.rebuild)
     ctx = _Context(cfg, device, model, size, face_sets, x_sets, fidelities, {}, log)
     subjects = make_subjects(cfg, model, device, engines) + list(extra(model, device) if extra else ())
-    started = time.perf_counter()
-    rows: list[Row] = []
-    for subject in subjects:
-        log(f"deploy.bench: {subject.backend} {subject.precision} on {device}")
-        rows += run_subject(ctx, subject)
-    _speedups(rows)
     command = None
     if Path(sys.argv[0]).stem in ("bench", "__main__"):  # run as python -m deploy.bench
         command = "python -m deploy.bench " + " ".join(sys.argv[1:])
@@ -628,7 +624,6 @@ def run(cfg: BenchConfig, log: Callable[[str], None] | None = None,
         "weights": weights_note,
         "input_size": f"[B, 3, {size}, {size}]",
         "device": str(device),
-        "load_average": f"before {load_before}, after {_load_average()} (1/5/15 min)",
         "timing": (f"first call timed alone, then {cfg.warmup - 1} warm-up, then up to {cfg.iters} timed calls "
                    f"(restore: {cfg.restore_iters}) rotating over {cfg.inputs} input sets"
                    + ("; CUDA events for forward calls, host clock after synchronize for restore"
@@ -637,9 +632,18 @@ def run(cfg: BenchConfig, log: Callable[[str], None] | None = None,
                    + ("; cudnn.benchmark on, TF32 " + ("allowed" if cfg.tf32 else "off")
                       if device.type == "cuda" else "")),
         "inputs": faces_note,
-        "wall_s": round(time.perf_counter() - started, 1),
         **environment(device),
     }
+    started = time.perf_counter()
+    rows: list[Row] = []
+    for subject in subjects:
+        log(f"deploy.bench: {subject.backend} {subject.precision} on {device}")
+        rows += run_subject(ctx, subject)
+        _speedups(rows)
+        meta["load_average"] = f"before {load_before}, now {_load_average()} (1/5/15 min)"
+        meta["wall_s"] = round(time.perf_counter() - started, 1)
+        if on_subject is not None:
+            on_subject(meta, rows)
     return meta, rows
 
 
@@ -700,8 +704,12 @@ def main(argv: list[str] | None = None) -> int:
         chart=not args.no_chart,
         fast=FastOptions(compile=False if args.no_compile else None, compile_mode=args.compile_mode,
                          cuda_graphs=False if args.no_cuda_graphs else None, channels_last=not args.no_channels_last))
+    def save_partial(meta: dict, rows: list[Row]) -> None:  # a run killed by a time limit keeps what it measured
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        report.write_json(Path(cfg.out) / "results.json", {**meta, "partial": True}, [r.as_dict() for r in rows])
+
     try:
-        meta, rows = run(cfg)
+        meta, rows = run(cfg, on_subject=save_partial)
     except VQFRError as exc:
         print(f"deploy.bench: error: {exc}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ from typing import Any
 from vqfr._optional import require
 from vqfr.atomic import atomic_write_bytes, atomic_write_with
 
-__all__ = ["COLUMNS", "markdown_table", "markdown", "write_json", "write_chart", "write_all", "load", "main"]
+__all__ = ["COLUMNS", "cell", "markdown_table", "markdown", "write_json", "write_chart", "write_all", "load", "main"]
 
 #: (row key, column title, format) of the Markdown table, in order.
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -42,7 +42,8 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def _cell(value: Any, fmt: str) -> str:
+def cell(value: Any, fmt: str) -> str:
+    """One value as table text: '-' for None, 'inf' for infinity."""
     if value is None:
         return "-"
     if isinstance(value, float) and math.isinf(value):
@@ -65,7 +66,7 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]
     used = [c for c in columns if c[0] in ("backend", "status") or any(r.get(c[0]) is not None for r in rows)]
     lines = ["| " + " | ".join(title for _, title, _ in used) + " |", "|" + "---|" * len(used)]
     for row in rows:
-        cells = [_status(row) if key == "status" else _cell(row.get(key), fmt) for key, _, fmt in used]
+        cells = [_status(row) if key == "status" else cell(row.get(key), fmt) for key, _, fmt in used]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
