@@ -540,6 +540,11 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+#: Environment variables that change what is measured (recorded in the results).
+_ENV_KEYS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "VQFR_KERNELS",
+             "VQFR_TORCH_MODE", "CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_CACHE_DIR")
+
+
 def environment(device: torch.device) -> dict:
     """Hardware and software facts for the report."""
     versions = {"python": platform.python_version(), "torch": torch.__version__}
@@ -548,7 +553,8 @@ def environment(device: torch.device) -> dict:
         if v:
             versions[package] = v
     info: dict[str, Any] = {"host": f"{platform.system()} {platform.machine()}, {_cpu_name()}, {os.cpu_count()} cores",
-                            "versions": versions, "threads": torch.get_num_threads()}
+                            "versions": versions, "threads": torch.get_num_threads(),
+                            "environment": {k: os.environ[k] for k in _ENV_KEYS if k in os.environ}}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info["device_name"] = f"{props.name} ({props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor})"

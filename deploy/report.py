@@ -72,8 +72,8 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]
 
 
 def _meta_lines(meta: dict) -> list[str]:
-    keys = ("date", "command", "model", "weights", "input_size", "device_name", "host", "threads", "load_average",
-            "versions", "timing", "inputs", "notes")
+    keys = ("date", "command", "model", "weights", "input_size", "device_name", "host", "threads", "environment",
+            "load_average", "versions", "timing", "inputs", "wall_s", "notes")
     lines = []
     for key in keys:
         value = meta.get(key)

@@ -142,6 +142,25 @@ def island_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, Float32Island)]
 
 
+def _with_inductor_layouts_fixed(fn: Callable) -> Callable:
+    """``fn`` compiling without Inductor's layout optimisation when the kernels are opaque custom ops (no Triton).
+
+    That optimisation re-lays conv activations channels-last after tracing, and an opaque deformable conv then
+    receives an input (and returns an output) in another layout than the one its fake kernel was traced with. With
+    Triton on CUDA the ops are ``triton_op``s, which Inductor traces into, and nothing is changed.
+    """
+    from kernels import ops
+
+    if ops.TRITON_OPS:
+        return fn
+
+    def call(*args: Any) -> Any:
+        with torch._inductor.config.patch(layout_optimization=False):
+            return fn(*args)
+
+    return call
+
+
 @dataclasses.dataclass
 class _Graph:
     """A captured CUDA graph and its static input and output buffers."""
@@ -186,8 +205,9 @@ class FastRunner:
         if fn is None:
             fn = self._forward(key[1])
             if self.options.compile:
-                fn = torch.compile(fn, fullgraph=True, dynamic=False, mode=self.options.compile_mode,
-                                   backend=self.options.compile_backend)
+                fn = _with_inductor_layouts_fixed(torch.compile(
+                    fn, fullgraph=True, dynamic=False, mode=self.options.compile_mode,
+                    backend=self.options.compile_backend))
             self._compiled[key] = fn
         return fn
 
