@@ -22,7 +22,8 @@ It stacks, on one GPU:
    pool; each replay's output is copied out before the next replay can reuse it.
 
 Each step can be switched off through :class:`FastOptions`; on a CPU the defaults reduce to steps 1-4 (no compile,
-no graphs), which is how the tests run this code.
+no graphs), which is how the tests run this code. On CUDA the mode also turns on ``torch.backends.cudnn.benchmark``
+(static shapes), and it raises torch.compile's per-function cache to 64 graphs.
 """
 
 from __future__ import annotations
@@ -186,6 +187,11 @@ class FastRunner:
     def __init__(self, model: nn.Module, arch: str, device: torch.device, dtype: torch.dtype, options: FastOptions):
         self.model, self.arch, self.device, self.dtype, self.options = model, arch, device, dtype, options
         self.memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
+        if options.compile:
+            # Every (batch, fidelity kind) is its own graph of one code object; torch's default allows 8.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # static shapes: let cuDNN pick each convolution's algorithm once
         self._compiled: dict[tuple[int, bool], Callable] = {}
         self._graphs: dict[tuple[int, bool], _Graph] = {}
         self._pool = None
