@@ -17,6 +17,7 @@ import argparse
 import collections
 import dataclasses
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -41,6 +42,9 @@ class Cost:
         ideal_bytes: weights + the activations each compute op reads and writes, once each.
         eager_bytes: inputs + outputs of every op, as an unfused eager run moves them.
         weight_bytes: parameters, once.
+        peak_live_bytes: the most bytes of op outputs alive at once in an eager run (weights excluded): what the
+            activations need at peak before allocator rounding and fragmentation.
+        peak_at: the module running when that peak was reached.
         ops: op counts by kind (``other`` included).
     """
 
@@ -49,6 +53,8 @@ class Cost:
     ideal_bytes: float = 0.0
     eager_bytes: float = 0.0
     weight_bytes: float = 0.0
+    peak_live_bytes: float = 0.0
+    peak_at: str = ""
     ops: dict[str, int] = dataclasses.field(default_factory=lambda: collections.defaultdict(int))
 
     @property
@@ -98,12 +104,29 @@ class _Counter(TorchDispatchMode):
     def __init__(self, cost: Cost, weights: set[int]):
         super().__init__()
         self.cost, self.weights = cost, weights
+        self.live = 0
+        self.modules: list[str] = []
+
+    def _track(self, out: Any) -> None:
+        """Count fresh output tensors as alive until Python frees them (views share their base's memory)."""
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t._base is None:
+                size = t.numel() * t.element_size()
+                self.live += size
+                weakref.finalize(t, self._free, size)
+        if self.live > self.cost.peak_live_bytes:
+            self.cost.peak_live_bytes = self.live
+            self.cost.peak_at = self.modules[-1] if self.modules else ""
+
+    def _free(self, size: int) -> None:
+        self.live -= size
 
     def _is_weight(self, t: torch.Tensor) -> bool:
         return id(t) in self.weights or (t._base is not None and id(t._base) in self.weights)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self._track(out)
         kind = _kind(func)
         moved = _bytes((args, kwargs)) + _bytes(out)
         self.cost.ops[kind] += 1
@@ -133,8 +156,23 @@ def count(model: nn.Module, batch: int, size: int, dtype: torch.dtype = torch.fl
     weights = {id(p) for p in meta.parameters()}
     x = torch.empty(batch, 3, size, size, device="meta", dtype=dtype)
     kwargs = {"fidelity": fidelity} if meta.options["type"] == "VQFRv2" else {}
-    with torch.no_grad(), _Counter(cost, weights):
-        meta(x, **kwargs)
+    names = {id(m): name for name, m in meta.named_modules()}
+    counter = _Counter(cost, weights)
+
+    def enter(module: nn.Module, args: Any) -> None:
+        counter.modules.append(names.get(id(module), type(module).__name__))
+
+    def leave(module: nn.Module, args: Any, out: Any) -> None:
+        counter.modules.pop()
+
+    pre = torch.nn.modules.module.register_module_forward_pre_hook(enter)
+    post = torch.nn.modules.module.register_module_forward_hook(leave)
+    try:
+        with torch.no_grad(), counter:
+            meta(x, **kwargs)
+    finally:
+        pre.remove()
+        post.remove()
     return cost
 
 
@@ -154,7 +192,8 @@ def _table(version: str, batches: list[int], fidelity: float, rates: tuple[float
     lines = [f"### VQFR{version} at {size}x{size}, fp16, fidelity {fidelity:g} ({rates[0] / 1e12:.0f} TFLOP/s, "
              f"{rates[1] / 1e12:.1f} TB/s)", "",
              "| batch | GFLOP | conv | deform conv | attention + matmul | ideal GB | eager GB | compute floor ms "
-             "| ideal-bytes floor ms | eager-bytes floor ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| ideal-bytes floor ms | eager-bytes floor ms | weights + peak live activations GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     by_size = None
     for batch in batches:
         cost = count(options, batch, size, fidelity=fidelity)
@@ -163,13 +202,15 @@ def _table(version: str, batches: list[int], fidelity: float, rates: tuple[float
         lines.append(f"| {batch} | {cost.total_flops / 1e9:.1f} | {cost.flops['conv'] / 1e9:.1f} | "
                      f"{cost.flops['deform_conv'] / 1e9:.1f} | {mm / 1e9:.2f} | {cost.ideal_bytes / 1e9:.2f} | "
                      f"{cost.eager_bytes / 1e9:.2f} | {f['compute_ms']:.2f} | {f['ideal_bytes_ms']:.2f} | "
-                     f"{f['eager_bytes_ms']:.2f} |")
+                     f"{f['eager_bytes_ms']:.2f} | {(cost.weight_bytes + cost.peak_live_bytes) / 1e9:.2f} |")
         by_size = by_size or cost
+        last = cost
     assert by_size is not None
     total = by_size.total_flops
     sizes = sorted(by_size.flops_by_size.items(), key=lambda kv: -kv[1])
     lines += ["", f"FLOPs by feature-map size (batch {batches[0]}): " + ", ".join(
-        f"{k} {v / total:.0%}" for k, v in sizes if v / total >= 0.005)]
+        f"{k} {v / total:.0%}" for k, v in sizes if v / total >= 0.005) + ".",
+              f"Peak live activations (batch {batches[-1]}) while running `{last.peak_at}`."]
     return "\n".join(lines)
 
 
