@@ -51,6 +51,9 @@ class Profile:
     top: list[tuple[str, float, int]]
     total_ms: float
     calls: int
+    #: the VQFR custom ops' own totals, children included (on the CPU, category times split an op into its aten
+    #: children: the deformable conv's bmm counts as a matrix product there)
+    vqfr_ops: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def profile(model, device: str, precision: str, batch: int, size: int, mode: str, fidelity: float = 1.0,
@@ -81,7 +84,10 @@ def profile(model, device: str, precision: str, batch: int, size: int, mode: str
             if cuda:
                 torch.cuda.synchronize(dev)
     per_kernel: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
-    for event in prof.key_averages():
+    events = prof.key_averages()
+    vqfr_ops = {e.key: (e.device_time_total if cuda and hasattr(e, "device_time_total") else e.cpu_time_total)
+                / 1e3 / iters for e in events if e.key.startswith("vqfr::")}
+    for event in events:
         if cuda:
             us = getattr(event, "self_device_time_total", None)
             if us is None:
@@ -98,7 +104,7 @@ def profile(model, device: str, precision: str, batch: int, size: int, mode: str
     for name, (ms, _) in per_kernel.items():
         per_category[category(name)] += ms
     top = sorted(((n, ms, c) for n, (ms, c) in per_kernel.items()), key=lambda t: -t[1])[:25]
-    return Profile(str(dev), dict(per_category), top, sum(per_category.values()), iters)
+    return Profile(str(dev), dict(per_category), top, sum(per_category.values()), iters, vqfr_ops)
 
 
 def report(p: Profile, title: str, floors: dict[str, float] | None = None) -> str:
@@ -107,6 +113,9 @@ def report(p: Profile, title: str, floors: dict[str, float] | None = None) -> st
     if floors:
         lines.append(f"Roofline floors: compute {floors['compute_ms']:.2f} ms, ideal bytes "
                      f"{floors['ideal_bytes_ms']:.2f} ms, eager bytes {floors['eager_bytes_ms']:.2f} ms.")
+    for name, ms in sorted(p.vqfr_ops.items()):
+        lines.append(f"`{name}` in total (children included): {ms:.3f} ms per forward"
+                     + (f", {ms / p.total_ms:.1%} of the time." if p.total_ms else "."))
     lines += ["", "| category | ms / forward | share |", "|---|---|---|"]
     for name, ms in sorted(p.per_category.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {name} | {ms:.3f} | {ms / p.total_ms:.1%} |" if p.total_ms else f"| {name} | {ms:.3f} | - |")
