@@ -22,7 +22,7 @@ __all__ = ["CATEGORIES", "category", "profile", "main"]
 #: (category, substrings of a kernel or operator name), first match wins.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("deformable conv", ("deform", "_fwd_kernel", "grid_sampler")),
-    ("nearest-code search", ("nearest_code", "_nearest")),
+    ("nearest-code search", ("nearest_code",)),
     ("normalisation", ("group_norm", "layer_norm", "welford", "native_norm")),
     ("attention", ("fmha", "flash", "attention", "softmax")),
     ("convolution", ("conv", "cudnn", "xmma", "implicit_gemm", "winograd", "fprop", "dgrad", "mkldnn")),
