@@ -39,7 +39,8 @@ def golden_available() -> bool:
     return (GOLDEN / "vqfr_v1_small.pth").is_file()
 
 
-needs_golden = pytest.mark.skipif(not golden_available(), reason=f"golden data not found at {GOLDEN} (../shared absent)")
+needs_golden = pytest.mark.skipif(not golden_available(),
+                                  reason=f"golden data not found at {GOLDEN} (../shared absent)")
 needs_faces = pytest.mark.skipif(not (FACES / "aligned").is_dir(), reason=f"sample faces not found at {FACES}")
 
 

@@ -82,7 +82,7 @@ def test_custom_op_gradients_equal_reference_gradients():
     b = [t.clone().requires_grad_(True) for t in args]
     deform_conv2d_reference(*a, 1, 1, 1).square().sum().backward()
     modulated_deform_conv2d(*b, 1, 1, 1).square().sum().backward()
-    for ta, tb in zip(a, b):
+    for ta, tb in zip(a, b, strict=True):
         torch.testing.assert_close(tb.grad, ta.grad, atol=1e-10, rtol=1e-10)
 
 

@@ -80,7 +80,7 @@ class DecoderV2(nn.Module):
         """z [B, code_dim, h, w] -> {level: feature}, coarse to fine."""
         x = self.mid_blocks(self.conv_in(z))
         feats = {}
-        for name, block in zip(self.level_names, self.blocks):
+        for name, block in zip(self.level_names, self.blocks, strict=True):
             x = block(x)
             feats[name] = x
         return feats
@@ -253,7 +253,8 @@ class VQFRv2(nn.Module):
         else:
             residual = self.main_branch(dec_feats, self.inpfeat_extraction(x))
             # Official quirk, kept: the main branch reuses the texture decoder's conv_out.
-            main_dec = self.decoder.conv_out(dec_feats["Level_1"] + fidelity_weights(fidelity, x.shape[0], x) * residual)
+            weight = fidelity_weights(fidelity, x.shape[0], x)
+            main_dec = self.decoder.conv_out(dec_feats["Level_1"] + weight * residual)
         if not return_all:
             return main_dec
         return {"enc_feat": enc_feat, "quant_logit": logits, "texture_dec": texture_dec, "main_dec": main_dec,

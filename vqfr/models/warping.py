@@ -26,7 +26,8 @@ class DCNv2Pack(nn.Module):
         self.padding = padding
         self.weight = nn.Parameter(torch.empty(cout, cin, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(cout))
-        self.conv_offset = nn.Conv2d(cin, deformable_groups * 3 * kernel_size * kernel_size, kernel_size, padding=padding)
+        taps = kernel_size * kernel_size
+        self.conv_offset = nn.Conv2d(cin, deformable_groups * 3 * taps, kernel_size, padding=padding)
         bound = 1.0 / math.sqrt(cin * kernel_size * kernel_size)
         nn.init.uniform_(self.weight, -bound, bound)
 

@@ -1,0 +1,124 @@
+"""AOTInductor export: a tiny v1 (both custom ops) compiled on the CPU and compared with PyTorch, and the guard that
+refuses custom ops whose real layout differs from their fake kernel's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels.ops
+from export import source
+from export.aoti import custom_op_problems, export_aoti, fp16_model
+from vqfr.errors import EngineError
+from vqfr.sidecar import read_sidecar
+
+#: A three-level VQFRv1 (16x16 inputs): every op of the full model, including both custom ops, compiled in ~1 minute.
+SMALL_V1 = {
+    "type": "VQFRv1", "base_channels": 32, "proj_patch_size": 4, "resolution_scale_rates": [1, 2, 2],
+    "channel_multipliers": [1, 1, 2], "encoder_num_blocks": 1, "decoder_num_blocks": 1,
+    "quant_level": ["Level_4"], "fix_keys": ["embedding"], "inpfeat_extraction_opt": {"in_dim": 3, "out_dim": 32},
+    "align_from_patch": 4,
+    "align_opt": {f"Level_{r}": {"cond_channels": 32, "cond_downscale_rate": r, "deformable_groups": 4}
+                  for r in (4, 2, 1)},
+    "quantizer_opt": {"Level_4": {"type": "L2VectorQuantizerKmeans", "in_dim": 64, "num_code": 32, "code_dim": 16}},
+}
+#: A three-level VQFRv2 (16x16 inputs, fidelity input, code predictor).
+SMALL_V2 = {
+    "type": "VQFRv2", "base_channels": 32, "channel_multipliers": [1, 1, 2], "num_enc_blocks": 1,
+    "use_enc_attention": True, "num_dec_blocks": 1, "use_dec_attention": True, "code_dim": 16, "inpfeat_dim": 32,
+    "align_opt": {"cond_channels": 32, "deformable_groups": 4}, "code_selection_mode": "Predict",
+    "quantizer_opt": {"type": "L2VectorQuantizer", "num_code": 32, "code_dim": 16, "spatial_size": [4, 4]},
+}
+
+
+@torch.library.custom_op("vqfr_test::transposed_copy", mutates_args=())
+def _transposed_copy(x: torch.Tensor) -> torch.Tensor:
+    return x.t().contiguous().t()  # same values and shape, column-major strides
+
+
+@_transposed_copy.register_fake
+def _(x):
+    return x.new_empty(x.shape)  # declares row-major strides
+
+
+def test_layout_guard_reports_a_fake_kernel_that_lies_and_passes_honest_ones():
+    x = torch.randn(3, 5)
+    problems = custom_op_problems(probes={"bad": (torch.ops.vqfr_test.transposed_copy.default, (x,))})
+    assert len(problems) == 1 and problems[0].startswith("bad:") and "tride" in problems[0]
+    honest = {"nearest": (torch.ops.vqfr.nearest_code.default, (torch.randn(7, 4), torch.randn(5, 4)))}
+    assert custom_op_problems(probes=honest) == []
+
+
+def test_export_refuses_when_a_custom_op_layout_is_wrong(tmp_path, monkeypatch):
+    monkeypatch.setattr("export.aoti.custom_op_problems", lambda device: ["vqfr::x: stride mismatch"])
+    with pytest.raises(EngineError, match="fake kernel"):
+        export_aoti(None, tmp_path / "m.pt2", config=SMALL_V1, random_weights=0, device="cpu", size=16)
+    assert not (tmp_path / "m.pt2").exists()
+
+
+def test_fp16_model_keeps_the_last_conv_and_code_predictor_in_fp32():
+    model = source.load_source_model(None, SMALL_V1, 0)
+    half = fp16_model(model)
+    assert half.main_decoder.conv_out[0].inner.weight.dtype == torch.float32
+    assert half.encoder.conv_in.weight.dtype == torch.float16
+    assert model.encoder.conv_in.weight.dtype == torch.float32  # the caller's model is left alone
+
+
+@pytest.mark.slow
+def test_aoti_cpu_package_matches_pytorch(tmp_path, monkeypatch):
+    if custom_op_problems("cpu"):
+        # kernels/ops.py's CPU implementation returns a non-contiguous tensor for batch > 1 while its fake kernel
+        # declares a contiguous one (reported to the lead); make it contiguous so that this test checks the
+        # exporter. Once kernels/ops.py is fixed this branch is not taken.
+        reference = kernels.ops.deform_conv2d_reference
+        monkeypatch.setattr(kernels.ops, "deform_conv2d_reference", lambda *a: reference(*a).contiguous())
+        assert custom_op_problems("cpu") == []
+    path = export_aoti(None, tmp_path / "small_v1.pt2", config=SMALL_V1, random_weights=3, device="cpu", size=16)
+    package = torch._inductor.aoti_load_package(str(path))
+    model = source.load_source_model(None, SMALL_V1, 3)
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(package(x), model(x), atol=1e-4, rtol=0)
+        torch.testing.assert_close(package(x[1:2]), model(x[1:2]), atol=1e-4, rtol=0)
+    meta = read_sidecar(path)
+    assert (meta.arch, meta.precision, meta.face_size) == ("VQFRv1", "fp32", 16)
+    assert meta.built_with["device"] == "cpu" and meta.extra["format"] == "aoti"
+    assert [t.shape for t in meta.inputs] == [(-1, 3, 16, 16)]
+
+
+@pytest.mark.parametrize("config", [SMALL_V1, SMALL_V2], ids=["v1", "v2"])
+def test_fp16_engine_traces_with_fp32_inputs_and_output(config):
+    """The fp16 program (compiled only on GPUs) takes and returns fp32, and its convolutions run in fp16."""
+    from export.aoti import trace_engine
+
+    model = source.load_source_model(None, config, 0)
+    program = trace_engine(model, source.export_spec(model, size=16), "fp16", "cpu")
+    inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in ("input", "fidelity")]
+    assert len(inputs) == (2 if config is SMALL_V2 else 1)
+    assert all(n.meta["val"].dtype == torch.float32 for n in inputs)
+    (output,) = [n for n in program.graph.nodes if n.op == "output"][0].args[0]
+    assert output.meta["val"].dtype == torch.float32
+    conv_dtypes = [n.meta["val"].dtype for n in program.graph.nodes if "convolution" in str(n.target)
+                   or "conv2d" in str(n.target)]
+    # all but the last conv (v2 runs its shared conv_out twice: texture and main output)
+    assert conv_dtypes.count(torch.float16) >= len(conv_dtypes) - 2 > 10
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("precision,check", [("fp32", "max_abs"), ("fp16", "psnr")])
+def test_aoti_cuda_package_matches_pytorch(precision, check, tmp_path):
+    if custom_op_problems("cuda"):
+        pytest.skip(f"custom op layouts disagree with their fake kernels on CUDA: {custom_op_problems('cuda')}")
+    from export.compare import agreement
+
+    path = export_aoti(None, tmp_path / f"small_v2_{precision}.pt2", config=SMALL_V2, random_weights=3,
+                       device="cuda", precision=precision)
+    package = torch._inductor.aoti_load_package(str(path))
+    model = source.load_source_model(None, SMALL_V2, 3).cuda()
+    x = (torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1).cuda()
+    f = torch.tensor([0.0, 1.0, 0.5], device="cuda")
+    with torch.no_grad():
+        result = agreement(package(x, f), model(x, fidelity=f))
+    assert result.max_abs <= 1e-3 if check == "max_abs" else result.psnr_db >= 45.0, str(result)

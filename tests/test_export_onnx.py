@@ -1,0 +1,405 @@
+"""ONNX export, checked by the numbers after the round trip through onnxruntime (CPU).
+
+- The golden small models (../shared) exported in fp32 match the official outputs within 1e-4, at batch 1 and 3
+  from one dynamic graph, v2 at fidelity 0, 0.5, 1 and mixed per-image values; their fp16 graphs reach >= 45 dB.
+- Without ../shared the same tests run on the tiny configurations (tests/conftest.py TINY_V1/TINY_V2) against
+  PyTorch. Either way they cover dynamic H/W, the CLI, ``--check`` and the fp16 islands.
+- Static TensorRT checks: every node of every exported graph is in the TensorRT ONNX parser's supported-op list
+  (export/trt_supported_ops.json) with a supported type, within the documented restrictions.
+
+Exports take 20-60 s each on 2 cores, so each architecture is traced once per module: the golden small model, or
+the tiny configuration when ../shared is absent. The fp16 graphs are converted from those fp32 traces with the
+same functions export_onnx uses.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("onnxscript")
+pytest.importorskip("onnxruntime")
+
+import kernels  # noqa: E402
+from export import fp16, source  # noqa: E402
+from export.compare import psnr  # noqa: E402
+from export.onnx import export_onnx, main, run_onnxruntime  # noqa: E402
+from tests.conftest import TINY_V1, TINY_V2, golden, golden_available, needs_golden  # noqa: E402
+from vqfr.checkpoint import file_sha256  # noqa: E402
+from vqfr.errors import ConfigError  # noqa: E402
+from vqfr.sidecar import read_sidecar  # noqa: E402
+
+ir = pytest.importorskip("onnxscript").ir
+onnxscript = pytest.importorskip("onnxscript")
+
+ATOL = 1e-4
+MIN_PSNR = 45.0
+SUPPORTED = json.loads((Path(__file__).resolve().parents[1] / "export" / "trt_supported_ops.json").read_text())
+
+
+def _fp16_copy(path: Path) -> Path:
+    """The fp16 graph of an fp32 export, made exactly as ``export_onnx(precision="fp16")`` makes it."""
+    model = ir.load(path)
+    fp16.convert_to_fp16(model)
+    onnxscript.optimizer.optimize(model)
+    out = path.with_name(path.stem + "_fp16.onnx")
+    ir.save(model, out)
+    return out
+
+
+def _images(n: int, size: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=gen) * 2 - 1
+
+
+def _golden_yml(folder: Path, options: dict) -> Path:
+    path = folder / "config.yml"
+    path.write_text(yaml.safe_dump({"network_g": options}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def v1_fp32(tmp_path_factory):
+    """v1, fp32, dynamic batch and H/W, through the Python API: the golden small model, or tiny without ../shared."""
+    folder = tmp_path_factory.mktemp("v1")
+    if golden_available():
+        info, ckpt, io = golden("v1")
+        path = export_onnx(ckpt, folder / "v1.onnx", config=info["network_options"], size=128, dynamic_size=True)
+        return {"model": source.load_source_model(ckpt, info["network_options"]), "path": path, "io": io,
+                "ckpt": ckpt, "size": 128}
+    path = export_onnx(None, folder / "v1.onnx", config=TINY_V1, random_weights=1, size=64, dynamic_size=True)
+    return {"model": source.load_source_model(None, TINY_V1, 1), "path": path, "io": None, "size": 64}
+
+
+@pytest.fixture(scope="module")
+def v2_fp32(tmp_path_factory):
+    """v2, fp32, dynamic batch, through the CLI with a yml config and --check: golden, or tiny without ../shared."""
+    folder = tmp_path_factory.mktemp("v2")
+    path = folder / "v2.onnx"
+    if golden_available():
+        info, ckpt, io = golden("v2")
+        config = _golden_yml(folder, info["network_options"])
+        assert main(["--weights", str(ckpt), "--config", str(config), "--check", "-o", str(path)]) == 0
+        return {"model": source.load_source_model(ckpt, str(config)), "path": path, "io": io, "ckpt": ckpt,
+                "options": info["network_options"], "size": 128}
+    config = _golden_yml(folder, TINY_V2)
+    assert main(["--random-weights", "2", "--config", str(config), "--check", "-o", str(path)]) == 0
+    return {"model": source.load_source_model(None, str(config), 2), "path": path, "io": None, "ckpt": None,
+            "options": TINY_V2, "size": 64}
+
+
+@pytest.fixture(scope="module")
+def v1_reference(v1_fp32):
+    """Three different images (the golden input in the middle when available) and the PyTorch fp32 output."""
+    io, size = v1_fp32["io"], v1_fp32["size"]
+    middle = io["input"] if io is not None else _images(1, size, 4)
+    x = torch.cat([_images(1, size, 5), middle, _images(1, size, 6)])
+    with torch.no_grad():
+        return x, v1_fp32["model"](x)
+
+
+@pytest.fixture(scope="module")
+def v2_reference(v2_fp32):
+    """Three different images with fidelities 0, 1, 0.5 and the PyTorch fp32 output."""
+    x, f = _images(3, v2_fp32["size"], 3), torch.tensor([0.0, 1.0, 0.5])
+    with torch.no_grad():
+        return x, f, v2_fp32["model"](x, fidelity=f)
+
+
+@pytest.fixture(scope="module")
+def v1_fp16(v1_fp32):
+    return _fp16_copy(v1_fp32["path"])
+
+
+@pytest.fixture(scope="module")
+def v2_fp16(v2_fp32):
+    return _fp16_copy(v2_fp32["path"])
+
+
+@needs_golden
+def test_golden_v1_fp32_matches_official_at_batch_1_and_3(v1_fp32, v1_reference):
+    io, path = v1_fp32["io"], v1_fp32["path"]
+    y1 = run_onnxruntime(path, (io["input"],), ["input"])
+    np.testing.assert_allclose(y1, io["outputs/main_dec"].numpy(), atol=ATOL, rtol=0)
+    x3, reference = v1_reference
+    y3 = run_onnxruntime(path, (x3,), ["input"])
+    np.testing.assert_allclose(y3[1:2], io["outputs/main_dec"].numpy(), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(y3, reference.numpy(), atol=ATOL, rtol=0)
+
+
+def test_v1_fp32_dynamic_batch_and_size(v1_fp32, v1_reference):
+    model, path, size = v1_fp32["model"], v1_fp32["path"], v1_fp32["size"]
+    assert [t.shape for t in read_sidecar(path).inputs] == [(-1, 3, -1, -1)]
+    x3, reference = v1_reference
+    np.testing.assert_allclose(run_onnxruntime(path, (x3,), ["input"]), reference.numpy(), atol=ATOL, rtol=0)
+    x = torch.rand(1, 3, size + 32, size - 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        np.testing.assert_allclose(run_onnxruntime(path, (x,), ["input"]), model(x).numpy(), atol=ATOL, rtol=0)
+
+
+@needs_golden
+def test_golden_v2_fp32_matches_official_at_every_fidelity(v2_fp32):
+    io, path = v2_fp32["io"], v2_fp32["path"]
+    y1 = run_onnxruntime(path, (io["input"], torch.tensor([0.5])), ["input", "fidelity"])
+    np.testing.assert_allclose(y1, io["outputs/fidelity_0.5/main_dec"].numpy(), atol=ATOL, rtol=0)
+    mixed = (1.0, 0.0, 0.5)
+    y3 = run_onnxruntime(path, (io["input"].repeat(3, 1, 1, 1), torch.tensor(mixed)), ["input", "fidelity"])
+    for row, f in enumerate(mixed):
+        np.testing.assert_allclose(y3[row:row + 1], io[f"outputs/fidelity_{f}/main_dec"].numpy(), atol=ATOL, rtol=0,
+                                   err_msg=f"fidelity {f}")
+
+
+def test_v2_fp32_per_image_fidelity_matches_pytorch(v2_fp32, v2_reference):
+    path = v2_fp32["path"]
+    x, f, reference = v2_reference
+    y = run_onnxruntime(path, (x, f), ["input", "fidelity"])
+    np.testing.assert_allclose(y, reference.numpy(), atol=ATOL, rtol=0)
+    same_image = run_onnxruntime(path, (x[:1].repeat(2, 1, 1, 1), torch.tensor([0.0, 1.0])), ["input", "fidelity"])
+    assert np.abs(same_image[0] - same_image[1]).max() > 1e-2  # the fidelity input reaches the graph
+    np.testing.assert_allclose(same_image[:1], y[:1], atol=ATOL, rtol=0)
+
+
+def test_v2_sidecar_content(v2_fp32):
+    path, ckpt = v2_fp32["path"], v2_fp32["ckpt"]
+    meta = read_sidecar(path)
+    size = v2_fp32["size"]
+    assert (meta.arch, meta.precision, meta.face_size, meta.opset) == ("VQFRv2", "fp32", size, 19)
+    assert meta.options == v2_fp32["options"]
+    assert [(t.name, t.shape, t.dtype) for t in meta.inputs] == [("input", (-1, 3, size, size), "float32"),
+                                                                  ("fidelity", (-1,), "float32")]
+    assert [(t.name, t.shape, t.dtype) for t in meta.outputs] == [("output", (-1, 3, size, size), "float32")]
+    if ckpt is not None:
+        assert meta.weights_sha256 == file_sha256(ckpt) and meta.extra["weights"] == ckpt.name
+    else:
+        assert meta.weights_sha256 is None and "NOT a trained model" in meta.extra["weights"]
+    import onnx
+
+    assert meta.built_with["torch"] == torch.__version__ and meta.built_with["onnx"] == onnx.__version__
+    assert meta.built_with["onnxscript"] == onnxscript.__version__
+    assert meta.extra["dynamic_batch"] is True and meta.extra["dynamic_size"] is False
+    assert meta.extra["check"]["onnxruntime_cpu_vs_pytorch_fp32"]["max_abs"] <= ATOL
+
+
+def _fp16_weight_share(path: Path) -> float:
+    model = ir.load(path)
+    convs = [n for n in model.graph if n.op_type == "Conv"]
+    return sum(n.inputs[1].dtype == ir.DataType.FLOAT16 for n in convs) / len(convs)
+
+
+def test_fp16_v1_reaches_45_db(v1_fp32, v1_fp16, v1_reference):
+    assert _fp16_weight_share(v1_fp16) > 0.9
+    x3, reference = v1_reference
+    y3 = run_onnxruntime(v1_fp16, (x3,), ["input"])
+    assert psnr(y3, reference) >= MIN_PSNR
+    if v1_fp32["io"] is not None:
+        assert psnr(y3[1:2], v1_fp32["io"]["outputs/main_dec"]) >= MIN_PSNR
+
+
+def test_fp16_v2_reaches_45_db(v2_fp32, v2_fp16, v2_reference):
+    assert _fp16_weight_share(v2_fp16) > 0.9
+    x, f, reference = v2_reference
+    assert psnr(run_onnxruntime(v2_fp16, (x, f), ["input", "fidelity"]), reference) >= MIN_PSNR
+    io = v2_fp32["io"]
+    if io is not None:
+        fidelities = (0.0, 0.5, 1.0)
+        y = run_onnxruntime(v2_fp16, (io["input"].repeat(3, 1, 1, 1), torch.tensor(fidelities)), ["input", "fidelity"])
+        for row, fidelity in enumerate(fidelities):
+            assert psnr(y[row:row + 1], io[f"outputs/fidelity_{fidelity}/main_dec"]) >= MIN_PSNR, fidelity
+
+
+def test_export_onnx_fp16_writes_islands_and_checks(v2_fp32, tmp_path, monkeypatch):
+    """The fp16 path of export_onnx, reusing the fp32 trace (tracing again would add a minute)."""
+    import export.onnx
+
+    monkeypatch.setattr(export.onnx, "_trace", lambda model, spec, opset: ir.load(v2_fp32["path"]))
+    ckpt = v2_fp32["ckpt"]
+    kwargs = {"config": v2_fp32["options"]} if ckpt else {"config": TINY_V2, "random_weights": 2}
+    path = export_onnx(ckpt, tmp_path / "v2_fp16.onnx", precision="fp16", check=True, **kwargs)
+    meta = read_sidecar(path)
+    assert meta.precision == "fp16" and [t.dtype for t in meta.inputs + meta.outputs] == ["float32"] * 3
+    levels = len(v2_fp32["options"]["channel_multipliers"])
+    assert meta.extra["fp32_islands"]["deform_conv"] == levels
+    assert meta.extra["fp32_islands"]["last_conv"] == 1 and meta.extra["fp32_islands"]["layer_norm"] == 1
+    assert meta.extra["fp32_islands"]["group_norm"] > 20 and meta.extra["fp32_islands"]["Softmax"] >= 2
+    assert meta.extra["check"]["onnxruntime_cpu_vs_pytorch_fp32"]["psnr_db"] >= MIN_PSNR
+    assert _fp16_weight_share(path) > 0.9
+
+
+def _float_inputs(node) -> list:
+    return [v for v in node.inputs if v is not None and v.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)]
+
+
+@pytest.mark.parametrize("which", ["v1", "v2"])
+def test_fp16_graph_keeps_its_islands_in_fp32(which, v1_fp16, v2_fp16):
+    path = v1_fp16 if which == "v1" else v2_fp16
+    graph = ir.load(path).graph
+    assert all(v.dtype == ir.DataType.FLOAT for v in [*graph.inputs, *graph.outputs])
+    must_be_fp32 = {"InstanceNormalization", "LayerNormalization", "Softmax", "DeformConv", "ArgMin", "ArgMax"}
+    checked = 0
+    for node in graph:
+        if node.op_type in ("Shape", "Size"):  # they only read shapes
+            continue
+        if node.op_type in must_be_fp32 or fp16.FP32_KEY in node.metadata_props:
+            assert all(v.dtype == ir.DataType.FLOAT for v in _float_inputs(node)), (node.op_type, node.name)
+            checked += 1
+    assert checked > 30
+    last = graph.outputs[0].producer()
+    assert last.op_type == "Conv" and all(v.dtype == ir.DataType.FLOAT for v in _float_inputs(last))
+
+
+def test_dcn_to_fp16_moves_deform_convs_out_of_their_islands(v2_fp32, v2_fp16, v2_reference, tmp_path):
+    graph_model = ir.load(v2_fp16)
+    assert fp16.dcn_to_fp16(graph_model) == len(v2_fp32["options"]["channel_multipliers"])
+    for node in graph_model.graph:
+        if node.op_type == "DeformConv":
+            assert all(v.dtype == ir.DataType.FLOAT16 for v in _float_inputs(node))
+            assert node.outputs[0].dtype == ir.DataType.FLOAT16
+    moved = tmp_path / "dcn16.onnx"
+    ir.save(graph_model, moved)
+    x, f, reference = v2_reference
+    assert psnr(run_onnxruntime(moved, (x, f), ["input", "fidelity"]), reference) >= 40.0
+
+
+class _DcnProbe(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.weight = torch.nn.Parameter(torch.randn(8, 8, 3, 3, generator=gen) * 0.2)
+        self.bias = torch.nn.Parameter(torch.randn(8, generator=gen))
+
+    def forward(self, x, offset, mask):
+        return kernels.modulated_deform_conv2d(x, offset, mask, self.weight, self.bias, 1, 1, 1)
+
+
+def _export_small(module, args, path):
+    from export.onnx import translation_table
+
+    with torch.no_grad():
+        program = torch.onnx.export(module, args, dynamo=True, opset_version=19, verbose=False,
+                                    custom_translation_table=translation_table())
+    program.save(str(path))
+    return path
+
+
+def test_deform_conv_translation_matches_the_reference_out_of_bounds(tmp_path):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, 5, 7, generator=gen)
+    offset = torch.randn(2, 2 * 4 * 9, 5, 7, generator=gen) * 4  # many samples fall outside the 5x7 map
+    mask = torch.rand(2, 4 * 9, 5, 7, generator=gen)
+    probe = _DcnProbe().eval()
+    path = _export_small(probe, (x, offset, mask), tmp_path / "dcn.onnx")
+    assert [n.op_type for n in ir.load(path).graph if n.op_type == "DeformConv"] == ["DeformConv"]
+    with torch.no_grad():
+        np.testing.assert_allclose(run_onnxruntime(path, (x, offset, mask), ["x", "offset", "mask"]),
+                                   probe(x, offset, mask).numpy(), atol=1e-5, rtol=0)
+
+
+def test_nearest_code_translation_keeps_the_first_of_tied_codes(tmp_path):
+    class Probe(torch.nn.Module):
+        def forward(self, z, codebook):
+            return kernels.nearest_code(z, codebook)
+
+    codebook = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.5, 0.5]])  # rows 0 and 2 tie everywhere
+    z = torch.tensor([[1.0, 0.1], [0.9, -0.2], [0.1, 1.0], [0.5, 0.4]])
+    path = _export_small(Probe().eval(), (z, codebook), tmp_path / "nearest.onnx")
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (idx,) = session.run(None, {"z": z.numpy(), "codebook": codebook.numpy()})
+    assert idx.tolist() == kernels.nearest_code(z, codebook).tolist() == [0, 0, 1, 3]
+
+
+def test_export_refuses_bad_requests(tmp_path):
+    out = tmp_path / "x.onnx"
+    with pytest.raises(ConfigError, match="random-weights"):
+        export_onnx(None, out, config=TINY_V2)
+    with pytest.raises(ConfigError, match="cannot be dynamic"):
+        export_onnx(None, out, config=TINY_V2, random_weights=0, dynamic_size=True)
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        export_onnx(None, out, config=TINY_V1, random_weights=0, size=100)
+    with pytest.raises(ConfigError, match="precision"):
+        export_onnx(None, out, config=TINY_V2, random_weights=0, precision="bf16")
+    with pytest.raises(ConfigError, match="opset"):
+        export_onnx(None, out, config=TINY_V2, random_weights=0, opset=18)
+    assert not out.exists()
+
+
+# --- TensorRT static checks: the parser's documented op list and restrictions -------------------------------------
+
+_TRT_TYPES = {ir.DataType.FLOAT: "FP32", ir.DataType.FLOAT16: "FP16", ir.DataType.INT64: "INT64",
+              ir.DataType.INT32: "INT32", ir.DataType.BOOL: "BOOL"}
+#: Inputs that the parser wants as initializers (constant axes), by op: index of that input.
+_CONSTANT_INPUTS = {"Slice": (1, 2, 3, 4), "Squeeze": (1,), "Unsqueeze": (1,), "ReduceSum": (1,), "Pad": (1, 2, 3)}
+_RESIZE = {"coordinate_transformation_mode": {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn",
+                                              "asymmetric", "align_corners"},
+           "mode": {"nearest", "linear"}, "nearest_mode": {"floor", "ceil", "round_prefer_floor", "round_prefer_ceil"}}
+
+
+def _tensorrt_problems(path: Path) -> list[str]:
+    model = ir.load(path)
+    low, high = SUPPORTED["opset_range"]
+    problems = [] if low <= model.opset_imports[""] <= high else [f"opset {model.opset_imports['']}"]
+    ops = SUPPORTED["operators"]
+    for node in model.graph:
+        where = f"{node.op_type} {node.name}"
+        entry = ops.get(node.op_type)
+        if node.domain not in ("", "ai.onnx") or entry is None or not entry["supported"]:
+            problems.append(f"{where}: not supported")
+            continue
+        typed = [v for v in node.inputs if v is not None and v.dtype is not None]
+        if not typed:
+            problems.append(f"{where}: inputs have no recorded dtype")
+        elif _TRT_TYPES.get(typed[0].dtype) not in entry["types"]:
+            problems.append(f"{where}: input type {typed[0].dtype} not in {entry['types']}")
+        for i in _CONSTANT_INPUTS.get(node.op_type, ()):
+            if i < len(node.inputs) and node.inputs[i] is not None and node.inputs[i].const_value is None:
+                problems.append(f"{where}: input {i} is not a constant")
+        if node.op_type == "Resize":
+            for attr, allowed in _RESIZE.items():
+                if attr in node.attributes and node.attributes[attr].as_string() not in allowed:
+                    problems.append(f"{where}: {attr}={node.attributes[attr].as_string()}")
+            if node.attributes.get("antialias") is not None and node.attributes["antialias"].as_int():
+                problems.append(f"{where}: antialias")
+        if node.op_type == "DeformConv":
+            pads = node.attributes["pads"].as_ints()
+            if pads[:2] != pads[2:] or len(node.inputs[0].shape) != 4:
+                problems.append(f"{where}: pads {pads} / rank {len(node.inputs[0].shape)}")
+        if node.op_type == "LayerNormalization" and len(node.outputs) != 1:
+            problems.append(f"{where}: {len(node.outputs)} outputs (only Y is supported)")
+    return problems
+
+
+def test_tensorrt_parser_supports_every_op(v1_fp32, v1_fp16, v2_fp32, v2_fp16):
+    graphs = {"v1 fp32": v1_fp32["path"], "v1 fp16": v1_fp16, "v2 fp32": v2_fp32["path"], "v2 fp16": v2_fp16}
+    used = set()
+    for name, path in graphs.items():
+        assert _tensorrt_problems(path) == [], name
+        used |= {n.op_type for n in ir.load(path).graph}
+    assert {"DeformConv", "InstanceNormalization", "ArgMin", "ArgMax", "LayerNormalization", "Softmax"} <= used
+
+
+def test_supported_op_list_records_its_source():
+    src = SUPPORTED["source"]
+    assert src["repository"] == "https://github.com/onnx/onnx-tensorrt" and len(src["commit"]) == 40
+    assert src["tensorrt_version"] == "10.1" and src["commit"] in src["url"]
+    ops = SUPPORTED["operators"]
+    assert ops["DeformConv"]["supported"] and ops["DeformConv"]["types"] == ["FP32", "FP16"]
+    assert not ops["AffineGrid"]["supported"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("CUDAExecutionProvider" not in pytest.importorskip("onnxruntime").get_available_providers(),
+                    reason="onnxruntime has no CUDA provider here")
+def test_fp16_v2_on_onnxruntime_cuda_reaches_45_db(v2_fp32, v2_fp16, v2_reference):
+    """fp16 arithmetic for real (the CPU provider computes most fp16 nodes in fp32)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(v2_fp16), providers=["CUDAExecutionProvider"])
+    x, f, reference = v2_reference
+    (y,) = session.run(None, {"input": x.numpy(), "fidelity": f.numpy()})
+    assert psnr(y, reference) >= MIN_PSNR
