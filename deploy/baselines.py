@@ -26,25 +26,16 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def seeded_weights_(model: nn.Module, seed: int = SEED) -> nn.Module:
-    """Seeded, non-trivial random weights, in place (the recipe of ``export.source.randomize_``).
+    """Seeded, non-trivial random weights, in place: ``export.source.randomize_`` (conv/linear weights N(0, 1/fan_in),
+    biases N(0, 0.05), norm scales 1 + N(0, 0.1), codebooks N(0, 1)), so that engines exported with
+    ``--random-weights`` hold the same weights.
 
-    Conv/linear weights N(0, 1/fan_in), biases N(0, 0.05), norm scales 1 + N(0, 0.1), codebooks N(0, 1). The
-    official initialisation (std 0.02, zero biases) makes activations vanish, the deformable offsets ~0 and every
+    The official initialisation (std 0.02, zero biases) makes activations vanish, the deformable offsets ~0 and every
     error look small; these weights keep activations and offsets of realistic size.
     """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "embedding" in name:
-                p.copy_(torch.randn(p.shape, generator=gen))
-            elif name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-            elif p.dim() == 1:
-                p.copy_(1 + torch.randn(p.shape, generator=gen) * 0.1)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / p[0].numel()) ** 0.5)
-    return model
+    from export.source import randomize_
 
+    return randomize_(model, seed)
 
 
 @contextlib.contextmanager

@@ -253,11 +253,16 @@ def _entry(name: str, device: torch.device):
     return next(e for e in BACKENDS if e.name == name and e.device == device.type and e.provider is None)
 
 
-def _engine_backend(path: Path, name: str, device: torch.device) -> Backend:
-    """The first usable table row of ``name`` that loads ``path`` on ``device`` (as vqfr.Runtime picks it)."""
+def _engine_backend(built: tuple[Path, float | None], name: str, device: torch.device) -> Backend:
+    """The first usable table row of ``name`` that loads the engine on ``device`` (as vqfr.Runtime picks it), with a
+    note saying whether the engine was built in this run."""
     import vqfr
 
-    return vqfr.Runtime(path, backend=name, device=device.type).backend
+    path, seconds = built
+    backend = vqfr.Runtime(path, backend=name, device=device.type).backend
+    backend.bench_note = (f"engine {path.name} built in {seconds:.0f} s" if seconds is not None else
+                          f"engine {path.name} reused (build_s is the load time)")
+    return backend
 
 
 def expand_backends(names: Sequence[str], device: torch.device) -> list[str]:
@@ -296,9 +301,9 @@ def make_subjects(cfg: BenchConfig, model: nn.Module, device: torch.device, engi
                                                         device=str(device))),
         "torch-max": lambda p: lambda: _loaded(TorchBackend(_entry("torch", device), model, precision=p, mode="max",
                                                             fast=cfg.fast, device=str(device))),
-        "onnxruntime": lambda p: lambda: _engine_backend(engines.onnx(p)[0], "onnxruntime", device),
-        "tensorrt": lambda p: lambda: _engine_backend(engines.tensorrt(p, max_batch)[0], "tensorrt", device),
-        "aoti": lambda p: lambda: _engine_backend(engines.aoti(p, device)[0], "aoti", device),
+        "onnxruntime": lambda p: lambda: _engine_backend(engines.onnx(p), "onnxruntime", device),
+        "tensorrt": lambda p: lambda: _engine_backend(engines.tensorrt(p, max_batch), "tensorrt", device),
+        "aoti": lambda p: lambda: _engine_backend(engines.aoti(p, device), "aoti", device),
     }
     notes = {
         "torch": "eager; " + ("Triton kernels" if device.type == "cuda" else "pure torch (grid_sample DCN in fp32)")
@@ -484,9 +489,10 @@ def run_subject(ctx: _Context, subject: Subject) -> list[Row]:
         return skipped(status, _one_line(exc))
     build_s = time.perf_counter() - start
     out: list[Row] = []
+    extra_note = getattr(runner, "bench_note", "")
     try:
         label = _label(subject, runner)
-        for row in rows(build_s=build_s):
+        for row in rows(build_s=build_s, note="; ".join(n for n in (subject.note, extra_note) if n)):
             row.backend = label
             maker = _forward_row if row.what == "forward" else _restore_row
             try:
