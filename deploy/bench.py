@@ -371,9 +371,8 @@ def _forward_row(ctx: _Context, subject: Subject, runner: Any, batch: int, fid: 
         outs[i % len(xs)] = runner.infer(xs[i % len(xs)], f)
 
     before = collections.Counter(kernels.LAUNCHES)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    timing = time_calls(call, warmup=cfg.warmup, iters=cfg.iters, device=device, row_seconds=cfg.row_seconds)
+    timing = time_calls(call, warmup=cfg.warmup, iters=cfg.iters, device=device, row_seconds=cfg.row_seconds,
+                        on_warm=_reset_peak(device))
     for i in range(len(xs)):  # every input set gets compared, also when fewer calls ran
         if i not in outs:
             call(i)
@@ -401,11 +400,9 @@ def _restore_row(ctx: _Context, subject: Subject, runner: Any, batch: int, fid: 
         outs[i % len(sets)] = np.stack(rt.restore_batch(list(sets[i % len(sets)]), aligned=True))
 
     before = collections.Counter(kernels.LAUNCHES)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     warm = 1 if device.type == "cuda" else 0  # the forward row already warmed the backend up
     timing = time_calls(call, warmup=warm, iters=cfg.restore_iters, device=device, events=False,
-                        row_seconds=cfg.row_seconds)
+                        row_seconds=cfg.row_seconds, on_warm=_reset_peak(device))
     _fill_timing(row, timing)
     row.first_call_s = None
     row.paths = _launch_delta(before)
@@ -413,6 +410,14 @@ def _restore_row(ctx: _Context, subject: Subject, runner: Any, batch: int, fid: 
     ran = sorted(outs)
     _errors(ctx, subject, row, ("restore", batch, fid), [outs[i] for i in ran], compare_images, "8-bit image",
             sets_run=ran)
+
+
+def _reset_peak(device: torch.device) -> Callable[[], None] | None:
+    """Peak memory is that of the timed calls (weights, CUDA-graph pools and activations), not of the compilation or
+    autotuning that the first call may do."""
+    if device.type != "cuda":
+        return None
+    return lambda: torch.cuda.reset_peak_memory_stats(device)
 
 
 def _memory(row: Row, runner: Any, device: torch.device, mem_base: float | None) -> None:

@@ -31,13 +31,13 @@ class Timing:
 
 
 def time_calls(call: Callable[[int], Any], *, warmup: int, iters: int, device: torch.device, events: bool = True,
-               row_seconds: float | None = None) -> Timing:
+               row_seconds: float | None = None, on_warm: Callable[[], None] | None = None) -> Timing:
     """Time ``call(i)`` (``i`` counts calls, so the caller can rotate inputs with ``i % n``).
 
     With ``warmup`` >= 1 the first call is timed on its own (``first_s``), then ``warmup - 1`` more run untimed;
     with 0 every call is timed. On CUDA with ``events``, each timed call sits between two CUDA events; otherwise the
     host clock is read after ``torch.cuda.synchronize()``. ``row_seconds`` lowers ``iters`` (to at least 3) when the
-    warm calls show that ``iters`` would take longer.
+    warm calls show that ``iters`` would take longer. ``on_warm()`` runs between the warm-up and the timed calls.
     """
     cuda = device.type == "cuda"
 
@@ -59,6 +59,9 @@ def time_calls(call: Callable[[int], Any], *, warmup: int, iters: int, device: t
         iters = max(min(iters, int(row_seconds / last)), min(iters, 3))
     ms: list[float] = []
     cpu_ms: list[float] = []
+    if on_warm is not None:
+        sync()
+        on_warm()
     if cuda and events:
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
