@@ -119,8 +119,10 @@ def test_time_calls_times_the_first_call_alone_and_caps_slow_rows():
         if i == 0:
             torch.ones(1000, 1000).sum()  # a "compile"
 
-    timing = time_calls(call, warmup=3, iters=5, device=torch.device("cpu"))
-    assert calls == list(range(8)) and len(timing.ms) == len(timing.cpu_ms) == 5 and timing.first_s > 0
+    timing = time_calls(call, warmup=3, iters=5, device=torch.device("cpu"),
+                        on_warm=lambda: calls.append("warm"))  # e.g. reset the peak-memory counter
+    assert calls == [0, 1, 2, "warm", 3, 4, 5, 6, 7] and len(timing.ms) == len(timing.cpu_ms) == 5
+    assert timing.first_s > 0
     calls.clear()
     slow = time_calls(lambda i: (calls.append(i), __import__("time").sleep(0.02)), warmup=1, iters=50,
                       device=torch.device("cpu"), row_seconds=0.1)
