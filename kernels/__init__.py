@@ -2,7 +2,8 @@
 
 Each has a pure-torch reference (the specification) and a public entry point that dispatches through a
 ``torch.library`` custom op (``torch.ops.vqfr.*``, registered by :mod:`kernels.ops` on first use). The op runs a
-Triton kernel on CUDA tensors (and on CPU tensors under ``TRITON_INTERPRET=1``) and the reference elsewhere;
+Triton kernel on CUDA tensors (and on CPU tensors under ``TRITON_INTERPRET=1``) and pure torch elsewhere (the
+reference; for float32 deformable convs its faster ``grid_sample`` form);
 ``$VQFR_KERNELS=auto|triton|reference`` or ``with kernels.use(...)`` forces either. Importing this package imports
 neither triton nor the custom ops.
 """

@@ -1,7 +1,8 @@
 """Modulated deformable convolution (DCNv2) with torchvision's exact semantics.
 
-This file holds the pure-torch reference (the specification: forward, and backward by explicit formulas) and the
-public entry point :func:`modulated_deform_conv2d`. The Triton kernels live in ``kernels/deform_conv_triton.py``,
+This file holds the pure-torch reference (the specification: forward, and backward by explicit formulas), a faster
+pure-torch forward built on ``F.grid_sample`` (what float32 CPU calls run; within about 1e-5 of the reference) and
+the public entry point :func:`modulated_deform_conv2d`. The Triton kernels live in ``kernels/deform_conv_triton.py``,
 imported only when a kernel runs, because triton is an optional dependency.
 
 Semantics (identical to ``torchvision.ops.deform_conv2d(x, offset, weight, bias, stride, padding, dilation, mask)``):
@@ -21,11 +22,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
     "deform_conv2d_reference", "deform_conv2d_backward_reference", "modulated_deform_conv2d",
-    "bilinear_sample_reference", "bilinear_corners", "check_deform_args",
+    "bilinear_sample_reference", "bilinear_corners", "check_deform_args", "deform_conv2d_grid_sample",
 ]
 
 
@@ -267,6 +269,80 @@ def deform_conv2d_backward_reference(
     )
 
 
+def _grid_side(n: int) -> int:
+    """The smallest 2**k + 1 >= n (at least 2): the padded side that makes grid_sample's scale a power of two."""
+    side = 2
+    while side < n:
+        side = 2 * side - 1
+    return side
+
+
+def deform_conv2d_grid_sample(
+    x: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+) -> Tensor:
+    """The forward of :func:`deform_conv2d_reference` with one ``F.grid_sample`` per kernel tap (the fast CPU path).
+
+    Same arguments, shapes and semantics. The reference builds each bilinear read from four gathers and a dozen
+    elementwise passes over [B, C, H*W] tensors; ``grid_sample`` does the read in one vectorised kernel, which makes
+    the operation about 4x faster on a CPU. Its bilinear rule (a corner outside the image reads 0; a point with
+    y <= -1 or y >= H reads 0) is torchvision's. The mask product and the per-tap weight contraction are the
+    reference's, in the same order.
+
+    Exactness: grid_sample takes normalised coordinates and maps them back to pixels as ``(g + 1) * (S - 1) / 2``.
+    ``x`` is zero-padded at the bottom and right to sides ``S = 2**k + 1``, so that this scale is a power of two and
+    the padding reads 0 exactly where the image's outside would (a side of 1 works too). What remains is the rounding
+    of ``g = p / 2**(k-1) - 1`` near -1: up to ``2**-24 * (S - 1)`` pixel (3e-5 px at 512), i.e. output differences
+    of about 1e-5 relative on white-noise features at 512x512 and of 1e-6 on 16x16 maps.
+
+    Args:
+        x: [B, C_in, H, W] float32 (float64 works; other dtypes: use the reference).
+        offset: [B, 2*G*KH*KW, H_out, W_out], (dy, dx) interleaved per tap.
+        mask: [B, G*KH*KW, H_out, W_out].
+        weight: [C_out, C_in, KH, KW].
+        bias: [C_out] or None.
+
+    Returns:
+        [B, C_out, H_out, W_out] (contiguous) in the dtype of ``x``.
+    """
+    groups, stride, padding, dilation, h_out, w_out = check_deform_args(
+        x, offset, mask, weight, bias, stride, padding, dilation
+    )
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    b, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    taps, cg, p = kh * kw, c_in // groups, h_out * w_out
+    side_h, side_w = _grid_side(h), _grid_side(w)
+    xg = F.pad(x, (0, side_w - w, 0, side_h - h)).reshape(b * groups, cg, side_h, side_w)
+    scale_y, scale_x = 2.0 / (side_h - 1), 2.0 / (side_w - 1)  # powers of two: exact products
+    base_y = (torch.arange(h_out, device=x.device, dtype=x.dtype) * sh - ph).view(1, 1, h_out, 1)
+    base_x = (torch.arange(w_out, device=x.device, dtype=x.dtype) * sw - pw).view(1, 1, 1, w_out)
+    off = offset.to(x.dtype).view(b, groups, taps, 2, h_out, w_out)
+    msk = mask.to(x.dtype).view(b, groups, 1, taps, p)
+    out = None
+    for k in range(taps):
+        ky, kx = divmod(k, kw)
+        # The reference's sample position (same operations, same rounding), then normalised for grid_sample.
+        gy = (base_y + ky * dh + off[:, :, k, 0]) * scale_y - 1
+        gx = (base_x + kx * dw + off[:, :, k, 1]) * scale_x - 1
+        grid = torch.stack((gx, gy), dim=-1).view(b * groups, h_out, w_out, 2)
+        col = F.grid_sample(xg, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        col = (col.view(b, groups, cg, p) * msk[:, :, :, k]).view(b, c_in, p)
+        term = torch.einsum("oc,bcp->bop", weight[:, :, ky, kx].to(col.dtype), col)
+        out = term if out is None else out + term
+    assert out is not None
+    out = out.view(b, c_out, h_out, w_out)
+    if bias is not None:
+        out = out + bias.view(1, c_out, 1, 1).to(out.dtype)
+    return out.to(x.dtype)
+
+
 def modulated_deform_conv2d(
     x: Tensor,
     offset: Tensor,
@@ -280,7 +356,8 @@ def modulated_deform_conv2d(
     """Modulated deformable convolution with torchvision's semantics (see the module docstring).
 
     Runs the Triton kernel where it can (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``; fp16, bf16 or
-    fp32) and the reference elsewhere; :func:`kernels.use` and ``$VQFR_KERNELS`` force either. Dispatches through the
+    fp32), else :func:`deform_conv2d_grid_sample` for float32 and the reference for other dtypes;
+    :func:`kernels.use` and ``$VQFR_KERNELS`` force the Triton kernel or the reference. Dispatches through the
     ``vqfr::modulated_deform_conv2d`` custom op, so torch.compile, torch.export and the ONNX exporter see one node.
     Differentiable in x, offset, mask, weight and bias.
 

@@ -4,7 +4,8 @@ The choice is made per call, from the tensors and one switch:
 
 - ``VQFR_KERNELS=auto|triton|reference`` (environment, read at every call; default ``auto``), overridden inside a
   ``with kernels.use("reference"):`` block (a context variable, so threads and tasks do not see each other's choice).
-- ``auto`` runs Triton where it can run and the reference elsewhere. ``triton`` raises where Triton cannot run.
+- ``auto`` runs Triton where it can run and the reference elsewhere, except float32 deformable convs, which take the
+  faster ``grid_sample`` forward (within about 1e-5 of the reference). ``triton`` raises where Triton cannot run.
 - Triton can run on CUDA tensors of dtype float16, bfloat16 or float32 when the ``triton`` package is installed, and on
   CPU tensors too while ``TRITON_INTERPRET=1`` is set (Triton's interpreter; this is how CI tests the kernels).
   float64, other devices and tensors being traced by torch.compile on the CPU always take the reference.
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["MODES", "LAUNCHES", "use", "active_mode", "interpreting", "triton_installed", "why_not_triton",
-           "use_triton", "Launch", "launchable", "triton_module"]
+           "use_triton", "use_grid_sample", "Launch", "launchable", "triton_module"]
 
 #: Valid values of ``VQFR_KERNELS`` and of :func:`use`.
 MODES = ("auto", "triton", "reference")
@@ -120,8 +121,17 @@ def why_not_triton(*tensors: Tensor | None) -> str | None:
     return f"device {lead.device} is not supported by the Triton kernels"
 
 
-def use_triton(op: str, *tensors: Tensor | None) -> bool:
-    """Decide the implementation of one call of ``op`` and count it in :data:`LAUNCHES`.
+def use_grid_sample(x: Tensor) -> bool:
+    """True when a deformable conv that does not run on Triton should take the ``grid_sample`` forward
+    (:func:`kernels.deform_conv.deform_conv2d_grid_sample`) rather than the reference: mode ``auto`` and float32.
+    Mode ``reference`` always gets the reference, and other dtypes too (grid_sample's fp16 coordinates would be
+    wrong by up to 0.25 px at 512; float64 stays the exact specification)."""
+    return active_mode() == "auto" and x.dtype == torch.float32
+
+
+def use_triton(op: str, *tensors: Tensor | None, fallback: str = "reference") -> bool:
+    """Decide the implementation of one call of ``op`` and count it in :data:`LAUNCHES` (as ``"<op>:triton"``, or
+    ``"<op>:<fallback>"`` when the caller will run its fallback).
 
     Raises:
         RuntimeError: in mode ``triton`` when the kernels cannot take these tensors (says why and the fix).
@@ -133,7 +143,7 @@ def use_triton(op: str, *tensors: Tensor | None) -> bool:
                            f"cannot run: {reason}. Fix: run on a CUDA GPU, set TRITON_INTERPRET=1 for CPU tensors, "
                            "or use mode 'auto'")
     chosen = reason is None
-    LAUNCHES[f"{op}:{'triton' if chosen else 'reference'}"] += 1
+    LAUNCHES[f"{op}:{'triton' if chosen else fallback}"] += 1
     return chosen
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from kernels import dispatch
-from kernels.deform_conv import deform_conv2d_backward_reference, deform_conv2d_reference
+from kernels.deform_conv import deform_conv2d_backward_reference, deform_conv2d_grid_sample, deform_conv2d_reference
 from kernels.nearest_code import nearest_code_reference
 
 __all__ = ["deform_conv2d_op", "deform_conv2d_backward_op", "nearest_code_op", "TRITON_OPS"]
@@ -51,6 +51,12 @@ def _out_hw(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, 
     return h_out, w_out
 
 
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """The output layout of the deformable conv: channels-last for a channels-last ``x`` (C > 1), else NCHW
+    contiguous, whichever implementation runs (the Triton kernel's rule)."""
+    return torch.channels_last if x.shape[1] > 1 and x.stride(1) == 1 else torch.contiguous_format
+
+
 def _deform_conv2d(
     x: Tensor,
     offset: Tensor,
@@ -63,9 +69,13 @@ def _deform_conv2d(
 ) -> Tensor:
     """Modulated deformable convolution; see ``kernels.deform_conv`` for shapes and semantics."""
     conv = _conv_args(stride, padding, dilation)
-    if dispatch.use_triton("modulated_deform_conv2d", x, offset, mask, weight, bias):
+    fast = dispatch.use_grid_sample(x)
+    if dispatch.use_triton("modulated_deform_conv2d", x, offset, mask, weight, bias,
+                           fallback="grid_sample" if fast else "reference"):
         return dispatch.triton_module("deform_conv_triton").forward(x, offset, mask, weight, bias, *conv)
-    return deform_conv2d_reference(x, offset, mask, weight, bias, *conv)
+    impl = deform_conv2d_grid_sample if fast else deform_conv2d_reference
+    # The layout the fake kernel declares (Inductor and AOTInductor allocate and index by it).
+    return impl(x, offset, mask, weight, bias, *conv).contiguous(memory_format=_memory_format(x))
 
 
 deform_conv2d_op = _define("vqfr::modulated_deform_conv2d", _deform_conv2d)
@@ -74,7 +84,8 @@ deform_conv2d_op = _define("vqfr::modulated_deform_conv2d", _deform_conv2d)
 @deform_conv2d_op.register_fake
 def _(x, offset, mask, weight, bias, stride, padding, dilation):
     h_out, w_out = _out_hw(x, weight, stride, padding, dilation)
-    return x.new_empty(x.shape[0], weight.shape[0], h_out, w_out)
+    return torch.empty(x.shape[0], weight.shape[0], h_out, w_out, dtype=x.dtype, device=x.device,
+                       memory_format=_memory_format(x))
 
 
 def _deform_conv2d_backward(

@@ -1,0 +1,187 @@
+"""``python -m deploy.bench`` end to end on tiny models (CPU), and the parts that measure."""
+
+from __future__ import annotations
+
+import copy
+import importlib.machinery
+import json
+import math
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import kernels
+import vqfr
+from deploy import bench, report
+from deploy.baselines import EagerBaseline, seeded_weights_, torchvision_problem
+from deploy.measure import compare_images, compare_outputs, time_calls
+from tests.conftest import TINY_V1, TINY_V2
+from vqfr.backends import BACKENDS
+from vqfr.backends.torch import TorchBackend
+
+REQUIRED = {"backend", "precision", "batch", "device", "median_ms", "p90_ms", "img_per_s", "peak_mem_mb",
+            "max_abs_err"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Smaller still than TINY_V2: three levels, 16x16 faces (every code path, a fraction of the time).
+SMALL_V2 = {**copy.deepcopy(TINY_V2), "channel_multipliers": [1, 1, 2],
+            "quantizer_opt": {**TINY_V2["quantizer_opt"], "spatial_size": [4, 4]}}
+SMALL_V1 = {**copy.deepcopy(TINY_V1), "proj_patch_size": 4, "resolution_scale_rates": [1, 2, 2],
+            "channel_multipliers": [1, 1, 2], "quant_level": ["Level_4"], "align_from_patch": 4,
+            "align_opt": {f"Level_{r}": TINY_V1["align_opt"][f"Level_{r}"] for r in (4, 2, 1)},
+            "quantizer_opt": {"Level_4": TINY_V1["quantizer_opt"]["Level_32"]}}
+
+
+def tiny_yml(tmp_path, options):
+    path = tmp_path / f"{options['type']}.yml"
+    path.write_text(yaml.safe_dump({"network_sr": copy.deepcopy(options)}))
+    return path
+
+
+def rows_of(rows, **match):
+    return [r for r in rows if all(r[k] == v for k, v in match.items())]
+
+
+def test_cli_runs_end_to_end_and_writes_json_markdown_and_chart(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = bench.main(["--config", str(tiny_yml(tmp_path, SMALL_V2)), "--device", "cpu", "--backends", "torch-max",
+                     "--precision", "fp32,bf16", "--batch", "1,2", "--fidelity", "1", "--iters", "1", "--warmup", "1",
+                     "--inputs", "2", "--restore-iters", "1", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    rows, meta = data["rows"], data["meta"]
+    assert all(REQUIRED <= row.keys() for row in rows)
+    assert meta["weights"].startswith("RANDOM") and meta["device"] == "cpu" and "VQFRv2 at 16x16" in meta["model"]
+    # Baselines in every run: the reference in fp32 and in the requested reduced precision; torchvision when present.
+    for backend, precision in [("reference", "fp32"), ("reference", "bf16"), ("torch-max", "fp32"),
+                               ("torch-max", "bf16")]:
+        for batch in (1, 2):
+            for what in ("forward", "restore"):
+                (row,) = rows_of(rows, backend=backend, precision=precision, batch=batch, what=what)
+                assert row["status"] == "ok" and row["device"] == "cpu" and row["fidelity"] == 1.0
+                assert 0 < row["p10_ms"] <= row["median_ms"] <= row["p90_ms"]
+                assert row["img_per_s"] == pytest.approx(batch * 1e3 / row["median_ms"])
+                assert row["baseline"] == (backend == "reference")
+    tv = rows_of(rows, backend="torchvision")
+    assert tv and all(r["status"] == ("skipped" if torchvision_problem() else "ok") for r in tv)
+    # Errors against the fp32 reference: zero for itself, tiny for fp32, clearly non-zero (but sane) for bf16.
+    for row in rows_of(rows, backend="reference", precision="fp32"):
+        assert row["max_abs_err"] == 0 and row["psnr_db"] == "inf" and row["speedup"] == pytest.approx(1)
+    for row in rows_of(rows, backend="torch-max", precision="fp32", what="forward"):
+        assert row["max_abs_err"] < 1e-4 and row["psnr_db"] > 80
+        assert row["paths"].get("modulated_deform_conv2d:grid_sample", 0) > 0  # the fast CPU path ran
+    for row in rows_of(rows, precision="bf16", what="forward", status="ok"):  # reduced precision really ran
+        assert 1e-3 < row["max_abs_err"] < 10 and row["psnr_db"] < 80
+    for row in rows_of(rows, backend="reference", what="forward"):
+        assert set(row["paths"]) == {"modulated_deform_conv2d:reference"}  # the baseline never takes a fast path
+    for row in rows_of(rows, what="restore", precision="fp32"):
+        assert row["max_abs_err"] <= 1  # 8-bit levels
+    markdown = (out / "results.md").read_text()
+    assert "## Model forward" in markdown and "## Runtime.restore of aligned faces" in markdown
+    assert markdown.count("| torch-max |") == 8
+    assert (out / "results.png").read_bytes()[:8] == PNG_MAGIC
+    assert "| backend | precision | batch |" in capsys.readouterr().out  # the table is printed
+
+
+class Perturbed(TorchBackend):
+    """A torch backend whose model has one weight scaled by 1.5: a wrong backend the benchmark must expose."""
+
+    def load(self) -> None:
+        self.engine = copy.deepcopy(self.engine)
+        with torch.no_grad():
+            self.engine.encoder.conv_in.weight.mul_(1.5)
+        super().load()
+
+
+def test_errors_are_measured_against_the_fp32_reference_and_catch_a_wrong_backend(tmp_path):
+    entry = next(e for e in BACKENDS if e.label == "torch[cpu]")
+
+    def extra(model, device):
+        return [bench.Subject("perturbed", "fp32", False, lambda: bench._loaded(Perturbed(entry, model)))]
+
+    cfg = bench.BenchConfig(config=copy.deepcopy(SMALL_V1), size=32, device="cpu", backends=["torch"],
+                            batches=[2], iters=1, warmup=1, inputs=2, restore_iters=0, out=tmp_path)
+    meta, rows = bench.run(cfg, log=lambda line: None, extra=extra)
+    by_backend = {r.backend: r for r in rows if r.status == "ok"}
+    assert set(by_backend) == {"reference", "torch", "perturbed"} and meta["model"] == "VQFRv1 at 32x32"
+    assert by_backend["torch"].max_abs_err < 1e-4
+    assert by_backend["perturbed"].max_abs_err > 0.05 and by_backend["perturbed"].psnr_db < 40
+
+
+def test_time_calls_times_the_first_call_alone_and_caps_slow_rows():
+    calls = []
+
+    def call(i):
+        calls.append(i)
+        if i == 0:
+            torch.ones(1000, 1000).sum()  # a "compile"
+
+    timing = time_calls(call, warmup=3, iters=5, device=torch.device("cpu"),
+                        on_warm=lambda: calls.append("warm"))  # e.g. reset the peak-memory counter
+    assert calls == [0, 1, 2, "warm", 3, 4, 5, 6, 7] and len(timing.ms) == len(timing.cpu_ms) == 5
+    assert timing.first_s > 0
+    calls.clear()
+    slow = time_calls(lambda i: (calls.append(i), __import__("time").sleep(0.02)), warmup=1, iters=50,
+                      device=torch.device("cpu"), row_seconds=0.1)
+    assert 3 <= len(slow.ms) <= 6 and min(slow.ms) >= 20
+    every = time_calls(lambda i: None, warmup=0, iters=4, device=torch.device("cpu"))
+    assert every.first_s is None and len(every.ms) == 4
+
+
+def test_compare_outputs_and_images():
+    ref = torch.zeros(2, 3, 4, 4)
+    out = ref.clone()
+    out[1, 0, 0, 0] = 0.5  # one pixel off by 0.5 in [-1, 1] = 0.25 in [0, 1]
+    err, psnr = compare_outputs([out[:1], out[1:]], [ref[:1], ref[1:]])
+    assert err == 0.5 and psnr == pytest.approx(10 * math.log10(96 / 0.25 ** 2))
+    assert compare_outputs([ref], [ref]) == (0.0, math.inf)
+    big = ref.clone()
+    big[0, 0, 0, 0] = 7.0  # unclamped in the max abs error, clamped in the PSNR
+    assert compare_outputs([big], [ref])[0] == 7.0
+    a = np.zeros((1, 4, 4, 3), np.uint8)
+    b = a.copy()
+    b[0, 0, 0, 0] = 3
+    err8, psnr8 = compare_images([b], [a])
+    assert err8 == 3 and psnr8 == pytest.approx(10 * math.log10(255 ** 2 / (9 / 48)))
+
+
+def test_torchvision_rows_swap_in_torchvisions_calling_convention(monkeypatch):
+    """With a stand-in torchvision (the reference behind torchvision's argument order), the swap must give the
+    reference's output and route every deformable conv through it."""
+    calls = []
+
+    def deform_conv2d(x, offset, weight, bias, stride, padding, dilation, mask):
+        calls.append(x.shape)
+        with kernels.use("reference"):
+            return kernels.deform_conv2d_reference(x, offset, mask, weight, bias, stride, padding, dilation)
+
+    tv = types.ModuleType("torchvision")
+    tv.__spec__ = importlib.machinery.ModuleSpec("torchvision", None)
+    ops = types.ModuleType("torchvision.ops")
+    ops.deform_conv2d = deform_conv2d
+    tv.ops = ops
+    monkeypatch.setitem(sys.modules, "torchvision", tv)
+    monkeypatch.setitem(sys.modules, "torchvision.ops", ops)
+    assert torchvision_problem() is None
+    model = seeded_weights_(vqfr.build_model(copy.deepcopy(TINY_V2)), 0).eval()
+    x, f = torch.rand(1, 3, 64, 64) * 2 - 1, torch.ones(1)
+    ref = EagerBaseline(model, torch.device("cpu"), "fp32").infer(x, f)
+    out = EagerBaseline(model, torch.device("cpu"), "fp32", "torchvision").infer(x, f)
+    dcns = sum(type(m).__name__ == "DCNv2Pack" for m in model.modules())
+    assert len(calls) == dcns > 0
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert kernels.modulated_deform_conv2d is kernels.deform_conv.modulated_deform_conv2d  # restored afterwards
+
+
+def test_report_round_trips_infinities_and_drops_empty_columns(tmp_path):
+    rows = [{"backend": "reference", "precision": "fp32", "batch": 1, "device": "cpu", "median_ms": 2.0,
+             "p90_ms": 3.0, "img_per_s": 500.0, "peak_mem_mb": None, "max_abs_err": 0.0, "psnr_db": math.inf,
+             "status": "ok", "note": "a | b"}]
+    path = report.write_json(tmp_path / "r.json", {"model": "m"}, rows)
+    meta, back = report.load(path)
+    assert back[0]["psnr_db"] == math.inf and meta == {"model": "m"}
+    table = report.markdown_table(back)
+    assert "peak MB" not in table and "| inf |" in table and "a / b" in table

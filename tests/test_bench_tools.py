@@ -1,0 +1,100 @@
+"""The benchmark's helpers: FLOP and byte counting (roofline), the profiler summary and the GPU check's verdicts."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import vqfr
+from deploy import gpu_check, profile_model, roofline
+from tests.conftest import seeded_model
+from tests.test_bench import SMALL_V1, SMALL_V2
+
+
+@pytest.mark.parametrize("options", [SMALL_V1, SMALL_V2], ids=["v1", "v2"])
+def test_roofline_counts_what_torchs_flop_counter_counts_plus_the_deformable_convs(options):
+    model = seeded_model(copy.deepcopy(options))
+    cost = roofline.count(model, batch=2, size=32, dtype=torch.float32)
+    kwargs = {"fidelity": 1.0} if options["type"] == "VQFRv2" else {}
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.rand(2, 3, 32, 32), **kwargs)
+    by_op = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    assert cost.flops["conv"] == by_op["aten.convolution"]
+    dcn = sum(2 * 2 * m.weight.shape[0] * m.weight.shape[1] * 9 * s * s for m, s in _dcn_sizes(model, 32))
+    assert cost.flops["deform_conv"] == dcn
+    # Attention by hand (torch's counter misses the CPU flash kernel): q k^T and a v, 2 * B * L * L * C each.
+    blocks = [m for m in model.modules() if type(m).__name__ == "AttnBlock"]
+    tokens = (32 // model.patch) ** 2
+    attention = sum(2 * 2 * 2 * tokens * tokens * m.q.out_channels for m in blocks)
+    linear = by_op.get("aten.addmm", 0)
+    assert cost.flops["matmul"] + cost.flops["attention"] == attention + linear
+    assert cost.weight_bytes == sum(p.numel() * 4 for p in model.parameters())
+    assert cost.weight_bytes < cost.ideal_bytes < cost.eager_bytes
+
+
+def _dcn_sizes(model, size):
+    """(DCNv2Pack, its feature-map side) for every deformable conv of the model at this input size."""
+    out = []
+    for name, m in model.named_modules():
+        if type(m).__name__ == "DCNv2Pack":
+            level = int(name.split("Level_")[1].split(".")[0])
+            out.append((m, size // level))
+    return out
+
+
+def test_roofline_of_the_official_v2_matches_the_published_count():
+    """OFFICIAL_VQFR.md section 10: 1013.6 GFLOP counted + 50.8 deformable = 1064.4 GFLOP at 512x512."""
+    cost = roofline.count(vqfr.models.official_options("v2"), batch=1, size=512)
+    assert cost.total_flops / 1e9 == pytest.approx(1064.4, abs=0.15)
+    assert cost.flops["deform_conv"] / 1e9 == pytest.approx(50.8, abs=0.15)
+    floors = roofline.floors(cost)
+    assert floors["compute_ms"] == pytest.approx(1.35, abs=0.01)  # the anchor's arithmetic floor
+    # The eager peak sits in the finest warping level, where 192 channels at 512x512 meet.
+    assert cost.peak_at.startswith("main_branch.align_func_dict.Level_1")
+    assert 0.3e9 < cost.peak_live_bytes < 1e9
+
+
+def test_profile_groups_operators_by_what_they_do():
+    model = seeded_model(copy.deepcopy(SMALL_V2))
+    result = profile_model.profile(model, "cpu", "fp32", batch=1, size=16, mode="eager", iters=1, warmup=1)
+    assert result.total_ms > 0 and result.per_category["convolution"] > 0
+    assert result.per_category["deformable conv"] > 0 and result.per_category["normalisation"] > 0
+    text = profile_model.report(result, "tiny")
+    assert "| convolution |" in text and "aten::" in text
+    assert profile_model.category("triton_red_fused_native_group_norm_silu_0") == "normalisation"
+    assert profile_model.category("sm90_xmma_fprop_implicit_gemm_f16f16") == "convolution"
+    assert profile_model.category("_fwd_kernel") == "deformable conv"
+
+
+def row(backend, batch, ms, fidelity=1.0, baseline=False, mem=None, precision="fp16"):
+    return {"backend": backend, "precision": precision, "batch": batch, "fidelity": fidelity, "what": "forward",
+            "status": "ok", "baseline": baseline, "median_ms": ms, "img_per_s": batch * 1e3 / ms,
+            "peak_mem_mb": mem, "max_abs_err": 1e-3, "psnr_db": 55.0}
+
+
+def test_gpu_check_judges_targets_on_the_best_fp16_candidate():
+    rows = [row("reference", 1, 30.0, baseline=True), row("torch", 1, 9.0), row("torch-max", 1, 3.5),
+            row("torch-max", 1, 1.0, precision="fp32"),  # another precision never counts
+            row("reference", 8, 120.0, baseline=True), row("torch-max", 8, 17.0, mem=2000)]
+    v2_b1, v2_b8 = gpu_check.TARGETS[0], gpu_check.TARGETS[1]
+    e1 = gpu_check.evaluate(v2_b1, rows)
+    assert e1["best"]["backend"] == "torch-max" and e1["met"] is True and e1["baseline"]["median_ms"] == 30.0
+    e8 = gpu_check.evaluate(v2_b8, rows)
+    assert e8["met"] is False  # 470 img/s < 500 although the memory fits
+    e8 = gpu_check.evaluate(v2_b8, rows[:-1] + [row("torch-max", 8, 15.0, mem=3500)])
+    assert e8["met"] is False  # fast enough, but 3.67 GB > 3 GB
+    assert gpu_check.evaluate(gpu_check.TARGETS[3], rows)["best"] is None  # no v1 rows: not measured
+    text = gpu_check.summary({"v2": ({"device_name": "H100"}, rows)})
+    assert "| v2, batch 1 | <= 4 ms | 3.50 ms" in text and "| **no** |" in text and "not measured" in text
+
+
+def test_gpu_check_dry_run_lists_the_steps(tmp_path, capsys):
+    assert gpu_check.main(["--out", str(tmp_path), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    for name in gpu_check.STEPS:
+        assert f"[gpu_check] {name}:" in printed
+    assert "--precision fp16 --batch 1,8" in printed
