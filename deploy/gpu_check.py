@@ -1,20 +1,33 @@
 """Everything to check and time on one GPU, in one call: ``python -m deploy.gpu_check --out DIR``.
 
-Steps, most important first, each in its own process and given what is left of ``--budget`` seconds (a step cut
-short keeps the rows it finished: the benchmark saves them after every backend):
+Steps, most important first. Each runs in its own process and is given what is left of ``--budget`` seconds (a step
+cut short keeps the rows it finished: the benchmark saves them after every backend).
 
-1. ``v2``: ``deploy.bench`` of VQFRv2 at 512, fp16, batch 1 and 8, fidelity 1: baselines (reference eager fp32 and
+``checks`` runs three untimed jobs side by side, since none of them is a timing:
+
+- ``gpu_tests``: the Triton kernels against the references on the GPU (``tests/test_kernels_triton.py``) and the
+  golden parity of the whole v1/v2 models with the Triton kernels in fp32 (``VQFR_TEST_DEVICE=cuda``
+  ``tests/test_golden.py``; needs ``VQFR_SHARED``);
+- ``aoti_tests``: the AOTInductor CUDA package of a small v2 against PyTorch, fp32 and fp16;
+- ``train``: a short stage-2 run of ``training/configs/gpu_short_vqfr_v2.yml`` (``--train-iters``) and its loss
+  curve. Its first intervals share the GPU with the two test jobs; later ones have it alone.
+
+Then the timings, one at a time:
+
+1. ``kernels``: ``deploy.bench_kernels`` (deformable conv and nearest-code search against torchvision and torch).
+2. ``v2``: ``deploy.bench`` of VQFRv2 at 512, fp16, batch 1 and 8, fidelity 1: baselines (reference eager fp32 and
    fp16, torchvision when it imports), the torch backend eager (Triton kernels) and ``torch-max``.
-2. ``v2_f0``: batch 1 at fidelity 0 (texture branch only), torch-max and baselines.
-3. ``v1``: VQFRv1 at 512, fp16, batch 1 and 8.
+3. ``v2_f0``: batch 1 at fidelity 0 (texture branch only), torch-max and baselines.
 4. ``profile``: ``deploy.profile_model`` of v2 batch 8 in max mode (compiled, no CUDA graphs): time per kernel
    category beside the roofline floors.
-5. ``kernels``: ``deploy.bench_kernels`` (deformable conv and nearest-code search against torchvision and torch).
+5. ``v1``: VQFRv1 at 512, fp16, batch 1 and 8.
+6. ``v2_aoti``: the AOTInductor package of the whole v2 in fp16 at batch 1, timed like the others.
 
 What it writes in ``--out`` (few files, so that they fit what a remote runner sends back): ``summary.md`` (the
-issue's targets against the measured numbers and the official anchors, then every table), ``results.json`` (every
-run's meta and rows), ``results.png``, ``profile.md``, ``kernels.json``, ``gpu_check.log``. Per-run folders go to
-``--work`` (default ``--out``/runs).
+issue's targets against the measured numbers and the official anchors, the checks' outcomes, then every table),
+``results.json`` (every run's meta and rows), ``profile.md``, ``kernels.json``, ``train_loss.png``,
+``gpu_check.log`` and ``logs.tgz`` (every step's log and small result files). Per-run folders go to ``--work``
+(default ``--out``/runs).
 """
 
 from __future__ import annotations
@@ -23,15 +36,16 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from deploy import report
 
-__all__ = ["TARGETS", "Target", "STEPS", "evaluate", "summary", "main"]
+__all__ = ["TARGETS", "Target", "Step", "CHECKS", "STEPS", "evaluate", "summary", "main"]
 
 GB = 1e9 / 2**20  # MiB per GB (peak_mem_mb is in MiB)
 
@@ -67,16 +81,48 @@ def _bench(version: str, fidelity: str, backends: str, out: Path, batches: str =
             "--restore-iters", "5", "--row-seconds", "4", "--out", str(out)]
 
 
-#: name -> (command builder(work, out), time cap in seconds)
-STEPS = {
-    "v2": (lambda work, out: _bench("v2", "1", "torch,torch-max", work / "v2"), 230),
-    "v2_f0": (lambda work, out: _bench("v2", "0", "torch-max", work / "v2_f0", batches="1"), 100),
-    "v1": (lambda work, out: _bench("v1", "1", "torch,torch-max", work / "v1"), 240),
-    "profile": (lambda work, out: [sys.executable, "-m", "deploy.profile_model", "--version", "v2", "--batch", "8",
-                                   "--mode", "max", "--out", str(out / "profile.md")], 90),
-    "kernels": (lambda work, out: [sys.executable, "-m", "deploy.bench_kernels", "--json", str(out / "kernels.json"),
-                                   "--iters", "30", "--warmup", "5"], 90),
+def _train(work: Path, out: Path, iters: int, seconds: float) -> list[str]:
+    """Train for ``iters`` iterations or ``seconds``, whichever comes first, then plot what was logged."""
+    run = work / "train"
+    script = (f"timeout {seconds:.0f} {sys.executable} -m training.train --config "
+              f"training/configs/gpu_short_vqfr_v2.yml --max-iters {iters} --out {run}; "
+              f"{sys.executable} -m training.plot {run}/metrics.jsonl -o {out}/train_loss.png")
+    return ["sh", "-c", script]
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One job: ``command(work, out, args)``, its time cap in seconds, and extra environment variables."""
+
+    command: Callable[[Path, Path, argparse.Namespace], list[str]]
+    cap: float
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+#: Untimed jobs that ``checks`` runs side by side.
+CHECKS = {
+    "gpu_tests": Step(lambda work, out, a: [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                            "tests/test_kernels_triton.py", "tests/test_golden.py"],
+                      150, {"VQFR_TEST_DEVICE": "cuda"}),
+    "aoti_tests": Step(lambda work, out, a: [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                             "tests/test_export_aoti.py", "-k", "cuda"], 150),
+    "train": Step(lambda work, out, a: _train(work, out, a.train_iters, 130), 150),
 }
+
+#: name -> the step; ``checks`` stands for the jobs in CHECKS.
+STEPS = {
+    "checks": Step(lambda work, out, a: [], 150),
+    "kernels": Step(lambda work, out, a: [sys.executable, "-m", "deploy.bench_kernels", "--json",
+                                          str(out / "kernels.json"), "--iters", "30", "--warmup", "5",
+                                          "--levels", "128x512x512", "128x256x256"], 70),
+    "v2": Step(lambda work, out, a: _bench("v2", "1", "torch,torch-max", work / "v2"), 280),
+    "v2_f0": Step(lambda work, out, a: _bench("v2", "0", "torch-max", work / "v2_f0", batches="1"), 80),
+    "profile": Step(lambda work, out, a: [sys.executable, "-m", "deploy.profile_model", "--version", "v2",
+                                          "--batch", "8", "--mode", "max", "--out", str(out / "profile.md")], 80),
+    "v1": Step(lambda work, out, a: _bench("v1", "1", "torch,torch-max", work / "v1"), 200),
+    "v2_aoti": Step(lambda work, out, a: _bench("v2", "1", "aoti", work / "v2_aoti", batches="1"), 150),
+}
+RUNS = ("v2", "v2_f0", "v1", "v2_aoti")  # the steps that write a deploy.bench results.json
 
 
 def evaluate(target: Target, rows: Sequence[dict]) -> dict:
@@ -140,65 +186,110 @@ def summary(runs: dict[str, tuple[dict, list[dict]]], log_tail: str = "") -> str
 
 def _load_runs(work: Path) -> dict[str, tuple[dict, list[dict]]]:
     runs = {}
-    for name in ("v2", "v2_f0", "v1"):
+    for name in RUNS:
         path = work / name / "results.json"
         if path.is_file():
             runs[name] = report.load(path)
     return runs
 
 
+def _log(log, text: str) -> None:
+    print(text, flush=True)
+    log.write(text + "\n")
+    log.flush()
+
+
+def _launch(name: str, step: Step, command: list[str], log_path: Path, env: dict) -> subprocess.Popen:
+    handle = open(log_path, "w")
+    return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env={**env, **step.env},
+                            start_new_session=True)
+
+
+def _wait(proc: subprocess.Popen, until: float) -> object:
+    """Wait until ``until``; past it, kill the job with every process it started (a shell's children too)."""
+    try:
+        return proc.wait(timeout=max(1.0, until - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return "timeout"
+
+
+def _run_steps(args: argparse.Namespace, out: Path, work: Path, log) -> dict[str, object]:
+    """Run the chosen steps within the budget; returns each job's exit code (or "timeout"/"skipped")."""
+    deadline = time.monotonic() + args.budget
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    codes: dict[str, object] = {}
+    for name in args.steps:
+        left = deadline - time.monotonic()
+        jobs = CHECKS if name == "checks" else {name: STEPS[name]}
+        for job, step in jobs.items():
+            _log(log, f"[gpu_check] {job}: {' '.join(step.command(work, out, args))} (cap {step.cap:g} s, "
+                      f"{left:.0f} s left)")
+        if args.dry_run:
+            continue
+        if left < 30:
+            codes.update({job: "skipped" for job in jobs})
+            _log(log, f"[gpu_check] {name}: skipped, out of budget")
+            continue
+        start = time.monotonic()
+        procs = {job: _launch(job, step, step.command(work, out, args), work / f"{job}.log", env)
+                 for job, step in jobs.items()}
+        for job, proc in procs.items():
+            codes[job] = _wait(proc, start + min(jobs[job].cap, left))
+            _log(log, f"[gpu_check] {job}: exit {codes[job]} after {time.monotonic() - start:.0f} s")
+    return codes
+
+
+def _checks_section(work: Path, codes: dict[str, object]) -> str:
+    lines = ["", "# Checks (untimed)", ""]
+    for job in CHECKS:
+        path = work / f"{job}.log"
+        tail = "\n".join(path.read_text(errors="replace").splitlines()[-12:]) if path.is_file() else "(no log)"
+        lines += [f"## `{job}`: exit {codes.get(job, 'not run')}", "", "```", tail, "```", ""]
+    return "\n".join(lines)
+
+
+def _pack_logs(work: Path, out: Path) -> None:
+    """Every log and small result file of the work folder, in one archive (checkpoints and engines left out)."""
+    import tarfile
+
+    with tarfile.open(out / "logs.tgz", "w:gz") as tar:
+        for path in sorted(work.rglob("*")):
+            if path.is_file() and path.suffix in (".log", ".json", ".jsonl", ".md", ".png", ".txt", ".yml") \
+                    and path.stat().st_size < 4 * 2**20:
+                tar.add(path, arcname=str(path.relative_to(work)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path, help="per-run folders (default OUT/runs)")
-    parser.add_argument("--budget", type=float, default=480, help="seconds for all steps (default 480)")
+    parser.add_argument("--budget", type=float, default=540, help="seconds for all steps (default 540)")
     parser.add_argument("--steps", nargs="+", choices=tuple(STEPS), default=list(STEPS))
+    parser.add_argument("--train-iters", type=int, default=200, help="iterations of the training check (default 200)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = parser.parse_args(argv)
     out, work = args.out, args.work or args.out / "runs"
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     log_path = out / "gpu_check.log"
-    deadline = time.monotonic() + args.budget
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "a") as log:
-        for name in args.steps:
-            build, cap = STEPS[name]
-            command = build(work, out)
-            left = deadline - time.monotonic()
-            line = f"[gpu_check] {name}: {' '.join(command)} (cap {cap} s, {left:.0f} s left)"
-            print(line, flush=True)
-            log.write(line + "\n")
-            log.flush()
-            if args.dry_run:
-                continue
-            if left < 30:
-                log.write(f"[gpu_check] {name}: skipped, out of budget\n")
-                continue
-            start = time.monotonic()
-            try:
-                code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                      timeout=min(cap, left)).returncode
-            except subprocess.TimeoutExpired:
-                code = "timeout"
-            done = f"[gpu_check] {name}: exit {code} after {time.monotonic() - start:.0f} s"
-            print(done, flush=True)
-            log.write(done + "\n")
-            log.flush()
+        codes = _run_steps(args, out, work, log)
     if args.dry_run:
         return 0
     runs = _load_runs(work)
     all_rows = [dict(r, run=name) for name, (_, rows) in runs.items() for r in rows]
     report.write_json(out / "results.json", {name: meta for name, (meta, _) in runs.items()}, all_rows)
-    if all_rows:
-        meta = next(iter(runs.values()))[0]
-        chart_rows = [dict(r, backend=f"{r['run']} {r['backend']}") for r in all_rows if r.get("precision") == "fp16"]
-        report.write_chart(out / "results.png", {**meta, "model": "v1 / v2"}, chart_rows)
     tail = "\n".join(log_path.read_text().splitlines()[-40:])
     text = summary(runs, tail)
+    if "checks" in args.steps:
+        text += _checks_section(work, codes)
     (out / "summary.md").write_text(text)
-    print(text.split("\n# Run")[0])
-    print(json.dumps({"wrote": sorted(p.name for p in out.iterdir() if p.is_file())}))
+    _pack_logs(work, out)
+    print(text.split("\n# Run")[0].split("\n# Checks")[0])
+    print(_checks_section(work, codes) if "checks" in args.steps else "")
+    print(json.dumps({"exit": codes, "wrote": sorted(p.name for p in out.iterdir() if p.is_file())}))
     return 0
 
 
