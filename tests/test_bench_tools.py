@@ -95,6 +95,20 @@ def test_gpu_check_judges_targets_on_the_best_fp16_candidate():
 def test_gpu_check_dry_run_lists_the_steps(tmp_path, capsys):
     assert gpu_check.main(["--out", str(tmp_path), "--dry-run"]) == 0
     printed = capsys.readouterr().out
-    for name in gpu_check.STEPS:
+    for name in [*gpu_check.CHECKS, *(s for s in gpu_check.STEPS if s != "checks")]:
         assert f"[gpu_check] {name}:" in printed
     assert "--precision fp16 --batch 1,8" in printed
+    assert "tests/test_kernels_triton.py tests/test_golden.py" in printed and "--max-iters 200" in printed
+
+
+def test_gpu_check_kills_a_job_past_its_cap_with_its_children_and_reports_it(tmp_path, monkeypatch):
+    marker = tmp_path / "child_survived"
+    slow = gpu_check.Step(lambda w, o, a: ["sh", "-c", f"(sleep 3; touch {marker}) & wait"], 1)
+    quick = gpu_check.Step(lambda w, o, a: ["sh", "-c", "echo fine; echo env=$CHECK_ME"], 5, {"CHECK_ME": "yes"})
+    monkeypatch.setattr(gpu_check, "CHECKS", {"slow": slow, "quick": quick})
+    assert gpu_check.main(["--out", str(tmp_path / "out"), "--steps", "checks", "--budget", "30"]) == 0
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert "`slow`: exit timeout" in text and "`quick`: exit 0" in text and "env=yes" in text
+    __import__("time").sleep(3.5)
+    assert not marker.exists()  # the shell's child was killed too
+    assert (tmp_path / "out" / "logs.tgz").is_file()
