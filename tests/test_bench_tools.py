@@ -106,7 +106,7 @@ def test_gpu_check_kills_a_job_past_its_cap_with_its_children_and_reports_it(tmp
     slow = gpu_check.Step(lambda w, o, a: ["sh", "-c", f"(sleep 3; touch {marker}) & wait"], 1)
     quick = gpu_check.Step(lambda w, o, a: ["sh", "-c", "echo fine; echo env=$CHECK_ME"], 5, {"CHECK_ME": "yes"})
     monkeypatch.setattr(gpu_check, "CHECKS", {"slow": slow, "quick": quick})
-    assert gpu_check.main(["--out", str(tmp_path / "out"), "--steps", "checks", "--budget", "30"]) == 0
+    assert gpu_check.main(["--out", str(tmp_path / "out"), "--steps", "checks", "--budget", "60"]) == 0
     text = (tmp_path / "out" / "summary.md").read_text()
     assert "`slow`: exit timeout" in text and "`quick`: exit 0" in text and "env=yes" in text
     __import__("time").sleep(3.5)
