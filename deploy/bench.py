@@ -414,17 +414,32 @@ def _restore_row(ctx: _Context, subject: Subject, runner: Any, batch: int, fid: 
 
 def _reset_peak(device: torch.device) -> Callable[[], None] | None:
     """Peak memory is that of the timed calls (weights, CUDA-graph pools and activations), not of the compilation or
-    autotuning that the first call may do."""
+    autotuning that the first call may do: after the warm-up, cached blocks are released and the peak is reset."""
     if device.type != "cuda":
         return None
-    return lambda: torch.cuda.reset_peak_memory_stats(device)
+
+    def reset() -> None:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+    return reset
+
+
+def torch_peak_mb(device: torch.device) -> float:
+    """Device memory a torch backend needed over the timed calls, in MiB.
+
+    ``max_memory_allocated`` alone misses a CUDA graph's private pool: a replay allocates nothing, so the graph's
+    intermediate activations never show up as allocated. The memory reserved at the end (after the cache was emptied
+    at the warm-up) holds those pools, so the larger of the two counts them.
+    """
+    return max(torch.cuda.max_memory_allocated(device), torch.cuda.memory_reserved(device)) / 2**20
 
 
 def _memory(row: Row, runner: Any, device: torch.device, mem_base: float | None) -> None:
     if device.type != "cuda":
         return
     if isinstance(runner, (TorchBackend, EagerBaseline)):
-        row.peak_mem_mb = torch.cuda.max_memory_allocated(device) / 2**20
+        row.peak_mem_mb = torch_peak_mb(device)
     else:  # onnxruntime / TensorRT allocate outside torch: device memory in use, less what was in use before
         used = _device_used_mb(device)
         row.peak_mem_mb = None if used is None or mem_base is None else used - mem_base

@@ -185,3 +185,15 @@ def test_report_round_trips_infinities_and_drops_empty_columns(tmp_path):
     assert back[0]["psnr_db"] == math.inf and meta == {"model": "m"}
     table = report.markdown_table(back)
     assert "peak MB" not in table and "| inf |" in table and "a / b" in table
+
+
+def test_torch_peak_memory_counts_what_a_cuda_graph_replay_never_allocates(monkeypatch):
+    """A replayed CUDA graph allocates nothing, so its activations live only in the reserved pool."""
+    from deploy import bench
+
+    mib = 2**20
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 300 * mib)  # weights + I/O
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 900 * mib)  # + the graph's pool
+    assert bench.torch_peak_mb(torch.device("cuda")) == 900
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 200 * mib)  # eager: the peak is larger
+    assert bench.torch_peak_mb(torch.device("cuda")) == 300
