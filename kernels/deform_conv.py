@@ -19,6 +19,7 @@ Semantics (identical to ``torchvision.ops.deform_conv2d(x, offset, weight, bias,
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -151,6 +152,23 @@ def _sample_grid(
     return grid
 
 
+def _contract_taps(columns: Iterable[tuple[int, Tensor]], weight: Tensor, bias: Tensor | None, h_out: int,
+                   w_out: int, dtype: torch.dtype) -> Tensor:
+    """The weight contraction shared by the torch implementations: sum over taps k of ``weight[:, :, k] @ col_k``,
+    plus the bias. ``columns`` yields (k, [B, C_in, H_out*W_out]); returns [B, C_out, H_out, W_out] in ``dtype``."""
+    kw = weight.shape[3]
+    out = None
+    for k, col in columns:
+        ky, kx = divmod(k, kw)
+        term = torch.einsum("oc,bcp->bop", weight[:, :, ky, kx].to(col.dtype), col)
+        out = term if out is None else out + term
+    assert out is not None
+    out = out.view(out.shape[0], weight.shape[0], h_out, w_out)
+    if bias is not None:
+        out = out + bias.view(1, -1, 1, 1).to(out.dtype)
+    return out.to(dtype)
+
+
 def deform_conv2d_reference(
     x: Tensor,
     offset: Tensor,
@@ -189,20 +207,15 @@ def deform_conv2d_reference(
     msk = None if mask is None else mask.view(b, groups, taps, h_out * w_out)
     xg = x.reshape(b * groups, cg, h, w)
 
-    out = None
-    for k, (py, px) in enumerate(grid):
-        ky, kx = divmod(k, kw)
-        col = bilinear_sample_reference(xg, py, px).view(b, groups, cg, h_out * w_out)
-        if msk is not None:
-            col = col * msk[:, :, k].unsqueeze(2).to(col.dtype)
-        col = col.reshape(b, c_in, h_out * w_out)
-        term = torch.einsum("oc,bcp->bop", weight[:, :, ky, kx].to(col.dtype), col)
-        out = term if out is None else out + term
-    assert out is not None
-    out = out.view(b, c_out, h_out, w_out)
-    if bias is not None:
-        out = out + bias.view(1, c_out, 1, 1).to(out.dtype)
-    return out.to(x.dtype)
+
+    def columns() -> Iterator[tuple[int, Tensor]]:
+        for k, (py, px) in enumerate(grid):
+            col = bilinear_sample_reference(xg, py, px).view(b, groups, cg, h_out * w_out)
+            if msk is not None:
+                col = col * msk[:, :, k].unsqueeze(2).to(col.dtype)
+            yield k, col.reshape(b, c_in, h_out * w_out)
+
+    return _contract_taps(columns(), weight, bias, h_out, w_out, x.dtype)
 
 
 def deform_conv2d_backward_reference(
@@ -325,22 +338,18 @@ def deform_conv2d_grid_sample(
     base_x = (torch.arange(w_out, device=x.device, dtype=x.dtype) * sw - pw).view(1, 1, 1, w_out)
     off = offset.to(x.dtype).view(b, groups, taps, 2, h_out, w_out)
     msk = mask.to(x.dtype).view(b, groups, 1, taps, p)
-    out = None
-    for k in range(taps):
-        ky, kx = divmod(k, kw)
-        # The reference's sample position (same operations, same rounding), then normalised for grid_sample.
-        gy = (base_y + ky * dh + off[:, :, k, 0]) * scale_y - 1
-        gx = (base_x + kx * dw + off[:, :, k, 1]) * scale_x - 1
-        grid = torch.stack((gx, gy), dim=-1).view(b * groups, h_out, w_out, 2)
-        col = F.grid_sample(xg, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-        col = (col.view(b, groups, cg, p) * msk[:, :, :, k]).view(b, c_in, p)
-        term = torch.einsum("oc,bcp->bop", weight[:, :, ky, kx].to(col.dtype), col)
-        out = term if out is None else out + term
-    assert out is not None
-    out = out.view(b, c_out, h_out, w_out)
-    if bias is not None:
-        out = out + bias.view(1, c_out, 1, 1).to(out.dtype)
-    return out.to(x.dtype)
+
+    def columns() -> Iterator[tuple[int, Tensor]]:
+        for k in range(taps):
+            ky, kx = divmod(k, kw)
+            # The reference's sample position (same operations, same rounding), then normalised for grid_sample.
+            gy = (base_y + ky * dh + off[:, :, k, 0]) * scale_y - 1
+            gx = (base_x + kx * dw + off[:, :, k, 1]) * scale_x - 1
+            grid = torch.stack((gx, gy), dim=-1).view(b * groups, h_out, w_out, 2)
+            col = F.grid_sample(xg, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+            yield k, (col.view(b, groups, cg, p) * msk[:, :, :, k]).view(b, c_in, p)
+
+    return _contract_taps(columns(), weight, bias, h_out, w_out, x.dtype)
 
 
 def modulated_deform_conv2d(
