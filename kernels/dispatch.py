@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import contextvars
+import functools
 import importlib
 import importlib.util
 import os
@@ -32,8 +33,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["MODES", "LAUNCHES", "use", "active_mode", "interpreting", "triton_installed", "why_not_triton",
-           "use_triton", "use_grid_sample", "Launch", "launchable", "triton_module"]
+__all__ = ["MODES", "LAUNCHES", "use", "active_mode", "interpreting", "interpreter_problem", "triton_installed",
+           "why_not_triton", "use_triton", "use_grid_sample", "Launch", "launchable", "triton_module"]
 
 #: Valid values of ``VQFR_KERNELS`` and of :func:`use`.
 MODES = ("auto", "triton", "reference")
@@ -90,6 +91,31 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as ``3.6.0`` or ``2.4.0rc1``."""
+    return tuple(int("".join(ch for ch in part if ch.isdigit()) or 0) for part in version.split(".")[:2])
+
+
+@functools.cache
+def interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run our kernels with the installed packages (None when it can).
+
+    Triton 3.6's interpreter turns a scalar kernel argument into a one-element array and calls ``int()`` on it in a
+    ``range()`` loop; numpy 2.4 refuses that conversion (TypeError). Triton 3.7 and later are fine. Compiled GPU runs
+    are not affected.
+    """
+    import importlib.metadata
+
+    try:
+        triton_version, numpy_version = (importlib.metadata.version(n) for n in ("triton", "numpy"))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter fails with numpy {numpy_version} (numpy >= 2.4 refuses its "
+                "scalar conversions); install triton >= 3.7 or numpy < 2.4")
+    return None
+
+
 def _is_traced(t: Tensor) -> bool:
     """True for fake (or functionalized fake) tensors and inside torch.compile: nothing real to launch on."""
     from torch._subclasses.fake_tensor import is_fake
@@ -117,7 +143,7 @@ def why_not_triton(*tensors: Tensor | None) -> str | None:
             return "the interpreter only runs eagerly, not under torch.compile/export tracing"
         if lead.dtype == torch.bfloat16:
             return "the interpreter has no bfloat16 (numpy lacks it)"
-        return None
+        return interpreter_problem()
     return f"device {lead.device} is not supported by the Triton kernels"
 
 

@@ -218,3 +218,28 @@ def test_triton_op_flavour_registers_runs_and_traces():
     env.pop("VQFR_KERNELS", None)
     res = subprocess.run([sys.executable, "-c", TRITON_OP_SCRIPT], capture_output=True, text=True, env=env)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr[-3000:]
+
+
+def test_an_interpreter_that_cannot_run_is_named_with_its_fix(monkeypatch):
+    """Triton 3.6's interpreter breaks on numpy >= 2.4: auto mode falls back, forced mode says why and the fix."""
+    import importlib.metadata
+
+    versions = {"triton": "3.6.0", "numpy": "2.4.6"}
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: versions[name])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dispatch.interpreter_problem.cache_clear()
+    try:
+        x = torch.ones(2, 2)
+        reason = dispatch.why_not_triton(x)
+        assert reason is not None and "triton >= 3.7 or numpy < 2.4" in reason
+        if dispatch.triton_installed():
+            with kernels.use("triton"), pytest.raises(RuntimeError, match="numpy < 2.4"):
+                dispatch.use_triton("nearest_code", x)
+        versions.update(triton="3.7.1")
+        dispatch.interpreter_problem.cache_clear()
+        assert dispatch.interpreter_problem() is None
+        versions.update(triton="3.6.0", numpy="2.3.5")
+        dispatch.interpreter_problem.cache_clear()
+        assert dispatch.interpreter_problem() is None
+    finally:
+        dispatch.interpreter_problem.cache_clear()

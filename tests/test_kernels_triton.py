@@ -34,6 +34,8 @@ TOLERANCE = {torch.float32: 2e-6, torch.float16: 4e-3}
 def triton_path(monkeypatch):
     """Run the Triton kernels: natively on a GPU, else under the interpreter; never fall back silently."""
     if not ON_GPU:
+        if dispatch.interpreter_problem():
+            pytest.skip(dispatch.interpreter_problem())
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("VQFR_KERNELS", "triton")
     dispatch.LAUNCHES.clear()
