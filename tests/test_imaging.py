@@ -91,3 +91,24 @@ def test_load_refuses_missing_empty_and_garbage(tmp_path):
     (tmp_path / "text.jpg").write_text("not an image")
     with pytest.raises(InputError, match="text.jpg"):
         load_image(tmp_path / "text.jpg")
+
+
+def _official_post(t: torch.Tensor) -> np.ndarray:
+    """The official post-processing in numpy float32, as basicsr's tensor2img does it."""
+    x = (np.clip(t.numpy(), -1, 1) + 1) / 2
+    return np.round(x * np.float32(255.0)).astype(np.uint8).transpose(0, 2, 3, 1)[..., ::-1]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU"))])
+def test_conversions_are_bit_identical_to_the_official_formulas_for_every_level(device):
+    levels = np.arange(256, dtype=np.uint8)
+    img = np.stack([levels, levels[::-1], np.roll(levels, 7)], axis=-1).reshape(16, 16, 3)
+    expected = torch.from_numpy((img / 255.0).astype(np.float32)[:, :, ::-1].transpose(2, 0, 1).copy())
+    t = to_tensor(img, device=device)
+    assert t.device.type == device and torch.equal(t[0].cpu(), (expected - 0.5) / 0.5)
+    rng = np.random.default_rng(0)
+    halfway = (2 * (np.arange(255, dtype=np.float32) + 0.5) / 255 - 1).astype(np.float32)  # x255 near n + 0.5
+    values = np.concatenate([rng.uniform(-1.3, 1.3, 3 * 16 * 16 * 2 - 255).astype(np.float32), halfway])
+    out = torch.from_numpy(values.reshape(2, 3, 16, 16))
+    assert np.array_equal(to_images(out.to(device)), _official_post(out))

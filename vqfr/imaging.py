@@ -31,10 +31,14 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def to_tensor(images: np.ndarray, device: str | torch.device = "cpu") -> Tensor:
-    """BGR uint8 image(s) -> model input.
+    """BGR uint8 image(s) -> model input, converted on ``device`` (only the uint8 pixels cross to it).
+
+    The values are exactly the official ones: ``img / 255.`` in float64, rounded to float32, then normalised with
+    mean and std 0.5.
 
     Args:
         images: [H, W, 3] or [B, H, W, 3] uint8, BGR.
+        device: where the returned tensor lives.
 
     Returns:
         [B, 3, H, W] float32 RGB in [-1, 1] (B = 1 for a single image).
@@ -45,13 +49,16 @@ def to_tensor(images: np.ndarray, device: str | torch.device = "cpu") -> Tensor:
                          fix="convert with vqfr.imaging.as_bgr_uint8 first")
     if arr.ndim == 3:
         arr = arr[None]
-    x = (arr.astype(np.float64) / 255.0).astype(np.float32)
-    t = torch.from_numpy(np.ascontiguousarray(x[..., ::-1].transpose(0, 3, 1, 2)))
-    return ((t - 0.5) / 0.5).to(device)
+    pixels = torch.from_numpy(np.ascontiguousarray(arr)).to(device)  # a copy: the caller's array is never touched
+    rgb = pixels.flip(-1).permute(0, 3, 1, 2)
+    unit = (rgb.to(torch.float64) / 255.0).to(torch.float32)
+    return ((unit - 0.5) / 0.5).contiguous()
 
 
 def to_images(tensor: Tensor) -> np.ndarray:
-    """Model output -> BGR uint8 image(s).
+    """Model output -> BGR uint8 image(s), converted where the tensor lives (only uint8 pixels come back).
+
+    The official post-processing: clamp to [-1, 1], map to [0, 1], scale by 255 in float32, round half to even.
 
     Args:
         tensor: [B, 3, H, W] or [3, H, W], RGB in [-1, 1] space (any float dtype, any device; unclamped).
@@ -60,15 +67,14 @@ def to_images(tensor: Tensor) -> np.ndarray:
         [B, H, W, 3] (or [H, W, 3]) uint8 BGR.
     """
     single = tensor.dim() == 3
-    t = tensor.detach().float().cpu()
+    t = tensor.detach().float()
     t = t.unsqueeze(0) if single else t
     if t.dim() != 4 or t.shape[1] != 3:
         raise InputError(f"to_images takes [B,3,H,W] or [3,H,W], got {tuple(tensor.shape)}")
     if not torch.isfinite(t).all():
         raise InputError("model output contains NaN or inf", fix="run the model in fp32 (precision='fp32')")
-    t = (t.clamp(-1, 1) + 1) / 2
-    arr = t.numpy().transpose(0, 2, 3, 1)[..., ::-1]
-    out = (arr * np.float32(255.0)).round().astype(np.uint8)
+    levels = ((t.clamp(-1, 1) + 1) / 2 * 255.0).round().to(torch.uint8)
+    out = levels.permute(0, 2, 3, 1).flip(-1).cpu().numpy()
     return np.ascontiguousarray(out[0] if single else out)
 
 

@@ -320,6 +320,10 @@ class Runtime:
         Returns:
             [B, 3, S, S] float32 on the CPU, unclamped (``vqfr.imaging.to_images`` makes images of it).
         """
+        return self._infer(x, fidelity).cpu()
+
+    def _infer(self, x: Tensor | np.ndarray, fidelity: float | Tensor | np.ndarray | None) -> Tensor:
+        """:meth:`infer`, leaving the output where the backend produced it (the GPU for GPU backends)."""
         x = _as_float_batch(x)
         if x.dim() != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != (self.face_size, self.face_size):
             raise InputError(f"infer takes [B, 3, {self.face_size}, {self.face_size}], got {tuple(x.shape)}",
@@ -340,7 +344,7 @@ class Runtime:
             _check_fidelity(v)
         outs = []
         for i in range(0, x.shape[0], self.batch_size):
-            out = self.backend.infer(x[i:i + self.batch_size], fid[i:i + self.batch_size]).float().cpu()
+            out = self.backend.infer(x[i:i + self.batch_size], fid[i:i + self.batch_size]).float()
             if not torch.isfinite(out).all():
                 where = "in-memory model" if isinstance(self.engine, nn.Module) else str(self.engine)
                 raise EngineError(f"the model returned NaN or inf for faces {i}..{i + out.shape[0] - 1} of the batch",
@@ -359,7 +363,8 @@ class Runtime:
         never holds them all as float tensors)."""
         out = np.empty_like(crops)
         for i in range(0, len(crops), self.batch_size):
-            out[i:i + self.batch_size] = to_images(self.infer(to_tensor(crops[i:i + self.batch_size]), fidelity))
+            x = to_tensor(crops[i:i + self.batch_size], device=self.backend.device)  # uint8 crosses, not float32
+            out[i:i + self.batch_size] = to_images(self._infer(x, fidelity))
         return out
 
     # ------------------------------------------------------------------ public restore API
