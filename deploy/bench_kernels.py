@@ -90,6 +90,41 @@ def time_calls(fn: Callable[[int], object], device: torch.device, iters: int, wa
     return times
 
 
+def time_graph_replays(fn: Callable[[int], object], device: torch.device, iters: int, warmup: int,
+                       calls_per_graph: int) -> list[float]:
+    """Device milliseconds per call, from CUDA-graph replays.
+
+    ``warmup`` eager calls first (Triton's autotuning happens there, outside the capture), then ``calls_per_graph``
+    calls ``fn(i)`` captured into one graph, then ``iters`` replays, each between two CUDA events and divided by
+    ``calls_per_graph``. The host-side cost of an eager call (Python, dispatch, the autotuner's lookup, allocation) is
+    paid once at capture, so small problems report the GPU's time rather than the host's.
+    """
+    if device.type != "cuda":
+        raise ValueError("CUDA-graph timing needs a CUDA device")
+    for i in range(warmup):
+        fn(i)
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):  # a call on a side stream before capture, as torch's CUDA-graph notes advise
+        fn(0)
+    current.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls_per_graph):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize(device)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for start, end in zip(starts, ends, strict=True):
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize(device)
+    return [s.elapsed_time(e) / calls_per_graph for s, e in zip(starts, ends, strict=True)]
+
+
 def _copies(make: Callable[[], list[torch.Tensor]], rotate: int) -> list[list[torch.Tensor]]:
     first = make()
     size = sum(t.numel() * t.element_size() for t in first)
@@ -133,7 +168,8 @@ def _vqfr_deform(x, offset, mask, weight, bias):
     return kernels.modulated_deform_conv2d(x, offset, mask, weight, bias, 1, 1, 1)
 
 
-def bench_deform(levels, batches, dtypes, device, iters, warmup, rotate, reference, channels_last) -> list[Timing]:
+def bench_deform(levels, batches, dtypes, device, iters, warmup, rotate, reference, channels_last,
+                 graphs: int = 0) -> list[Timing]:
     tv_deform, tv_note = _torchvision_deform()
     rows = []
     for (c, h, w), b, dname in ((lvl, b, d) for lvl in levels for b in batches for d in dtypes):
@@ -151,7 +187,7 @@ def bench_deform(levels, batches, dtypes, device, iters, warmup, rotate, referen
         if reference:
             impls["vqfr reference"] = (_mode_fn("reference", _vqfr_deform), "")
         for name, (fn, note) in impls.items():
-            rows.append(_run("deform_conv", case, dname, name, fn, note, copies, device, iters, warmup))
+            rows.append(_run("deform_conv", case, dname, name, fn, note, copies, device, iters, warmup, graphs))
     return rows
 
 
@@ -161,7 +197,7 @@ def _torch_nearest(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return d.argmin(1)
 
 
-def bench_nearest(tokens, codebook, dtypes, device, iters, warmup, rotate) -> list[Timing]:
+def bench_nearest(tokens, codebook, dtypes, device, iters, warmup, rotate, graphs: int = 0) -> list[Timing]:
     rows = []
     k, d = codebook
     for n, dname in ((n, dn) for n in tokens for dn in dtypes):
@@ -175,18 +211,29 @@ def bench_nearest(tokens, codebook, dtypes, device, iters, warmup, rotate) -> li
             "torch distance+argmin": (_torch_nearest, ""),
         }
         for name, (fn, note) in impls.items():
-            rows.append(_run("nearest_code", case, dname, name, fn, note, copies, device, iters, warmup))
+            rows.append(_run("nearest_code", case, dname, name, fn, note, copies, device, iters, warmup, graphs))
     return rows
 
 
-def _run(op, case, dname, name, fn, note, copies, device, iters, warmup) -> Timing:
+def _run(op, case, dname, name, fn, note, copies, device, iters, warmup, graphs=0) -> Timing:
+    """Time one implementation on one case; ``graphs`` > 0 times CUDA-graph replays of that many calls instead."""
     if fn is None:
         return Timing(op, case, dname, name, None, None, None, 0, note)
+    call = lambda i: fn(*copies[i % len(copies)])  # noqa: E731
     try:
-        times = time_calls(lambda i: fn(*copies[i % len(copies)]), device, iters, warmup)
+        if graphs:
+            times = time_graph_replays(call, device, iters, warmup, graphs)
+            note = (note + "; " if note else "") + f"CUDA graph of {graphs} calls"
+        else:
+            times = time_calls(call, device, iters, warmup)
     except torch.cuda.OutOfMemoryError as exc:
         torch.cuda.empty_cache()
         return Timing(op, case, dname, name, None, None, None, 0, f"out of memory: {str(exc).splitlines()[0]}")
+    except RuntimeError as exc:  # e.g. an implementation that syncs with the host cannot be captured
+        if not graphs:
+            raise
+        return Timing(op, case, dname, name, None, None, None, 0,
+                      f"CUDA graph capture failed: {str(exc).splitlines()[0]}")
     return Timing(op, case, dname, name, statistics.median(times), _percentile(times, 0.2), _percentile(times, 0.8),
                   iters, note)
 
@@ -251,6 +298,9 @@ def main(argv: Sequence[str] | None = None) -> list[Timing]:
     parser.add_argument("--rotate", type=int, default=4, help="input copies cycled through (memory permitting)")
     parser.add_argument("--reference", action="store_true", help="also time the pure-torch reference (CPU: always)")
     parser.add_argument("--channels-last", action="store_true", help="x in channels-last memory format")
+    parser.add_argument("--graphs", type=int, default=0, metavar="N",
+                        help="time CUDA-graph replays of N calls (device time without the host's per-call cost; "
+                             "CUDA only)")
     parser.add_argument("--json", type=Path, help="also write the timings and the environment here")
     args = parser.parse_args(argv)
 
@@ -258,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> list[Timing]:
     on_gpu = device.type == "cuda"
     if on_gpu and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA GPU; use --device cpu")
+    if args.graphs and not on_gpu:
+        parser.error("--graphs needs a CUDA device (CUDA graphs)")
     dtypes = args.dtypes or (["fp16", "fp32"] if on_gpu else ["fp32"])
     iters = args.iters or (50 if on_gpu else 3)
     warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
@@ -269,9 +321,10 @@ def main(argv: Sequence[str] | None = None) -> list[Timing]:
     with torch.inference_mode():
         if "deform" in args.ops:
             rows += bench_deform(args.levels, args.batches, dtypes, device, iters, warmup, args.rotate,
-                                 args.reference or not on_gpu, args.channels_last)
+                                 args.reference or not on_gpu, args.channels_last, args.graphs)
         if "nearest" in args.ops:
-            rows += bench_nearest(args.tokens, args.codebook, dtypes, device, iters, warmup, args.rotate)
+            rows += bench_nearest(args.tokens, args.codebook, dtypes, device, iters, warmup, args.rotate,
+                                  args.graphs)
     env = environment(device)
     print(markdown(rows, env))
     if args.json:

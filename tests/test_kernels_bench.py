@@ -38,3 +38,24 @@ def test_bench_times_the_triton_kernels_under_the_interpreter(monkeypatch):
 def test_bench_rejects_bad_levels():
     with pytest.raises(SystemExit):
         bench_kernels.main(["--device", "cpu", "--levels", "6x8x8"])  # 6 channels do not split in 4 groups
+
+
+def test_graph_timing_needs_cuda_and_says_so():
+    import torch
+
+    with pytest.raises(ValueError, match="CUDA"):
+        bench_kernels.time_graph_replays(lambda i: None, torch.device("cpu"), iters=2, warmup=1, calls_per_graph=4)
+    with pytest.raises(SystemExit):
+        bench_kernels.main(["--device", "cpu", "--graphs", "10", "--ops", "nearest"])
+
+
+def test_a_capture_failure_becomes_a_row_note_not_a_crash(monkeypatch):
+    import torch
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(bench_kernels, "time_graph_replays", refuse)
+    row = bench_kernels._run("nearest_code", "4 tokens", "fp32", "impl", lambda *a: None, "", [[]],
+                             torch.device("cpu"), 2, 1, graphs=5)
+    assert row.median_ms is None and row.note.startswith("CUDA graph capture failed: operation not permitted")
