@@ -126,7 +126,7 @@ STEPS = {
     "v2_f0": Step(lambda work, out, a: _bench("v2", "0", "torch-max", work / "v2_f0", batches="1"), 80),
     "profile": Step(lambda work, out, a: [sys.executable, "-m", "deploy.profile_model", "--version", "v2",
                                           "--batch", "8", "--mode", "max", "--out", str(out / "profile.md")], 80),
-    "v1": Step(lambda work, out, a: _bench("v1", "1", "torch,torch-max", work / "v1"), 200),
+    "v1": Step(lambda work, out, a: _bench("v1", "1", "torch,torch-max", work / "v1"), 300),  # 150 s was short
     "v2_aoti": Step(lambda work, out, a: _bench("v2", "1", "aoti", work / "v2_aoti", batches="1"), 150),
 }
 RUNS = ("v2", "v2_f0", "v1", "v2_aoti")  # the steps that write a deploy.bench results.json
@@ -206,10 +206,11 @@ def _log(log, text: str) -> None:
     log.flush()
 
 
-def _launch(name: str, step: Step, command: list[str], log_path: Path, env: dict) -> subprocess.Popen:
-    handle = open(log_path, "w")
-    return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env={**env, **step.env},
-                            start_new_session=True)
+def _launch(step: Step, command: list[str], log_path: Path, env: dict) -> subprocess.Popen:
+    """Start a job in its own session (so that a kill reaches its children), its output going to ``log_path``."""
+    with open(log_path, "w") as handle:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env={**env, **step.env},
+                                start_new_session=True)
 
 
 def _wait(proc: subprocess.Popen, until: float) -> object:
@@ -240,7 +241,7 @@ def _run_steps(args: argparse.Namespace, out: Path, work: Path, log) -> dict[str
             _log(log, f"[gpu_check] {name}: skipped, out of budget")
             continue
         start = time.monotonic()
-        procs = {job: _launch(job, step, step.command(work, out, args), work / f"{job}.log", env)
+        procs = {job: _launch(step, step.command(work, out, args), work / f"{job}.log", env)
                  for job, step in jobs.items()}
         for job, proc in procs.items():
             codes[job] = _wait(proc, start + min(jobs[job].cap, left))
