@@ -320,10 +320,11 @@ class Runtime:
         Returns:
             [B, 3, S, S] float32 on the CPU, unclamped (``vqfr.imaging.to_images`` makes images of it).
         """
-        return self._infer(x, fidelity).cpu()
+        return self._infer(x, fidelity, on_host=True)
 
-    def _infer(self, x: Tensor | np.ndarray, fidelity: float | Tensor | np.ndarray | None) -> Tensor:
-        """:meth:`infer`, leaving the output where the backend produced it (the GPU for GPU backends)."""
+    def _infer(self, x: Tensor | np.ndarray, fidelity: float | Tensor | np.ndarray | None, on_host: bool) -> Tensor:
+        """:meth:`infer`; with ``on_host=False`` the outputs stay where the backend produced them (the GPU for GPU
+        backends), for callers that convert them there."""
         x = _as_float_batch(x)
         if x.dim() != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != (self.face_size, self.face_size):
             raise InputError(f"infer takes [B, 3, {self.face_size}, {self.face_size}], got {tuple(x.shape)}",
@@ -350,7 +351,7 @@ class Runtime:
                 raise EngineError(f"the model returned NaN or inf for faces {i}..{i + out.shape[0] - 1} of the batch",
                                   path=None if isinstance(self.engine, nn.Module) else self.engine,
                                   fix=f"run {where} in fp32 (precision='fp32'); if it persists, the weights are broken")
-            outs.append(out)
+            outs.append(out.cpu() if on_host else out)  # a long batch never piles up on the GPU
         return torch.cat(outs) if outs else x.new_zeros(x.shape)
 
     @property
@@ -364,7 +365,7 @@ class Runtime:
         out = np.empty_like(crops)
         for i in range(0, len(crops), self.batch_size):
             x = to_tensor(crops[i:i + self.batch_size], device=self.backend.device)  # uint8 crosses, not float32
-            out[i:i + self.batch_size] = to_images(self._infer(x, fidelity))
+            out[i:i + self.batch_size] = to_images(self._infer(x, fidelity, on_host=False))
         return out
 
     # ------------------------------------------------------------------ public restore API
