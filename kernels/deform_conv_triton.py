@@ -41,6 +41,24 @@ __all__ = ["forward", "backward", "forward_launch", "backward_launches"]
 
 
 @triton.jit
+def _corners(py, px, ok, H, W):
+    """The bilinear corners of sample points ``(py, px)`` ([BLOCK_M] fp32) under torchvision's rule: a point outside
+    (-1, H) x (-1, W) reads 0, and so does each of its corners outside the image. Returns the top-left corner
+    ``(y0, x0)`` (int32), the fractions ``(ly, lx)``, and which corner rows and columns are valid:
+    ``(top_ok, bot_ok, lft_ok, rgt_ok)``."""
+    # Moving an outside point to -2 keeps the corner arithmetic finite and fails the top/left tests; the bottom test
+    # also requires `inside`, since y0 + 1 = -1 is still out.
+    inside = ok & (py > -1.0) & (py < H) & (px > -1.0) & (px < W)
+    py = tl.where(inside, py, -2.0)
+    px = tl.where(inside, px, -2.0)
+    y0f = tl.floor(py)
+    x0f = tl.floor(px)
+    y0 = y0f.to(tl.int32)
+    x0 = x0f.to(tl.int32)
+    return y0, x0, py - y0f, px - x0f, y0 >= 0, inside & (y0 < H - 1), x0 >= 0, x0 < W - 1
+
+
+@triton.jit
 def _fwd_kernel(
     # pointers
     x_ptr,  # [B, C_IN, H, W], any strides (channels-last from the launcher: a corner's channels load as vectors)
@@ -79,8 +97,6 @@ def _fwd_kernel(
     left = ox * STRIDE_W - PAD_W
     off_pix = offset_ptr + b64 * sob + oy * soh + ox * sow
     msk_pix = mask_ptr + b64 * smb + oy * smh + ox * smw
-    hi_y = H - 1
-    hi_x = W - 1
 
     x_b = b64 * sxb  # [BLOCK_M] start of each pixel's image
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
@@ -94,22 +110,8 @@ def _fwd_kernel(
             mk = tl.load(msk_g + k * smc, mask=m_ok, other=0.0).to(tl.float32)
             py = (top + (k // KW) * DIL_H).to(tl.float32) + dy
             px = (left + (k % KW) * DIL_W).to(tl.float32) + dx
-            # A point outside (-1, H) x (-1, W) reads 0. Moving it to -2 keeps the corner arithmetic finite and
-            # fails the top/left tests; the bottom test also requires `inside`, since y0 + 1 = -1 is still out.
-            inside = m_ok & (py > -1.0) & (py < H) & (px > -1.0) & (px < W)
-            py = tl.where(inside, py, -2.0)
-            px = tl.where(inside, px, -2.0)
-            y0f = tl.floor(py)
-            x0f = tl.floor(px)
-            ly = py - y0f
-            lx = px - x0f
-            y0 = y0f.to(tl.int32)
-            x0 = x0f.to(tl.int32)
-            # Corner validity (torchvision: each corner outside the image reads 0) and weights, mask folded in.
-            top_ok = y0 >= 0
-            bot_ok = inside & (y0 < hi_y)
-            lft_ok = x0 >= 0
-            rgt_ok = x0 < hi_x
+            y0, x0, ly, lx, top_ok, bot_ok, lft_ok, rgt_ok = _corners(py, px, m_ok, H, W)
+            # Corner weights, mask folded in.
             ok00 = top_ok & lft_ok
             ok01 = top_ok & rgt_ok
             ok10 = bot_ok & lft_ok
@@ -188,21 +190,11 @@ def _bwd_input_kernel(
                  other=0.0).to(tl.float32)
     py = (oy * STRIDE_H - PAD_H + (k // KW) * DIL_H).to(tl.float32) + dy
     px = (ox * STRIDE_W - PAD_W + (k % KW) * DIL_W).to(tl.float32) + dx
-    inside = m_ok & (py > -1.0) & (py < H) & (px > -1.0) & (px < W)
-    py = tl.where(inside, py, -2.0)
-    px = tl.where(inside, px, -2.0)
-    y0f = tl.floor(py)
-    x0f = tl.floor(px)
-    ly = (py - y0f)[:, None]
-    lx = (px - x0f)[:, None]
+    y0, x0, ly, lx, top_ok, bot_ok, lft_ok, rgt_ok = _corners(py, px, m_ok, H, W)
+    ly = ly[:, None]
+    lx = lx[:, None]
     hy = 1.0 - ly
     hx = 1.0 - lx
-    y0 = y0f.to(tl.int32)
-    x0 = x0f.to(tl.int32)
-    top_ok = y0 >= 0
-    bot_ok = inside & (y0 < H - 1)
-    lft_ok = x0 >= 0
-    rgt_ok = x0 < W - 1
     ok00 = (top_ok & lft_ok)[:, None]
     ok01 = (top_ok & rgt_ok)[:, None]
     ok10 = (bot_ok & lft_ok)[:, None]
@@ -305,19 +297,7 @@ def _bwd_weight_kernel(
         mk = tl.load(mask_ptr + (b64 * smb + oy * smh + ox * smw + msk_k), mask=m_ok, other=0.0).to(tl.float32)
         py = (oy * STRIDE_H + tap_y).to(tl.float32) + dy
         px = (ox * STRIDE_W + tap_x).to(tl.float32) + dx
-        inside = m_ok & (py > -1.0) & (py < H) & (px > -1.0) & (px < W)
-        py = tl.where(inside, py, -2.0)
-        px = tl.where(inside, px, -2.0)
-        y0f = tl.floor(py)
-        x0f = tl.floor(px)
-        ly = py - y0f
-        lx = px - x0f
-        y0 = y0f.to(tl.int32)
-        x0 = x0f.to(tl.int32)
-        top_ok = y0 >= 0
-        bot_ok = inside & (y0 < H - 1)
-        lft_ok = x0 >= 0
-        rgt_ok = x0 < W - 1
+        y0, x0, ly, lx, top_ok, bot_ok, lft_ok, rgt_ok = _corners(py, px, m_ok, H, W)
         hym = (1.0 - ly) * mk
         lym = ly * mk
         xo = (b64 * sxb + y0 * sxh + x0 * sxw)[:, None] + ch

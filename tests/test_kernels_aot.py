@@ -23,5 +23,5 @@ def test_every_kernel_compiles_for_sm90_without_spills(monkeypatch):
         "deform_conv backward (weight)", "nearest_code",
     }
     for r in results:
-        assert r.get("ok"), r
+        assert r.get("ok"), f"{r['kernel']} {r['config']}: {r.get('error')}"
         assert r["spill_bytes"] == 0, r

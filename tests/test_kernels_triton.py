@@ -36,6 +36,10 @@ def triton_path(monkeypatch):
     if not ON_GPU:
         if dispatch.interpreter_problem():
             pytest.skip(dispatch.interpreter_problem())
+        # triton.language's own @jit helpers (the combine functions our tl.reduce calls use) are frozen as compiled
+        # or interpreted when triton is first imported: import it before the interpreter is on, so that later
+        # compiled kernels in this process (kernels.aot_check's test) still find compiled helpers.
+        import triton.language  # noqa: F401
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("VQFR_KERNELS", "triton")
     dispatch.LAUNCHES.clear()
