@@ -31,6 +31,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -240,10 +241,11 @@ def _run(op, case, dname, name, fn, note, copies, device, iters, warmup, graphs=
 
 def environment(device: torch.device) -> dict:
     """What the numbers were measured on."""
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-           "triton": importlib.metadata.version("triton") if importlib.util.find_spec("triton") else None,
-           "float32_matmul_precision": torch.get_float32_matmul_precision()}
+    env: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+        "triton": importlib.metadata.version("triton") if importlib.util.find_spec("triton") else None,
+        "float32_matmul_precision": torch.get_float32_matmul_precision()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(gpu=props.name, compute_capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda)

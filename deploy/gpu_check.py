@@ -43,6 +43,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from deploy import report
 
@@ -143,7 +144,7 @@ def evaluate(target: Target, rows: Sequence[dict]) -> dict:
     candidates = [r for r in rows if matches(r) and not r.get("baseline")]
     baseline = next((r for r in rows if matches(r) and r.get("baseline") and r.get("backend") == "reference"), None)
     best = min(candidates, key=lambda r: r["median_ms"]) if candidates else None
-    result = {"target": target, "best": best, "baseline": baseline, "met": None}
+    result: dict[str, Any] = {"target": target, "best": best, "baseline": baseline, "met": None}
     if best is not None:
         checks = []
         if target.max_ms is not None:
