@@ -90,8 +90,8 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, Tensor], dict | None]:
                 f"refused: its pickle calls {', '.join(found[:4])}, which could run code when loaded (only tensors "
                 "and plain containers are accepted)",
                 path=path,
-                fix="use the released weights or a .safetensors file (if you trust this file, load it with "
-                    "torch.load(weights_only=False) yourself and re-save it with vqfr.save_safetensors)",
+                fix="use the released weights or a .safetensors file (if you trust this file, load it yourself "
+                    "with torch.load and weights_only=False, then re-save it with vqfr.save_safetensors)",
             ) from exc
         raise CheckpointError("is not a readable PyTorch checkpoint (not a pickle of tensors: corrupt, or another kind "
                               "of file)", path=path, fix="re-download the file") from exc
