@@ -90,7 +90,9 @@ def test_v2_fidelity_zero_is_texture_branch(v2):
 
 @pytest.mark.parametrize("version,prefix", [("v1", "main_decoder"), ("v2", "main_branch")])
 @pytest.mark.parametrize("level", ["Level_32", "Level_16", "Level_8", "Level_4"])
-def test_reference_dcn_matches_recorded_outputs(version, prefix, level):
+def test_reference_and_dispatched_dcn_match_recorded_outputs(version, prefix, level):
+    """The reference DCN, and the public op on DEVICE (Triton on a GPU, the CPU path elsewhere), against the official
+    DCN outputs recorded at this level."""
     _, ckpt, io = golden(version)
     sd = torch.load(ckpt, weights_only=True)["params"]
     rec = {name: io[f"intermediates/{level}/{name}"] for name in
@@ -101,21 +103,9 @@ def test_reference_dcn_matches_recorded_outputs(version, prefix, level):
     torch.testing.assert_close(raw, rec["conv_offset_output"], atol=ATOL, rtol=0)
     n_off = 2 * 4 * 9
     out = rec["conv_offset_output"]
-    y = kernels.deform_conv2d_reference(rec["dcn_input_x"], out[:, :n_off], torch.sigmoid(out[:, n_off:]),
-                                        sd[f"{dcn}.weight"], sd[f"{dcn}.bias"], 1, 1, 1)
+    args = (rec["dcn_input_x"], out[:, :n_off], torch.sigmoid(out[:, n_off:]), sd[f"{dcn}.weight"], sd[f"{dcn}.bias"])
+    y = kernels.deform_conv2d_reference(*args, 1, 1, 1)
     torch.testing.assert_close(y, rec["dcn_output"], atol=1e-5, rtol=0)
+    y = kernels.modulated_deform_conv2d(*(t.to(DEVICE) for t in args), 1, 1, 1)
+    torch.testing.assert_close(y.cpu(), rec["dcn_output"], atol=1e-5, rtol=0)
 
-
-@pytest.mark.parametrize("version,prefix", [("v1", "main_decoder"), ("v2", "main_branch")])
-def test_dispatched_dcn_matches_recorded_outputs(version, prefix):
-    """The public op on DEVICE (Triton on a GPU, the CPU path elsewhere) against the official DCN outputs."""
-    _, ckpt, io = golden(version)
-    sd = torch.load(ckpt, weights_only=True)["params"]
-    n_off = 2 * 4 * 9
-    for level in ("Level_32", "Level_16", "Level_8", "Level_4"):
-        x, out, expected = (io[f"intermediates/{level}/{name}"].to(DEVICE)
-                            for name in ("dcn_input_x", "conv_offset_output", "dcn_output"))
-        dcn = f"{prefix}.align_func_dict.{level}.dcn"
-        y = kernels.modulated_deform_conv2d(x, out[:, :n_off], torch.sigmoid(out[:, n_off:]),
-                                            sd[f"{dcn}.weight"].to(DEVICE), sd[f"{dcn}.bias"].to(DEVICE), 1, 1, 1)
-        torch.testing.assert_close(y, expected, atol=1e-5, rtol=0, msg=level)
