@@ -49,7 +49,7 @@ def to_tensor(images: np.ndarray, device: str | torch.device = "cpu") -> Tensor:
                          fix="convert with vqfr.imaging.as_bgr_uint8 first")
     if arr.ndim == 3:
         arr = arr[None]
-    pixels = torch.from_numpy(np.ascontiguousarray(arr)).to(device)  # a copy: the caller's array is never touched
+    pixels = torch.from_numpy(np.ascontiguousarray(arr)).to(device)  # only read: flip() below makes the copy
     rgb = pixels.flip(-1).permute(0, 3, 1, 2)
     unit = (rgb.to(torch.float64) / 255.0).to(torch.float32)
     return ((unit - 0.5) / 0.5).contiguous()
