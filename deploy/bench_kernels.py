@@ -61,6 +61,7 @@ class Timing:
     p80_ms: float | None
     iters: int
     note: str = ""
+    config: str = ""  # the autotuner's choice, for the Triton rows
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -188,7 +189,8 @@ def bench_deform(levels, batches, dtypes, device, iters, warmup, rotate, referen
         if reference:
             impls["vqfr reference"] = (_mode_fn("reference", _vqfr_deform), "")
         for name, (fn, note) in impls.items():
-            rows.append(_run("deform_conv", case, dname, name, fn, note, copies, device, iters, warmup, graphs))
+            row = _run("deform_conv", case, dname, name, fn, note, copies, device, iters, warmup, graphs)
+            rows.append(_with_config(row, "deform_conv_triton", "_fwd"))
     return rows
 
 
@@ -212,8 +214,20 @@ def bench_nearest(tokens, codebook, dtypes, device, iters, warmup, rotate, graph
             "torch distance+argmin": (_torch_nearest, ""),
         }
         for name, (fn, note) in impls.items():
-            rows.append(_run("nearest_code", case, dname, name, fn, note, copies, device, iters, warmup, graphs))
+            row = _run("nearest_code", case, dname, name, fn, note, copies, device, iters, warmup, graphs)
+            rows.append(_with_config(row, "nearest_code_triton", "_kernel"))
     return rows
+
+
+def _with_config(row: Timing, module: str, tuner: str) -> Timing:
+    """``row`` with the autotune config its last call ran, if it is a timed Triton row (else unchanged)."""
+    if row.impl != "vqfr triton" or row.median_ms is None:
+        return row
+    config = getattr(getattr(kernels.dispatch.triton_module(module), tuner), "best_config", None)
+    if config is None:
+        return row
+    sizes = ", ".join(f"{k} {v}" for k, v in config.kwargs.items())
+    return dataclasses.replace(row, config=f"{sizes}, {config.num_warps} warps, {config.num_stages} stages")
 
 
 def _run(op, case, dname, name, fn, note, copies, device, iters, warmup, graphs=0) -> Timing:
@@ -274,6 +288,10 @@ def markdown(rows: Sequence[Timing], env: dict) -> str:
                 else:
                     cells.append(f"{r.median_ms:.4g} [{r.p20_ms:.4g}-{r.p80_ms:.4g}]")
             lines.append(f"| {case} | {dname} | " + " | ".join(cells) + " |")
+        tuned = [r for r in op_rows if r.config]
+        if tuned:
+            lines += ["", "Autotuned configs of the Triton rows:", ""]
+            lines += [f"- {r.case} {r.dtype}: {r.config}" for r in tuned]
     return "\n".join(lines)
 
 

@@ -11,7 +11,8 @@ and feeds ``tl.dot`` straight away. Sampling coordinates, interpolation weights 
 the storage dtype; the gathered slice is rounded once to the storage dtype to enter the tensor cores.
 
 Kernels (grids in their launchers):
-- :func:`_fwd_kernel`: one program per (pixel tile, output-channel tile); loops over groups, taps and channel blocks.
+- :func:`_fwd_kernel`: one program per (pixel tile, output-channel tile); one software-pipelined loop over
+  (group, tap, channel block).
 - :func:`_bwd_input_kernel`: one program per (pixel tile, group, tap). It rebuilds ``grad_col = grad_out @ W_k`` for
   the group's channels, then writes grad_mask and grad_offset (the 4-corner derivative) for its pixels and scatters
   grad_x to the four corners with fp32 atomics.
@@ -100,42 +101,44 @@ def _fwd_kernel(
 
     x_b = b64 * sxb  # [BLOCK_M] start of each pixel's image
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for g in range(0, G):
-        off_g = off_pix + g * (2 * KH * KW) * soc
-        msk_g = msk_pix + g * (KH * KW) * smc
-        for k in range(0, KH * KW):
-            # Sample position of tap k in fp32; its integer part is exact, as in the reference.
-            dy = tl.load(off_g + (2 * k) * soc, mask=m_ok, other=0.0).to(tl.float32)
-            dx = tl.load(off_g + (2 * k + 1) * soc, mask=m_ok, other=0.0).to(tl.float32)
-            mk = tl.load(msk_g + k * smc, mask=m_ok, other=0.0).to(tl.float32)
-            py = (top + (k // KW) * DIL_H).to(tl.float32) + dy
-            px = (left + (k % KW) * DIL_W).to(tl.float32) + dx
-            y0, x0, ly, lx, top_ok, bot_ok, lft_ok, rgt_ok = _corners(py, px, m_ok, H, W)
-            # Corner weights, mask folded in.
-            ok00 = top_ok & lft_ok
-            ok01 = top_ok & rgt_ok
-            ok10 = bot_ok & lft_ok
-            ok11 = bot_ok & rgt_ok
-            hym = (1.0 - ly) * mk
-            lym = ly * mk
-            w00 = tl.where(ok00, hym * (1.0 - lx), 0.0)[:, None]
-            w01 = tl.where(ok01, hym * lx, 0.0)[:, None]
-            w10 = tl.where(ok10, lym * (1.0 - lx), 0.0)[:, None]
-            w11 = tl.where(ok11, lym * lx, 0.0)[:, None]
-            # Element offsets are kept 1-D (per pixel, per channel) and only combined at each load: 2-D 64-bit
-            # pointer tiles held across the loop cost two registers per element and made every config spill.
-            pix = x_b + (y0 * sxh + x0 * sxw)  # corner (y0, x0); only dereferenced where valid
-            for c0 in range(0, CG, BLOCK_C):
-                c = c0 + rc
-                c_ok = (c < CG)[None, :]
-                p = x_ptr + (pix[:, None] + ((g * CG + c) * sxc)[None, :])
-                col = tl.load(p, mask=ok00[:, None] & c_ok, other=0.0).to(tl.float32) * w00
-                col += tl.load(p + sxw, mask=ok01[:, None] & c_ok, other=0.0).to(tl.float32) * w01
-                col += tl.load(p + sxh, mask=ok10[:, None] & c_ok, other=0.0).to(tl.float32) * w10
-                col += tl.load(p + (sxh + sxw), mask=ok11[:, None] & c_ok, other=0.0).to(tl.float32) * w11
-                wt = tl.load(w_ptr + ((k * C_IN + g * CG + c) * C_OUT)[:, None] + rn[None, :],
-                             mask=tl.trans(c_ok) & n_ok[None, :], other=0.0)
-                acc = tl.dot(col.to(wt.dtype), wt, acc, input_precision=DOT_PRECISION)
+    # One flat loop over (offset group, tap, channel block) rather than three nested ones: VQFR's groups have 32 to
+    # 128 channels, so the innermost loop would run once or twice per tap, and Triton software-pipelines only the
+    # innermost loop. Flat, the loads of step t + 1 (offsets, mask, the four corner tiles, the weight tile) are
+    # issued while step t's tl.dot runs, for num_stages > 1. A tap's offsets and corner weights are recomputed per
+    # channel block; they are per-pixel vectors, cheap beside the [BLOCK_M, BLOCK_C] gathers.
+    n_cb = (CG + BLOCK_C - 1) // BLOCK_C
+    for t in range(0, G * KH * KW * n_cb):
+        gk = t // n_cb
+        g = gk // (KH * KW)
+        k = gk % (KH * KW)
+        c = (t % n_cb) * BLOCK_C + rc
+        # Sample position of tap k in fp32; its integer part is exact, as in the reference.
+        off_k = off_pix + (g * (2 * KH * KW) + 2 * k) * soc
+        dy = tl.load(off_k, mask=m_ok, other=0.0).to(tl.float32)
+        dx = tl.load(off_k + soc, mask=m_ok, other=0.0).to(tl.float32)
+        mk = tl.load(msk_pix + (g * (KH * KW) + k) * smc, mask=m_ok, other=0.0).to(tl.float32)
+        py = (top + (k // KW) * DIL_H).to(tl.float32) + dy
+        px = (left + (k % KW) * DIL_W).to(tl.float32) + dx
+        y0, x0, ly, lx, top_ok, bot_ok, lft_ok, rgt_ok = _corners(py, px, m_ok, H, W)
+        # Corner weights, mask folded in.
+        hym = (1.0 - ly) * mk
+        lym = ly * mk
+        w00 = tl.where(top_ok & lft_ok, hym * (1.0 - lx), 0.0)[:, None]
+        w01 = tl.where(top_ok & rgt_ok, hym * lx, 0.0)[:, None]
+        w10 = tl.where(bot_ok & lft_ok, lym * (1.0 - lx), 0.0)[:, None]
+        w11 = tl.where(bot_ok & rgt_ok, lym * lx, 0.0)[:, None]
+        # Element offsets are kept 1-D (per pixel, per channel) and only combined at each load: 2-D 64-bit
+        # pointer tiles held across the loop cost two registers per element and made every config spill.
+        pix = x_b + (y0 * sxh + x0 * sxw)  # corner (y0, x0); only dereferenced where valid
+        c_ok = (c < CG)[None, :]
+        p = x_ptr + (pix[:, None] + ((g * CG + c) * sxc)[None, :])
+        col = tl.load(p, mask=(top_ok & lft_ok)[:, None] & c_ok, other=0.0).to(tl.float32) * w00
+        col += tl.load(p + sxw, mask=(top_ok & rgt_ok)[:, None] & c_ok, other=0.0).to(tl.float32) * w01
+        col += tl.load(p + sxh, mask=(bot_ok & lft_ok)[:, None] & c_ok, other=0.0).to(tl.float32) * w10
+        col += tl.load(p + (sxh + sxw), mask=(bot_ok & rgt_ok)[:, None] & c_ok, other=0.0).to(tl.float32) * w11
+        wt = tl.load(w_ptr + ((k * C_IN + g * CG + c) * C_OUT)[:, None] + rn[None, :],
+                     mask=tl.trans(c_ok) & n_ok[None, :], other=0.0)
+        acc = tl.dot(col.to(wt.dtype), wt, acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -333,11 +336,14 @@ def _configs(gpu: list[triton.Config], interpreted: triton.Config) -> list[trito
     return [interpreted] if dispatch.interpreting() else gpu
 
 
+# The forward's flat loop is software-pipelined: with num_stages = S, the corner and weight tiles of S - 1 later
+# steps are in flight (cp.async into shared memory) while a step's wgmma runs; S = 2 overlaps only the MMA with the
+# next step's loads. Stages cost shared memory: (4 * BLOCK_M + BLOCK_N) * BLOCK_C elements per stage.
 FWD_CONFIGS = _configs(
     [
-        _cfg(128, 128, 32, 8, 2), _cfg(128, 128, 16, 8, 3), _cfg(64, 128, 32, 4, 2), _cfg(64, 128, 32, 8, 2),
-        _cfg(128, 64, 32, 4, 2), _cfg(128, 64, 32, 8, 2), _cfg(64, 64, 32, 4, 3), _cfg(256, 64, 32, 8, 2),
-        _cfg(64, 256, 32, 8, 2), _cfg(32, 64, 32, 4, 2),
+        _cfg(128, 128, 32, 8, 3), _cfg(128, 128, 32, 8, 4), _cfg(128, 128, 32, 8, 2), _cfg(64, 128, 32, 4, 3),
+        _cfg(64, 128, 32, 8, 3), _cfg(128, 64, 32, 4, 3), _cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 4, 3),
+        _cfg(256, 64, 32, 8, 3), _cfg(64, 256, 32, 8, 3), _cfg(32, 64, 32, 4, 3),
     ],
     _cfg(128, 32, 16, 4, 1),
 )

@@ -33,6 +33,9 @@ def test_bench_times_the_triton_kernels_under_the_interpreter(monkeypatch):
     rows = bench_kernels.main([*TINY, "--batches", "1", "--iters", "1"])
     triton_rows = [r for r in rows if r.impl == "vqfr triton"]
     assert len(triton_rows) == 2 and all(r.median_ms is not None for r in triton_rows)
+    # Each Triton row names the autotune config it ran, so a GPU table says which tile won.
+    assert all("BLOCK_" in r.config and "warps" in r.config for r in triton_rows)
+    assert all(r.config == "" for r in rows if r.impl != "vqfr triton")
 
 
 def test_bench_rejects_bad_levels():
