@@ -17,12 +17,16 @@ file. :func:`convert_to_fp16` rewrites an fp32 graph into that form:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, TypeGuard
 
 import numpy as np
 
 from vqfr._optional import require
 
-ir = require("onnxscript", "mixed-precision ONNX graphs").ir
+if TYPE_CHECKING:
+    from onnxscript import ir
+else:
+    ir = require("onnxscript", "mixed-precision ONNX graphs").ir
 
 __all__ = ["FP32_KEY", "mark_fp32", "convert_to_fp16", "dcn_to_fp16", "fp32_node_names", "island_reasons"]
 
@@ -67,7 +71,8 @@ def mark_fp32(reason: str, outputs: Iterable[ir.Value | None], inputs: Iterable[
 
 def _output_convs(graph: ir.Graph) -> set[int]:
     """ids of the Conv nodes that produce a graph output (the "last convolution")."""
-    return {id(v.producer()) for v in graph.outputs if v.producer() is not None and v.producer().op_type == "Conv"}
+    producers = (v.producer() for v in graph.outputs)
+    return {id(node) for node in producers if node is not None and node.op_type == "Conv"}
 
 
 def _is_fp32_node(node: ir.Node, last_convs: set[int], dcn_fp16: bool) -> bool:
@@ -197,7 +202,7 @@ def convert_to_fp16(model: ir.Model, *, dcn_fp16: bool = False) -> int:
     return caster.count
 
 
-def _is_cast_to(node: ir.Node | None, dtype: ir.DataType) -> bool:
+def _is_cast_to(node: ir.Node | None, dtype: ir.DataType) -> TypeGuard[ir.Node]:
     return node is not None and node.op_type == "Cast" and node.attributes["to"].as_int() == dtype
 
 
@@ -217,8 +222,8 @@ def dcn_to_fp16(model: ir.Model) -> int:
             if value is None or value.dtype != FLOAT:
                 continue
             producer = value.producer()
-            if _is_cast_to(producer, FLOAT) and producer.inputs[0].dtype == HALF:
-                node.replace_input_with(i, producer.inputs[0])
+            if _is_cast_to(producer, FLOAT) and (source := producer.inputs[0]) is not None and source.dtype == HALF:
+                node.replace_input_with(i, source)
                 if not producer.outputs[0].uses():
                     graph.remove(producer)
             else:
