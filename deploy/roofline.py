@@ -107,8 +107,11 @@ class _Counter(TorchDispatchMode):
         self.live = 0
         self.modules: list[str] = []
 
-    def _track(self, out: Any) -> None:
-        """Count fresh output tensors as alive until Python frees them (views share their base's memory)."""
+    def _track(self, func: Any, out: Any) -> None:
+        """Count fresh output tensors as alive until Python frees them (views share their base's memory, and an
+        in-place op's output is its input)."""
+        if any(r.alias_info is not None for r in func._schema.returns):
+            return
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t._base is None:
                 size = t.numel() * t.element_size()
@@ -126,7 +129,7 @@ class _Counter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self._track(out)
+        self._track(func, out)
         kind = _kind(func)
         moved = _bytes((args, kwargs)) + _bytes(out)
         self.cost.ops[kind] += 1

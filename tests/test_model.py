@@ -35,6 +35,18 @@ def test_batch_independence(which, v1, v2):
     torch.testing.assert_close(batched, single, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("which", ["v1", "v2"])
+def test_inference_and_autograd_forwards_agree_exactly(which, v1, v2):
+    """Without autograd the forward frees activations early and runs SiLU in place; the values must not change."""
+    model = v1 if which == "v1" else v2
+    x = _x(b=2)
+    with torch.no_grad():
+        inference = model(x)
+    with torch.enable_grad():
+        training_path = model(x.requires_grad_()).detach()
+    assert torch.equal(inference, training_path)
+
+
 def test_v2_per_image_fidelity_equals_separate_runs(v2):
     x, f = _x(), torch.tensor([0.0, 0.5, 1.0])
     with torch.no_grad():

@@ -5,6 +5,7 @@ State-dict key names follow the official code exactly; see ``../shared/reference
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -43,8 +44,11 @@ class ResnetBlock(nn.Module):
             self.add_module(self.skip_name, nn.Conv2d(cin, cout, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        # Without autograd the SiLU overwrites the fresh GroupNorm output instead of keeping both: at v1's finest
+        # level that pair is 2 x 1.07 GB at batch 8 in fp16 (same values either way).
+        inplace = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        h = self.conv2(F.silu(self.norm2(h), inplace=inplace))
         skip = self._modules.get(self.skip_name)
         return (x if skip is None else skip(x)) + h
 
