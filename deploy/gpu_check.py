@@ -8,7 +8,9 @@ cut short keeps the rows it finished: the benchmark saves them after every backe
 - ``gpu_tests``: the Triton kernels against the references on the GPU (``tests/test_kernels_triton.py``) and the
   golden parity of the whole v1/v2 models with the Triton kernels in fp32 (``VQFR_TEST_DEVICE=cuda``
   ``tests/test_golden.py``; needs ``VQFR_SHARED``);
-- ``aoti_tests``: the AOTInductor CUDA package of a small v2 against PyTorch, fp32 and fp16;
+- ``aoti_tests``: the AOTInductor CUDA package of a small v2 against PyTorch, fp32 and fp16, after three packages
+  that isolate the loader crash seen on the H100 (no custom op, the deformable conv alone, the code search alone),
+  each in its own process with ``PYTHONFAULTHANDLER=1``;
 - ``train``: a short stage-2 run of ``training/configs/gpu_short_vqfr_v2.yml`` (``--train-iters``) and its loss
   curve. Its first intervals share the GPU with the two test jobs; later ones have it alone.
 
@@ -100,6 +102,14 @@ def _kernels(work: Path, out: Path) -> list[str]:
                         f"{bench} --levels 128x512x512 --batches 1 --graphs 20 --json {work}/kernels_graphs.json"]
 
 
+def _aoti_tests() -> list[str]:
+    """The AOTInductor CUDA tests, one pytest process each, so that a segfault (torch 2.11 crashed loading the v2
+    package) stops only its own case: a package without custom ops, each custom op alone, then the small v2."""
+    pytest = f"{sys.executable} -m pytest -q -p no:cacheprovider tests/test_export_aoti.py"
+    cases = [f"'isolating and {name} and cuda'" for name in ("plain", "deform", "nearest")] + ["cuda_package_matches"]
+    return ["sh", "-c", "; ".join(f"{pytest} -k {case} || status=1" for case in cases) + "; exit ${status:-0}"]
+
+
 @dataclasses.dataclass(frozen=True)
 class Step:
     """One job: ``command(work, out, args)``, its time cap in seconds, and extra environment variables."""
@@ -114,8 +124,7 @@ CHECKS = {
     "gpu_tests": Step(lambda work, out, a: [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                             "tests/test_kernels_triton.py", "tests/test_golden.py"],
                       150, {"VQFR_TEST_DEVICE": "cuda"}),
-    "aoti_tests": Step(lambda work, out, a: [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                             "tests/test_export_aoti.py", "-k", "cuda"], 150),
+    "aoti_tests": Step(lambda work, out, a: _aoti_tests(), 150, {"PYTHONFAULTHANDLER": "1"}),
     "train": Step(lambda work, out, a: _train(work, out, a.train_iters, 130), 150),
 }
 
