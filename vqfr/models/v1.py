@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from vqfr.models.blocks import ResnetBlock, UpDownSample, group_norm, init_official_, norm_act_conv
 from vqfr.models.quantizer import Quantized, build_quantizer
-from vqfr.models.warping import TextureWarpingModule
+from vqfr.models.warping import TextureWarpingModule, warp_and_decode_levels
 
 
 def _level_table(base_channels: int, channel_multipliers: list[int], count: int) -> list[tuple[str, int]]:
@@ -118,17 +118,7 @@ class MainDecoderV1(nn.Module):
         self.conv_out = nn.Sequential(nn.Conv2d(table[0][1] + 3, 3, 3, padding=1))
 
     def forward(self, dec_feats: dict[str, Tensor], cond: Tensor, x_lq: Tensor) -> Tensor:
-        x, feat = self.align_func_dict[self.coarsest](dec_feats[self.coarsest], cond)
-        for name in self.level_names:
-            x = self.pre_upsample_dict[name](x)
-            warped, feat = self.align_func_dict[name](dec_feats[name], cond, feat)
-            # Only the concatenation stays alive through the decoder block, the peak of the finest level: not its
-            # two halves, nor the finest offset feature, which no level needs (see TextureWarpingModule.forward).
-            x = torch.cat([x, warped], dim=1)
-            del warped
-            if name == self.level_names[-1]:
-                del feat
-            x = self.decoder_dict[name](x)
+        x = warp_and_decode_levels(self, dec_feats, cond)
         return self.conv_out(torch.cat([self.conv_out_1(x), x_lq], dim=1))
 
 

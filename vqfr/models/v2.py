@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from vqfr.models.blocks import AttnBlock, Downsample, Upsample, init_official_, norm_act_conv
 from vqfr.models.blocks import ResnetBlockV2 as ResnetBlock
 from vqfr.models.quantizer import L2VectorQuantizer, build_quantizer
-from vqfr.models.warping import TextureWarpingModule
+from vqfr.models.warping import TextureWarpingModule, warp_and_decode_levels
 
 
 def _mid_blocks(channels: int, attention: bool) -> nn.Sequential:
@@ -120,18 +120,7 @@ class MainBranchV2(nn.Module):
                 self.decoder_dict[name] = ResnetBlock(2 * chans[i], chans[i])
 
     def forward(self, dec_feats: dict[str, Tensor], cond: Tensor) -> Tensor:
-        x, feat = self.align_func_dict[self.coarsest](dec_feats[self.coarsest], cond)
-        for name in self.level_names:
-            x = self.pre_upsample_dict[name](x)
-            warped, feat = self.align_func_dict[name](dec_feats[name], cond, feat)
-            # Only the concatenation stays alive through the decoder block, the peak of the finest level: not its
-            # two halves, nor the finest offset feature, which no level needs (see TextureWarpingModule.forward).
-            x = torch.cat([x, warped], dim=1)
-            del warped
-            if name == self.level_names[-1]:
-                del feat
-            x = self.decoder_dict[name](x)
-        return x
+        return warp_and_decode_levels(self, dec_feats, cond)
 
 
 def _is_tracing() -> bool:

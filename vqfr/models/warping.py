@@ -112,3 +112,32 @@ def upsample_offset_feature(feat: Tensor) -> Tensor:
     """
     h, w = feat.shape[-2:]
     return F.interpolate(feat, size=(2 * h, 2 * w), mode="bilinear", align_corners=False) * 2
+
+
+def warp_and_decode_levels(branch: nn.Module, dec_feats: dict[str, Tensor], cond: Tensor) -> Tensor:
+    """The main branch's walk from the coarsest level to the finest, shared by v1 and v2.
+
+    At the coarsest level the texture feature is warped alone; at each finer level the main feature is upsampled
+    (``pre_upsample_dict``), the texture feature warped with the previous level's offset feature, and both decoded
+    together (``decoder_dict`` on their concatenation). ``branch`` holds ``align_func_dict``, ``pre_upsample_dict``,
+    ``decoder_dict``, ``coarsest`` and ``level_names`` (the finer levels, coarse to fine).
+
+    Args:
+        dec_feats: the texture decoder's features by level name, e.g. ``Level_1`` [B, C1, H, W].
+        cond: the input feature [B, cc, H, W] the offsets are conditioned on.
+
+    Returns:
+        The main feature at the finest level [B, C1, H, W].
+    """
+    x, feat = branch.align_func_dict[branch.coarsest](dec_feats[branch.coarsest], cond)
+    for name in branch.level_names:
+        x = branch.pre_upsample_dict[name](x)
+        warped, feat = branch.align_func_dict[name](dec_feats[name], cond, feat)
+        # Only the concatenation stays alive through the decoder block, the peak of the finest level: not its two
+        # halves, nor the finest offset feature, which no level needs (see TextureWarpingModule.forward).
+        x = torch.cat([x, warped], dim=1)
+        del warped
+        if name == branch.level_names[-1]:
+            del feat
+        x = branch.decoder_dict[name](x)
+    return x
