@@ -48,9 +48,11 @@ class TextureWarpingModule(nn.Module):
 
     The condition (the input feature) is resized to this level: v1 (``cond_conv=True``) with its
     ``UpDownSample(down)`` (bilinear then a 3x3 conv, key ``downsample.conv``), v2 with a plain bilinear resize.
-    Returns ``(warped, feat)``; ``feat`` is the offset *feature* (C channels) handed to the next finer level.
+    Returns ``(warped, feat)``; ``feat`` is the offset *feature* (C channels) handed to the next finer level, which
+    passes it back as ``previous``: the module upsamples it itself (:func:`upsample_offset_feature`), so that the
+    upsampled copy lives only until its concatenation.
 
-    Shapes: x_main [B, C, h, w], cond [B, cc, H, W] with H = h * rate, previous [B, p, h, w] or None.
+    Shapes: x_main [B, C, h, w], cond [B, cc, H, W] with H = h * rate, previous [B, p, h/2, w/2] or None.
     """
 
     def __init__(
@@ -89,8 +91,6 @@ class TextureWarpingModule(nn.Module):
         return F.interpolate(cond, size=(h // self.rate, w // self.rate), mode="bilinear", align_corners=False)
 
     def forward(self, x_main: Tensor, cond: Tensor, previous: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``previous`` is the coarser level's offset feature [B, p, h/2, w/2] (or None at the coarsest level); it is
-        upsampled here (:func:`upsample_offset_feature`), so that the upsampled copy lives only as long as needed."""
         # The blocks run layer by layer rather than as block(torch.cat(...)), which would keep each concatenation
         # alive until the whole block returns: this frees it after the first conv. At the finest level the
         # concatenation before offset_conv2 is the largest activation of the forward (v2, batch 8, fp16: 805 MB).
