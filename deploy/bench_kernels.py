@@ -190,7 +190,7 @@ def bench_deform(levels, batches, dtypes, device, iters, warmup, rotate, referen
             impls["vqfr reference"] = (_mode_fn("reference", _vqfr_deform), "")
         for name, (fn, note) in impls.items():
             row = _run("deform_conv", case, dname, name, fn, note, copies, device, iters, warmup, graphs)
-            rows.append(_with_config(row, "deform_conv_triton", "_fwd"))
+            rows.append(_progress(_with_config(row, "deform_conv_triton", "_fwd")))
     return rows
 
 
@@ -215,8 +215,16 @@ def bench_nearest(tokens, codebook, dtypes, device, iters, warmup, rotate, graph
         }
         for name, (fn, note) in impls.items():
             row = _run("nearest_code", case, dname, name, fn, note, copies, device, iters, warmup, graphs)
-            rows.append(_with_config(row, "nearest_code_triton", "_kernel"))
+            rows.append(_progress(_with_config(row, "nearest_code_triton", "_kernel")))
     return rows
+
+
+def _progress(row: Timing) -> Timing:
+    """Print ``row`` as soon as it is measured (a run cut short by a time limit keeps what its log shows)."""
+    value = f"{row.median_ms:.4g} ms" if row.median_ms is not None else f"n/a ({row.note})"
+    print(f"{row.op} {row.case} {row.dtype} {row.impl}: {value}" + (f" [{row.config}]" if row.config else ""),
+          flush=True)
+    return row
 
 
 def _with_config(row: Timing, module: str, tuner: str) -> Timing:

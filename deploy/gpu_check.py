@@ -131,7 +131,7 @@ CHECKS = {
 #: name -> the step; ``checks`` stands for the jobs in CHECKS.
 STEPS = {
     "checks": Step(lambda work, out, a: [], 150),
-    "kernels": Step(lambda work, out, a: _kernels(work, out), 90),
+    "kernels": Step(lambda work, out, a: _kernels(work, out), 150),  # autotunes 11 DCN configs per shape
     "v2": Step(lambda work, out, a: _bench("v2", "1", "torch,torch-max", work / "v2"), 280),
     "v2_f0": Step(lambda work, out, a: _bench("v2", "0", "torch-max", work / "v2_f0", batches="1"), 80),
     "profile": Step(lambda work, out, a: [sys.executable, "-m", "deploy.profile_model", "--version", "v2",

@@ -17,6 +17,8 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "### deform_conv" in out and "### nearest_code" in out
     assert "| 2x8x6x7 | fp32 |" in out and "| 20 tokens, 24x8 codebook | fp32 |" in out
+    # each row is also printed as soon as it is measured, so a run cut short by a time limit keeps it
+    assert out.index("deform_conv 1x8x6x7 fp32 dense conv2d: ") < out.index("### deform_conv")
     timed = {(r.op, r.case, r.impl) for r in rows if r.median_ms is not None}
     assert ("deform_conv", "1x8x6x7", "dense conv2d") in timed
     assert ("deform_conv", "2x8x6x7", "vqfr reference") in timed
