@@ -31,11 +31,12 @@ def _nearest_code_kernel(
     idx_ptr,  # [N] int64 out: index of the nearest code
     dist_ptr,  # [N] fp32 out: its squared distance
     # sizes
-    N, K, D,
+    N, K,
     # strides (elements)
     szn, szd,
     sek, sed,
     # meta-parameters
+    D: tl.constexpr,  # the code dimension, a compile-time constant: the loops over it unroll (see below)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 (official indices need exact fp32 dots), None otherwise
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -48,10 +49,10 @@ def _nearest_code_kernel(
 
     # |z|^2 once per token, fp32.
     zz = tl.full((BLOCK_N,), 0.0, tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in tl.static_range(0, D, BLOCK_D):
         rd = d0 + rd0
-        z = tl.load(z_rows + rd[None, :] * szd, mask=n_ok[:, None] & (rd < D)[None, :], other=0.0).to(tl.float32)
-        zz += tl.reduce(z * z, 1, tl.standard._sum_combine)
+        zf = tl.load(z_rows + rd[None, :] * szd, mask=n_ok[:, None] & (rd < D)[None, :], other=0.0).to(tl.float32)
+        zz += tl.reduce(zf * zf, 1, tl.standard._sum_combine)
 
     best = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
     best_idx = tl.full((BLOCK_N,), 0, tl.int32)
@@ -61,7 +62,10 @@ def _nearest_code_kernel(
         e_rows = e_ptr + rk.to(tl.int64)[:, None] * sek
         dots = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
         ee = tl.full((BLOCK_K,), 0.0, tl.float32)
-        for d0 in range(0, D, BLOCK_D):
+        # Unrolled (static_range), so that the loop over codebook tiles is the innermost loop, the one Triton
+        # software-pipelines: the loads of tile k0 + BLOCK_K are then in flight while tile k0 is reduced. As a runtime
+        # loop this one was innermost instead, and its one to four steps were all Triton could overlap.
+        for d0 in tl.static_range(0, D, BLOCK_D):
             rd = d0 + rd0
             d_ok = (rd < D)[None, :]
             z = tl.load(z_rows + rd[None, :] * szd, mask=n_ok[:, None] & d_ok, other=0.0)
@@ -86,29 +90,28 @@ def _nearest_code_kernel(
 # --- autotune configs -------------------------------------------------------------------------------------------
 # H100-class GPUs: the codebook (1024 x 256 fp16 = 512 KB) stays in L2, so every program re-reads it from L2.
 # Small BLOCK_N gives enough programs at one image's 256 tokens; large BLOCK_N cuts L2 traffic at 64 x 256 tokens.
-# Under the interpreter a single config (never benchmarked) keeps CPU tests fast.
+# The codebook loop is pipelined, so each stage holds a whole [BLOCK_K, D] codebook tile in shared memory
+# (BLOCK_K * D * element size; 32 KiB at BLOCK_K 64, D 256, fp16). fp32 gets its own small tiles: it runs on CUDA
+# cores (exact FMA or TF32 operands in registers), and the fp16 tiles would spill or overflow shared memory
+# (``python -m kernels.aot_check``). Under the interpreter a single config (never benchmarked) keeps CPU tests fast.
 
 def _cfg(bn: int, bk: int, bd: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=warps, num_stages=stages)
 
 
-CONFIGS = (
-    [_cfg(64, 32, 32, 4, 1)]
-    if dispatch.interpreting()
-    else [
-        _cfg(16, 128, 64, 4, 3), _cfg(16, 64, 128, 4, 3), _cfg(32, 128, 64, 4, 3), _cfg(64, 128, 64, 4, 3),
-        _cfg(64, 64, 128, 4, 3), _cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4), _cfg(32, 64, 64, 4, 3),
-    ]
-)
+HALF_CONFIGS = [
+    _cfg(16, 128, 64, 4, 3), _cfg(16, 64, 128, 4, 3), _cfg(16, 64, 256, 4, 3), _cfg(32, 128, 64, 4, 3),
+    _cfg(32, 64, 64, 4, 3), _cfg(64, 128, 64, 4, 3), _cfg(64, 64, 128, 4, 3), _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 64, 64, 8, 3),
+]
+FP32_CONFIGS = [_cfg(16, 32, 64, 4, 2), _cfg(16, 64, 64, 4, 2), _cfg(32, 32, 64, 4, 2), _cfg(16, 32, 32, 4, 3)]
+CONFIGS = [_cfg(64, 32, 32, 4, 1)] if dispatch.interpreting() else HALF_CONFIGS + FP32_CONFIGS
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Exact fp32 (no tensor cores) keeps the distance tile at <= 32 registers per thread and BLOCK_D <= 64: larger
-    ones spill on sm_90 (``python -m kernels.aot_check``). At least one config is always kept."""
-    if kwargs.get("DOT_PRECISION") != "ieee":
-        return configs
-    kept = [c for c in configs
-            if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 32 * 32 * c.num_warps and c.kwargs["BLOCK_D"] <= 64]
+    """The fp32 configs for fp32 inputs, the others for fp16/bf16 (always at least one config)."""
+    fp32 = named_args["z_ptr"].dtype == torch.float32
+    kept = [c for c in configs if (c in FP32_CONFIGS) == fp32]
     return kept or configs[:1]
 
 
@@ -131,8 +134,8 @@ def nearest_code_launch(z: Tensor, codebook: Tensor) -> tuple[tuple[Tensor, Tens
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]),)
 
-    args = [z, codebook, idx, dist, n, k, d, *z.stride(), *codebook.stride()]
-    return (idx, dist), Launch(_kernel, grid, args, dict(DOT_PRECISION=precision))
+    args = [z, codebook, idx, dist, n, k, *z.stride(), *codebook.stride()]
+    return (idx, dist), Launch(_kernel, grid, args, dict(D=d, DOT_PRECISION=precision))
 
 
 def nearest_code(z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
