@@ -308,7 +308,8 @@ def make_subjects(cfg: BenchConfig, model: nn.Module, device: torch.device, engi
     notes = {
         "torch": "eager; " + ("Triton kernels" if device.type == "cuda" else "pure torch (grid_sample DCN in fp32)")
                  + "; fp32 islands in fp16/bf16",
-        "torch-max": ", ".join(k for k, on in (("compile", fast.compile), ("CUDA graphs", fast.cuda_graphs),
+        "torch-max": ", ".join(k for k, on in (("compile" + (f" ({fast.compile_mode})" if fast.compile_mode else ""),
+                                                fast.compile), ("CUDA graphs", fast.cuda_graphs),
                                                ("channels_last", fast.channels_last),
                                                ("fp32 islands", fast.fp32_islands)) if on) or "no extras",
     }

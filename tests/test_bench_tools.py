@@ -115,10 +115,13 @@ def test_gpu_check_judges_targets_on_the_best_fp16_candidate():
 def test_gpu_check_dry_run_lists_the_steps(tmp_path, capsys):
     assert gpu_check.main(["--out", str(tmp_path), "--dry-run"]) == 0
     printed = capsys.readouterr().out
-    for name in [*gpu_check.CHECKS, *(s for s in gpu_check.STEPS if s != "checks")]:
+    for name in [*gpu_check.CHECKS, *(s for s in gpu_check.STEPS if s not in ("checks", *gpu_check.ON_REQUEST))]:
         assert f"[gpu_check] {name}:" in printed
+    assert "[gpu_check] v2_autotune:" not in printed  # minutes of autotuning: only when named
     assert "--precision fp16 --batch 1,8" in printed
     assert "tests/test_kernels_triton.py tests/test_golden.py" in printed and "--max-iters 200" in printed
+    assert gpu_check.main(["--out", str(tmp_path), "--dry-run", "--steps", "v2_autotune"]) == 0
+    assert "--compile-mode max-autotune-no-cudagraphs" in capsys.readouterr().out
 
 
 def test_gpu_check_kills_a_job_past_its_cap_with_its_children_and_reports_it(tmp_path, monkeypatch):
