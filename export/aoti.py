@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from export import metadata, source
 from vqfr.atomic import atomic_path
-from vqfr.errors import BackendUnavailable, ConfigError, EngineError, VQFRError
+from vqfr.errors import BackendUnavailable, ConfigError, EngineError, VQFRError, run_command
 from vqfr.sidecar import write_sidecar
 
 __all__ = ["export_aoti", "trace_engine", "custom_op_problems", "fp16_model", "main"]
@@ -194,15 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        path = export_aoti(args.weights, args.output, config=args.config, precision=args.precision,
-                           device=args.device, batch=args.batch, size=args.size, dynamic_size=args.dynamic_size,
-                           random_weights=args.random_weights)
-    except VQFRError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {path}")
-    return 0
+    return run_command(lambda: "wrote " + str(export_aoti(
+        args.weights, args.output, config=args.config, precision=args.precision, device=args.device,
+        batch=args.batch, size=args.size, dynamic_size=args.dynamic_size, random_weights=args.random_weights)))
 
 
 if __name__ == "__main__":

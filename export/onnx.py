@@ -35,7 +35,7 @@ from export import fp16, metadata, source
 from export.compare import Agreement, agreement
 from vqfr._optional import require
 from vqfr.atomic import atomic_path
-from vqfr.errors import ConfigError, EngineError, VQFRError
+from vqfr.errors import ConfigError, EngineError, run_command
 from vqfr.sidecar import EngineMeta, write_sidecar
 
 onnxscript = require("onnxscript", "exporting ONNX graphs")
@@ -288,17 +288,16 @@ def _summary(path: Path, meta: EngineMeta) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def export() -> str:
+        from vqfr.sidecar import read_sidecar
+
         path = export_onnx(args.weights, args.output, config=args.config, precision=args.precision, batch=args.batch,
                            size=args.size, dynamic_size=args.dynamic_size, opset=args.opset, check=args.check,
                            random_weights=args.random_weights)
-    except VQFRError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    from vqfr.sidecar import read_sidecar
+        return _summary(path, read_sidecar(path))
 
-    print(_summary(path, read_sidecar(path)))
-    return 0
+    return run_command(export)
 
 
 if __name__ == "__main__":

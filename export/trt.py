@@ -34,7 +34,7 @@ from export import metadata
 from export.compare import Agreement, agreement
 from vqfr._optional import require
 from vqfr.atomic import atomic_write_bytes
-from vqfr.errors import ConfigError, EngineError, VQFRError
+from vqfr.errors import ConfigError, EngineError, run_command
 from vqfr.sidecar import EngineMeta, read_sidecar, write_sidecar
 
 if TYPE_CHECKING:
@@ -383,15 +383,13 @@ def main(argv: list[str] | None = None) -> int:
                            max_batch=args.max_batch, size=args.size, timing_cache=args.timing_cache,
                            workspace_gb=args.workspace, version_compatible=args.version_compatible,
                            dcn_fp16=args.dcn_fp16, tf32=args.tf32)
-    try:
+
+    def build() -> str:
         samples = load_samples(args.samples, args.size or read_sidecar(args.onnx).face_size) if args.samples else []
-        path = build_engine(args.onnx, args.output, options, check=args.check, reference_onnx=args.reference_onnx,
-                            samples=samples)
-    except (VQFRError, ImportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {path}")
-    return 0
+        return "wrote " + str(build_engine(args.onnx, args.output, options, check=args.check,
+                                           reference_onnx=args.reference_onnx, samples=samples))
+
+    return run_command(build)
 
 
 if __name__ == "__main__":

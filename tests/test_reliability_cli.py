@@ -22,7 +22,7 @@ from deploy.soak import FACE_SIZE, MICRO_V2
 from tests.conftest import FACES, ROOT, needs_faces, seeded_model
 from vqfr.atomic import atomic_path, atomic_write_bytes
 from vqfr.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, main
-from vqfr.errors import OutputError
+from vqfr.errors import ConfigError, OutputError, run_command
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -246,3 +246,21 @@ def test_whole_photo_is_deterministic(weights):
     rt = vqfr.Runtime(weights)
     first, second = rt.restore_faces(photo, upscale=1), rt.restore_faces(photo, upscale=1)
     assert len(first.faces) == 2 and np.array_equal(first.image, second.image)
+
+
+def test_export_commands_report_errors_and_missing_extras_without_a_traceback(capsys):
+    """The export CLIs' shared exit path: our errors and a missing extra print one line and give 1; a bug raises."""
+    assert run_command(lambda: "wrote x.onnx") == 0 and capsys.readouterr().out == "wrote x.onnx\n"
+
+    def bad_config():
+        raise ConfigError("unknown model version 'v7'", fix="use v1 or v2")
+
+    def missing_extra():
+        raise ImportError("onnxscript is needed for ONNX export but is not installed. Fix: pip install 'vqfr[onnx]'")
+
+    for action, words in ((bad_config, "Fix: use v1 or v2"), (missing_extra, "pip install")):
+        assert run_command(action) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err and "Traceback" not in err
+    with pytest.raises(ZeroDivisionError):
+        run_command(lambda: str(1 / 0))

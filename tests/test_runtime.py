@@ -265,9 +265,9 @@ def test_aoti_rows_follow_the_package_device():
     assert package_device(_meta(compute_capability="9.0")) == "cuda"
     assert package_device(dataclass_replace(_meta(), extra={"device": "cpu"})) == "cpu"
     cpu_row = next(e for e in BACKENDS if e.label == "aoti[cpu]")
-    reason, _ = AOTIBackend.check(cpu_row, _meta(compute_capability="9.0"))
+    reason, _ = AOTIBackend.status(cpu_row, _meta(compute_capability="9.0"))
     assert reason == "the package was compiled for cuda"
-    reason, _ = AOTIBackend.check(cpu_row, dataclass_replace(_meta(torch="1.0.0"), extra={"device": "cpu"}))
+    reason, _ = AOTIBackend.status(cpu_row, dataclass_replace(_meta(torch="1.0.0"), extra={"device": "cpu"}))
     assert "built with torch 1.0.0" in reason
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -41,3 +43,16 @@ class BackendUnavailable(VQFRError, RuntimeError):
 
 class OutputError(VQFRError, OSError):
     """An output cannot be written (unwritable folder, output would overwrite an input ...)."""
+
+
+def run_command(action: Callable[[], str]) -> int:
+    """The exit status of a command-line tool: run ``action`` and print what it returns (0), or print its error on
+    stderr (1). The errors caught are this package's, which name the file and the fix, and the ImportError of a
+    missing optional dependency, which names the extra to install; anything else is a bug and keeps its traceback."""
+    try:
+        message = action()
+    except (VQFRError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(message)
+    return 0

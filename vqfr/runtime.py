@@ -208,9 +208,9 @@ class Runtime:
         for entry in candidates(kind, backend, device):
             cls = entry.backend_class()
             reason, _ = cls.check(entry, meta)
-            if reason:
-                tried.append(f"{entry.label}: {reason}")
-                mismatch = cls.engine_problem(entry, meta)
+            mismatch = None if reason else cls.engine_problem(entry, meta)
+            if reason or mismatch:
+                tried.append(f"{entry.label}: {reason or mismatch}")
                 if mismatch:
                     mismatches.append(f"{entry.label}: {mismatch}")
                 continue

@@ -41,14 +41,11 @@ class AOTIBackend(Backend):
             reason = cuda_missing()
             if reason:
                 return reason, ""
-        problem = cls.engine_problem(entry, meta)
-        if problem:
-            return problem, ""
         return None, f"torch {torch.__version__}"
 
     @classmethod
     def engine_problem(cls, entry: BackendEntry, meta: EngineMeta | None) -> str | None:
-        if meta is None or (entry.device == "cuda" and cuda_missing()):
+        if meta is None:
             return None
         built = package_device(meta)
         if built is not None and built != entry.device:

@@ -163,7 +163,7 @@ def availability(engine: Any = None, meta: EngineMeta | None = None, backend: st
     out = []
     for entry in candidates(kind, backend, device) if kind else [e for e in BACKENDS
                                                                    if backend in ("auto", e.name)]:
-        reason, note = entry.backend_class().check(entry, meta)
+        reason, note = entry.backend_class().status(entry, meta)
         out.append(Availability(entry, reason is None, reason or "", note))
     return out
 
@@ -194,14 +194,24 @@ class Backend(abc.ABC):
     @classmethod
     @abc.abstractmethod
     def check(cls, entry: BackendEntry, meta: EngineMeta | None) -> tuple[str | None, str]:
-        """(reason it cannot run here, or None; a short note when it can)."""
+        """(reason this row cannot run here: a missing package or device, or None; a short note when it can)."""
 
     @classmethod
     def engine_problem(cls, entry: BackendEntry, meta: EngineMeta | None) -> str | None:
-        """Why the engine described by ``meta`` cannot run on this row although the row's packages and device are
-        here (built for another TensorRT version, GPU, torch or device), or None. ``check`` includes it; the
+        """Why the engine described by ``meta`` cannot run on this row although ``check`` passed, i.e. the row's
+        packages and device are here (built for another TensorRT version, GPU, torch or device), or None. The
         runtime raises :class:`~vqfr.errors.EngineError` rather than BackendUnavailable when it is the cause."""
         return None
+
+    @classmethod
+    def status(cls, entry: BackendEntry, meta: EngineMeta | None) -> tuple[str | None, str]:
+        """(reason this row cannot run the engine here, or None; a short note when it can): :meth:`check`, then
+        :meth:`engine_problem` once the packages and the device are there."""
+        reason, note = cls.check(entry, meta)
+        if reason:
+            return reason, note
+        problem = cls.engine_problem(entry, meta)
+        return (problem, "") if problem else (None, note)
 
     @abc.abstractmethod
     def load(self) -> None:

@@ -60,14 +60,11 @@ class TensorRTBackend(Backend):
             return reason, ""
         import tensorrt as trt
 
-        problem = cls.engine_problem(entry, meta)
-        if problem:
-            return problem, ""
         return None, f"TensorRT {trt.__version__}, {torch.cuda.get_device_name()}"
 
     @classmethod
     def engine_problem(cls, entry: BackendEntry, meta: EngineMeta | None) -> str | None:
-        if meta is None or missing_package("tensorrt", "trt") or cuda_missing():
+        if meta is None:
             return None
         import tensorrt as trt
 
