@@ -9,7 +9,9 @@ memory (VmRSS) and the number of finished outputs every ``--interval`` seconds. 
   else on stderr (no traceback, no libpng/libjpeg/OpenCV messages);
 - one complete, decodable output set per good input, no temporary files, inputs byte-identical to before;
 - resident memory flat after warm-up: the peak after the first ``--warmup`` of the images is within ``--rss-tolerance``
-  of the RSS at that point.
+  of the RSS at that point. The window ends when the CLI prints its summary line: what the process does after that is
+  the interpreter's exit (torch's CUDA builds grow by about 128 MiB while unloading, even after ``import torch``
+  alone), not a leak per image.
 
 It prints a summary and writes ``DIR/soak.json``. Exit code 0 when every check passed, 1 otherwise.
 """
@@ -22,6 +24,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import struct
 import subprocess
 import sys
@@ -119,6 +122,10 @@ def make_folder(folder: Path, count: int, bad_fraction: float, seed: int = 0) ->
     return good, bad
 
 
+#: The CLI's last line on stdout: "vqfr: N images, M faces restored, ..." (vqfr/cli.py).
+_SUMMARY = re.compile(r"^vqfr: \d+ images, ", re.M)
+
+
 def _rss_kib(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -143,7 +150,8 @@ def _sha256(path: Path) -> str:
 
 @dataclasses.dataclass
 class SoakResult:
-    """What the soak found. ``samples`` are (seconds since start, outputs finished, VmRSS KiB)."""
+    """What the soak found. ``samples`` are (seconds since start, outputs finished, VmRSS KiB); the RSS figures count
+    those up to ``work_end_s``, when the CLI printed its summary (None: it never did; then every sample counts)."""
 
     count: int
     good: int
@@ -161,6 +169,7 @@ class SoakResult:
     rss_growth: float | None
     rss_slope_kib_per_image: float | None
     command: list[str]
+    work_end_s: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -177,7 +186,7 @@ class SoakResult:
             f"{mib(self.rss_peak_after_kib)}, final {mib(self.rss_final_kib)}, growth "
             f"{'n/a' if self.rss_growth is None else f'{100 * self.rss_growth:+.1f}%'}, slope "
             f"{'n/a' if self.rss_slope_kib_per_image is None else f'{self.rss_slope_kib_per_image:+.2f} KiB/image'}"
-            f" ({len(self.samples)} samples)",
+            f" ({len(self.work_samples())} samples{self._exit_note()})",
         ]
         series = self.rss_series()
         if series:
@@ -186,19 +195,32 @@ class SoakResult:
         lines += [f"PROBLEM: {p}" for p in self.problems] or ["all checks passed"]
         return "\n".join(lines)
 
+    def work_samples(self) -> list[tuple[float, int, int]]:
+        """The samples taken before the CLI printed its summary line."""
+        return _before(self.samples, self.work_end_s)
+
+    def _exit_note(self) -> str:
+        after = len(self.samples) - len(self.work_samples())
+        return f"; {after} more during the process's exit, not counted" if after else ""
+
     def rss_series(self, steps: int = 10) -> list[tuple[int, int]]:
         """(outputs done, VmRSS KiB) at the first sample past each tenth of the good inputs."""
         out: list[tuple[int, int]] = []
         for k in range(1, steps + 1):
             target = round(k * self.good / steps)
-            hit = next(((done, rss) for _, done, rss in self.samples if done >= target), None)
+            hit = next(((done, rss) for _, done, rss in self.work_samples() if done >= target), None)
             if hit is not None and (not out or hit[0] > out[-1][0]):
                 out.append(hit)
         return out
 
 
-def _rss_stats(samples: list[tuple[float, int, int]], warmup_images: int):
-    after = [(done, rss) for _, done, rss in samples if done >= warmup_images]
+def _before(samples: list[tuple[float, int, int]], end: float | None) -> list[tuple[float, int, int]]:
+    return [s for s in samples if end is None or s[0] <= end]
+
+
+def _rss_stats(samples: list[tuple[float, int, int]], warmup_images: int, work_end: float | None):
+    """(RSS at warm-up, peak after it, growth, slope per image) over the samples up to ``work_end``."""
+    after = [(done, rss) for _, done, rss in _before(samples, work_end) if done >= warmup_images]
     if len(after) < 2:
         return None, None, None, None
     base = after[0][1]
@@ -231,15 +253,20 @@ def run_soak(count: int, bad_fraction: float, out: str | Path, *, batch: int = 8
     command = [python, "-m", "vqfr", "-i", str(inputs), "-o", str(results), "--weights", str(weights), "--aligned",
                "--batch", str(batch), "-q"]
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    env = dict(os.environ, PYTHONUNBUFFERED="1",  # the summary line reaches the file when printed
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     samples: list[tuple[float, int, int]] = []
+    work_end = None
     start = time.perf_counter()
     with open(out / "cli.stdout.txt", "w") as stdout, open(out / "cli.stderr.txt", "w") as stderr:
         proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env, cwd=root)
         while proc.poll() is None:
             rss = _rss_kib(proc.pid)
+            now = time.perf_counter() - start
+            if work_end is None and _SUMMARY.search((out / "cli.stdout.txt").read_text()):
+                work_end = now
             if rss is not None:
-                samples.append((time.perf_counter() - start, _count_files(results / "restored_faces"), rss))
+                samples.append((now, _count_files(results / "restored_faces"), rss))
             time.sleep(interval)
     wall = time.perf_counter() - start
     err_lines = (out / "cli.stderr.txt").read_text().splitlines()
@@ -277,13 +304,14 @@ def run_soak(count: int, bad_fraction: float, out: str | Path, *, batch: int = 8
         problems.append("the input folder changed")
 
     warmup_images = max(int(round(warmup * len(good))), 1)
-    base, peak, growth, slope = _rss_stats(samples, warmup_images)
+    base, peak, growth, slope = _rss_stats(samples, warmup_images, work_end)
     if growth is None:
         problems.append(f"too few RSS samples after warm-up ({len(samples)} samples in all)")
     elif growth > rss_tolerance:
         problems.append(f"RSS grew {100 * growth:.1f}% after warm-up (tolerance {100 * rss_tolerance:.0f}%)")
     return SoakResult(count, len(good), len(bad), proc.returncode, outputs, len(failed), problems, samples, wall,
-                      warmup_images, base, peak, samples[-1][2] if samples else None, growth, slope, command)
+                      warmup_images, base, peak, (_before(samples, work_end) or [(0, 0, None)])[-1][2], growth, slope,
+                      command, work_end)
 
 
 def main(argv: list[str] | None = None) -> int:
