@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib
 import importlib.util
 from collections.abc import Iterator
@@ -61,14 +62,25 @@ def torchvision_deform() -> Iterator[None]:
         kernels.modulated_deform_conv2d = original
 
 
-def torchvision_problem() -> str | None:
-    """None when torchvision's deform_conv2d can run here, else why not."""
+def torchvision_problem(device: torch.device | None = None, precision: str = "fp32") -> str | None:
+    """None when torchvision's deform_conv2d can run here, else why not.
+
+    With ``device``, a 3x3 call in ``precision`` on it tells too: torchvision has no bf16 kernel on the CPU, for one.
+    """
     if importlib.util.find_spec("torchvision") is None:
         return "torchvision is not installed (it is optional; install one built for this torch to add these rows)"
     try:
-        importlib.import_module("torchvision.ops")
+        ops = importlib.import_module("torchvision.ops")
     except (ImportError, RuntimeError, OSError) as exc:  # a torchvision built for another torch fails here
         return f"torchvision does not import beside this torch ({str(exc).splitlines()[0]})"
+    if device is None:
+        return None
+    zeros = functools.partial(torch.zeros, device=device, dtype=DTYPES[precision])
+    try:
+        ops.deform_conv2d(zeros(1, 1, 3, 3), zeros(1, 18, 3, 3), zeros(1, 1, 3, 3), None, 1, 1, 1, zeros(1, 9, 3, 3))
+    except (RuntimeError, NotImplementedError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return f"torchvision's deform_conv2d does not run in {precision} on {device.type}: {reason[-120:]}"
     return None
 
 

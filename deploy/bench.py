@@ -290,9 +290,9 @@ def make_subjects(cfg: BenchConfig, model: nn.Module, device: torch.device, engi
                                   (p == "fp16" and device.type == "cuda")]
     subjects = [Subject("reference", p, True, lambda p=p: EagerBaseline(model, device, p),
                         "eager model.to(dtype), reference deformable conv") for p in base_precisions]
-    tv_problem = torchvision_problem()
     subjects += [Subject("torchvision", p, True, lambda p=p: EagerBaseline(model, device, p, "torchvision"),
-                         "eager, torchvision.ops.deform_conv2d as the official code calls it", tv_problem)
+                         "eager, torchvision.ops.deform_conv2d as the official code calls it",
+                         torchvision_problem(device, p))
                  for p in base_precisions]
     max_batch = max(cfg.batches)
     fast = cfg.fast.resolved(device)

@@ -6,6 +6,7 @@ import importlib.metadata
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from export.source import ExportSpec
@@ -16,9 +17,16 @@ __all__ = ["package_versions", "gpu_info", "engine_meta"]
 
 
 def package_versions(*packages: str) -> dict[str, str]:
-    """Installed versions of ``packages`` (distribution names); missing ones are left out."""
+    """Installed versions of ``packages`` (distribution names); missing ones are left out.
+
+    torch's is ``torch.__version__``, whose local part names the build (``2.14.1+cu130``, ``2.13.0+cpu``): the
+    distribution metadata of PyPI's CUDA wheels says only ``2.14.1``.
+    """
     found = {}
     for name in packages:
+        if name == "torch":
+            found[name] = torch.__version__
+            continue
         try:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
