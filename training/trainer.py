@@ -196,16 +196,22 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
 
-    def _wrap(self, module: nn.Module, find_unused: bool = False) -> nn.Module:
+    def _wrap(self, module: nn.Module, find_unused: bool = False, broadcast_buffers: bool = True) -> nn.Module:
         if self.world == 1:
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused)
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused,
+                                                   broadcast_buffers=broadcast_buffers)
 
     def _wrap_discriminator(self, d: nn.Module) -> nn.Module:
+        """DDP without buffer broadcasts: a discriminator runs on fake, then on real, then one backward. DDP's
+        broadcast before the second forward rewrites BatchNorm's running statistics in place, which the first
+        forward's graph saved (torch 2.11 on the CPU: "modified by an inplace operation"). Nothing needs it: the
+        spectral-norm vectors follow the weights, which DDP keeps equal, and the running statistics (per process
+        without SyncBatchNorm) serve only eval mode, which training never uses."""
         if self.world > 1 and self.device.type == "cuda" and self.cfg.get("syncbn", True):
             d = nn.SyncBatchNorm.convert_sync_batchnorm(d)
-        return self._wrap(d.to(self.device).train())
+        return self._wrap(d.to(self.device).train(), broadcast_buffers=False)
 
     def _build_reestimators(self, generator: nn.Module) -> dict[str, CodebookReestimator]:
         quantizer = getattr(generator, "quantizer", None)
