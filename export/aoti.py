@@ -7,8 +7,8 @@ compiled into the package; one with an opaque implementation stays a call throug
 that loads the package must import ``kernels.ops`` first (the runtime does).
 
 Inductor plans memory from each op's fake (meta) kernel, so an op whose real output layout differs from its fake
-one gives silently wrong results. Every export first checks both ops with ``torch.library.opcheck`` and refuses to
-build when they disagree.
+one gives silently wrong results. Every export first checks both ops with ``torch.library.opcheck`` and its own
+comparison of output strides (torch 2.11's opcheck compares none), and refuses to build when they disagree.
 
 ``--precision fp16`` stores weights and activations in fp16; the code-prediction head (v2 ``feat2index``) and the
 last convolution stay fp32 modules, and GroupNorm, LayerNorm, softmax, the nearest-code distances and the DCN
@@ -71,7 +71,33 @@ def custom_op_problems(device: str = "cpu", probes: dict[str, tuple[Any, tuple[A
         result = torch.library.opcheck(op, args, test_utils=("test_faketensor",), raise_exception=False)
         if result["test_faketensor"] != "SUCCESS":
             problems.append(f"{name}: {result['test_faketensor']}")
+        elif mismatch := _layout_mismatch(op, args):  # opcheck of torch 2.11 compares no strides
+            problems.append(f"{name}: {mismatch}")
     return problems
+
+
+def _layout_mismatch(op: Any, args: tuple[Any, ...]) -> str | None:
+    """How the real outputs of ``op(*args)`` differ from its fake kernel's in shape, dtype or strides (None: alike).
+    Strides of size-1 dimensions do not count: nothing is indexed along them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._pytree import tree_flatten, tree_map_only
+
+    real, _ = tree_flatten(op(*args))
+    with FakeTensorMode() as mode:
+        fake, _ = tree_flatten(op(*tree_map_only(Tensor, mode.from_tensor, args)))
+    if len(real) != len(fake):
+        return f"the kernel gives {len(real)} outputs, its fake kernel {len(fake)}"
+    for i, (r, f) in enumerate(zip(real, fake, strict=True)):
+        if not isinstance(r, Tensor):
+            continue
+
+        def strides(t: Tensor) -> tuple[int, ...]:
+            return tuple(st for st, n in zip(t.stride(), t.shape, strict=True) if n != 1)
+
+        if (r.shape, r.dtype, strides(r)) != (f.shape, f.dtype, strides(f)):
+            return (f"output {i}: the kernel gives shape {tuple(r.shape)}, {r.dtype}, strides {r.stride()}; its "
+                    f"fake kernel declares {tuple(f.shape)}, {f.dtype}, strides {f.stride()}")
+    return None
 
 
 class _Fp32(nn.Module):

@@ -30,6 +30,7 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.skipif(not dispatch.triton_installed(), reason="triton is not installed")
+@pytest.mark.skipif(dispatch.interpreter_problem() is not None, reason=str(dispatch.interpreter_problem()))
 def test_bench_times_the_triton_kernels_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     rows = bench_kernels.main([*TINY, "--batches", "1", "--iters", "1"])

@@ -210,6 +210,7 @@ print("ok")
 
 
 @pytest.mark.skipif(not dispatch.triton_installed(), reason="triton_op needs triton")
+@pytest.mark.skipif(dispatch.interpreter_problem() is not None, reason=str(dispatch.interpreter_problem()))
 def test_triton_op_flavour_registers_runs_and_traces():
     """The ops as registered on a GPU machine (torch.library.triton_op): eager calls reach the kernel, and
     torch.compile traces the forward and its autograd formula (fullgraph). On a CPU the traced body takes the

@@ -49,7 +49,7 @@ def test_reference_forward_and_backward_equal_torchvisions_in_float64(case):
     with kernels.use("reference"):
         mine = torch.autograd.grad(out, ours, grad_out)
     ref = torch.autograd.grad(expected, theirs, grad_out)
-    for name, a, b in zip(("x", "offset", "mask", "weight", "bias"), mine, ref):
+    for name, a, b in zip(("x", "offset", "mask", "weight", "bias"), mine, ref, strict=True):
         assert_close_scaled(a, b, 1e-11, f"grad {name}")
 
 
