@@ -650,7 +650,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] | None = None,
     if Path(sys.argv[0]).stem in ("bench", "__main__"):  # run as python -m deploy.bench
         command = "python -m deploy.bench " + " ".join(sys.argv[1:])
     meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": command,
         "model": f"{arch} at {size}x{size}",
         "options": model.options,

@@ -264,7 +264,7 @@ def _run(op, case, dname, name, fn, note, copies, device, iters, warmup, graphs=
 def environment(device: torch.device) -> dict:
     """What the numbers were measured on."""
     env: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
         "triton": importlib.metadata.version("triton") if importlib.util.find_spec("triton") else None,
         "float32_matmul_precision": torch.get_float32_matmul_precision()}
