@@ -304,14 +304,14 @@ def run_soak(count: int, bad_fraction: float, out: str | Path, *, batch: int = 8
         problems.append("the input folder changed")
 
     warmup_images = max(int(round(warmup * len(good))), 1)
+    work = _before(samples, work_end)
     base, peak, growth, slope = _rss_stats(samples, warmup_images, work_end)
     if growth is None:
         problems.append(f"too few RSS samples after warm-up ({len(samples)} samples in all)")
     elif growth > rss_tolerance:
         problems.append(f"RSS grew {100 * growth:.1f}% after warm-up (tolerance {100 * rss_tolerance:.0f}%)")
     return SoakResult(count, len(good), len(bad), proc.returncode, outputs, len(failed), problems, samples, wall,
-                      warmup_images, base, peak, (_before(samples, work_end) or [(0, 0, None)])[-1][2], growth, slope,
-                      command, work_end)
+                      warmup_images, base, peak, work[-1][2] if work else None, growth, slope, command, work_end)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,6 +82,9 @@ def _layout_mismatch(op: Any, args: tuple[Any, ...]) -> str | None:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._pytree import tree_flatten, tree_map_only
 
+    def strides(t: Tensor) -> tuple[int, ...]:
+        return tuple(st for st, n in zip(t.stride(), t.shape, strict=True) if n != 1)
+
     real, _ = tree_flatten(op(*args))
     with FakeTensorMode() as mode:
         fake, _ = tree_flatten(op(*tree_map_only(Tensor, mode.from_tensor, args)))
@@ -90,10 +93,6 @@ def _layout_mismatch(op: Any, args: tuple[Any, ...]) -> str | None:
     for i, (r, f) in enumerate(zip(real, fake, strict=True)):
         if not isinstance(r, Tensor):
             continue
-
-        def strides(t: Tensor) -> tuple[int, ...]:
-            return tuple(st for st, n in zip(t.stride(), t.shape, strict=True) if n != 1)
-
         if (r.shape, r.dtype, strides(r)) != (f.shape, f.dtype, strides(f)):
             return (f"output {i}: the kernel gives shape {tuple(r.shape)}, {r.dtype}, strides {r.stride()}; its "
                     f"fake kernel declares {tuple(f.shape)}, {f.dtype}, strides {f.stride()}")
