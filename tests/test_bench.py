@@ -151,6 +151,17 @@ def test_compare_outputs_and_images():
     assert err8 == 3 and psnr8 == pytest.approx(10 * math.log10(255 ** 2 / (9 / 48)))
 
 
+def stand_in_torchvision(monkeypatch, deform_conv2d):
+    """Make ``import torchvision.ops`` give a module whose ``deform_conv2d`` is the given function."""
+    tv = types.ModuleType("torchvision")
+    tv.__spec__ = importlib.machinery.ModuleSpec("torchvision", None)
+    ops = types.ModuleType("torchvision.ops")
+    ops.deform_conv2d = deform_conv2d
+    tv.ops = ops
+    monkeypatch.setitem(sys.modules, "torchvision", tv)
+    monkeypatch.setitem(sys.modules, "torchvision.ops", ops)
+
+
 def test_torchvision_rows_swap_in_torchvisions_calling_convention(monkeypatch):
     """With a stand-in torchvision (the reference behind torchvision's argument order), the swap must give the
     reference's output and route every deformable conv through it."""
@@ -161,13 +172,7 @@ def test_torchvision_rows_swap_in_torchvisions_calling_convention(monkeypatch):
         with kernels.use("reference"):
             return kernels.deform_conv2d_reference(x, offset, mask, weight, bias, stride, padding, dilation)
 
-    tv = types.ModuleType("torchvision")
-    tv.__spec__ = importlib.machinery.ModuleSpec("torchvision", None)
-    ops = types.ModuleType("torchvision.ops")
-    ops.deform_conv2d = deform_conv2d
-    tv.ops = ops
-    monkeypatch.setitem(sys.modules, "torchvision", tv)
-    monkeypatch.setitem(sys.modules, "torchvision.ops", ops)
+    stand_in_torchvision(monkeypatch, deform_conv2d)
     assert torchvision_problem() is None
     model = seeded_weights_(vqfr.build_model(copy.deepcopy(TINY_V2)), 0).eval()
     x, f = torch.rand(1, 3, 64, 64) * 2 - 1, torch.ones(1)
@@ -187,13 +192,7 @@ def test_a_precision_torchvision_cannot_run_is_skipped_with_the_reason(monkeypat
             raise RuntimeError('"deformable_im2col" not implemented for \'BFloat16\'')
         return torch.zeros(1, 1, 3, 3, dtype=x.dtype)
 
-    tv = types.ModuleType("torchvision")
-    tv.__spec__ = importlib.machinery.ModuleSpec("torchvision", None)
-    ops = types.ModuleType("torchvision.ops")
-    ops.deform_conv2d = deform_conv2d
-    tv.ops = ops
-    monkeypatch.setitem(sys.modules, "torchvision", tv)
-    monkeypatch.setitem(sys.modules, "torchvision.ops", ops)
+    stand_in_torchvision(monkeypatch, deform_conv2d)
     cpu = torch.device("cpu")
     assert torchvision_problem(cpu, "fp32") is None
     reason = torchvision_problem(cpu, "bf16")
