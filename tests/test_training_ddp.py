@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tests.test_training_loop import records, tiny_vqfr_v2, tiny_vqgan_v1
 from training.recipes import unwrap
@@ -65,6 +66,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         for name, cfg in _configs(batch_per_rank=2).items():
             trainer = Trainer(cfg, Path(out) / name, device="cpu")
+            # The discriminators run on fakes, then reals, then one backward: a buffer broadcast in between would
+            # rewrite what the first graph saved (torch 2.11 failed here with "modified by an inplace operation").
+            wrapped = [d for b in trainer.recipe.branches.values() for d in b.discriminators().values()]
+            assert all(isinstance(d, DDP) and not d.broadcast_buffers for d in wrapped), wrapped
             trainer.train()
             torch.save(_state(trainer), Path(out) / f"{name}_rank{rank}.pt")
     finally:

@@ -205,8 +205,9 @@ class Trainer:
 
     def _wrap_discriminator(self, d: nn.Module) -> nn.Module:
         """DDP without buffer broadcasts: a discriminator runs on fake, then on real, then one backward. DDP's
-        broadcast before the second forward rewrites BatchNorm's running statistics in place, which the first
-        forward's graph saved (torch 2.11 on the CPU: "modified by an inplace operation"). Nothing needs it: the
+        broadcast before the second forward rewrites buffers in place that the first forward's graph saved
+        (BatchNorm's running statistics, the blur kernels; torch 2.11 on the CPU: "modified by an inplace
+        operation"). Nothing needs it: the
         spectral-norm vectors follow the weights, which DDP keeps equal, and the running statistics (per process
         without SyncBatchNorm) serve only eval mode, which training never uses."""
         if self.world > 1 and self.device.type == "cuda" and self.cfg.get("syncbn", True):
