@@ -31,14 +31,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from export import fp16, metadata, source
+from export import metadata, source
 from export.compare import Agreement, agreement
 from vqfr._optional import require
 from vqfr.atomic import atomic_path
 from vqfr.errors import ConfigError, EngineError, run_command
 from vqfr.sidecar import EngineMeta, write_sidecar
 
-onnxscript = require("onnxscript", "exporting ONNX graphs")
+try:
+    from export import fp16
+
+    onnxscript = require("onnxscript", "exporting ONNX graphs")
+except ImportError as exc:  # missing or too old
+    if __name__ != "__main__":
+        raise
+    sys.exit(f"error: {exc}")  # `python -m export.onnx`: one line naming the fix, as run_command prints errors
 ir = onnxscript.ir
 op = onnxscript.opset19
 

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["MODES", "LAUNCHES", "use", "active_mode", "interpreting", "interpreter_problem", "triton_installed",
-           "why_not_triton", "use_triton", "use_grid_sample", "Launch", "launchable", "triton_module"]
+           "why_not_triton", "use_triton", "use_grid_sample", "Launch", "launchable", "triton_module", "release"]
 
 #: Valid values of ``VQFR_KERNELS`` and of :func:`use`.
 MODES = ("auto", "triton", "reference")
@@ -91,8 +91,8 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _release(version: str) -> tuple[int, ...]:
-    """(major, minor) of a version string such as ``3.6.0`` or ``2.4.0rc1``."""
+def release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as ``3.6.0``, ``2.14.1+cu130`` or ``2.4.0rc1``."""
     return tuple(int("".join(ch for ch in part if ch.isdigit()) or 0) for part in version.split(".")[:2])
 
 
@@ -110,7 +110,7 @@ def interpreter_problem() -> str | None:
         triton_version, numpy_version = (importlib.metadata.version(n) for n in ("triton", "numpy"))
     except importlib.metadata.PackageNotFoundError:
         return None
-    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+    if release(triton_version) < (3, 7) and release(numpy_version) >= (2, 4):
         return (f"Triton {triton_version}'s interpreter fails with numpy {numpy_version} (numpy >= 2.4 refuses its "
                 "scalar conversions); install triton >= 3.7 or numpy < 2.4")
     return None

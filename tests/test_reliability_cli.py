@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import cv2
@@ -264,3 +265,18 @@ def test_export_commands_report_errors_and_missing_extras_without_a_traceback(ca
         assert err.startswith("error: ") and words in err and "Traceback" not in err
     with pytest.raises(ZeroDivisionError):
         run_command(lambda: str(1 / 0))
+
+
+@pytest.mark.parametrize("installed", [None, types.SimpleNamespace(__version__="0.5.7")], ids=["missing", "too-old"])
+def test_onnx_export_command_without_a_usable_onnxscript_prints_one_line(installed):
+    """``python -m export.onnx`` imports onnxscript at module level: without it (or with one too old) the command
+    still ends in one line naming the pip command, not a traceback."""
+    stub = "None" if installed is None else "types.SimpleNamespace(__version__='0.5.7')"
+    script = (f"import runpy, sys, types; sys.modules['onnxscript'] = {stub}; "
+              "sys.argv = ['export.onnx', '--random-weights', '-o', 'x.onnx']; "
+              "runpy.run_module('export.onnx', run_name='__main__')")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=ROOT)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: onnxscript") and "pip install" in lines[0] and "vqfr-deploy[onnx]" in lines[0]
