@@ -218,9 +218,9 @@ def _before(samples: list[tuple[float, int, int]], end: float | None) -> list[tu
     return [s for s in samples if end is None or s[0] <= end]
 
 
-def _rss_stats(samples: list[tuple[float, int, int]], warmup_images: int, work_end: float | None):
-    """(RSS at warm-up, peak after it, growth, slope per image) over the samples up to ``work_end``."""
-    after = [(done, rss) for _, done, rss in _before(samples, work_end) if done >= warmup_images]
+def _rss_stats(samples: list[tuple[float, int, int]], warmup_images: int):
+    """(RSS at warm-up, peak after it, growth, slope per image) over ``samples`` (those of the work, not the exit)."""
+    after = [(done, rss) for _, done, rss in samples if done >= warmup_images]
     if len(after) < 2:
         return None, None, None, None
     base = after[0][1]
@@ -305,7 +305,7 @@ def run_soak(count: int, bad_fraction: float, out: str | Path, *, batch: int = 8
 
     warmup_images = max(int(round(warmup * len(good))), 1)
     work = _before(samples, work_end)
-    base, peak, growth, slope = _rss_stats(samples, warmup_images, work_end)
+    base, peak, growth, slope = _rss_stats(work, warmup_images)
     if growth is None:
         problems.append(f"too few RSS samples after warm-up ({len(samples)} samples in all)")
     elif growth > rss_tolerance:

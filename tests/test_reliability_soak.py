@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from deploy.soak import BAD_KINDS, _rss_stats, main, make_folder
+from deploy.soak import BAD_KINDS, _before, _rss_stats, main, make_folder
 
 
 def test_soak_60_images_3_bad(tmp_path, capsys):
@@ -34,10 +34,10 @@ def test_memory_after_the_summary_line_is_not_counted():
     # samples taken after the CLI's summary line are the exit, not a leak per image.
     samples = [(0.1, 0, 100_000), (0.2, 10, 200_000), (0.3, 50, 201_000), (0.4, 100, 202_000),
                (0.5, 100, 202_000), (0.6, 100, 330_000)]
-    base, peak, growth, _ = _rss_stats(samples, 10, work_end=0.5)
+    base, peak, growth, _ = _rss_stats(_before(samples, 0.5), 10)
     assert (base, peak) == (200_000, 202_000) and abs(growth - 0.01) < 1e-12
     # Without a summary line (a crash, say), every sample counts, so a growth at the end is caught.
-    assert _rss_stats(samples, 10, work_end=None)[1] == 330_000
+    assert _rss_stats(_before(samples, None), 10)[1] == 330_000
     # A real leak before the summary still counts.
     leaking = [(t, d, r + 500 * d) for t, d, r in samples[:5]]
-    assert _rss_stats(leaking, 10, work_end=0.5)[2] > 0.10
+    assert _rss_stats(_before(leaking, 0.5), 10)[2] > 0.10

@@ -207,9 +207,8 @@ class Trainer:
         """DDP without buffer broadcasts: a discriminator runs on fake, then on real, then one backward. DDP's
         broadcast before the second forward rewrites buffers in place that the first forward's graph saved
         (BatchNorm's running statistics, the blur kernels; torch 2.11 on the CPU: "modified by an inplace
-        operation"). Nothing needs it: the
-        spectral-norm vectors follow the weights, which DDP keeps equal, and the running statistics (per process
-        without SyncBatchNorm) serve only eval mode, which training never uses."""
+        operation"). Nothing needs it: the spectral-norm vectors follow the weights, which DDP keeps equal, and the
+        running statistics (per process without SyncBatchNorm) serve only eval mode, which training never uses."""
         if self.world > 1 and self.device.type == "cuda" and self.cfg.get("syncbn", True):
             d = nn.SyncBatchNorm.convert_sync_batchnorm(d)
         return self._wrap(d.to(self.device).train(), broadcast_buffers=False)

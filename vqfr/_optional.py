@@ -45,8 +45,8 @@ def require(module: str, purpose: str) -> ModuleType:
             f"{module} is needed for {purpose} but is not installed ({exc}). "
             f"Install it with: pip install 'vqfr-deploy[{extra}]'"
         ) from exc
-    version = getattr(importlib.import_module(top), "__version__", None)
-    if top in MINIMUM and isinstance(version, str) and release(version) < release(MINIMUM[top]):
+    version = getattr(importlib.import_module(top), "__version__", None) if top in MINIMUM else None
+    if isinstance(version, str) and release(version) < release(MINIMUM[top]):
         raise ImportError(f"{top} {version} is too old for {purpose} (vqfr-deploy needs >= {MINIMUM[top]}). "
                           f"Upgrade it with: pip install -U 'vqfr-deploy[{extra}]'")
     return imported
