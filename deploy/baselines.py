@@ -14,19 +14,22 @@ import functools
 import importlib
 import importlib.util
 from collections.abc import Iterator
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
 import kernels
+from vqfr.models import Network
 
 __all__ = ["SEED", "DTYPES", "seeded_weights_", "EagerBaseline", "torchvision_deform", "torchvision_problem"]
 
 SEED = 0
+M = TypeVar("M", bound=nn.Module)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def seeded_weights_(model: nn.Module, seed: int = SEED) -> nn.Module:
+def seeded_weights_(model: M, seed: int = SEED) -> M:
     """Seeded, non-trivial random weights, in place: ``export.source.randomize_`` (conv/linear weights N(0, 1/fan_in),
     biases N(0, 0.05), norm scales 1 + N(0, 0.1), codebooks N(0, 1)), so that engines exported with
     ``--random-weights`` hold the same weights.
@@ -91,7 +94,7 @@ class EagerBaseline:
 
     max_batch = None
 
-    def __init__(self, model: nn.Module, device: torch.device, precision: str, deform: str = "reference"):
+    def __init__(self, model: Network, device: torch.device, precision: str, deform: str = "reference"):
         self.device, self.precision, self.deform = device, precision, deform
         self.dtype = DTYPES[precision]
         self.arch = model.options["type"]

@@ -35,6 +35,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import functools
 import gc
 import importlib
 import importlib.metadata
@@ -51,7 +52,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 import kernels
 from deploy import report
@@ -62,6 +63,7 @@ from vqfr.backends import BACKENDS, Backend
 from vqfr.backends.torch import TorchBackend
 from vqfr.backends.torch_fast import FastOptions
 from vqfr.errors import BackendUnavailable, ConfigError, VQFRError
+from vqfr.models import Network
 
 __all__ = ["BenchConfig", "Row", "Subject", "run", "run_subject", "make_subjects", "make_faces", "load_bench_model",
            "main", "BASELINES", "CANDIDATES"]
@@ -169,7 +171,7 @@ class Row:
 
 
 # ---------------------------------------------------------------------------------------------------- model and inputs
-def load_bench_model(weights: str | Path | None, config: Any) -> tuple[nn.Module, str]:
+def load_bench_model(weights: str | Path | None, config: Any) -> tuple[Network, str]:
     """(the model, eval, CPU fp32; a description of its weights)."""
     import vqfr
 
@@ -183,7 +185,7 @@ def load_bench_model(weights: str | Path | None, config: Any) -> tuple[nn.Module
                   "outputs are meaningless"
 
 
-def face_size(model: nn.Module, requested: int | None) -> int:
+def face_size(model: Network, requested: int | None) -> int:
     from vqfr.backends.torch import _face_size
 
     fixed = _face_size(model.options)
@@ -260,8 +262,9 @@ def _engine_backend(built: tuple[Path, float | None], name: str, device: torch.d
 
     path, seconds = built
     backend = vqfr.Runtime(path, backend=name, device=device.type).backend
-    backend.bench_note = (f"engine {path.name} built in {seconds:.0f} s" if seconds is not None else
-                          f"engine {path.name} reused (build_s is the load time)")
+    # read back by run_subject with getattr: the note belongs to the benchmark, not to the Backend protocol
+    backend.bench_note = (f"engine {path.name} built in {seconds:.0f} s"  # type: ignore[attr-defined]
+                          if seconds is not None else f"engine {path.name} reused (build_s is the load time)")
     return backend
 
 
@@ -282,15 +285,15 @@ def expand_backends(names: Sequence[str], device: torch.device) -> list[str]:
     return out
 
 
-def make_subjects(cfg: BenchConfig, model: nn.Module, device: torch.device, engines: EngineCache) -> list[Subject]:
+def make_subjects(cfg: BenchConfig, model: Network, device: torch.device, engines: EngineCache) -> list[Subject]:
     """The fp32 reference first (it provides the reference outputs), then the candidates, then the other baselines
     (so that a run cut short by a time limit has measured what it was run for)."""
     assert cfg.precisions is not None and cfg.batches is not None
     base_precisions = ["fp32"] + [p for p in PRECISIONS[1:] if p in cfg.precisions or
                                   (p == "fp16" and device.type == "cuda")]
-    subjects = [Subject("reference", p, True, lambda p=p: EagerBaseline(model, device, p),
+    subjects = [Subject("reference", p, True, functools.partial(EagerBaseline, model, device, p),
                         "eager model.to(dtype), reference deformable conv") for p in base_precisions]
-    subjects += [Subject("torchvision", p, True, lambda p=p: EagerBaseline(model, device, p, "torchvision"),
+    subjects += [Subject("torchvision", p, True, functools.partial(EagerBaseline, model, device, p, "torchvision"),
                          "eager, torchvision.ops.deform_conv2d as the official code calls it",
                          torchvision_problem(device, p))
                  for p in base_precisions]
@@ -351,12 +354,12 @@ def _launch_delta(before: collections.Counter) -> dict[str, int]:
 class _Context:
     cfg: BenchConfig
     device: torch.device
-    model: nn.Module
+    model: Network
     size: int
     face_sets: dict[int, list[np.ndarray]]  # batch -> sets of [B, S, S, 3] uint8
     x_sets: dict[int, list[Tensor]]  # batch -> sets of [B, 3, S, S] float32 on the device
     fidelities: list[float | None]
-    references: dict[tuple, list]  # (what, batch, fidelity) -> reference outputs per set
+    references: dict[tuple, dict[int, Any]]  # (what, batch, fidelity) -> {input set: reference output}
     log: Callable[[str], None]
 
 
@@ -486,16 +489,17 @@ def run_subject(ctx: _Context, subject: Subject) -> list[Row]:
     """Build one subject, then time its rows (forward, and restore unless disabled) for every batch and fidelity."""
     cfg, device = ctx.cfg, ctx.device
     assert cfg.batches is not None
+    batches = cfg.batches
 
     def rows(**kw: Any) -> list[Row]:
         whats = ["forward"] + (["restore"] if cfg.restore_iters else [])
         kw.setdefault("note", subject.note)
         return [Row(subject.backend, subject.precision, b, str(device), what=w, fidelity=f,
                     baseline=subject.baseline, **kw)
-                for b in cfg.batches for f in ctx.fidelities for w in whats]
+                for b in batches for f in ctx.fidelities for w in whats]
 
     def skipped(status: str, note: str) -> list[Row]:  # one row says it for the whole subject
-        return [Row(subject.backend, subject.precision, cfg.batches[0], str(device), baseline=subject.baseline,
+        return [Row(subject.backend, subject.precision, batches[0], str(device), baseline=subject.baseline,
                     status=status, note=note)]
 
     if subject.unavailable:
@@ -574,7 +578,7 @@ _ENV_KEYS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_TH
 
 def environment(device: torch.device) -> dict:
     """Hardware and software facts for the report."""
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    versions: dict[str, Any] = {"python": platform.python_version(), "torch": str(torch.__version__)}
     for package in ("triton", "onnxruntime", "onnxruntime-gpu", "onnx", "onnxscript", "torchvision", "tensorrt"):
         v = _version(package)
         if v:
@@ -609,7 +613,7 @@ def resolve_device(name: str) -> torch.device:
 
 # ---------------------------------------------------------------------------------------------------- the run
 def run(cfg: BenchConfig, log: Callable[[str], None] | None = None,
-        extra: Callable[[nn.Module, torch.device], Sequence[Subject]] | None = None,
+        extra: Callable[[Network, torch.device], Sequence[Subject]] | None = None,
         on_subject: Callable[[dict, list[Row]], None] | None = None) -> tuple[dict, list[Row]]:
     """Run the benchmark; returns (meta, rows). Writes nothing (see :func:`main` and :mod:`deploy.report`).
 
@@ -623,7 +627,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] | None = None,
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     device = resolve_device(cfg.device)
     cfg = cfg.resolved(device)
-    assert cfg.batches is not None and cfg.inputs is not None
+    assert cfg.batches is not None and cfg.inputs is not None and cfg.warmup is not None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if device.type == "cuda":

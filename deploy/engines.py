@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from vqfr.checkpoint import file_sha256, save_safetensors
 from vqfr.errors import BackendUnavailable
+from vqfr.models import Network
 
 __all__ = ["EngineCache"]
 
@@ -40,7 +40,7 @@ class EngineCache:
         rebuild: ignore cached engines.
     """
 
-    def __init__(self, folder: str | Path, model: nn.Module, weights: str | Path | None, rebuild: bool = False):
+    def __init__(self, folder: str | Path, model: Network, weights: str | Path | None, rebuild: bool = False):
         self.folder = Path(folder)
         self.model, self.rebuild = model, rebuild
         self._weights = Path(weights) if weights is not None else None

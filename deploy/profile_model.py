@@ -103,7 +103,7 @@ def profile(model, device: str, precision: str, batch: int, size: int, mode: str
     per_category: dict[str, float] = collections.defaultdict(float)
     for name, (ms, _) in per_kernel.items():
         per_category[category(name)] += ms
-    top = sorted(((n, ms, c) for n, (ms, c) in per_kernel.items()), key=lambda t: -t[1])[:25]
+    top = sorted(((n, ms, int(c)) for n, (ms, c) in per_kernel.items()), key=lambda t: -t[1])[:25]
     return Profile(str(dev), dict(per_category), top, sum(per_category.values()), iters, vqfr_ops)
 
 

@@ -18,12 +18,15 @@ import collections
 import dataclasses
 import math
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+if TYPE_CHECKING:
+    from vqfr.models import Network
 
 __all__ = ["Cost", "count", "floors", "H100", "main"]
 
@@ -145,14 +148,14 @@ class _Counter(TorchDispatchMode):
         return out
 
 
-def count(model: nn.Module, batch: int, size: int, dtype: torch.dtype = torch.float16,
+def count(model: Network | dict[str, Any], batch: int, size: int, dtype: torch.dtype = torch.float16,
           fidelity: float = 1.0) -> Cost:
     """Count one forward of ``model``'s architecture (rebuilt on the meta device in ``dtype``) at [batch, 3, size,
-    size]. The model itself is not run or changed."""
+    size]. ``model`` is a model or its options; the model itself is not run or changed."""
     import vqfr
 
     with torch.device("meta"):
-        meta = vqfr.build_model(model.options if hasattr(model, "options") else model).to(dtype).eval()
+        meta = vqfr.build_model(model if isinstance(model, dict) else model.options).to(dtype).eval()
     cost = Cost()
     cost.weight_bytes = float(sum(p.numel() * p.element_size() for p in meta.parameters()))
     cost.ideal_bytes = cost.weight_bytes

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from export import metadata, source
 from vqfr.atomic import atomic_path
 from vqfr.errors import BackendUnavailable, ConfigError, EngineError, VQFRError, run_command
+from vqfr.models import Network
 from vqfr.sidecar import write_sidecar
 
 __all__ = ["export_aoti", "trace_engine", "custom_op_problems", "fp16_model", "main"]
@@ -110,10 +111,10 @@ class _Fp32(nn.Module):
         return self.inner(x.float())
 
 
-class _Fp16Io(nn.Module):
+class _Fp16Io(Network):
     """fp32 input -> fp16 ``model`` -> fp32 output; keeps ``options`` and ``patch`` so it wraps like a model."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: Network):
         super().__init__()
         self.model = model
         self.options, self.patch = model.options, model.patch
@@ -122,7 +123,7 @@ class _Fp16Io(nn.Module):
         return self.model(x.half(), **kwargs).float()
 
 
-def fp16_model(model: nn.Module) -> nn.Module:
+def fp16_model(model: Network) -> Network:
     """A copy of ``model`` in fp16 with the modules of :data:`FP32_MODULES` kept in fp32."""
     half = copy.deepcopy(model).half()
     for path in FP32_MODULES[model.options["type"]]:
@@ -132,7 +133,7 @@ def fp16_model(model: nn.Module) -> nn.Module:
     return half
 
 
-def trace_engine(model: nn.Module, spec: source.ExportSpec, precision: str, device: str) -> Any:
+def trace_engine(model: Network, spec: source.ExportSpec, precision: str, device: str) -> Any:
     """``torch.export`` of the engine module (fp32, or fp16 with fp32 islands) on ``device``."""
     engine = source.engine_module(_Fp16Io(fp16_model(model)) if precision == "fp16" else model).to(device)
     inputs = tuple(t.to(device) for t in spec.example_inputs())

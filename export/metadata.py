@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from export.source import ExportSpec
 from vqfr.checkpoint import file_sha256
+from vqfr.models import Network
 from vqfr.sidecar import EngineMeta
 
 __all__ = ["package_versions", "gpu_info", "engine_meta"]
@@ -22,10 +22,10 @@ def package_versions(*packages: str) -> dict[str, str]:
     torch's is ``torch.__version__``, whose local part names the build (``2.14.1+cu130``, ``2.13.0+cpu``): the
     distribution metadata of PyPI's CUDA wheels says only ``2.14.1``.
     """
-    found = {}
+    found: dict[str, str] = {}
     for name in packages:
         if name == "torch":
-            found[name] = torch.__version__
+            found[name] = str(torch.__version__)
             continue
         try:
             found[name] = importlib.metadata.version(name)
@@ -45,7 +45,7 @@ def gpu_info(device: int = 0) -> dict[str, str]:
 
 
 def engine_meta(
-    model: nn.Module,
+    model: Network,
     spec: ExportSpec,
     *,
     precision: str,

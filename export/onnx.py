@@ -36,6 +36,7 @@ from export.compare import Agreement, agreement
 from vqfr._optional import require
 from vqfr.atomic import atomic_path
 from vqfr.errors import ConfigError, EngineError, run_command
+from vqfr.models import Network
 from vqfr.sidecar import EngineMeta, write_sidecar
 
 try:
@@ -161,7 +162,7 @@ def _quiet_exporter() -> Iterator[None]:
         registration.setLevel(level)
 
 
-def _trace(model: torch.nn.Module, spec: source.ExportSpec, opset: int) -> Any:
+def _trace(model: Network, spec: source.ExportSpec, opset: int) -> Any:
     """torch.onnx.export (dynamo) -> the optimised fp32 ``ir.Model``."""
     engine = source.engine_module(model)
     try:
@@ -174,6 +175,7 @@ def _trace(model: torch.nn.Module, spec: source.ExportSpec, opset: int) -> Any:
     except Exception as exc:  # the exporter raises many types; keep the cause and say what was being exported
         raise EngineError(f"torch.onnx.export failed for {model.options['type']} ({type(exc).__name__}: {exc})",
                           fix="report this with the torch and onnxscript versions") from exc
+    assert program is not None  # None only for the TorchScript exporter (dynamo=False)
     graph = program.model.graph
     for node in graph:
         for key in _DROPPED_METADATA:
@@ -191,7 +193,7 @@ def run_onnxruntime(path: str | Path, inputs: tuple[torch.Tensor, ...], names: l
     return session.run(None, feed)[0].astype(np.float32)
 
 
-def check_onnx(path: str | Path, model: torch.nn.Module, spec: source.ExportSpec, precision: str) -> Agreement:
+def check_onnx(path: str | Path, model: Network, spec: source.ExportSpec, precision: str) -> Agreement:
     """Compare onnxruntime (CPU) on a fixed input with the PyTorch fp32 model.
 
     Raises:

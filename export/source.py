@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 import vqfr
 from vqfr.errors import ConfigError
+from vqfr.models import Network
 from vqfr.sidecar import TensorSpec
 
 __all__ = ["EXPORTABLE", "ExportSpec", "load_source_model", "randomize_", "engine_module", "export_spec",
@@ -25,11 +26,13 @@ __all__ = ["EXPORTABLE", "ExportSpec", "load_source_model", "randomize_", "engin
 
 #: Architectures that export (the VQGAN codebook models are training-stage models, not restorers).
 EXPORTABLE = ("VQFRv1", "VQFRv2")
+M = TypeVar("M", bound=nn.Module)
+
 #: Example batch for a dynamic batch: torch.export specialises sizes 0 and 1, so trace with 2.
 _TRACE_BATCH = 2
 
 
-def randomize_(model: nn.Module, seed: int) -> nn.Module:
+def randomize_(model: M, seed: int) -> M:
     """Seeded, non-trivial random weights (for testing exports without a checkpoint), in place.
 
     Conv/linear weights N(0, 1/fan_in), biases N(0, 0.05), norm scales 1 + N(0, 0.1), codebooks N(0, 1). The
@@ -49,7 +52,7 @@ def randomize_(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def load_source_model(weights: str | Path | None, config: Any = None, random_weights: int | None = None) -> nn.Module:
+def load_source_model(weights: str | Path | None, config: Any = None, random_weights: int | None = None) -> Network:
     """The model to export, in eval mode on the CPU.
 
     Args:
@@ -101,7 +104,7 @@ class _V2Engine(nn.Module):
         return self.model(input, fidelity=fidelity)
 
 
-def engine_module(model: nn.Module) -> nn.Module:
+def engine_module(model: Network) -> nn.Module:
     """Wrap ``model`` with the engine signature (see the module docstring)."""
     return (_V1Engine if model.options["type"] == "VQFRv1" else _V2Engine)(model).eval()
 
@@ -160,7 +163,7 @@ class ExportSpec:
         return ["input", "fidelity"] if self.takes_fidelity else ["input"]
 
 
-def export_spec(model: nn.Module, batch: int | None = None, size: int | None = None,
+def export_spec(model: Network, batch: int | None = None, size: int | None = None,
                 dynamic_size: bool = False) -> ExportSpec:
     """Validate the requested shapes against the architecture.
 
@@ -177,7 +180,8 @@ def export_spec(model: nn.Module, batch: int | None = None, size: int | None = N
         raise ConfigError(f"batch must be a positive integer or dynamic, got {batch}", fix="pass --batch 1 or more")
     arch, patch = model.options["type"], model.patch
     if arch == "VQFRv2":
-        grid = model.quantizer.spatial_size
+        quantizer: Any = model.quantizer  # L2VectorQuantizer
+        grid: tuple[int, int] = quantizer.spatial_size
         height, width = grid[0] * patch, grid[1] * patch
         if dynamic_size:
             raise ConfigError("VQFRv2 predicts a fixed latent grid, so its input size cannot be dynamic",

@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,7 +32,7 @@ def vqfr_launches(dtype: torch.dtype) -> Iterator[tuple[str, dispatch.Launch]]:
     where 256-wide output tiles are allowed) and 64x256 tokens against a 1024x256 codebook."""
     deform = dispatch.triton_module("deform_conv_triton")
     nearest = dispatch.triton_module("nearest_code_triton")
-    meta = dict(device="meta", dtype=dtype)
+    meta: dict[str, Any] = dict(device="meta", dtype=dtype)
     x = torch.empty(1, 128, 512, 512, **meta)
     offset, mask = torch.empty(1, 72, 512, 512, **meta), torch.empty(1, 36, 512, 512, **meta)
     weight, bias = torch.empty(128, 128, 3, 3, **meta), torch.empty(128, **meta)
@@ -81,9 +82,10 @@ def _resource_usage(cubin: bytes, cuobjdump: str) -> tuple[int, int]:
         path.write_bytes(cubin)
         text = subprocess.run([cuobjdump, "-res-usage", str(path)], capture_output=True, text=True,
                               check=True).stdout
-    regs = int(re.search(r"REG:(\d+)", text).group(1))
-    stack = int(re.search(r"STACK:(\d+)", text).group(1))
-    return regs, stack
+    regs, stack = re.search(r"REG:(\d+)", text), re.search(r"STACK:(\d+)", text)
+    if regs is None or stack is None:
+        raise RuntimeError(f"{cuobjdump} -res-usage printed no REG/STACK counts: {text.strip()[:200]!r}")
+    return int(regs.group(1)), int(stack.group(1))
 
 
 def check(capability: int = 90, dtypes: Sequence[torch.dtype] = (torch.float16, torch.float32),

@@ -80,7 +80,7 @@ def check_deform_args(
 class Corner(NamedTuple):
     """One of the four bilinear corners of a batch of sample points (see :func:`bilinear_corners`)."""
 
-    index: Tensor  # [N, P] int64 flat pixel index y*W + x, clamped into the image (read only where valid)
+    pixel: Tensor  # [N, P] int64 flat pixel index y*W + x, clamped into the image (read only where valid)
     weight: Tensor  # [N, P] interpolation weight, zero where the corner is invalid
     d_dy: Tensor  # [N, P] derivative of ``weight`` along y, zero where invalid
     d_dx: Tensor  # [N, P] derivative of ``weight`` along x, zero where invalid
@@ -126,7 +126,7 @@ def bilinear_sample_reference(feat: Tensor, py: Tensor, px: Tensor) -> Tensor:
     flat = feat.reshape(n, c, h * w)
     out = None
     for corner in bilinear_corners(h, w, py, px):
-        val = torch.gather(flat, 2, corner.index.unsqueeze(1).expand(n, c, corner.index.shape[1]))
+        val = torch.gather(flat, 2, corner.pixel.unsqueeze(1).expand(n, c, corner.pixel.shape[1]))
         term = val * corner.weight.unsqueeze(1).to(val.dtype)
         out = term if out is None else out + term
     assert out is not None
@@ -262,7 +262,7 @@ def deform_conv2d_backward_reference(
     for k, (py, px) in enumerate(grid):
         ky, kx = divmod(k, kw)
         corners = bilinear_corners(h, w, py, px)
-        reads = [torch.gather(xg, 2, c.index.unsqueeze(1).expand(-1, cg, -1)) for c in corners]
+        reads = [torch.gather(xg, 2, c.pixel.unsqueeze(1).expand(-1, cg, -1)) for c in corners]
         pairs = list(zip(reads, corners, strict=True))
         val = sum(r * c.weight.unsqueeze(1) for r, c in pairs)  # [B*G, Cg, P]
         g_col = torch.einsum("oc,bop->bcp", wt[:, :, ky, kx], gout).reshape(b * groups, cg, p)
@@ -271,7 +271,7 @@ def deform_conv2d_backward_reference(
         grad_offset[:, k, 0] = sum((g_val * r * c.d_dy.unsqueeze(1)).sum(1) for r, c in pairs)
         grad_offset[:, k, 1] = sum((g_val * r * c.d_dx.unsqueeze(1)).sum(1) for r, c in pairs)
         for c in corners:
-            grad_x.scatter_add_(2, c.index.unsqueeze(1).expand(-1, cg, -1), g_val * c.weight.unsqueeze(1))
+            grad_x.scatter_add_(2, c.pixel.unsqueeze(1).expand(-1, cg, -1), g_val * c.weight.unsqueeze(1))
         col = (val * msk[:, k]).reshape(b, c_in, p)
         grad_weight[:, :, ky, kx] = torch.einsum("bop,bcp->oc", gout, col)
     return (

@@ -8,6 +8,8 @@ official code's. The fused Triton kernel lives in ``kernels/nearest_code_triton.
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 from torch import Tensor
 
@@ -43,6 +45,12 @@ def nearest_code_reference(
     if return_distance:
         return idx, distance.gather(1, idx.unsqueeze(1)).squeeze(1)
     return idx
+
+
+@overload
+def nearest_code(z: Tensor, codebook: Tensor, return_distance: Literal[False] = False) -> Tensor: ...
+@overload
+def nearest_code(z: Tensor, codebook: Tensor, return_distance: Literal[True]) -> tuple[Tensor, Tensor]: ...
 
 
 def nearest_code(z: Tensor, codebook: Tensor, return_distance: bool = False) -> Tensor | tuple[Tensor, Tensor]:

@@ -22,8 +22,8 @@ How the ops are registered (decided once, when this module is first imported):
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor
@@ -32,12 +32,20 @@ from kernels import dispatch
 from kernels.deform_conv import deform_conv2d_backward_reference, deform_conv2d_grid_sample, deform_conv2d_reference
 from kernels.nearest_code import nearest_code_reference
 
+if TYPE_CHECKING:
+    from torch._library.custom_ops import CustomOpDef
+
 __all__ = ["deform_conv2d_op", "deform_conv2d_backward_op", "nearest_code_op", "TRITON_OPS"]
 
 #: True when the ops are ``triton_op``s (CUDA and triton present at registration).
 TRITON_OPS = torch.cuda.is_available() and dispatch.triton_installed()
 dispatch.TRACEABLE_LAUNCHES = TRITON_OPS
-_define = functools.partial(torch.library.triton_op if TRITON_OPS else torch.library.custom_op, mutates_args=())
+
+
+def _define(name: str, fn: Callable[..., object]) -> CustomOpDef:
+    """Register ``fn`` as the functional op ``name``, the one way this process registers them."""
+    register = torch.library.triton_op if TRITON_OPS else torch.library.custom_op
+    return cast("CustomOpDef", register(name, fn, mutates_args=()))
 
 
 def _conv_args(stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]):

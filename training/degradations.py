@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +59,7 @@ class DegradationParams:
         """Build from official dataset option names; ``degradation: v1|v2`` starts from a preset."""
         base = PRESETS[opt["degradation"]] if "degradation" in opt else cls()
         names = {f.name for f in dataclasses.fields(cls)}
-        updates = {k: (tuple(v) if isinstance(v, list) else v) for k, v in opt.items() if k in names}
+        updates: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in opt.items() if k in names}
         return dataclasses.replace(base, **updates)
 
 
@@ -120,7 +121,10 @@ def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
     ok, buf = cv2.imencode(".jpg", u8, [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)])
     if not ok:
         raise RuntimeError(f"OpenCV could not JPEG-encode an image of shape {img.shape}")
-    return cv2.imdecode(buf, cv2.IMREAD_COLOR).astype(np.float32) / 255.0
+    decoded = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    if decoded is None:
+        raise RuntimeError(f"OpenCV could not decode its own JPEG of an image of shape {img.shape}")
+    return decoded.astype(np.float32) / 255.0
 
 
 def degrade(img: np.ndarray, rng: np.random.Generator, params: DegradationParams) -> tuple[np.ndarray, dict]:

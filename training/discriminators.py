@@ -44,6 +44,8 @@ class Blur(nn.Module):
     """Depthwise FIR filter with the normalised outer product of ``kernel``, zero padding ``pad`` (before, after),
     then every ``down``-th pixel. [B, C, H, W] -> [B, C, (H + sum(pad) - K) // down + 1, ...]."""
 
+    kernel: Tensor  # [1, 1, K, K] buffer
+
     def __init__(self, kernel: list[int] | tuple[int, ...], pad: tuple[int, int], down: int = 1):
         super().__init__()
         k = torch.tensor(kernel, dtype=torch.float32)

@@ -132,6 +132,9 @@ class PerceptualLoss(nn.Module):
         style_measure: ``"L1"`` (official) or ``"L2"``.
     """
 
+    shift: Tensor  # [1, 3, 1, 1] buffer
+    scale: Tensor  # [1, 3, 1, 1] buffer
+
     def __init__(self, perceptual_weight: float = 1.0, style_weight: float = 0.0, vgg_weights: str | None = None,
                  lpips_weights: str = "default", random_vgg: bool = False, style_measure: str = "L1"):
         super().__init__()

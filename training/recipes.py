@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +20,7 @@ import vqfr
 from training.discriminators import build_discriminator
 from training.losses import PerceptualLoss, adaptive_weight, code_index_loss, gan_loss, l1_loss, mse_loss, r1_penalty
 from vqfr.errors import ConfigError
+from vqfr.models import Network
 
 __all__ = ["AdversarialBranch", "Recipe", "VQGANRecipe", "VQFRv1Recipe", "VQFRv2Recipe", "RECIPES", "unwrap",
            "frozen"]
@@ -179,7 +181,7 @@ class Recipe:
     def __init__(self, cfg: dict):
         self.cfg = cfg
         self.train_opt = cfg["train"]
-        self.generator: nn.Module
+        self.generator: Network
         self.stage1: nn.Module | None = None
         self.branches: dict[str, AdversarialBranch] = {}
         self.perceptual = build_perceptual(self.train_opt)
@@ -327,7 +329,8 @@ class VQGANRecipe(Recipe):
     def _bypassing_quantizer(self, iteration: int) -> bool:
         if self.generator.arch != "VQGANv1":
             return False
-        return any(iteration < q.warmup_iters for q in self.generator.quantizer.quantize_dict.values())
+        quantizer: Any = self.generator.quantizer  # v1's GeneralizedQuantizer
+        return any(iteration < q.warmup_iters for q in quantizer.quantize_dict.values())
 
 
 class _Stage2(Recipe):

@@ -28,6 +28,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -79,8 +80,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        ema_p = list(self.model.parameters())
-        own_p = list(model.parameters())
+        ema_p: list[Tensor] = list(self.model.parameters())
+        own_p: list[Tensor] = list(model.parameters())
         torch._foreach_lerp_(ema_p, own_p, 1.0 - self.decay)
         for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
             b_ema.copy_(b)
@@ -183,6 +184,7 @@ class Trainer:
 
     # --- setup ----------------------------------------------------------------------------------------------------
     def _setup_output(self) -> None:
+        self._log_handler: logging.FileHandler | None = None
         if self.is_main:
             for sub in ("models", "training_states"):
                 (self.out / sub).mkdir(parents=True, exist_ok=True)
@@ -214,7 +216,7 @@ class Trainer:
         return self._wrap(d.to(self.device).train(), broadcast_buffers=False)
 
     def _build_reestimators(self, generator: nn.Module) -> dict[str, CodebookReestimator]:
-        quantizer = getattr(generator, "quantizer", None)
+        quantizer: Any = getattr(generator, "quantizer", None)
         if self.cfg["model_type"] != "VQGANModel" or not hasattr(quantizer, "quantize_dict"):
             return {}
         out = {}
@@ -321,7 +323,8 @@ class Trainer:
             if r.step(it, z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])):
                 log.info("iter %d: k-means re-estimated the %s codebook", it, level)
                 if self.ema is not None:
-                    self.ema.model.quantizer.quantize_dict[level].embedding.weight.copy_(r.codebook)
+                    ema_quantizer: Any = self.ema.model.quantizer
+                    ema_quantizer.quantize_dict[level].embedding.weight.copy_(r.codebook)
         d_terms: dict[str, Tensor] = {}
         for name, fake in fakes.items():
             d_terms.update(self.recipe.branches[name].discriminator_step(fake, batch["gt"], it, self.scaler_d,
@@ -479,9 +482,10 @@ class Trainer:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
-        if self.is_main and getattr(self, "_log_handler", None) is not None:
-            log.removeHandler(self._log_handler)
-            self._log_handler.close()
+        handler: logging.Handler | None = getattr(self, "_log_handler", None)  # absent if __init__ failed early
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
             self._log_handler = None
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()

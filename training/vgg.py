@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -74,7 +75,7 @@ def load_vgg16(path: str | Path | None) -> VGG16Features:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        sd = load_file(str(path))
+        sd: Any = load_file(str(path))
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)

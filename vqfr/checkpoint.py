@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from vqfr.atomic import atomic_path, atomic_write_bytes
 from vqfr.errors import CheckpointError
-from vqfr.models import build_model, resolve_options
+from vqfr.models import Network, build_model, resolve_options
 
 __all__ = ["load_model", "read_state_dict", "filter_state_dict", "guess_arch", "save_safetensors", "save_released",
            "file_sha256"]
@@ -211,7 +211,7 @@ def load_model(
     checkpoint: str | Path,
     options: dict | str | Path | None = None,
     device: str | torch.device = "cpu",
-) -> nn.Module:
+) -> Network:
     """Load a released-layout checkpoint strictly into its architecture.
 
     Args:
@@ -248,7 +248,7 @@ def load_model(
                if looks_like and looks_like != opts["type"] else "pass the config the checkpoint was trained with")
         raise CheckpointError(f"does not match {opts['type']} ({hint}): {problem}", path=path, fix=fix)
     model.load_state_dict(sd, strict=True)
-    model.weights_path = str(path)  # type: ignore[assignment]  # nn.Module.__setattr__ is typed for tensors
+    model.weights_path = str(path)
     return model.eval().to(device)
 
 

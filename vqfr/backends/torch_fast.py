@@ -194,7 +194,7 @@ class FastRunner:
             torch.backends.cudnn.benchmark = True  # static shapes: let cuDNN pick each convolution's algorithm once
         self._compiled: dict[tuple[int, bool], Callable] = {}
         self._graphs: dict[tuple[int, bool], _Graph] = {}
-        self._pool = None
+        self._pool: Any = None  # one CUDA-graph memory pool that every captured graph shares
         #: seconds spent preparing each (batch, texture_only) key: compilation, autotuning, capture
         self.prepare_s: dict[tuple[int, bool], float] = {}
 

@@ -12,21 +12,21 @@ from importlib import resources
 from pathlib import Path
 
 import yaml
-from torch import nn
 
 from vqfr.errors import ConfigError
+from vqfr.models.blocks import Network
 from vqfr.models.v1 import VQFRv1, VQGANv1
 from vqfr.models.v2 import VQFRv2, VQGANv2
 
-ARCHS: dict[str, type[nn.Module]] = {"VQFRv1": VQFRv1, "VQFRv2": VQFRv2, "VQGANv1": VQGANv1, "VQGANv2": VQGANv2}
+ARCHS: dict[str, type[Network]] = {"VQFRv1": VQFRv1, "VQFRv2": VQFRv2, "VQGANv1": VQGANv1, "VQGANv2": VQGANv2}
 
 #: version alias -> the packaged yml holding the official test configuration
 ALIASES = {"v1": "vqfr_v1.yml", "v2": "vqfr_v2.yml", "vqgan_v1": "vqgan_v1.yml", "vqgan_v2": "vqgan_v2.yml"}
 ALIASES.update({"1": "vqfr_v1.yml", "2": "vqfr_v2.yml", "1.0": "vqfr_v1.yml", "2.0": "vqfr_v2.yml"})
 ALIASES.update({arch: f"{arch[:-2].lower()}_{arch[-2:]}.yml" for arch in ARCHS})
 
-__all__ = ["ARCHS", "ALIASES", "build_model", "resolve_options", "official_options", "VQFRv1", "VQFRv2", "VQGANv1",
-           "VQGANv2"]
+__all__ = ["ARCHS", "ALIASES", "Network", "build_model", "resolve_options", "official_options", "VQFRv1", "VQFRv2",
+           "VQGANv1", "VQGANv2"]
 
 
 def _network_block(doc: object, source: str) -> dict:
@@ -80,7 +80,7 @@ def resolve_options(options: dict | str | Path) -> dict:
     return opts
 
 
-def build_model(options: dict | str | Path) -> nn.Module:
+def build_model(options: dict | str | Path) -> Network:
     """Build an architecture with freshly initialised weights (the official initialisation).
 
     Args:

@@ -5,9 +5,25 @@ State-dict key names follow the official code exactly; see ``../shared/reference
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+class Network(nn.Module):
+    """Base of the four top-level architectures (VQGAN and VQFR, v1 and v2): the attributes callers read.
+
+    ``arch`` is the options' ``type``; ``patch`` is the side, in pixels, of the square one code token covers;
+    ``options`` is the dict the model was built from (set by ``vqfr.build_model``); ``weights_path`` is the
+    checkpoint it was loaded from (set by ``vqfr.load_model`` only).
+    """
+
+    arch: str
+    patch: int
+    options: dict[str, Any]
+    weights_path: str  # set by ``vqfr.load_model`` only
 
 
 def group_norm(channels: int) -> nn.GroupNorm:

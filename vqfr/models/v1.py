@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from vqfr.models.blocks import ResnetBlock, UpDownSample, group_norm, init_official_, norm_act_conv
+from vqfr.models.blocks import Network, ResnetBlock, UpDownSample, group_norm, init_official_, norm_act_conv
 from vqfr.models.quantizer import Quantized, build_quantizer
 from vqfr.models.warping import TextureWarpingModule, warp_and_decode_levels
 
@@ -147,7 +147,7 @@ def _quant_outputs(quant: dict[str, Quantized]) -> dict:
     }
 
 
-class VQGANv1(nn.Module):
+class VQGANv1(Network):
     """Stage-1 v1 codebook model: reconstructs its input. Keys: ``encoder``, ``decoder``, ``quantizer``."""
 
     arch = "VQGANv1"
@@ -174,7 +174,7 @@ class VQGANv1(nn.Module):
         return {"dec": dec, **_quant_outputs(quant)}
 
 
-class VQFRv1(nn.Module):
+class VQFRv1(Network):
     """VQFR v1 restoration model.
 
     Keys, in the released order: ``inpfeat_extraction``, ``encoder``, ``decoder``, ``main_decoder``, ``quantizer``.

@@ -11,7 +11,7 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from vqfr.models.blocks import AttnBlock, Downsample, Upsample, init_official_, norm_act_conv
+from vqfr.models.blocks import AttnBlock, Downsample, Network, Upsample, init_official_, norm_act_conv
 from vqfr.models.blocks import ResnetBlockV2 as ResnetBlock
 from vqfr.models.quantizer import L2VectorQuantizer, build_quantizer
 from vqfr.models.warping import TextureWarpingModule, warp_and_decode_levels
@@ -152,7 +152,7 @@ def fidelity_weights(fidelity: float | Tensor, batch: int, like: Tensor) -> floa
     return f.reshape(batch, 1, 1, 1)
 
 
-class VQGANv2(nn.Module):
+class VQGANv2(Network):
     """Stage-1 v2 codebook model: reconstructs its input. Keys: ``encoder``, ``decoder``, ``quantizer``."""
 
     arch = "VQGANv2"
@@ -180,7 +180,7 @@ class VQGANv2(nn.Module):
         return {"dec": dec, "quant_feat": q.z_q, "code_indices": q.indices, "quant_loss": q.loss, "enc_feat": enc}
 
 
-class VQFRv2(nn.Module):
+class VQFRv2(Network):
     """VQFR v2 restoration model.
 
     Keys, in the released order: ``encoder``, ``feat2index``, ``decoder``, ``main_branch``, ``inpfeat_extraction``,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -114,7 +115,17 @@ def upsample_offset_feature(feat: Tensor) -> Tensor:
     return F.interpolate(feat, size=(2 * h, 2 * w), mode="bilinear", align_corners=False) * 2
 
 
-def warp_and_decode_levels(branch: nn.Module, dec_feats: dict[str, Tensor], cond: Tensor) -> Tensor:
+class MainBranch(Protocol):
+    """What :func:`warp_and_decode_levels` reads of a main branch (v1's ``MainDecoderV1``, v2's ``MainBranchV2``)."""
+
+    align_func_dict: nn.ModuleDict  # level name -> TextureWarpingModule
+    pre_upsample_dict: nn.ModuleDict  # finer level name -> upsampling of the main feature
+    decoder_dict: nn.ModuleDict  # finer level name -> decoder block on [main, warped]
+    coarsest: str
+    level_names: list[str]  # the finer levels, coarse to fine
+
+
+def warp_and_decode_levels(branch: MainBranch, dec_feats: dict[str, Tensor], cond: Tensor) -> Tensor:
     """The main branch's walk from the coarsest level to the finest, shared by v1 and v2.
 
     At the coarsest level the texture feature is warped alone; at each finer level the main feature is upsampled
