@@ -298,3 +298,51 @@ def test_inference_code_never_imports_training():
     for package in ("vqfr", "kernels", "export", "deploy"):
         for path in (ROOT / package).rglob("*.py") if (ROOT / package).is_dir() else []:
             assert not pattern.search(path.read_text()), path
+
+
+def test_learning_rate_drops_on_the_iteration_after_each_milestone(tmp_path):
+    # basicsr (and torch's MultiStepLR) step the scheduler once per finished iteration: iteration m still runs at
+    # the old rate and iteration m + 1 at the decayed one (official milestones [500k, 650k]: 1e-4 until 500000).
+    cfg = tiny_vqgan_v2()
+    cfg["train"]["scheduler"] = {"type": "MultiStepLR", "milestones": [2, 3], "gamma": 0.5}
+    trainer = Trainer(cfg, tmp_path / "run")
+    lrs = []
+    for it in range(1, 5):
+        trainer._set_lr(it)
+        lrs.append(trainer.g_optimizers["optim_g"].param_groups[0]["lr"])
+    trainer.close()
+    assert lrs == pytest.approx([1e-3, 1e-3, 5e-4, 2.5e-4])
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"train": {"warmup_iter": 100}}, "warmup_iter"),
+    ({"train": {"pixel_opt": {"reduction": "sum"}}}, "reduction"),
+])
+def test_official_options_that_are_not_implemented_are_refused(tmp_path, change, message):
+    from training.config import merge
+    from vqfr.errors import ConfigError
+
+    base = tiny_vqgan_v2()
+    base["train"]["warmup_iter"] = -1  # the official value (no warm-up) is accepted
+    base["train"]["pixel_opt"]["reduction"] = "mean"
+    Trainer(base, tmp_path / "ok").close()
+    with pytest.raises(ConfigError, match=message):
+        Trainer(merge(base, change), tmp_path / "bad")
+
+
+def test_param_keys_pick_the_stage1_weights(tmp_path):
+    from training.recipes import VQFRv2Recipe
+
+    cfg = tiny_vqfr_v2()
+    cfg["train"]["perceptual_opt"] = None
+    stage1 = vqfr.build_model(cfg["network_g"])
+    params = stage1.state_dict()
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in params.items()}
+    torch.save({"params": params, "params_ema": ema}, tmp_path / "net_g.pth")
+    cfg["path"] = {"pretrain_network_g": str(tmp_path / "net_g.pth"), "param_key_g": "params",
+                   "pretrain_network_sr": str(tmp_path / "net_g.pth"), "param_key_sr": "params_ema"}
+    recipe = VQFRv2Recipe(cfg)
+    recipe.build_generator()
+    key = "quantizer.embedding.weight"
+    assert torch.equal(recipe.stage1.state_dict()[key], params[key])  # official param_key_g: params
+    assert torch.equal(recipe.generator.state_dict()[key], ema[key])

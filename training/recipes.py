@@ -184,6 +184,12 @@ class Recipe:
         self.generator: Network
         self.stage1: nn.Module | None = None
         self.branches: dict[str, AdversarialBranch] = {}
+        blocks = [(k, v) for k, v in self.train_opt.items() if k.endswith("_opt") and isinstance(v, dict)]
+        blocks += [(f"{k}.{lv}", b) for k, v in list(blocks) for lv, b in v.items() if isinstance(b, dict)]
+        for name, block in blocks:  # every loss here is a mean (the official configs say reduction: mean)
+            if block.get("reduction", "mean") != "mean":
+                raise ConfigError(f"train.{name}.reduction is {block['reduction']!r}; only 'mean' is supported",
+                                  fix="use reduction: mean")
         self.perceptual = build_perceptual(self.train_opt)
 
     # --- construction -------------------------------------------------------------------------------------------
@@ -257,11 +263,19 @@ class Recipe:
         fakes[name] = fake
 
 
-def _load_weights(model: nn.Module, path: str, strict: bool, what: str) -> int:
-    """Load a released-layout checkpoint into ``model``; non-strict loads take the keys with equal shapes."""
-    from vqfr.checkpoint import read_state_dict
+def _load_weights(model: nn.Module, path: str, strict: bool, what: str, param_key: str | None = None) -> int:
+    """Load a released-layout checkpoint into ``model``; non-strict loads take the keys with equal shapes.
+
+    ``param_key`` (the official ``param_key_g`` / ``param_key_sr``) picks ``params`` or ``params_ema`` of a file
+    that holds it; otherwise ``params_ema`` is preferred over ``params``.
+    """
+    from vqfr.checkpoint import filter_state_dict, read_state_dict
 
     sd, _ = read_state_dict(path)
+    if param_key and not str(path).endswith(".safetensors"):
+        raw = torch.load(path, map_location="cpu", weights_only=True)  # readable: read_state_dict accepted it
+        if isinstance(raw, dict) and isinstance(raw.get(param_key), dict):
+            sd = filter_state_dict({param_key: raw[param_key]})
     if strict:
         model.load_state_dict(sd, strict=True)
         return len(sd)
@@ -291,7 +305,8 @@ class VQGANRecipe(Recipe):
         self.generator = vqfr.build_model(self.cfg["network_g"])
         path = (self.cfg.get("path") or {}).get("pretrain_network_g")
         if path:
-            n = _load_weights(self.generator, path, bool(self.cfg["path"].get("strict_load_g", True)), "VQGAN")
+            n = _load_weights(self.generator, path, bool(self.cfg["path"].get("strict_load_g", True)), "VQGAN",
+                              self.cfg["path"].get("param_key_g"))
             log.info("loaded %d tensors of network_g from %s", n, path)
         return self.generator
 
@@ -341,7 +356,7 @@ class _Stage2(Recipe):
         paths = self.cfg.get("path") or {}
         self.stage1 = vqfr.build_model(self.cfg["network_g"])
         if paths.get("pretrain_network_g"):
-            n = _load_weights(self.stage1, paths["pretrain_network_g"], True, "stage-1 VQGAN")
+            n = _load_weights(self.stage1, paths["pretrain_network_g"], True, "stage-1 VQGAN", paths.get("param_key_g"))
             log.info("loaded the stage-1 VQGAN (%d tensors) from %s", n, paths["pretrain_network_g"])
         else:
             log.warning("path.pretrain_network_g is not set: the HQ codes come from a RANDOMLY initialised VQGAN. "
@@ -350,7 +365,8 @@ class _Stage2(Recipe):
         self.generator = vqfr.build_model(self.cfg["network_sr"])
         if paths.get("pretrain_network_sr"):
             n = _load_weights(self.generator, paths["pretrain_network_sr"],
-                              bool(paths.get("strict_load_sr", False)), "restoration network")
+                              bool(paths.get("strict_load_sr", False)), "restoration network",
+                              paths.get("param_key_sr"))
             log.info("initialised network_sr from %s (%d tensors)", paths["pretrain_network_sr"], n)
         else:
             own = self.generator.state_dict()

@@ -166,6 +166,9 @@ class Trainer:
             raise ConfigError(f"scheduler type {sched.get('type')!r} is not supported", fix="use MultiStepLR")
         self.milestones = sorted(int(float(m)) for m in sched.get("milestones", []))
         self.gamma = float(sched.get("gamma", 1.0))
+        if int(float(self.train_opt.get("warmup_iter", -1))) > 0:
+            raise ConfigError(f"train.warmup_iter is {self.train_opt['warmup_iter']}: learning-rate warm-up is not "
+                              "supported", fix="set warmup_iter: -1 (no warm-up, as in every official config)")
         self.base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in self._all_optimizers().items()}
         scaler_on = self.amp_dtype == torch.float16
         self.scaler_g = torch.amp.GradScaler(self.device.type, enabled=scaler_on)
@@ -339,8 +342,12 @@ class Trainer:
         return out_terms
 
     def _set_lr(self, it: int) -> None:
-        """MultiStepLR as a function of the iteration: base lr * gamma ** (milestones reached by ``it``)."""
-        factor = self.gamma ** sum(it >= m for m in self.milestones)
+        """MultiStepLR as a function of the iteration: base lr * gamma ** (milestones passed before ``it``).
+
+        As basicsr (and torch's MultiStepLR stepped after each iteration): iteration m still runs at the old rate,
+        iteration m + 1 at the decayed one.
+        """
+        factor = self.gamma ** sum(it > m for m in self.milestones)
         for name, opt in self._all_optimizers().items():
             for group, base in zip(opt.param_groups, self.base_lrs[name], strict=True):
                 group["lr"] = base * factor
