@@ -119,9 +119,53 @@ def test_setup_and_usage_errors(tmp_path, weights, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["-i", str(tmp_path), "-f", "2"])
     assert exc.value.code == EXIT_USAGE
+    with pytest.raises(SystemExit) as exc:
+        main(["-i", str(tmp_path), "-s", "inf"])
+    assert exc.value.code == EXIT_USAGE and "--upscale must be" in capsys.readouterr().err
     assert main(["-i", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--weights", str(weights), "-v",
                  "1"]) == EXIT_ERROR
     assert "-v 1 was asked but" in capsys.readouterr().err
+
+
+def test_long_file_names_and_home_globs(tmp_path, weights, capsys, monkeypatch):
+    """Outputs whose names the folder takes are written (their temporary names are longer); names it cannot take
+    fail that input alone, before any of its outputs is written, and --skip-existing resumes without a traceback.
+    A quoted glob starting with ~ is expanded like a path."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    fits, too_long = "f" * 240, "g" * 248  # restored face names with --suffix v2: 250 and 258 bytes
+    cv2.imwrite(str(inputs / f"{fits}.png"), _face(5))
+    cv2.imwrite(str(inputs / f"{too_long}.png"), _face(6))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    out = tmp_path / "out"
+    args = ["-i", "~/in/*.png", "-o", str(out), "--weights", str(weights), "--aligned", "-q", "--suffix", "v2"]
+    for resume in ([], ["--skip-existing"]):
+        assert main([*args, *resume]) == EXIT_SOME_FAILED
+        captured = capsys.readouterr()
+        failed = [line for line in captured.err.splitlines() if line.startswith("vqfr: FAILED")]
+        assert len(failed) == 1 and too_long in failed[0] and "too long" in failed[0], captured.err
+        assert "Traceback" not in captured.err
+    assert "0 images, 0 faces restored, 1 failed, 1 skipped (existing)" in captured.out
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert written == [f"cmp/{fits}_00.png", f"cropped_faces/{fits}_00.png", f"restored_faces/{fits}_00_v2.png"]
+
+
+def test_an_output_that_cannot_be_encoded_leaves_no_file_of_its_input(tmp_path, weights, capsys, monkeypatch):
+    """The restored photo is the last output encoded: its encoder failing (as JPEG does past 65,500 pixels) must not
+    leave the face, crop and comparison files of a FAILED input behind."""
+    real = cv2.imencode
+
+    def no_jpeg(ext, img, params=()):
+        if ext == ".jpg":
+            raise cv2.error("maximum supported image dimension is 65500 pixels")
+        return real(ext, img, params)
+
+    monkeypatch.setattr(cv2, "imencode", no_jpeg)
+    out = tmp_path / "out"
+    assert main(["-o", str(out), "--weights", str(weights), "-q", "--ext", "jpg"]) == EXIT_SOME_FAILED
+    err = capsys.readouterr().err
+    assert "FAILED" in err and "astronaut_degraded.jpg" in err and "cannot encode" in err, err
+    assert [p for p in out.rglob("*") if p.is_file()] == []
 
 
 def test_module_entry_point_lists_backends():

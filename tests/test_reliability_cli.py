@@ -99,6 +99,15 @@ def test_atomic_write_gives_normal_permissions(tmp_path):
     assert mode == stat.S_IMODE((tmp_path / "b.bin").stat().st_mode), oct(mode)
 
 
+def test_atomic_write_takes_every_name_the_folder_takes(tmp_path):
+    """The temporary file's name is longer than the output's; near the 255-byte limit it is shortened."""
+    names = ["a" * 251 + ".png", "é" * 125 + ".png"]  # 255 and 254 bytes
+    for name in names:
+        atomic_write_bytes(tmp_path / name, b"x")
+        assert (tmp_path / name).read_bytes() == b"x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)  # no temporary file left
+
+
 def test_write_errors_become_output_errors(tmp_path):
     with pytest.raises(OutputError, match="cannot be written") as info:
         atomic_write_bytes(tmp_path / "missing-folder" / "x.png", b"x")
@@ -110,17 +119,17 @@ def test_write_errors_become_output_errors(tmp_path):
 
 def test_disk_full_stops_the_run(weights, tmp_path, monkeypatch):
     """ENOSPC on an output ends the run with exit 1 (every later input would fail the same way)."""
-    import vqfr.imaging
+    import vqfr.atomic
 
     inputs = _faces(tmp_path / "in", 3)
-    real = vqfr.imaging.atomic_write_bytes
+    real = vqfr.atomic.atomic_write_bytes
 
     def full(path, data):
         if "face0001" in Path(path).name:
             raise OSError(28, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(vqfr.imaging, "atomic_write_bytes", lambda p, d: _raise_as_output(full, p, d))
+    monkeypatch.setattr(vqfr.atomic, "atomic_write_bytes", lambda p, d: _raise_as_output(full, p, d))
     code, stdout, stderr = _run_cli(["-i", str(inputs[0].parent), "-o", str(tmp_path / "out"), "--weights",
                                      str(weights), "--aligned", "-q", "--batch", "1"])
     assert code == 1 and "stopped:" in stderr and "No space left on device" in stderr
@@ -137,10 +146,10 @@ def _raise_as_output(fn, path, data):
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, EXIT_INTERRUPTED), (signal.SIGTERM, EXIT_TERMINATED)])
 def test_signal_during_a_write_waits_for_the_whole_set(weights, tmp_path, monkeypatch, sig, code):
     """The signal arrives between the first and second output file of an input: all three are still written."""
-    import vqfr.imaging
+    import vqfr.atomic
 
     inputs = _faces(tmp_path / "in", 4)
-    real, writes = vqfr.imaging.atomic_write_bytes, []
+    real, writes = vqfr.atomic.atomic_write_bytes, []
 
     def write_then_signal(path, data):
         real(path, data)
@@ -148,7 +157,7 @@ def test_signal_during_a_write_waits_for_the_whole_set(weights, tmp_path, monkey
         if len(writes) == 4:  # the first output of the second input
             os.kill(os.getpid(), sig)
 
-    monkeypatch.setattr(vqfr.imaging, "atomic_write_bytes", write_then_signal)
+    monkeypatch.setattr(vqfr.atomic, "atomic_write_bytes", write_then_signal)
     out = tmp_path / "out"
     result, _, stderr = _run_cli(["-i", str(tmp_path / "in"), "-o", str(out), "--weights", str(weights),
                                   "--aligned", "-q", "--batch", "1"])

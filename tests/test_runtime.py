@@ -112,6 +112,15 @@ def test_aligned_v1_and_face_size():
         Runtime(model, face_size=70)
 
 
+def test_the_callers_module_is_left_as_it_was():
+    model = seeded_model(TINY_V2, seed=5).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rt = Runtime(model, device="cpu")
+    rt.restore(_faces(1, seed=6)[0], aligned=True)
+    assert model.training and rt.backend.model is not model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_aligned_resizes_squares_and_refuses_other_shapes(rt_v2, tiny_v2):
     import cv2
 
@@ -202,6 +211,21 @@ def test_weights_found_through_env(monkeypatch, tmp_path, tiny_v2, capsys):
         Runtime(config=copy.deepcopy(TINY_V2))
 
 
+@pytest.mark.parametrize("xdg", ["", "relative/cache"])
+def test_weights_cache_ignores_an_empty_or_relative_xdg_cache_home(monkeypatch, tmp_path, tiny_v2, xdg):
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / xdg / "vqfr").mkdir(parents=True)
+    vqfr.save_safetensors(tiny_v2, tmp_path / xdg / "vqfr" / "VQFR_v2.safetensors")
+    assert find_weights("VQFRv2") is None, "a folder under the working directory is not the cache"
+    home_cache = tmp_path / "home" / ".cache" / "vqfr"
+    home_cache.mkdir(parents=True)
+    path = vqfr.save_safetensors(tiny_v2, home_cache / "VQFR_v2.safetensors")
+    assert find_weights("VQFRv2") == path
+
+
 def test_missing_and_wrong_files(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         Runtime(tmp_path / "nope.pth")
@@ -275,6 +299,27 @@ def test_runtime_is_a_context_manager(tiny_v2):
     with Runtime(tiny_v2) as rt:
         assert rt.backend.loaded
     assert not rt.backend.loaded
+
+
+def test_runtime_can_be_entered_again_and_used_after_close(tiny_v2):
+    face = _faces(1, seed=8)[0]
+    rt = Runtime(tiny_v2)
+    with rt:
+        first = rt.restore(face, aligned=True)
+    with rt:  # a second `with` reloads the engine, as a Backend's does
+        assert rt.backend.loaded
+        assert np.array_equal(rt.restore(face, aligned=True), first)
+    rt.close()
+    assert np.array_equal(rt.restore(face, aligned=True), first)
+    rt.close()
+
+
+def test_empty_batches_and_bad_upscale(rt_v2):
+    assert rt_v2.restore_batch([]) == [] and rt_v2.restore_batch([], aligned=True) == []
+    assert rt_v2.restore_faces_batch([]) == []
+    for upscale in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="upscale must be"):
+            rt_v2.restore(np.zeros((16, 16, 3), np.uint8), upscale=upscale)
 
 
 def test_import_vqfr_stays_light():

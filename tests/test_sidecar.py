@@ -39,3 +39,22 @@ def test_missing_and_malformed(tmp_path):
     sidecar_path(engine).write_text(json.dumps(d))
     with pytest.raises(EngineError, match="format"):
         read_sidecar(engine)
+
+
+def test_binary_sidecar_and_missing_engine_are_engine_errors(tmp_path, capsys):
+    from vqfr.sidecar import main, verify_engine_file
+
+    engine = tmp_path / "m.onnx"
+    sidecar_path(engine).write_bytes(b"\xff\xfe\x00\x81 not text")  # e.g. an engine copied over its sidecar
+    with pytest.raises(EngineError, match="not valid JSON"):
+        read_sidecar(engine)
+    engine.write_bytes(b"engine bytes")
+    write_sidecar(engine, _meta())
+    engine.unlink()  # moved away, its sidecar left behind
+    with pytest.raises(EngineError, match="cannot read the engine"):
+        verify_engine_file(engine, read_sidecar(engine))
+    before = sidecar_path(engine).read_bytes()
+    for argv in ([str(engine)], [str(engine), "--update"]):
+        assert main(argv) == 1
+        assert "m.onnx: cannot read the engine" in capsys.readouterr().out
+    assert sidecar_path(engine).read_bytes() == before, "--update must not drop the recorded hash"

@@ -1,8 +1,9 @@
 """Atomic file writes: a temporary file in the destination folder, then a rename into place.
 
 A reader never sees a half-written output, and an interrupted run leaves either the old file or the new one. The
-temporary file is named ``.{name}.{random}.partial{suffix}`` (hidden, and never taken for an input by the CLI); it
-is created with the permissions a plain ``open()`` would give (0666 less the umask), not ``mkstemp``'s 0600.
+temporary file is named ``.{name}.{random}.partial{suffix}`` (hidden, and never taken for an input by the CLI;
+``name`` shortened when the whole would pass 255 bytes); it is created with the permissions a plain ``open()``
+would give (0666 less the umask), not ``mkstemp``'s 0600.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_with", "PARTIAL_MA
 
 #: Every temporary file's name contains this (``.photo.png.3f2a9c1e.partial.png``).
 PARTIAL_MARK = ".partial"
+#: The longest file name, in bytes, that common file systems take (NAME_MAX).
+_NAME_MAX = 255
 
 
 def _output_error(path: Path, exc: OSError) -> OutputError:
@@ -28,10 +31,21 @@ def _output_error(path: Path, exc: OSError) -> OutputError:
     return err
 
 
+def _temp_prefix(path: Path) -> str:
+    """``.{name}``, shortened so the temporary name stays within :data:`_NAME_MAX` bytes: an output whose own name
+    fits must not fail because its temporary name is longer."""
+    room = _NAME_MAX - len(os.fsencode(f".{'0' * 8}{PARTIAL_MARK}{path.suffix}"))
+    name = path.name
+    while name and len(os.fsencode(f".{name}")) > room:
+        name = name[:-1]
+    return f".{name}"
+
+
 def _create_temp(path: Path) -> Path:
     folder = path.parent
+    prefix = _temp_prefix(path)
     for _ in range(100):
-        tmp = folder / f".{path.name}.{secrets.token_hex(4)}{PARTIAL_MARK}{path.suffix}"
+        tmp = folder / f"{prefix}.{secrets.token_hex(4)}{PARTIAL_MARK}{path.suffix}"
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:

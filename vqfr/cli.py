@@ -106,7 +106,8 @@ def _collect_inputs(spec: str) -> tuple[list[Path], int]:
         files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
         images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
         return images, len(files) - len(images)
-    return sorted(Path(f) for f in glob.glob(spec, recursive=True) if Path(f).is_file()), 0
+    pattern = os.path.expanduser(spec)  # a quoted '~/photos/*.jpg' reaches us unexpanded
+    return sorted(Path(f) for f in glob.glob(pattern, recursive=True) if Path(f).is_file()), 0
 
 
 def _output_stems(files: list[Path]) -> dict[Path, str]:
@@ -231,13 +232,20 @@ class _Job:
         """The input's last-written output exists (see :meth:`write`), so all of them do."""
         first = self.names(src, stem, 1)
         marker = first["restored_faces"][0] if self.args.aligned else first["restored_imgs"][0]
-        return marker.is_file()
+        try:
+            return marker.is_file()
+        except OSError:  # e.g. a name too long for the file system: not written, write() reports why
+            return False
 
     def _refuse_overwriting_inputs(self, src: Path, paths: list[Path]) -> None:
         for path in paths:
             try:
                 st = path.stat()
-            except OSError:
+            except OSError as exc:
+                if exc.errno == errno.ENAMETOOLONG:  # refused before any output of this input is written
+                    raise OutputError(f"the output name is too long for the file system "
+                                      f"({len(os.fsencode(path.name))} bytes)", path=path,
+                                      fix="shorten the input's file name (or --suffix)") from exc
                 continue
             other = self.inputs.get((st.st_dev, st.st_ino))
             if other is not None:
@@ -247,19 +255,23 @@ class _Job:
 
     def write(self, src: Path, stem: str, result) -> None:
         """Write every output of one input, the marker of :meth:`done_before` last; a signal waits until all are
+        written. Everything is encoded first, so an output that cannot be encoded fails the input with no file
         written."""
-        from vqfr.imaging import save_image
+        from vqfr.atomic import atomic_write_bytes
+        from vqfr.imaging import encode_image
 
         names = self.names(src, stem, len(result.faces))
         self._refuse_overwriting_inputs(src, [p for group in names.values() for p in group])
+        images: list[tuple[Path, np.ndarray]] = []
+        for face, rest, crop, cmp in zip(result.faces, names["restored_faces"], names["cropped_faces"],
+                                         names["cmp"], strict=True):
+            images += [(crop, face.cropped), (cmp, np.concatenate([face.cropped, face.restored], axis=1)),
+                       (rest, face.restored)]
+        images += [(path, result.image) for path in names["restored_imgs"]]
+        encoded = [(path, encode_image(path, img)) for path, img in images]
         with self.signals.protect():
-            for face, rest, crop, cmp in zip(result.faces, names["restored_faces"], names["cropped_faces"],
-                                             names["cmp"], strict=True):
-                save_image(crop, face.cropped)
-                save_image(cmp, np.concatenate([face.cropped, face.restored], axis=1))
-                save_image(rest, face.restored)
-            for path in names["restored_imgs"]:
-                save_image(path, result.image)
+            for path, data in encoded:
+                atomic_write_bytes(path, data)
 
 
 def _fail(job: _Job, src: Path, exc: BaseException, bar) -> None:
@@ -341,8 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--fidelity must be in [0, 1], got {args.fidelity}")
     if args.batch < 1:
         parser.error(f"--batch must be at least 1, got {args.batch}")
-    if not args.upscale > 0:
-        parser.error(f"--upscale must be positive, got {args.upscale}")
+    if not (args.upscale > 0 and np.isfinite(args.upscale)):
+        parser.error(f"--upscale must be a positive, finite number, got {args.upscale}")
     if args.max_pixels < 1:
         parser.error(f"--max-pixels must be positive, got {args.max_pixels}")
     if args.suffix is not None and (not args.suffix or set(args.suffix) & {"/", "\\", "\0"} or args.suffix == ".."):

@@ -3,7 +3,7 @@
 - :func:`to_tensor`: BGR uint8 -> RGB float32 in [-1, 1]: ``float32(u / 255)`` then ``(x - 0.5) / 0.5``.
 - :func:`to_images`: clamp to [-1, 1], ``(x + 1) / 2``, ``* 255``, round half to even, uint8, RGB -> BGR.
 - :func:`as_bgr_uint8`: grey, BGRA and 16-bit arrays become BGR uint8 (as the official face helper reads them).
-- :func:`load_image` / :func:`save_image`: validated reads, atomic writes.
+- :func:`load_image` / :func:`save_image` (:func:`encode_image`): validated reads, atomic writes.
 
 cv2 is imported inside the I/O functions only.
 """
@@ -24,8 +24,8 @@ from vqfr.errors import InputError, OutputError
 #: Default refusal limit for decoded images (width * height); about 16k x 16k.
 MAX_PIXELS = 268_435_456
 
-__all__ = ["to_tensor", "to_images", "as_bgr_uint8", "load_image", "save_image", "upscale_lanczos", "header_size",
-           "sniff_format", "MAX_PIXELS", "IMAGE_SUFFIXES"]
+__all__ = ["to_tensor", "to_images", "as_bgr_uint8", "load_image", "save_image", "encode_image", "upscale_lanczos",
+           "header_size", "sniff_format", "MAX_PIXELS", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -301,6 +301,18 @@ def save_image(path: str | Path, img: np.ndarray, quality: int = 95) -> Path:
         OutputError: the image cannot be encoded in the suffix's format (e.g. wider than JPEG's 65,500 pixels) or
             the folder cannot be written.
     """
+    path = Path(path)
+    atomic_write_bytes(path, encode_image(path, img, quality))
+    return path
+
+
+def encode_image(path: str | Path, img: np.ndarray, quality: int = 95) -> bytes:
+    """The bytes :func:`save_image` would write to ``path``: ``img`` (BGR uint8) encoded in the format of its suffix
+    (PNG without one).
+
+    Raises:
+        OutputError: the image cannot be encoded in that format (e.g. wider than JPEG's 65,500 pixels).
+    """
     import cv2
 
     path = Path(path)
@@ -314,8 +326,7 @@ def save_image(path: str | Path, img: np.ndarray, quality: int = 95) -> Path:
     if not ok:
         raise OutputError(f"cannot encode a {img.shape[1]}x{img.shape[0]} image as {suffix}{detail}", path=path,
                           fix="write PNG (--ext png) or use a smaller --upscale")
-    atomic_write_bytes(path, encoded.tobytes())
-    return path
+    return encoded.tobytes()
 
 
 def upscale_lanczos(img: np.ndarray, scale: float) -> np.ndarray:

@@ -74,7 +74,7 @@ class Restoration:
 def find_weights(arch: str = "VQFRv2") -> Path | None:
     """Where users keep the released weights, in this order: ``$VQFR_WEIGHTS`` (a file, or a folder holding
     the released file names), ``./experiments/pretrained_models/`` (the official demo's folder), ``./weights/``,
-    ``$XDG_CACHE_HOME/vqfr`` (default ``~/.cache/vqfr``).
+    ``$XDG_CACHE_HOME/vqfr`` (``~/.cache/vqfr`` when it is unset, empty or relative).
 
     Raises:
         ConfigError: ``$VQFR_WEIGHTS`` is set but names nothing that exists.
@@ -90,7 +90,9 @@ def find_weights(arch: str = "VQFRv2") -> Path | None:
             raise ConfigError(f"${WEIGHTS_ENV} names {env!r}, which does not exist",
                               fix=f"point {WEIGHTS_ENV} at VQFR_v2.pth (or the folder holding it), or unset it")
         folders.append(path)
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vqfr"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    # The XDG spec: an unset, empty or relative value means ~/.cache (never a folder under the working directory).
+    cache = (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "vqfr"
     folders += [Path("experiments/pretrained_models"), Path("weights"), cache]
     for folder in folders:
         for name in names:
@@ -280,10 +282,16 @@ class Runtime:
                 f"{self.precision})")
 
     def close(self) -> None:
-        """Release the engine."""
+        """Release the engine (the next restore or ``with`` loads it again)."""
         self.backend.close()
 
+    def _ensure_loaded(self) -> None:
+        # closed by close() or the end of an earlier `with`; a runner swapped in (deploy.bench) manages itself
+        if not getattr(self.backend, "loaded", True):
+            self.backend.load()
+
     def __enter__(self) -> Runtime:
+        self._ensure_loaded()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -325,6 +333,7 @@ class Runtime:
     def _infer(self, x: Tensor | np.ndarray, fidelity: float | Tensor | np.ndarray | None, on_host: bool) -> Tensor:
         """:meth:`infer`; with ``on_host=False`` the outputs stay where the backend produced them (the GPU for GPU
         backends), for callers that convert them there."""
+        self._ensure_loaded()
         x = _as_float_batch(x)
         if x.dim() != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != (self.face_size, self.face_size):
             raise InputError(f"infer takes [B, 3, {self.face_size}, {self.face_size}], got {tuple(x.shape)}",
@@ -410,9 +419,11 @@ class Runtime:
         aligned = self.aligned if aligned is None else aligned
         if fidelity is not None:
             _check_fidelity(fidelity)
-        if not upscale > 0:
-            raise ConfigError(f"upscale must be positive, got {upscale}")
+        if not (upscale > 0 and np.isfinite(upscale)):
+            raise ConfigError(f"upscale must be a positive, finite number, got {upscale}")
         photos = [self.read(img) for img in images]
+        if not photos:
+            return []
         if aligned:
             crops = np.zeros((len(photos), self.face_size, self.face_size, 3), np.uint8)
             for i, (photo, source) in enumerate(zip(photos, images, strict=True)):

@@ -162,13 +162,13 @@ def read_sidecar(engine: str | Path) -> EngineMeta:
     """
     path = sidecar_path(engine)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as exc:
         raise EngineError(f"has no readable sidecar {path.name} ({exc.strerror})", path=engine,
                           fix="keep the .json written by the exporter beside the engine, or re-export it") from exc
     try:
-        d = json.loads(text)
-    except json.JSONDecodeError as exc:
+        d = json.loads(data)
+    except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError for binary bytes
         raise EngineError(f"sidecar is not valid JSON ({exc})", path=path, fix="re-export the engine") from exc
     return EngineMeta.from_dict(d, path=path)
 
@@ -178,22 +178,27 @@ def verify_engine_file(engine: str | Path, meta: EngineMeta) -> None:
     not record them.
 
     Raises:
-        EngineError: the engine is shorter than written (truncated), or its size or content changed since export.
+        EngineError: the engine is shorter than written (truncated), its size or content changed since export, or
+            it cannot be read.
     """
     engine = Path(engine)
     fix = (f"re-export it; if you changed {engine.name} on purpose, record the new file with "
            f"python -m vqfr.sidecar --update {engine}")
-    if meta.file_size is not None:
-        size = engine.stat().st_size
-        if size < meta.file_size:
-            raise EngineError(f"is truncated: {size:,} bytes, but {meta.file_size:,} were written at export "
-                              f"(sidecar {sidecar_path(engine).name})", path=engine, fix=fix)
-        if size != meta.file_size:
-            raise EngineError(f"has changed since export: {size:,} bytes, the sidecar says {meta.file_size:,}",
-                              path=engine, fix=fix)
-    if meta.file_sha256 is not None and _sha256(engine) != meta.file_sha256:
-        raise EngineError("has changed since export (its sha256 differs from the sidecar's): corrupt or modified",
-                          path=engine, fix=fix)
+    try:
+        if meta.file_size is not None:
+            size = engine.stat().st_size
+            if size < meta.file_size:
+                raise EngineError(f"is truncated: {size:,} bytes, but {meta.file_size:,} were written at export "
+                                  f"(sidecar {sidecar_path(engine).name})", path=engine, fix=fix)
+            if size != meta.file_size:
+                raise EngineError(f"has changed since export: {size:,} bytes, the sidecar says {meta.file_size:,}",
+                                  path=engine, fix=fix)
+        if meta.file_sha256 is not None and _sha256(engine) != meta.file_sha256:
+            raise EngineError("has changed since export (its sha256 differs from the sidecar's): corrupt or "
+                              "modified", path=engine, fix=fix)
+    except OSError as exc:  # missing (moved away from its sidecar) or unreadable
+        raise EngineError(f"cannot read the engine ({exc.strerror})", path=engine,
+                          fix="check the path: the engine file belongs next to its sidecar") from exc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         meta = read_sidecar(args.engine)
         if args.update:
+            if not Path(args.engine).is_file():  # would record no hash at all
+                raise EngineError("cannot read the engine (no such file)", path=args.engine,
+                                  fix="pass the engine file whose sidecar to update")
             print(f"updated {write_sidecar(args.engine, meta)}")
             return 0
         print(json.dumps(meta.to_dict(), indent=2))

@@ -89,10 +89,10 @@ class TorchBackend(Backend):
         opts: dict[str, Any] = getattr(model, "options", None) or {}
         self.arch = opts.get("type", getattr(model, "arch", type(model).__name__))
         self.face_size = _face_size(opts)
-        # Casts and layout changes work on a copy: never change the caller's module in place.
+        # Casts, moves, eval() and layout changes work on a copy: never change the caller's module in place.
         if dtype != torch.float32 and (self.mode == "eager" or self.fast.fp32_islands):
             model = with_fp32_islands(model, dtype)
-        elif dtype != torch.float32 or self.mode == "max":
+        elif dtype != torch.float32 or self.mode == "max" or model is self.engine:
             model = copy.deepcopy(model).to(dtype)
         model = model.to(device=self.device).eval()
         if self.mode == "max":
