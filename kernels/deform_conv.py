@@ -52,6 +52,9 @@ def check_deform_args(
         ValueError: with the offending shape and what it should be.
     """
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:  # torchvision's rule; stride 0 would divide by 0
+        raise ValueError(f"stride and dilation must be >= 1 and padding >= 0; got stride {stride}, padding "
+                         f"{padding}, dilation {dilation}")
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(
             f"x must be [B,C,H,W] and weight [C_out,C_in,KH,KW]; got {tuple(x.shape)}, {tuple(weight.shape)}"
@@ -204,7 +207,8 @@ def deform_conv2d_reference(
     cg = c_in // groups
     coord_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     grid = _sample_grid(offset, groups, taps, kw, stride, padding, dilation, coord_dtype)
-    msk = None if mask is None else mask.view(b, groups, taps, h_out * w_out)
+    # reshape, not view: a mask sliced out of a larger tensor has no flat (H_out*W_out) view.
+    msk = None if mask is None else mask.reshape(b, groups, taps, h_out * w_out)
     xg = x.reshape(b * groups, cg, h, w)
 
 
@@ -251,7 +255,7 @@ def deform_conv2d_backward_reference(
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     grid = _sample_grid(offset, groups, taps, kw, stride, padding, dilation, acc)
     xg = x.to(acc).reshape(b * groups, cg, h * w)
-    msk = mask.to(acc).view(b * groups, taps, 1, p)
+    msk = mask.to(acc).reshape(b * groups, taps, 1, p)  # channels-last or sliced masks have no such view
     gout = grad_out.to(acc).reshape(b, c_out, p)
     wt = weight.to(acc)
 
@@ -322,7 +326,7 @@ def deform_conv2d_grid_sample(
         bias: [C_out] or None.
 
     Returns:
-        [B, C_out, H_out, W_out] (contiguous) in the dtype of ``x``.
+        [B, C_out, H_out, W_out] in the dtype of ``x`` (not always contiguous: the custom op lays it out).
     """
     groups, stride, padding, dilation, h_out, w_out = check_deform_args(
         x, offset, mask, weight, bias, stride, padding, dilation
@@ -337,7 +341,7 @@ def deform_conv2d_grid_sample(
     base_y = (torch.arange(h_out, device=x.device, dtype=x.dtype) * sh - ph).view(1, 1, h_out, 1)
     base_x = (torch.arange(w_out, device=x.device, dtype=x.dtype) * sw - pw).view(1, 1, 1, w_out)
     off = offset.to(x.dtype).view(b, groups, taps, 2, h_out, w_out)
-    msk = mask.to(x.dtype).view(b, groups, 1, taps, p)
+    msk = mask.to(x.dtype).reshape(b, groups, 1, taps, p)  # reshape: any mask strides (sliced, channels-last)
 
     def columns() -> Iterator[tuple[int, Tensor]]:
         for k in range(taps):

@@ -66,7 +66,7 @@ def _fwd_kernel(
     offset_ptr,  # [B, 2*G*KH*KW, H_OUT, W_OUT], any strides, (dy, dx) interleaved per tap
     mask_ptr,  # [B, G*KH*KW, H_OUT, W_OUT], any strides
     w_ptr,  # [KH*KW, C_IN, C_OUT] contiguous: the weight repacked so that output channels are contiguous
-    bias_ptr,  # [C_OUT] (unused unless HAS_BIAS)
+    bias_ptr,  # [C_OUT] contiguous (unused unless HAS_BIAS)
     out_ptr,  # [B, C_OUT, H_OUT, W_OUT], any strides
     # sizes
     C_IN, H, W, C_OUT, H_OUT, W_OUT, G, CG,  # CG = C_IN // G channels per offset group
@@ -91,7 +91,7 @@ def _fwd_kernel(
     rc = tl.arange(0, BLOCK_C)
     m_ok = rm < M
     n_ok = rn < C_OUT
-    b64 = (rm // (H_OUT * W_OUT)).to(tl.int64)  # batch offsets pass 2**31 elements at 8x128x512x512
+    b64 = (rm // (H_OUT * W_OUT)).to(tl.int64)  # batch offsets pass 2**31 elements at 64x128x512x512
     oy = (rm // W_OUT) % H_OUT
     ox = rm % W_OUT
     top = oy * STRIDE_H - PAD_H  # integer sample position of tap (0, 0) before the offset
@@ -442,7 +442,8 @@ def forward_launch(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, bias
     def grid(meta):
         return (triton.cdiv(geo["M"], meta["BLOCK_M"]), triton.cdiv(geo["C_OUT"], meta["BLOCK_N"]))
 
-    args = [x, offset, mask, w, w if bias is None else bias, out, *(geo[k] for k in _SIZES + _CONV),
+    # The kernel reads the bias with unit stride: a strided one (sliced out of a larger tensor) is copied first.
+    args = [x, offset, mask, w, w if bias is None else bias.contiguous(), out, *(geo[k] for k in _SIZES + _CONV),
             *x.stride(), *offset.stride(), *mask.stride(), *out.stride()]
     constexprs = dict(KH=geo["KH"], KW=geo["KW"], HAS_BIAS=bias is not None, DOT_PRECISION=geo["DOT_PRECISION"])
     return out, Launch(_fwd, grid, args, constexprs)

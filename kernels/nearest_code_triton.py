@@ -5,7 +5,7 @@ Imported lazily by :mod:`kernels.dispatch` (triton is an optional dependency); t
 BLOCK_K-row tiles. For each tile it computes ``(|z|^2 + |e|^2) - 2 z.e`` (the official formula, same evaluation
 order) with fp32 accumulation, takes the tile's argmin, and keeps the running minimum. A later tile replaces it only
 when strictly smaller, and the tile's argmin takes the lowest index among equals, so exact ties go to the lowest index,
-as ``torch.argmin`` does.
+as ``torch.argmin`` does. A NaN distance (a NaN token or code) is the minimum, also as in ``torch.argmin``.
 """
 
 from __future__ import annotations
@@ -74,6 +74,10 @@ def _nearest_code_kernel(
             ef = e.to(tl.float32)
             ee += tl.reduce(ef * ef, 1, tl.standard._sum_combine)  # |e|^2: cheap next to the dot, saves a launch
         dist = (zz[:, None] + ee[None, :]) - 2.0 * dots
+        # torch.argmin takes the first NaN as the minimum. NaN ranks as -inf here (a real distance never is: |z|^2 +
+        # |e|^2 >= 2 z.e), so the reduce and the strict test below see no NaN: compiled, the argmin combine would let
+        # a NaN swallow its tile or not depending on its position, and the interpreter's nanargmin raises on NaN rows.
+        dist = tl.where(dist != dist, float("-inf"), dist)
         dist = tl.where(k_ok[None, :], dist, float("inf"))
         # Row minimum and its column, lowest column among equal values (what tl.argmin(tie_break_left=True) does).
         cols = tl.full((BLOCK_N, BLOCK_K), 0, tl.int32) + rk0[None, :]
@@ -84,7 +88,7 @@ def _nearest_code_kernel(
         best_idx = tl.where(better, tile_idx, best_idx)
 
     tl.store(idx_ptr + rn, best_idx.to(tl.int64), mask=n_ok)
-    tl.store(dist_ptr + rn, best, mask=n_ok)
+    tl.store(dist_ptr + rn, tl.where(best == float("-inf"), float("nan"), best), mask=n_ok)  # NaN back
 
 
 # --- autotune configs -------------------------------------------------------------------------------------------
@@ -121,10 +125,12 @@ _kernel = triton.autotune(CONFIGS, key=["N", "K", "D"], prune_configs_by={"early
 
 
 def nearest_code_launch(z: Tensor, codebook: Tensor) -> tuple[tuple[Tensor, Tensor], Launch]:
-    """Allocate (idx, dist) and describe the launch; both inputs are promoted to their common dtype."""
+    """Allocate (idx, dist) and describe the launch; both inputs are promoted to their common dtype, at most fp32."""
     n, d = z.shape
     k = codebook.shape[0]
     common = torch.promote_types(z.dtype, codebook.dtype)
+    if common == torch.float64:  # a float64 codebook beside non-fp64 tokens: the reference computes in fp32 too,
+        common = torch.float32  # and an fp64 tl.dot into the fp32 accumulators does not compile
     z, codebook = z.to(common), codebook.to(common)
     idx = torch.empty(n, dtype=torch.long, device=z.device)
     dist = torch.empty(n, dtype=torch.float32, device=z.device)
@@ -143,7 +149,7 @@ def nearest_code(z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
 
     Args:
         z: [N, D] float16, bfloat16 or float32.
-        codebook: [K, D]; both are promoted to their common dtype.
+        codebook: [K, D]; both are promoted to their common dtype, at most fp32.
 
     Returns:
         ([N] int64 indices, [N] fp32 squared distances).

@@ -29,8 +29,13 @@ import torch
 from torch import Tensor
 
 from kernels import dispatch
-from kernels.deform_conv import deform_conv2d_backward_reference, deform_conv2d_grid_sample, deform_conv2d_reference
-from kernels.nearest_code import nearest_code_reference
+from kernels.deform_conv import (
+    check_deform_args,
+    deform_conv2d_backward_reference,
+    deform_conv2d_grid_sample,
+    deform_conv2d_reference,
+)
+from kernels.nearest_code import check_nearest_args, nearest_code_reference
 
 if TYPE_CHECKING:
     from torch._library.custom_ops import CustomOpDef
@@ -77,6 +82,8 @@ def _deform_conv2d(
 ) -> Tensor:
     """Modulated deformable convolution; see ``kernels.deform_conv`` for shapes and semantics."""
     conv = _conv_args(stride, padding, dilation)
+    # The op is public (torch.ops.vqfr.*): the Triton launchers trust their shapes, so check them on every path.
+    check_deform_args(x, offset, mask, weight, bias, *conv)
     fast = dispatch.use_grid_sample(x)
     if dispatch.use_triton("modulated_deform_conv2d", x, offset, mask, weight, bias,
                            fallback="grid_sample" if fast else "reference"):
@@ -108,9 +115,19 @@ def _deform_conv2d_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, grad_offset, grad_mask, grad_weight) of the modulated deformable convolution."""
     conv = _conv_args(stride, padding, dilation)
+    *_, h_out, w_out = check_deform_args(x, offset, mask, weight, None, *conv)
+    if tuple(grad_out.shape) != (x.shape[0], weight.shape[0], h_out, w_out):
+        raise ValueError(f"grad_out shape {tuple(grad_out.shape)} != expected "
+                         f"{(x.shape[0], weight.shape[0], h_out, w_out)}")
     if dispatch.use_triton("modulated_deform_conv2d_backward", x, offset, mask, weight, grad_out):
         return dispatch.triton_module("deform_conv_triton").backward(grad_out, x, offset, mask, weight, *conv)
-    return deform_conv2d_backward_reference(grad_out, x, offset, mask, weight, *conv)
+    grad_x, grad_offset, grad_mask, grad_weight = deform_conv2d_backward_reference(
+        grad_out, x, offset, mask, weight, *conv
+    )
+    # The layouts the fake kernel declares (the Triton backward's): grad_x like the forward's output, the rest
+    # contiguous (the reference returns grad_x NCHW, and grad_weight in the layout of a float32 weight).
+    return (grad_x.contiguous(memory_format=_memory_format(x)), grad_offset.contiguous(), grad_mask.contiguous(),
+            grad_weight.contiguous())
 
 
 deform_conv2d_backward_op = _define("vqfr::modulated_deform_conv2d_backward", _deform_conv2d_backward)
@@ -118,7 +135,10 @@ deform_conv2d_backward_op = _define("vqfr::modulated_deform_conv2d_backward", _d
 
 @deform_conv2d_backward_op.register_fake
 def _(grad_out, x, offset, mask, weight, stride, padding, dilation):
-    return torch.empty_like(x), torch.empty_like(offset), torch.empty_like(mask), torch.empty_like(weight)
+    # Not empty_like, which would copy the strides of a channels-last x, offset, mask or weight: Inductor allocates
+    # and checks the real outputs by these layouts.
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x)),
+            offset.new_empty(offset.shape), mask.new_empty(mask.shape), weight.new_empty(weight.shape))
 
 
 def _deform_setup_context(ctx, inputs, output):
@@ -141,6 +161,7 @@ deform_conv2d_op.register_autograd(_deform_backward, setup_context=_deform_setup
 
 def _nearest_code(z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
     """Nearest codebook row: ([N] int64 index, [N] squared distance, fp32 (fp64 for fp64 inputs))."""
+    check_nearest_args(z, codebook)  # the kernel would read past a codebook narrower than the tokens
     if dispatch.use_triton("nearest_code", z, codebook):
         return dispatch.triton_module("nearest_code_triton").nearest_code(z, codebook)
     idx, dist = nearest_code_reference(z, codebook, return_distance=True)

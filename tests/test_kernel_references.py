@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels
 from kernels import deform_conv2d_reference, modulated_deform_conv2d, nearest_code, nearest_code_reference
+from kernels.deform_conv import deform_conv2d_backward_reference
 
 
 def deform_conv_by_grid_sample(x, offset, mask, weight, bias, stride, padding, dilation):
@@ -92,6 +94,34 @@ def test_bad_shapes_raise_value_error():
         deform_conv2d_reference(x, offset[:, :-1], mask, weight, bias, 1, 1, 1)
     with pytest.raises(ValueError, match="mask"):
         deform_conv2d_reference(x, offset, mask[:, :-1], weight, bias, 1, 1, 1)
+
+
+@pytest.mark.parametrize("stride,padding,dilation", [(0, 1, 1), ((1, 0), 1, 1), (1, -1, 1), (1, 1, 0)])
+def test_bad_geometry_raises_value_error(stride, padding, dilation):
+    """torchvision's rule: stride and dilation >= 1, padding >= 0 (stride 0 was a ZeroDivisionError)."""
+    x, offset, mask, weight, bias = random_case()
+    with pytest.raises(ValueError, match="stride and dilation must be >= 1"):
+        modulated_deform_conv2d(x, offset, mask, weight, bias, stride, padding, dilation)
+
+
+def test_masks_of_any_layout_on_the_torch_paths():
+    """A mask sliced out of a larger tensor (no flat H_out*W_out view) and a channels-last mask: the reference and
+    grid_sample forwards and the reference backward used to raise in ``mask.view``."""
+    x, offset, mask, weight, bias = (t.float() for t in random_case(c=8, h=7, w=9, groups=2, c_out=4, seed=6))
+    sliced = torch.zeros(2, 20, 10, 12)[:, 1:19, 2:9, 1:10]
+    sliced.copy_(mask)
+    expected = modulated_deform_conv2d(x, offset, mask, weight, bias, 1, 1, 1)
+    for mode in ("auto", "reference"):  # auto: the grid_sample forward for float32
+        with kernels.use(mode):
+            for layout in (sliced, mask.contiguous(memory_format=torch.channels_last)):
+                torch.testing.assert_close(modulated_deform_conv2d(x, offset, layout, weight, bias, 1, 1, 1),
+                                           expected, atol=1e-5, rtol=0)
+    grad_out = torch.randn_like(expected)
+    grads = deform_conv2d_backward_reference(grad_out, x, offset, mask, weight, 1, 1, 1)
+    for layout in (sliced, mask.contiguous(memory_format=torch.channels_last)):
+        for got, want in zip(deform_conv2d_backward_reference(grad_out, x, offset, layout, weight, 1, 1, 1), grads,
+                             strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_nearest_code_matches_brute_force_and_breaks_ties_low():

@@ -25,3 +25,26 @@ def test_every_kernel_compiles_for_sm90_without_spills(monkeypatch):
     for r in results:
         assert r.get("ok"), f"{r['kernel']} {r['config']}: {r.get('error')}"
         assert r["spill_bytes"] == 0, r
+
+
+def test_nearest_code_with_a_float64_codebook_compiles(monkeypatch):
+    """fp32 tokens against a float64 codebook reach the kernel (the dispatch looks at the tokens' dtype). Promoted
+    to float64, the kernel's tl.dot did not compile for its fp32 accumulators; the launcher now stops at fp32, which is
+    what the reference computes in."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels import aot_check
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    nearest = dispatch.triton_module("nearest_code_triton")
+    _, launch = nearest.nearest_code_launch(torch.empty(256, 256, device="meta"),
+                                            torch.empty(1024, 256, device="meta", dtype=torch.float64))
+    assert launch.args[0].dtype == launch.args[1].dtype == torch.float32
+    tuner = launch.kernel
+    config = tuner.early_config_prune(tuner.configs, dict(zip(tuner.arg_names, launch.args, strict=False)),
+                                      **launch.constexprs)[0]
+    signature, constants, attrs = aot_check._signature(tuner.fn, launch.args, {**launch.constexprs, **config.kwargs})
+    triton.compile(ASTSource(tuner.fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=config.num_warps, num_stages=config.num_stages))

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import kernels
 import kernels.ops  # noqa: F401  (registers torch.ops.vqfr.*)
@@ -163,6 +164,39 @@ def test_export_sees_one_node_per_op_with_correct_fake_shapes():
     out, idx = ep.module()(x, offset, mask, weight, z, codebook)
     assert out.shape == (1, 4, 6, 7) and idx.shape == (10,)
     torch.testing.assert_close(out, deform_conv2d_reference(x, offset, mask, weight, None, 1, 1, 1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_backward_op_layouts_match_its_fake_kernel(channels_last):
+    """Inductor allocates and checks the backward op's outputs by its fake kernel: with a channels-last x (a model
+    trained channels-last), the fake said channels-last offset, mask and weight gradients and the reference returned
+    an NCHW grad_x, and torch.compile of the backward failed its stride assertion."""
+    x, offset, mask, weight, _ = small_dcn()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x, offset, mask, weight = (t.contiguous(memory_format=fmt) for t in (x, offset, mask, weight))
+    grad_out = torch.randn(1, 4, 6, 7)
+    args = (grad_out, x, offset, mask, weight, [1, 1], [1, 1], [1, 1])
+    real = torch.ops.vqfr.modulated_deform_conv2d_backward(*args)
+    with FakeTensorMode() as mode:  # compared here: opcheck of torch 2.11 compares no strides
+        fake = torch.ops.vqfr.modulated_deform_conv2d_backward(*(mode.from_tensor(a) if isinstance(a, torch.Tensor)
+                                                                 else a for a in args))
+    for name, r, f in zip(("x", "offset", "mask", "weight"), real, fake, strict=True):
+        significant = [i for i, n in enumerate(r.shape) if n != 1]  # nothing is indexed along size-1 dimensions
+        assert [r.stride(i) for i in significant] == [f.stride(i) for i in significant], (name, r.stride(), f.stride())
+    assert real[0].is_contiguous(memory_format=fmt) and all(g.is_contiguous() for g in real[1:])
+
+
+def test_ops_check_shapes_before_dispatch():
+    """The ops are public: wrong shapes raise ValueError whichever implementation would run (the Triton launchers
+    trust their arguments and read out of bounds; tests/test_kernels_triton.py checks that path)."""
+    x, offset, mask, weight, bias = small_dcn()
+    conv = ([1, 1], [1, 1], [1, 1])
+    with pytest.raises(ValueError, match="mask shape"):
+        torch.ops.vqfr.modulated_deform_conv2d(x, offset, mask[:, :9], weight, bias, *conv)
+    with pytest.raises(ValueError, match="grad_out shape"):
+        torch.ops.vqfr.modulated_deform_conv2d_backward(torch.randn(1, 4, 6, 6), x, offset, mask, weight, *conv)
+    with pytest.raises(ValueError, match="codebook"):
+        torch.ops.vqfr.nearest_code(torch.randn(5, 16), torch.randn(7, 8))
 
 
 def test_models_route_through_the_ops(tiny_v1_options):

@@ -127,6 +127,15 @@ def test_deform_reads_nothing_outside_its_inputs():
         assert_close_scaled(got, want, 1e-5, f"grad_{name}")
 
 
+def test_deform_strided_bias():
+    """A bias with a stride (every other element of a NaN-interleaved buffer) was read as if contiguous."""
+    x, offset, mask, weight, bias = deform_case(12, 9, 11, 2, 3, 1, 1, 1, spread=2.0, seed=9, c_out=5, b=1)
+    strided = torch.stack([bias, torch.full_like(bias, float("nan"))], dim=1)[:, 0]
+    out = kernels.modulated_deform_conv2d(x, offset, mask, weight, strided, 1, 1, 1)
+    ref = deform_conv2d_reference(*as_double([x, offset, mask, weight, bias]), 1, 1, 1)
+    assert_close_scaled(out, ref, TOLERANCE[torch.float32])
+
+
 def test_deform_channels_last_in_channels_last_out():
     """A channels-last x is read as is (no copy) and the output and grad_x come back channels-last."""
     x, offset, mask, weight, bias = deform_case(12, 9, 11, 1, 3, 1, 1, 1, spread=3.0, seed=8, c_out=5, b=1)
@@ -238,6 +247,37 @@ def test_nearest_code_ties_go_to_lowest_index():
     assert idx.tolist() == [3, 3, 10, 10]
     same = torch.zeros(40, 16)  # every code identical: every token takes code 0
     assert kernels.nearest_code(torch.randn(9, 16).to(DEVICE), same.to(DEVICE)).cpu().tolist() == [0] * 9
+
+
+def test_nearest_code_nan_is_the_minimum_as_in_torch_argmin():
+    """NaN distances: torch.argmin (the reference) takes the first NaN, with distance NaN. The interpreter raised on
+    a NaN token, and compiled, a NaN code could hide its whole tile from every token."""
+    gen = torch.Generator().manual_seed(6)
+    z, codebook = torch.randn(6, 16, generator=gen), torch.randn(70, 16, generator=gen)
+    z[1, 3] = float("nan")  # a NaN token: every distance is NaN
+    for nan_code in (None, 50, 10):  # a NaN code in the second codebook tile, then another in the first: it wins
+        if nan_code is not None:
+            codebook[nan_code, 0] = float("nan")
+        idx, dist = kernels.nearest_code(z.to(DEVICE), codebook.to(DEVICE), return_distance=True)
+        ref_idx, ref_dist = nearest_code_reference(z, codebook, return_distance=True)
+        assert idx.cpu().tolist() == ref_idx.tolist(), nan_code
+        torch.testing.assert_close(dist.cpu(), ref_dist, equal_nan=True, atol=1e-4, rtol=1e-4)
+
+
+def test_ops_check_shapes_before_launching():
+    """Called directly, the public ops used to hand wrong shapes to the Triton kernels, which read out of bounds."""
+    x, offset, mask, weight, bias = deform_case(12, 9, 11, 2, 3, 1, 1, 1, spread=1.0, c_out=5)
+    conv = ([1, 1], [1, 1], [1, 1])
+    with pytest.raises(ValueError, match="mask shape"):
+        torch.ops.vqfr.modulated_deform_conv2d(x, offset, mask[:, :9], weight, bias, *conv)
+    with pytest.raises(ValueError, match="offset shape"):
+        torch.ops.vqfr.modulated_deform_conv2d(x, offset[:, :, :4], mask, weight, bias, *conv)
+    grad_out = torch.zeros(2, 5, 9, 10, device=DEVICE)  # W_out is 11
+    with pytest.raises(ValueError, match="grad_out shape"):
+        torch.ops.vqfr.modulated_deform_conv2d_backward(grad_out, x, offset, mask, weight, *conv)
+    with pytest.raises(ValueError, match="codebook"):
+        torch.ops.vqfr.nearest_code(torch.randn(5, 16, device=DEVICE), torch.randn(7, 8, device=DEVICE))
+    assert not dispatch.LAUNCHES
 
 
 def test_model_modules_run_the_kernels():
