@@ -485,8 +485,9 @@ def _one_line(exc: BaseException) -> str:
 ROW_ERRORS = (VQFRError, RuntimeError, ValueError, ImportError, OSError, AssertionError)
 
 
-def run_subject(ctx: _Context, subject: Subject) -> list[Row]:
-    """Build one subject, then time its rows (forward, and restore unless disabled) for every batch and fidelity."""
+def run_subject(ctx: _Context, subject: Subject, on_row: Callable[[list[Row]], None] | None = None) -> list[Row]:
+    """Build one subject, then time its rows (forward, and restore unless disabled) for every batch and fidelity;
+    ``on_row(rows so far)`` after each row."""
     cfg, device = ctx.cfg, ctx.device
     assert cfg.batches is not None
     batches = cfg.batches
@@ -528,6 +529,8 @@ def run_subject(ctx: _Context, subject: Subject) -> list[Row]:
                 torch.cuda.empty_cache()
             out.append(row)
             ctx.log("  " + _progress(row))
+            if on_row is not None:
+                on_row(out)
     finally:
         runner.close()
         del runner
@@ -622,7 +625,8 @@ def run(cfg: BenchConfig, log: Callable[[str], None] | None = None,
         log: progress lines (default: stderr).
         extra: ``extra(model, device)`` -> more subjects to time after the configured ones (your own runner: any
             object with ``infer(x, fidelity)``, ``close()`` and ``max_batch``), measured and compared the same way.
-        on_subject: called with (meta, rows so far) after each subject (``main`` saves partial results with it).
+        on_subject: called with (meta, rows so far) after each subject and each row (``main`` saves partial results
+            with it: a run killed while compiling batch 8 keeps the batch-1 rows of that backend).
     """
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     device = resolve_device(cfg.device)
@@ -673,14 +677,18 @@ def run(cfg: BenchConfig, log: Callable[[str], None] | None = None,
     }
     started = time.perf_counter()
     rows: list[Row] = []
-    for subject in subjects:
-        log(f"deploy.bench: {subject.backend} {subject.precision} on {device}")
-        rows += run_subject(ctx, subject)
-        _speedups(rows)
+
+    def progress(current: list[Row]) -> None:  # current: the rows of the subject being measured
+        _speedups(rows + current)
         meta["load_average"] = f"before {load_before}, now {_load_average()} (1/5/15 min)"
         meta["wall_s"] = round(time.perf_counter() - started, 1)
         if on_subject is not None:
-            on_subject(meta, rows)
+            on_subject(meta, rows + current)
+
+    for subject in subjects:
+        log(f"deploy.bench: {subject.backend} {subject.precision} on {device}")
+        rows += run_subject(ctx, subject, on_row=progress)
+        progress([])
     return meta, rows
 
 
@@ -733,6 +741,9 @@ def main(argv: list[str] | None = None) -> int:
     for p in args.precision or []:
         if p not in PRECISIONS:
             build_parser().error(f"unknown precision {p!r}; use {', '.join(PRECISIONS)}")
+    for flag, value, least in (("--iters", args.iters, 1), ("--restore-iters", args.restore_iters, 0)):
+        if value is not None and value < least:  # a row with no timed call has no median to report
+            build_parser().error(f"{flag} must be at least {least}, got {value}")
     cfg = BenchConfig(
         weights=args.weights, config=args.config or args.version, backends=args.backends, precisions=args.precision,
         batches=args.batch, fidelities=args.fidelity, device=args.device, iters=args.iters, warmup=args.warmup,

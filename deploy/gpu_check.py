@@ -1,7 +1,7 @@
 """Everything to check and time on one GPU, in one call: ``python -m deploy.gpu_check --out DIR``.
 
 Steps, most important first. Each runs in its own process and is given what is left of ``--budget`` seconds (a step
-cut short keeps the rows it finished: the benchmark saves them after every backend).
+cut short keeps the rows it finished: the benchmark saves them after every row).
 
 ``checks`` runs three untimed jobs side by side, since none of them is a timing:
 
@@ -32,7 +32,8 @@ What it writes in ``--out`` (few files, so that they fit what a remote runner se
 issue's targets against the measured numbers and the official anchors, the checks' outcomes, then every table),
 ``results.json`` (every run's meta and rows), ``profile.md``, ``kernels.json``, ``train_loss.png``,
 ``gpu_check.log`` and ``logs.tgz`` (every step's log and small result files). Per-run folders go to ``--work``
-(default ``--out``/runs).
+(default ``--out``/runs). ``summary.md``, ``results.json`` and ``logs.tgz`` are rewritten after every step, and each
+step's results are printed as it ends, so that a call killed from outside keeps what it measured.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy import report
+from vqfr.atomic import atomic_write_with
 
 __all__ = ["TARGETS", "Target", "Step", "CHECKS", "STEPS", "evaluate", "summary", "main"]
 
@@ -136,8 +138,9 @@ STEPS = {
     "kernels": Step(lambda work, out, a: _kernels(work, out), 150),  # autotunes 11 DCN configs per shape
     "v2": Step(lambda work, out, a: _bench("v2", "1", "torch,torch-max", work / "v2"), 280),
     "v2_f0": Step(lambda work, out, a: _bench("v2", "0", "torch-max", work / "v2_f0", batches="1"), 80),
+    # A cold compile of v2 at batch 8 took 65 s in the bench: with the imports and the profiler, 80 s was short.
     "profile": Step(lambda work, out, a: [sys.executable, "-m", "deploy.profile_model", "--version", "v2",
-                                          "--batch", "8", "--mode", "max", "--out", str(out / "profile.md")], 80),
+                                          "--batch", "8", "--mode", "max", "--out", str(out / "profile.md")], 120),
     "v1": Step(lambda work, out, a: _bench("v1", "1", "torch,torch-max", work / "v1"), 300),  # 150 s was short
     "v2_aoti": Step(lambda work, out, a: _bench("v2", "1", "aoti", work / "v2_aoti", batches="1"), 150),
     # Inductor also benchmarks its own Triton conv templates against cuDNN, which reached only 27% of peak here.
@@ -145,6 +148,9 @@ STEPS = {
                         + ["--compile-mode", "max-autotune-no-cudagraphs"], 300),
 }
 RUNS = ("v2", "v2_f0", "v1", "v2_aoti", "v2_autotune")  # the steps that write a deploy.bench results.json
+#: The columns of a benchmark's rows printed as its step ends.
+DIGEST = ("backend", "precision", "batch", "fidelity", "median_ms", "img_per_s", "peak_mem_mb", "first_call_s",
+          "max_abs_err", "psnr_db", "status")
 ON_REQUEST = ("v2_autotune",)  # left out of the default steps
 
 
@@ -223,10 +229,11 @@ def _log(log, text: str) -> None:
 
 
 def _launch(step: Step, command: list[str], log_path: Path, env: dict) -> subprocess.Popen:
-    """Start a job in its own session (so that a kill reaches its children), its output going to ``log_path``."""
+    """Start a job in its own process group (so that a kill reaches its children; not its own session, which would
+    outlive a kill of this call's session), its output going to ``log_path``."""
     with open(log_path, "w") as handle:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env={**env, **step.env},
-                                start_new_session=True)
+        return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
+                                env={**env, **step.env}, process_group=0)
 
 
 def _wait(proc: subprocess.Popen, until: float) -> object:
@@ -244,6 +251,10 @@ def _run_steps(args: argparse.Namespace, out: Path, work: Path, log) -> dict[str
     deadline = time.monotonic() + args.budget
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     codes: dict[str, object] = {}
+    caps = sum(STEPS[name].cap for name in args.steps)
+    if caps > args.budget:
+        _log(log, f"[gpu_check] the caps add up to {caps:g} s, over the budget of {args.budget:g} s: the last steps "
+                  "get what is left")
     for name in args.steps:
         left = deadline - time.monotonic()
         jobs = CHECKS if name == "checks" else {name: STEPS[name]}
@@ -262,6 +273,12 @@ def _run_steps(args: argparse.Namespace, out: Path, work: Path, log) -> dict[str
         for job, proc in procs.items():
             codes[job] = _wait(proc, start + min(jobs[job].cap, left))
             _log(log, f"[gpu_check] {job}: exit {codes[job]} after {time.monotonic() - start:.0f} s")
+        try:
+            _save(args, out, work, codes)
+            for job in jobs:
+                print(f"[gpu_check] {job} measured:\n{_digest(job, out, work)}", flush=True)
+        except Exception as exc:  # noqa: BLE001 - the steps still to run matter more than this copy
+            _log(log, f"[gpu_check] saving after {name} failed: {exc!r}")
     return codes
 
 
@@ -274,15 +291,50 @@ def _checks_section(work: Path, codes: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+def _digest(job: str, out: Path, work: Path, lines: int = 20) -> str:
+    """What a finished job measured, short enough for the end of the console output: a benchmark's forward rows, the
+    profile's categories, else the end of the job's log."""
+    results = work / job / "results.json"
+    if job in RUNS and results.is_file():
+        _, rows = report.load(results)
+        rows = [{**r, "note": r.get("note", "")[:100] if r.get("status") != "ok" else ""} for r in rows
+                if r.get("what", "forward") == "forward"]
+        return report.markdown_table(rows, [c for c in report.COLUMNS if c[0] in DIGEST])
+    if job == "profile" and (out / "profile.md").is_file():
+        return (out / "profile.md").read_text().split("\n| kernel |")[0]
+    path = work / f"{job}.log"
+    tail = path.read_text(errors="replace").splitlines()[-lines:] if path.is_file() else ["(no log)"]
+    return "\n".join(line[:200] for line in tail)
+
+
+def _save(args: argparse.Namespace, out: Path, work: Path, codes: dict[str, object]) -> str:
+    """``results.json``, ``summary.md`` and ``logs.tgz`` in ``out`` from what the runs have written so far; returns
+    the summary."""
+    runs = _load_runs(work)
+    all_rows = [dict(r, run=name) for name, (_, rows) in runs.items() for r in rows]
+    report.write_json(out / "results.json", {name: meta for name, (meta, _) in runs.items()}, all_rows)
+    tail = "\n".join((out / "gpu_check.log").read_text().splitlines()[-40:])
+    text = summary(runs, tail)
+    if "checks" in args.steps:
+        text += _checks_section(work, codes)
+    (out / "summary.md").write_text(text)
+    _pack_logs(work, out)
+    return text
+
+
 def _pack_logs(work: Path, out: Path) -> None:
-    """Every log and small result file of the work folder, in one archive (checkpoints and engines left out)."""
+    """Every log and small result file of the work folder, in one archive (checkpoints and engines left out),
+    replacing the previous archive only once written."""
     import tarfile
 
-    with tarfile.open(out / "logs.tgz", "w:gz") as tar:
-        for path in sorted(work.rglob("*")):
-            if path.is_file() and path.suffix in (".log", ".json", ".jsonl", ".md", ".png", ".txt", ".yml") \
-                    and path.stat().st_size < 4 * 2**20:
-                tar.add(path, arcname=str(path.relative_to(work)))
+    def pack(tmp: Path) -> None:
+        with tarfile.open(tmp, "w:gz") as tar:
+            for path in sorted(work.rglob("*")):
+                if path.is_file() and path.suffix in (".log", ".json", ".jsonl", ".md", ".png", ".txt", ".yml") \
+                        and path.stat().st_size < 4 * 2**20:
+                    tar.add(path, arcname=str(path.relative_to(work)))
+
+    atomic_write_with(out / "logs.tgz", pack)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,15 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         codes = _run_steps(args, out, work, log)
     if args.dry_run:
         return 0
-    runs = _load_runs(work)
-    all_rows = [dict(r, run=name) for name, (_, rows) in runs.items() for r in rows]
-    report.write_json(out / "results.json", {name: meta for name, (meta, _) in runs.items()}, all_rows)
-    tail = "\n".join(log_path.read_text().splitlines()[-40:])
-    text = summary(runs, tail)
-    if "checks" in args.steps:
-        text += _checks_section(work, codes)
-    (out / "summary.md").write_text(text)
-    _pack_logs(work, out)
+    text = _save(args, out, work, codes)
     print(text.split("\n# Run")[0].split("\n# Checks")[0])
     print(_checks_section(work, codes) if "checks" in args.steps else "")
     print(json.dumps({"exit": codes, "wrote": sorted(p.name for p in out.iterdir() if p.is_file())}))

@@ -114,6 +114,43 @@ def test_errors_are_measured_against_the_fp32_reference_and_catch_a_wrong_backen
     assert by_backend["perturbed"].max_abs_err > 0.05 and by_backend["perturbed"].psnr_db < 40
 
 
+@pytest.mark.parametrize("flag,value", [("--iters", "0"), ("--restore-iters", "-1")])
+def test_iteration_counts_that_time_nothing_are_refused(flag, value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--config", str(tiny_yml(tmp_path, SMALL_V1)), "--size", "32", "--device", "cpu", "--backends",
+                    "torch", "--iters", "1", flag, value, "--no-chart", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2 and f"{flag} must be at least" in capsys.readouterr().err
+
+
+class StoppedAtBatch2:
+    """Runs the model at batch 1; at batch 2 the run is killed, as gpu_check's time cap does during a compile."""
+
+    max_batch = None
+
+    def __init__(self, model):
+        self.model = model
+
+    def infer(self, x, fidelity):
+        if x.shape[0] == 2:
+            raise KeyboardInterrupt
+        with torch.no_grad():
+            return self.model(x)
+
+    def close(self):
+        pass
+
+
+def test_a_run_killed_inside_a_backend_has_saved_the_rows_that_backend_finished(tmp_path):
+    saved = []
+    cfg = bench.BenchConfig(config=copy.deepcopy(SMALL_V1), size=32, device="cpu", backends=[], batches=[1, 2],
+                            iters=1, warmup=1, inputs=1, restore_iters=0, out=tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(cfg, log=lambda line: None,
+                  extra=lambda model, device: [bench.Subject("stopped", "fp32", False, lambda: StoppedAtBatch2(model))],
+                  on_subject=lambda meta, rows: saved.append([(r.backend, r.batch, r.status) for r in rows]))
+    assert ("stopped", 1, "ok") in saved[-1]
+
+
 def test_time_calls_times_the_first_call_alone_and_caps_slow_rows():
     calls = []
 

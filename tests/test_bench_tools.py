@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+import os
+import sys
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import vqfr
-from deploy import gpu_check, profile_model, roofline
+from deploy import gpu_check, profile_model, report, roofline
 from tests.conftest import seeded_model
 from tests.test_bench import SMALL_V1, SMALL_V2
 
@@ -135,3 +137,30 @@ def test_gpu_check_kills_a_job_past_its_cap_with_its_children_and_reports_it(tmp
     __import__("time").sleep(3.5)
     assert not marker.exists()  # the shell's child was killed too
     assert (tmp_path / "out" / "logs.tgz").is_file()
+
+
+def test_gpu_check_saves_and_prints_each_steps_results_before_the_next_step(tmp_path, monkeypatch, capsys):
+    """The remote runner's limit can kill the whole call: what the finished steps measured must be in OUT already."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    measured = report.write_json(tmp_path / "measured.json", {"device_name": "H100"},
+                                 [row("reference", 1, 30.0, baseline=True), row("torch-max", 1, 3.5)])
+    monkeypatch.setitem(gpu_check.STEPS, "v2", gpu_check.Step(
+        lambda w, o, a: ["sh", "-c", f"mkdir -p {w}/v2 && cp {measured} {w}/v2/results.json"], 10))
+    monkeypatch.setitem(gpu_check.STEPS, "v1", gpu_check.Step(  # what a kill at this point leaves in OUT
+        lambda w, o, a: ["sh", "-c", f"grep -h '| v2, batch 1 |' {o}/summary.md; grep -c torch-max {o}/results.json; "
+                                     f"tar -tzf {o}/logs.tgz"], 10))
+    assert gpu_check.main(["--out", str(out), "--work", str(work), "--steps", "v2", "v1", "--budget", "60"]) == 0
+    seen_by_v1 = (work / "v1.log").read_text()
+    assert "| v2, batch 1 | <= 4 ms | 3.50 ms" in seen_by_v1  # summary.md
+    assert "\n1\n" in seen_by_v1 and "v2/results.json" in seen_by_v1  # results.json, logs.tgz
+    printed = capsys.readouterr().out
+    assert "[gpu_check] v2 measured:" in printed and "| torch-max | fp16 | 1 | 1 | 3.5 |" in printed
+
+
+def test_gpu_check_keeps_its_jobs_in_the_calls_session(tmp_path, monkeypatch):
+    """A job in a session of its own would outlive a kill of the call (the remote runner ends the call's session)."""
+    monkeypatch.setattr(gpu_check, "CHECKS", {"sid": gpu_check.Step(
+        lambda w, o, a: [sys.executable, "-c", "import os; print('sid', os.getsid(0), 'pgid', os.getpgid(0))"], 10)})
+    assert gpu_check.main(["--out", str(tmp_path), "--steps", "checks", "--budget", "60"]) == 0
+    _, sid, _, pgid = (tmp_path / "runs" / "sid.log").read_text().split()
+    assert int(sid) == os.getsid(0) and int(pgid) != os.getpgid(0)  # its own group: a kill reaches its children
