@@ -174,7 +174,8 @@ def export_aoti(
 
     Raises:
         ConfigError: bad options. BackendUnavailable: no CUDA for ``device="cuda"``. EngineError: a custom op's
-        fake kernel disagrees with its real output, or the compilation failed.
+        fake kernel disagrees with its real output, or the compilation failed. OutputError: ``output`` would
+        overwrite ``weights``.
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}", fix="pass fp32 or fp16")
@@ -189,6 +190,7 @@ def export_aoti(
                           "wrong results: " + "; ".join(problems),
                           fix="make the op return the layout its fake kernel declares (e.g. .contiguous())")
     output = Path(output)
+    source.refuse_overwriting_inputs(output, weights)
     model = source.load_source_model(weights, config, random_weights)
     spec = source.export_spec(model, batch, size, dynamic_size)
     try:

@@ -250,12 +250,14 @@ def export_onnx(
 
     Raises:
         ConfigError: bad options or shapes. CheckpointError: unreadable weights. EngineError: export or check failed.
+        OutputError: ``output`` would overwrite ``weights``, or cannot be written.
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}", fix="pass fp32 or fp16")
     if opset < 19:
         raise ConfigError(f"opset {opset} has no DeformConv (it was added in opset 19)", fix="pass --opset 19 or more")
     output = Path(output)
+    source.refuse_overwriting_inputs(output, weights)
     model = source.load_source_model(weights, config, random_weights)
     spec = source.export_spec(model, batch, size, dynamic_size)
     graph_model = _trace(model, spec, opset)

@@ -17,12 +17,12 @@ import torch
 from torch import Tensor, nn
 
 import vqfr
-from vqfr.errors import ConfigError
+from vqfr.errors import ConfigError, OutputError
 from vqfr.models import Network
-from vqfr.sidecar import TensorSpec
+from vqfr.sidecar import TensorSpec, sidecar_path
 
 __all__ = ["EXPORTABLE", "ExportSpec", "load_source_model", "randomize_", "engine_module", "export_spec",
-           "check_inputs", "add_model_arguments"]
+           "check_inputs", "add_model_arguments", "refuse_overwriting_inputs"]
 
 #: Architectures that export (the VQGAN codebook models are training-stage models, not restorers).
 EXPORTABLE = ("VQFRv1", "VQFRv2")
@@ -50,6 +50,24 @@ def randomize_(model: M, seed: int) -> M:
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / p[0].numel()) ** 0.5)
     return model
+
+
+def refuse_overwriting_inputs(output: str | Path, *inputs: str | Path | None) -> None:
+    """Refuse an ``output`` that is, or whose sidecar is, one of the export's existing ``inputs`` (exporters never
+    modify their inputs: ``-o VQFR_v2.pth`` would replace the checkpoint).
+
+    Raises:
+        OutputError: ``output`` or its sidecar is the same file as an input.
+    """
+    for existing in (Path(p) for p in inputs if p is not None):
+        for target in (Path(output), sidecar_path(output)):
+            try:
+                same = target.exists() and existing.exists() and target.samefile(existing)
+            except OSError:  # unreadable: the write itself reports it
+                same = False
+            if same:
+                raise OutputError(f"the output would overwrite the input {existing}", path=target,
+                                  fix="choose another output path (-o)")
 
 
 def load_source_model(weights: str | Path | None, config: Any = None, random_weights: int | None = None) -> Network:
@@ -194,6 +212,9 @@ def export_spec(model: Network, batch: int | None = None, size: int | None = Non
     if side < patch or side % patch:
         raise ConfigError(f"VQFRv1 needs an input side that is a multiple of {patch}, got {side}",
                           fix=f"pass --size {max(patch, side - side % patch)}")
+    if dynamic_size and side == patch:  # torch.export specialises a dimension whose example size is 1 (block)
+        raise ConfigError(f"a dynamic-size graph is traced at --size, which must span at least two {patch}-pixel "
+                          f"blocks, got {side}", fix=f"pass --size {2 * patch}: the graph still takes {side}x{side}")
     return ExportSpec(batch, side, side, dynamic_size, False)
 
 

@@ -32,10 +32,11 @@ import numpy as np
 
 from export import metadata
 from export.compare import Agreement, agreement
+from export.source import refuse_overwriting_inputs
 from vqfr._optional import require
 from vqfr.atomic import atomic_write_bytes
 from vqfr.errors import ConfigError, EngineError, run_command
-from vqfr.sidecar import EngineMeta, read_sidecar, write_sidecar
+from vqfr.sidecar import EngineMeta, TensorSpec, read_sidecar, verify_engine_file, write_sidecar
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -114,20 +115,67 @@ def _major(trt_module: Any) -> int:
 
 
 def _onnx_bytes(onnx_path: Path, meta: EngineMeta, options: BuildOptions) -> tuple[bytes, set[str]]:
-    """The graph to parse (DeformConv moved to fp16 if asked) and the names of its fp32-island nodes."""
+    """The graph to parse (DeformConv moved to fp16 if asked) and the names of its fp32-island nodes.
+
+    Raises:
+        EngineError: the file is not an ONNX model (e.g. the ``.pt2`` or ``.engine`` of another exporter, whose
+            sidecar reads like the ONNX one).
+    """
+    from google.protobuf.message import DecodeError
+
     from export import fp16
 
     ir = require("onnxscript", _PURPOSE).ir
-    model = ir.load(onnx_path)
+    try:
+        model = ir.load(onnx_path)
+    except (DecodeError, ValueError) as exc:
+        raise EngineError(f"is not an ONNX model ({type(exc).__name__}: {exc})", path=onnx_path,
+                          fix="pass the .onnx file written by python -m export.onnx") from exc
     if options.dcn_fp16 and meta.precision == "fp16":
         fp16.dcn_to_fp16(model)
     names = fp16.fp32_node_names(model)
     return ir.to_proto(model).SerializeToString(), names
 
 
+def _engine_sidecar(onnx_path: Path, options: BuildOptions) -> EngineMeta:
+    """The sidecar of the engine to build: the ONNX file's (checked against the file, as the runtime checks it), with
+    the input size the engine is built for: a v1 graph with dynamic H and W is built for one size (``options.size``,
+    default the face size), which the engine's sidecar then records.
+
+    Raises:
+        EngineError: the ONNX is missing, has no readable sidecar, or changed since its sidecar was written (a
+            stale sidecar would describe the engine wrongly).
+        ConfigError: ``options.size`` differs from the size of a graph without dynamic H and W, or is not a multiple
+            of the v1 patch.
+    """
+    if not onnx_path.is_file():  # else the missing sidecar would be blamed
+        raise EngineError("is not a file" if onnx_path.exists() else "does not exist", path=onnx_path,
+                          fix="pass the .onnx file written by python -m export.onnx")
+    meta = read_sidecar(onnx_path)
+    verify_engine_file(onnx_path, meta)
+    if all(d >= 0 for d in meta.inputs[0].shape[2:]):
+        if options.size is not None and options.size != meta.face_size:
+            raise ConfigError(f"--size {options.size} asked, but this ONNX takes {meta.face_size}x{meta.face_size} "
+                              "inputs only", path=onnx_path,
+                              fix="drop --size, or export a v1 ONNX with --dynamic-size (or --size N)")
+        return meta
+    size = meta.face_size if options.size is None else options.size
+    patch = int(meta.options.get("proj_patch_size", 32))
+    if size < patch or size % patch:
+        raise ConfigError(f"--size must be a multiple of {patch}, got {size}", path=onnx_path,
+                          fix=f"pass --size {max(patch, size - size % patch)}")
+
+    def at_size(t: TensorSpec) -> TensorSpec:
+        return dataclasses.replace(t, shape=tuple(size if axis >= 2 and d < 0 else d for axis, d in enumerate(t.shape)))
+
+    return dataclasses.replace(meta, face_size=size, inputs=tuple(map(at_size, meta.inputs)),
+                               outputs=tuple(map(at_size, meta.outputs)), extra={**meta.extra, "dynamic_size": False})
+
+
 def _profile_shapes(network: trt.INetworkDefinition, meta: EngineMeta,
                     options: BuildOptions) -> dict[str, tuple[list[int], list[int], list[int]]]:
-    """(min, opt, max) shape of every network input: the batch over the profile, dynamic H/W at one size."""
+    """(min, opt, max) shape of every network input: a dynamic batch over the profile, dynamic H/W at one size;
+    static dimensions (such as a batch fixed at export) as they are, since a profile may not change them."""
     size = options.size or meta.face_size
     shapes = {}
     for i in range(network.num_inputs):
@@ -135,7 +183,7 @@ def _profile_shapes(network: trt.INetworkDefinition, meta: EngineMeta,
         dims = [tensor.shape[axis] for axis in range(len(tensor.shape))]
         per_bound = []
         for batch in (options.min_batch, options.opt_batch, options.max_batch):
-            shape = [batch if axis == 0 else (size if d < 0 else d) for axis, d in enumerate(dims)]
+            shape = [d if d >= 0 else (batch if axis == 0 else size) for axis, d in enumerate(dims)]
             per_bound.append(shape)
         shapes[tensor.name] = (per_bound[0], per_bound[1], per_bound[2])
     return shapes
@@ -190,15 +238,16 @@ def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOption
 
     Raises:
         ImportError: tensorrt is not installed (names the pip extra). ConfigError: bad options. EngineError: parse,
-        build or check failure.
+        build or check failure. OutputError: ``output`` would overwrite the ONNX file.
     """
     options = options or BuildOptions()
     options.validate()
+    refuse_overwriting_inputs(output, onnx_path, reference_onnx)
     trt_module = _tensorrt()
     import tensorrt as trt
 
     onnx_path, output = Path(onnx_path), Path(output)
-    meta = read_sidecar(onnx_path)
+    meta = _engine_sidecar(onnx_path, options)
     major = _major(trt_module)
     strongly_typed = meta.precision == "fp16" or major >= 11
     if options.fp16 and meta.precision == "fp32" and major >= 11:
@@ -272,7 +321,8 @@ def _check_feeds(meta: EngineMeta, batch: int, size: int, samples: Sequence[np.n
     """Named input feeds for the check: uniform random inputs and the sample batch."""
     rng = np.random.default_rng(0)
     random_feed = {"input": rng.uniform(-1, 1, (batch, 3, size, size)).astype(np.float32)}
-    sample = np.stack(list(samples)[:batch]) if len(samples) else None
+    # repeated up to the batch, which the profile may require (a fixed batch, or --min-batch above the samples)
+    sample = np.stack([samples[i % len(samples)] for i in range(batch)]) if len(samples) else None
     if sample is None:
         from export.source import ExportSpec, check_inputs
 
@@ -378,7 +428,10 @@ def load_samples(paths: Sequence[Path], size: int) -> list[np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.check and (args.samples or args.reference_onnx):  # silently unused, the build would look checked
+        parser.error("--samples and --reference-onnx are only used by --check; add --check")
     options = BuildOptions(fp16=args.fp16, min_batch=args.min_batch, opt_batch=args.opt_batch,
                            max_batch=args.max_batch, size=args.size, timing_cache=args.timing_cache,
                            workspace_gb=args.workspace, version_compatible=args.version_compatible,

@@ -98,6 +98,56 @@ def test_fp16_engine_traces_with_fp32_inputs_and_output(config):
     assert conv_dtypes.count(torch.float16) >= len(conv_dtypes) - 2 > 10
 
 
+class _StandInPackage:
+    """What torch._inductor.aoti_load_package returns, for a package compiled for float32 inputs of one batch
+    (``batch``, or any with None): it records what it is given and returns ``2 * input``."""
+
+    def __init__(self, batch: int | None = None):
+        self.batch, self.calls = batch, []
+
+    def __call__(self, *args):
+        self.calls.append([(a.dtype, tuple(a.shape)) for a in args])
+        assert self.batch is None or args[0].shape[0] == self.batch, "a compiled batch size"
+        return [args[0] * 2]
+
+
+def _aoti_backend(monkeypatch, tmp_path, package, *, precision: str, batch: int):
+    from vqfr.backends.aoti import AOTIBackend
+    from vqfr.backends.base import BACKENDS
+    from vqfr.sidecar import EngineMeta, TensorSpec
+
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path: package)
+    meta = EngineMeta(arch="VQFRv2", options={}, face_size=16, precision=precision,
+                      inputs=(TensorSpec("input", (batch, 3, 16, 16)), TensorSpec("fidelity", (batch,))),
+                      outputs=(TensorSpec("output", (batch, 3, 16, 16)),), extra={"device": "cpu"})
+    row = next(e for e in BACKENDS if e.name == "aoti" and e.device == "cpu")
+    backend = AOTIBackend(row, tmp_path / "m.pt2", meta=meta)
+    backend.load()
+    return backend
+
+
+def test_aoti_backend_gives_fp16_packages_their_float32_inputs(monkeypatch, tmp_path):
+    """An fp16 package takes float32 inputs (export_aoti compiles the casts in, see the test above). A package reads
+    its inputs' memory as the dtype it was compiled for, so fp16 tensors came out as garbage, silently."""
+    package = _StandInPackage()
+    backend = _aoti_backend(monkeypatch, tmp_path, package, precision="fp16", batch=-1)
+    x = torch.rand(3, 3, 16, 16)
+    out = backend.infer(x, torch.tensor([0.0, 0.5, 1.0]))
+    assert package.calls == [[(torch.float32, (3, 3, 16, 16)), (torch.float32, (3,))]]
+    assert torch.equal(out, x * 2)
+
+
+def test_aoti_backend_serves_a_package_with_a_fixed_batch(monkeypatch, tmp_path):
+    """``export.aoti --batch 2`` compiles for batch 2 only: the runtime sends at most 2 faces and a single face is
+    padded to 2 (the output keeps 1)."""
+    package = _StandInPackage(batch=2)
+    backend = _aoti_backend(monkeypatch, tmp_path, package, precision="fp32", batch=2)
+    assert backend.max_batch == 2
+    x = torch.rand(1, 3, 16, 16)
+    assert torch.equal(backend.infer(x, torch.zeros(1)), x * 2)
+    assert package.calls == [[(torch.float32, (2, 3, 16, 16)), (torch.float32, (2,))]]
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")

@@ -329,6 +329,26 @@ def test_export_refuses_bad_requests(tmp_path):
     assert not out.exists()
 
 
+def test_dynamic_size_refuses_a_one_block_trace_size(tmp_path):
+    """torch.export specialises a dimension whose example is one 32-px block, so tracing at --size 32 failed deep in
+    the exporter (an EngineError saying to report a bug); it is refused before tracing, with the fix."""
+    with pytest.raises(ConfigError, match=r"at least two 32-pixel blocks, got 32. Fix: pass --size 64"):
+        export_onnx(None, tmp_path / "x.onnx", config=TINY_V1, random_weights=0, size=32, dynamic_size=True)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_export_refuses_to_overwrite_its_weights(tmp_path):
+    import vqfr
+    from tests.conftest import seeded_model
+    from vqfr.errors import OutputError
+
+    weights = vqfr.save_safetensors(seeded_model(TINY_V2), tmp_path / "w.safetensors")
+    before = weights.read_bytes()
+    with pytest.raises(OutputError, match="w.safetensors: the output would overwrite the input"):
+        export_onnx(weights, weights)
+    assert weights.read_bytes() == before and not (tmp_path / "w.safetensors.json").exists()
+
+
 # --- TensorRT static checks: the parser's documented op list and restrictions -------------------------------------
 
 _TRT_TYPES = {ir.DataType.FLOAT: "FP32", ir.DataType.FLOAT16: "FP16", ir.DataType.INT64: "INT64",

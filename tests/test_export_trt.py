@@ -20,11 +20,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from export.trt import BuildOptions, build_engine, main, tensorrt_available
-from vqfr.errors import ConfigError
+from vqfr.errors import ConfigError, EngineError, OutputError
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TENSORRT = tensorrt_available()
@@ -208,3 +209,241 @@ def test_profile_covers_the_batch_and_fixes_dynamic_size(fake_tensorrt):
     shapes = _profile_shapes(_FakeNetwork(inputs=[tensor]), meta, BuildOptions(min_batch=1, opt_batch=2,
                                                                                 max_batch=6, size=256))
     assert shapes == {"input": ([1, 3, 256, 256], [2, 3, 256, 256], [6, 3, 256, 256])}
+
+
+def test_profile_keeps_a_batch_fixed_at_export(fake_tensorrt):
+    """A profile may only range over dynamic dimensions: an ONNX exported with --batch 2 keeps batch 2 whatever the
+    (default) --min/--opt/--max-batch, instead of a profile TensorRT rejects at build time."""
+    from export.trt import _profile_shapes
+    from vqfr.sidecar import EngineMeta, TensorSpec
+
+    meta = EngineMeta(arch="VQFRv2", options={}, face_size=64, precision="fp32",
+                      inputs=(TensorSpec("input", (2, 3, 64, 64)), TensorSpec("fidelity", (2,))),
+                      outputs=(TensorSpec("output", (2, 3, 64, 64)),))
+    image, fidelity = _FakeTensor("f32", (2, 3, 64, 64)), _FakeTensor("f32", (2,))
+    image.name, fidelity.name = "input", "fidelity"
+    shapes = _profile_shapes(_FakeNetwork(inputs=[image, fidelity]), meta, BuildOptions())
+    assert shapes == {"input": ([2, 3, 64, 64],) * 3, "fidelity": ([2],) * 3}
+
+
+def test_engine_sidecar_records_the_size_a_dynamic_onnx_is_built_for(tmp_path):
+    """A v1 ONNX with dynamic H/W becomes an engine for one size: its sidecar must say that size (the runtime feeds
+    faces of the sidecar's face size), and --size is checked against the graph."""
+    from export.trt import _engine_sidecar
+    from vqfr.sidecar import EngineMeta, TensorSpec, write_sidecar
+
+    dynamic, static = tmp_path / "dynamic.onnx", tmp_path / "static.onnx"
+    meta = EngineMeta(arch="VQFRv1", options={"type": "VQFRv1", "proj_patch_size": 32}, face_size=512,
+                      precision="fp32", inputs=(TensorSpec("input", (-1, 3, -1, -1)),),
+                      outputs=(TensorSpec("output", (-1, 3, -1, -1)),),
+                      extra={"dynamic_batch": True, "dynamic_size": True})
+    for path in (dynamic, static):
+        path.write_bytes(b"onnx graph")
+    write_sidecar(dynamic, meta)
+    engine = _engine_sidecar(dynamic, BuildOptions(size=256))
+    assert engine.face_size == 256 and engine.extra == {"dynamic_batch": True, "dynamic_size": False}
+    assert [t.shape for t in engine.inputs + engine.outputs] == [(-1, 3, 256, 256)] * 2
+    assert _engine_sidecar(dynamic, BuildOptions()).inputs[0].shape == (-1, 3, 512, 512)
+    for bad in (100, 0):
+        with pytest.raises(ConfigError, match=f"multiple of 32, got {bad}"):
+            _engine_sidecar(dynamic, BuildOptions(size=bad))
+    write_sidecar(static, _engine_sidecar(dynamic, BuildOptions()))
+    assert _engine_sidecar(static, BuildOptions(size=512)).inputs[0].shape == (-1, 3, 512, 512)
+    with pytest.raises(ConfigError, match=r"static.onnx: --size 256 asked, but this ONNX takes 512x512 inputs only"):
+        _engine_sidecar(static, BuildOptions(size=256))
+
+
+def test_engine_sidecar_refuses_an_onnx_changed_since_its_sidecar(tmp_path):
+    """A re-exported ONNX beside an old sidecar: the engine's sidecar would describe another model. A wrong path
+    is named as such."""
+    from export.trt import _engine_sidecar
+    from vqfr.sidecar import write_sidecar
+
+    onnx_path = tmp_path / "m.onnx"
+    onnx_path.write_bytes(b"old graph")
+    write_sidecar(onnx_path, _trt_meta())
+    onnx_path.write_bytes(b"new graph")
+    with pytest.raises(EngineError, match="m.onnx: has changed since export"):
+        _engine_sidecar(onnx_path, BuildOptions())
+    with pytest.raises(EngineError, match="typo.onnx: does not exist"):  # not "has no readable sidecar"
+        _engine_sidecar(tmp_path / "typo.onnx", BuildOptions())
+
+
+def test_a_file_that_is_not_onnx_is_an_engine_error(tmp_path):
+    """E.g. the .pt2 of export.aoti: its sidecar passes for an ONNX one, then the parse raised protobuf's DecodeError
+    (a raw traceback from the CLI)."""
+    from export.trt import _onnx_bytes
+
+    package = tmp_path / "vqfr_v2.pt2"
+    package.write_bytes(b"PK\x03\x04 a zip archive, not a protobuf")
+    with pytest.raises(EngineError, match=r"vqfr_v2.pt2: is not an ONNX model .*Fix: pass the .onnx file"):
+        _onnx_bytes(package, _trt_meta(), BuildOptions())
+
+
+def test_check_repeats_samples_up_to_the_batch():
+    """With a fixed batch (or --min-batch) above the number of --samples, the sample batch still fits the profile."""
+    from export.trt import _check_feeds
+
+    face = np.zeros((3, 16, 16), np.float32)
+    feeds = _check_feeds(_trt_meta(), 3, 16, [face])
+    assert feeds["sample"]["input"].shape == (3, 3, 16, 16) and feeds["sample"]["fidelity"].shape == (3,)
+    assert feeds["random"]["input"].shape == (3, 3, 16, 16)
+
+
+def test_cli_refuses_check_options_without_check(tmp_path, capsys):
+    onnx_path = tmp_path / "m.onnx"
+    for extra in (["--samples", str(tmp_path / "face.png")], ["--reference-onnx", str(onnx_path)]):
+        with pytest.raises(SystemExit) as exc:
+            main([str(onnx_path), "-o", str(tmp_path / "m.engine"), *extra])
+        assert exc.value.code == 2 and "only used by --check; add --check" in capsys.readouterr().err
+    assert not (tmp_path / "m.engine").exists()
+
+
+def test_build_refuses_to_overwrite_its_onnx(tmp_path):
+    onnx_path = tmp_path / "m.onnx"
+    onnx_path.write_bytes(b"onnx")
+    with pytest.raises(OutputError, match="would overwrite the input"):
+        build_engine(onnx_path, onnx_path)
+    assert onnx_path.read_bytes() == b"onnx"
+
+
+def test_version_compatible_engines_run_on_later_tensorrt_only():
+    from vqfr.backends.tensorrt import compatibility_problem
+
+    meta = _trt_meta(version_compatible=True)
+    for later in ("10.8.0.43", "10.13.0.35", "11.0.0.1"):
+        assert compatibility_problem(meta, later, (9, 0)) is None, later
+    assert "built with TensorRT 10.8.0.43, this is TensorRT 10.3.0.26" in compatibility_problem(meta, "10.3.0.26",
+                                                                                                (9, 0))
+
+
+# --- the TensorRT backend, on a stand-in tensorrt module (an identity engine) -------------------------------------
+
+def _trt_meta(version_compatible: bool = False):
+    from vqfr.sidecar import EngineMeta, TensorSpec
+
+    return EngineMeta(arch="VQFRv2", options={}, face_size=16, precision="fp32",
+                      inputs=(TensorSpec("input", (-1, 3, 16, 16)), TensorSpec("fidelity", (-1,))),
+                      outputs=(TensorSpec("output", (-1, 3, 16, 16)),),
+                      built_with={"tensorrt": "10.8.0.43", "compute_capability": "9.0"},
+                      extra={"version_compatible": version_compatible})
+
+
+class _FakeContext:
+    """Copies ``input`` to ``output``; like TensorRT, refuses shapes outside the profile (returns False)."""
+
+    def __init__(self, profile):
+        self.profile, self.shapes, self.addresses = profile, {}, {}
+
+    def set_input_shape(self, name, shape):
+        low, high = self.profile
+        if not low <= shape[0] <= high:
+            return False
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+        return True
+
+    def get_tensor_shape(self, name):
+        return self.shapes.get("input" if name == "output" else name, (-1, 3, 16, 16))
+
+    def execute_async_v3(self, stream):
+        import ctypes
+
+        size = 4 * int(torch.Size(self.shapes["input"]).numel())
+        ctypes.memmove(self.addresses["output"], self.addresses["input"], size)
+        return True
+
+
+class _FakeEngine:
+    num_io_tensors = 3
+    profile = (2, 4)
+
+    def get_tensor_name(self, i):
+        return ("input", "fidelity", "output")[i]
+
+    def get_tensor_mode(self, name):
+        return "out" if name == "output" else "in"
+
+    def get_tensor_dtype(self, name):
+        return "f32"
+
+    def get_tensor_profile_shape(self, name, profile):
+        low, high = self.profile
+        return [(low, 3, 16, 16), (low, 3, 16, 16), (high, 3, 16, 16)]
+
+    def create_execution_context(self):
+        return _FakeContext(self.profile)
+
+
+class _FakeLogger:
+    WARNING = 2
+
+    def __init__(self, level):
+        self.level = level
+
+
+class _FakeRuntime:
+    def __init__(self, logger):
+        self.engine_host_code_allowed = False
+
+    def deserialize_cuda_engine(self, plan):
+        # TensorRT refuses a version-compatible plan (it embeds the lean runtime, host code) unless allowed.
+        if plan.startswith(b"version-compatible") and not self.engine_host_code_allowed:
+            return None
+        return _FakeEngine()
+
+
+@pytest.fixture
+def trt_backend(monkeypatch, tmp_path):
+    """TensorRTBackend(path, meta) over a stand-in tensorrt module and CUDA queries, running on the CPU."""
+    import contextlib
+    import types
+
+    from vqfr.backends.base import BACKENDS
+    from vqfr.backends.tensorrt import TensorRTBackend
+
+    module = types.SimpleNamespace(__version__="10.8.0.43", Logger=_FakeLogger, Runtime=_FakeRuntime,
+                                   TensorIOMode=types.SimpleNamespace(INPUT="in", OUTPUT="out"), float32="f32",
+                                   float16="f16", int32="i32")
+    monkeypatch.setitem(sys.modules, "tensorrt", module)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "stand-in GPU")
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    row = next(e for e in BACKENDS if e.name == "tensorrt")
+
+    def make(plan: bytes, meta):
+        path = tmp_path / "m.engine"
+        path.write_bytes(plan)
+        return TensorRTBackend(row, path, meta=meta, device="cpu")
+
+    return make
+
+
+def test_tensorrt_backend_loads_version_compatible_engines(trt_backend):
+    """export.trt --version-compatible serialises the lean runtime into the plan; the backend must allow host code
+    for it (IRuntime::setEngineHostCodeAllowed), and only for it."""
+    backend = trt_backend(b"version-compatible plan", _trt_meta(version_compatible=True))
+    backend.load()
+    assert backend.loaded and backend._runtime.engine_host_code_allowed
+    plain = trt_backend(b"plan", _trt_meta())
+    plain.load()
+    assert not plain._runtime.engine_host_code_allowed
+
+
+def test_tensorrt_backend_pads_batches_below_the_profile_and_refuses_larger_ones(trt_backend):
+    """A profile with min batch 2 (--min-batch 2, or an ONNX exported with --batch 2) still serves one face; a
+    batch above the profile is a clear EngineError, not a failure inside torch.empty."""
+    backend = trt_backend(b"plan", _trt_meta())
+    backend.load()
+    assert backend.max_batch == 4
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    out = backend.infer(x, torch.zeros(1))
+    assert out.shape == (1, 3, 16, 16) and torch.equal(out, x)
+    three = torch.rand(3, 3, 16, 16)
+    assert torch.equal(backend.infer(three, torch.zeros(3)), three)
+    with pytest.raises(EngineError, match=r"m.engine: the engine does not take input of shape \[5, 3, 16, 16\]"):
+        backend.infer(torch.rand(5, 3, 16, 16), torch.zeros(5))

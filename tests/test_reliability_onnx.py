@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 import vqfr
 from deploy.soak import FACE_SIZE, MICRO_V2
@@ -109,3 +110,16 @@ def test_changed_onnx_is_refused(engine, tmp_path):
     altered = vqfr.Runtime(changed).infer(vqfr.imaging.to_tensor(face[0]), 0.5)
     original = vqfr.Runtime(engine).infer(vqfr.imaging.to_tensor(face[0]), 0.5)
     assert not np.array_equal(altered.numpy(), original.numpy())  # it ran, on other numbers, and nothing else noticed
+
+
+def test_fixed_batch_onnx_serves_any_number_of_faces(engine, tmp_path):
+    """``export.onnx --batch 2`` takes exactly 2 faces: the runtime sends at most 2 per call and pads a single face
+    (onnxruntime used to refuse every call of another batch: "Got invalid dimensions for input")."""
+    fixed = export_onnx(engine.with_name("micro_v2.safetensors"), tmp_path / "micro_v2_b2.onnx", batch=2)
+    x = vqfr.imaging.to_tensor(np.stack(_faces(3, seed=2)))
+    f = torch.tensor([0.0, 1.0, 0.5])
+    dynamic = vqfr.Runtime(engine, device="cpu").infer(x, f)
+    rt = vqfr.Runtime(fixed, device="cpu", max_batch=4)
+    assert rt.batch_size == 2
+    for n in (1, 3):
+        np.testing.assert_allclose(rt.infer(x[:n], f[:n]).numpy(), dynamic[:n].numpy(), atol=1e-5, rtol=0)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vqfr.backends.base import Backend, BackendEntry, cuda_missing
+from vqfr.backends.base import Backend, BackendEntry, cuda_missing, pad_batch
 from vqfr.errors import BackendUnavailable, EngineError
 from vqfr.sidecar import EngineMeta
 
@@ -76,16 +76,19 @@ class AOTIBackend(Backend):
                                          fix="rebuild it on this machine with python -m export.aoti") from exc
             raise EngineError(f"is not a loadable AOTInductor package ({text})", path=path,
                               fix="re-export it with python -m export.aoti") from exc
-        self._dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
         self.loaded = True
 
     @torch.inference_mode()
     def infer(self, x: Tensor, fidelity: Tensor) -> Tensor:
-        args = [x.to(self.device, self._dtype).contiguous()]
+        # Packages of every precision take float32 inputs (export.aoti casts inside the compiled graph); a package
+        # reads its inputs' memory as the dtype it was compiled for, whatever tensors it is given.
+        n = x.shape[0]
+        x, fidelity = pad_batch(x, fidelity.reshape(-1), self.fixed_batch or 1)
+        args = [x.to(self.device, torch.float32).contiguous()]
         if self.takes_fidelity:
-            args.append(fidelity.reshape(-1).to(self.device, torch.float32).contiguous())
+            args.append(fidelity.to(self.device, torch.float32).contiguous())
         out = self._runner(*args)
-        return out[0] if isinstance(out, (list, tuple)) else out
+        return (out[0] if isinstance(out, (list, tuple)) else out)[:n]
 
     def close(self) -> None:
         self._runner = None

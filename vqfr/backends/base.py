@@ -26,7 +26,7 @@ from vqfr.errors import BackendUnavailable
 from vqfr.sidecar import EngineMeta
 
 __all__ = ["Backend", "BackendEntry", "Availability", "BACKENDS", "BACKEND_NAMES", "MODULE", "engine_kind",
-           "availability", "candidates", "missing_package", "cuda_missing", "reasons"]
+           "availability", "candidates", "missing_package", "cuda_missing", "reasons", "pad_batch"]
 
 #: The "suffix" of an in-memory nn.Module engine.
 MODULE = "nn.Module"
@@ -156,6 +156,25 @@ def candidates(kind: str | None, backend: str = "auto", device: str = "auto") ->
     return rows
 
 
+def pad_batch(x: Tensor, fidelity: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+    """Repeat the last face up to ``batch`` faces, for engines that take no smaller batch (a fixed batch, or a
+    TensorRT profile whose minimum is above 1); the caller keeps the first ``n`` outputs.
+
+    Args:
+        x: [n, 3, S, S] faces.
+        fidelity: [n] fidelities.
+        batch: the smallest batch the engine takes.
+
+    Returns:
+        x [max(n, batch), 3, S, S] and fidelity [max(n, batch)]; unchanged when ``n >= batch``.
+    """
+    missing = batch - x.shape[0]
+    if missing <= 0 or x.shape[0] == 0:
+        return x, fidelity
+    return (torch.cat([x, x[-1:].expand(missing, *x.shape[1:])]),
+            torch.cat([fidelity, fidelity[-1:].expand(missing)]))
+
+
 def availability(engine: Any = None, meta: EngineMeta | None = None, backend: str = "auto",
                  device: str = "auto") -> list[Availability]:
     """Check every matching row of the table (all rows when ``engine`` is None)."""
@@ -226,9 +245,16 @@ class Backend(abc.ABC):
         self.loaded = False
 
     @property
+    def fixed_batch(self) -> int | None:
+        """The only batch an engine exported with a fixed batch (``--batch N``) takes, from its sidecar; None when
+        the batch is dynamic. :meth:`infer` pads smaller batches up to it (see :func:`pad_batch`)."""
+        shape = self.meta.inputs[0].shape if self.meta is not None and self.meta.inputs else ()
+        return shape[0] if shape and shape[0] > 0 else None
+
+    @property
     def max_batch(self) -> int | None:
         """Largest batch the engine accepts (None: no limit)."""
-        return None
+        return self.fixed_batch
 
     @property
     def takes_fidelity(self) -> bool:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from vqfr._optional import require
-from vqfr.backends.base import Backend, BackendEntry, cuda_missing, missing_package, reasons
+from vqfr.backends.base import Backend, BackendEntry, cuda_missing, missing_package, pad_batch, reasons
 from vqfr.errors import BackendUnavailable, EngineError
 from vqfr.sidecar import EngineMeta
 
@@ -107,11 +107,13 @@ class OnnxRuntimeBackend(Backend):
         return [("TensorrtExecutionProvider", trt), cuda, cpu]
 
     def infer(self, x: Tensor, fidelity: Tensor) -> Tensor:
+        n = x.shape[0]
+        x, fidelity = pad_batch(x, fidelity.reshape(-1), self.fixed_batch or 1)
         feeds = {self.input_names[0]: x}
         if "fidelity" in self.input_names:
-            feeds["fidelity"] = fidelity.reshape(-1)
+            feeds["fidelity"] = fidelity
         if self.entry.device == "cuda":
-            return self._infer_bound(feeds, x.shape)
+            return self._infer_bound(feeds, x.shape)[:n]
         arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy().astype(_NP[self.in_dtype] if k != "fidelity"
                                                                           else np.float32))
                   for k, v in feeds.items()}
@@ -121,7 +123,7 @@ class OnnxRuntimeBackend(Backend):
             raise EngineError(f"onnxruntime failed on a batch of {x.shape[0]} ({str(exc).strip().splitlines()[0]})",
                               path=self.engine,
                               fix="check that the engine matches its sidecar, or re-export it") from exc
-        return torch.from_numpy(out)
+        return torch.from_numpy(out)[:n]
 
     def _infer_bound(self, feeds: dict[str, Tensor], shape: torch.Size) -> Tensor:
         """GPU path: bind torch CUDA tensors to the session's inputs and output (no host copies)."""

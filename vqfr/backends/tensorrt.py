@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from vqfr._optional import require
-from vqfr.backends.base import Backend, BackendEntry, cuda_missing, missing_package, reasons
+from vqfr.backends.base import Backend, BackendEntry, cuda_missing, missing_package, pad_batch, reasons
 from vqfr.errors import EngineError
 from vqfr.sidecar import EngineMeta
 
@@ -39,8 +39,10 @@ def compatibility_problem(meta: EngineMeta | None, trt_version: str, capability:
     if not built_trt:
         return "the sidecar does not record the TensorRT version the engine was built with"
     same_version = built_trt.split(".")[:3] == trt_version.split(".")[:3]
-    if not same_version and not (meta.extra.get("version_compatible") and built_trt.split(".")[0] ==
-                                 trt_version.split(".")[0]):
+    # A version-compatible plan runs on the TensorRT that built it and on later ones (of later major versions
+    # too), never on an earlier one (TensorRT developer guide, "Version Compatibility").
+    if not same_version and not (meta.extra.get("version_compatible") and _release(trt_version) >=
+                                 _release(built_trt)):
         return f"engine built with TensorRT {built_trt}, this is TensorRT {trt_version}; rebuild it here"
     cc = str(built.get("compute_capability") or "")
     here = f"{capability[0]}.{capability[1]}"
@@ -48,6 +50,11 @@ def compatibility_problem(meta: EngineMeta | None, trt_version: str, capability:
         return (f"engine built for compute capability {cc} ({built.get('gpu', 'unknown GPU')}), this GPU is {here} "
                 f"({gpu_name}); rebuild it on this GPU")
     return None
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``"10.8.0.43"`` -> (10, 8, 0): major, minor and patch, for ordering TensorRT versions."""
+    return tuple(int(part) for part in version.split(".")[:3] if part.isdigit())
 
 
 class TensorRTBackend(Backend):
@@ -83,6 +90,10 @@ class TensorRTBackend(Backend):
                               path=path, fix=f"rebuild with --precision {self.requested_precision} or use auto")
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
+        if self.meta is not None and self.meta.extra.get("version_compatible"):
+            # A version-compatible plan embeds the lean runtime (host code), which TensorRT refuses to load unless
+            # the runtime allows it (IRuntime::setEngineHostCodeAllowed).
+            self._runtime.engine_host_code_allowed = True
         with torch.cuda.device(self.device):
             self._engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
             if self._engine is None:
@@ -98,7 +109,8 @@ class TensorRTBackend(Backend):
             raise EngineError(f"engine inputs {self._inputs} differ from its sidecar's {expected}", path=path,
                               fix="keep each engine with the sidecar written beside it")
         self._dtypes = {n: _torch_dtype(trt, self._engine.get_tensor_dtype(n)) for n in names}
-        self._max_batch = int(self._engine.get_tensor_profile_shape(self._inputs[0], 0)[2][0])
+        low, _, high = self._engine.get_tensor_profile_shape(self._inputs[0], 0)
+        self._min_batch, self._max_batch = int(low[0]), int(high[0])
         self.loaded = True
 
     @property
@@ -106,12 +118,18 @@ class TensorRTBackend(Backend):
         return self._max_batch if self.loaded else None
 
     def infer(self, x: Tensor, fidelity: Tensor) -> Tensor:
-        feeds = {"input": x, "fidelity": fidelity.reshape(-1)}
+        n = x.shape[0]
+        x, fidelity = pad_batch(x, fidelity.reshape(-1), self._min_batch)
+        feeds = {"input": x, "fidelity": fidelity}
         keep = []
         for name in self._inputs:
             t = feeds[name].detach().to(self.device, self._dtypes[name]).contiguous()
             keep.append(t)
-            self._context.set_input_shape(name, tuple(t.shape))
+            if not self._context.set_input_shape(name, tuple(t.shape)):
+                raise EngineError(f"the engine does not take {name} of shape {list(t.shape)} (its profile covers "
+                                  f"batches {self._min_batch} to {self._max_batch})", path=self.engine,
+                                  fix=f"pass at most {self._max_batch} faces of the size in its sidecar, or rebuild "
+                                      "it with python -m export.trt --max-batch N")
             self._context.set_tensor_address(name, t.data_ptr())
         out_name = self._outputs[0]
         out = torch.empty(tuple(self._context.get_tensor_shape(out_name)), device=self.device,
@@ -120,7 +138,7 @@ class TensorRTBackend(Backend):
         stream = torch.cuda.current_stream(self.device)
         if not self._context.execute_async_v3(stream.cuda_stream):
             raise EngineError("TensorRT execution failed", path=self.engine, fix="run with --debug for the log")
-        return out
+        return out[:n]
 
     def close(self) -> None:
         self._context = self._engine = self._runtime = None
