@@ -118,6 +118,35 @@ def test_paste_is_consistent_with_the_upscaled_background():
     assert _psnr(out, background, region) >= 38
 
 
+@pytest.mark.parametrize(("height", "width", "upscale"), [(257, 263, 1.5), (333, 333, 3.3)])
+def test_paste_matches_a_background_upscaled_by_a_non_integer_factor(height, width, upscale):
+    # 333 px at 3.3x is 1098 px (1098.9): the background is scaled 3.297x, and a paste at 3.3x drifted by up to one
+    # output pixel towards the far corner, where the face is
+    rng = np.random.default_rng(2)
+    photo = np.clip(cv2.GaussianBlur(rng.normal(128, 60, (height, width, 3)), (0, 0), 1.2), 0, 255).astype(np.uint8)
+    forward = _similarity(0.25, 10.0, width - 140.0, height - 140.0)
+    lms = FFHQ_TEMPLATE_512 @ forward[:, :2].T + forward[:, 2]
+    crops, affines = align_faces(photo, [lms], 512)
+    background = upscale_lanczos(photo, upscale)
+    out = paste_faces(background, crops, affines, upscale=upscale)
+    region = np.zeros(background.shape[:2], bool)
+    x0, y0 = np.floor(upscale * (lms.min(0) - 10)).astype(int)
+    x1, y1 = np.ceil(upscale * (lms.max(0) + 10)).astype(int)
+    region[y0:y1, x0:x1] = True
+    assert _psnr(out, background, region) >= 44  # 38.6 and 39.6 dB with the nominal scale
+
+
+@pytest.mark.parametrize("degrees", [0.0, 30.0])
+def test_small_face_paste_leaves_no_dark_rim(degrees):
+    # an unchanged crop of a flat photo pastes back unchanged: the mask must stay inside the warped square, whose
+    # outside is black (a 2x2 erosion kept the right and bottom rim, which came out 47 levels too dark)
+    photo = np.full((120, 120, 3), 200, np.uint8)
+    forward = _similarity(0.05, degrees, 40.0, 40.0)  # a 26 px face
+    crops, affines = align_faces(photo, [FFHQ_TEMPLATE_512 @ forward[:, :2].T + forward[:, 2]], 512)
+    out = paste_faces(photo, crops, affines, upscale=1)
+    assert np.abs(out.astype(int) - photo).max() <= 8  # bicubic ringing of the crop's own edge, no more
+
+
 def test_paste_without_faces_returns_a_copy():
     bg = _smooth_photo(50, 60)
     out = paste_faces(bg, np.zeros((0, 64, 64, 3), np.uint8), np.zeros((0, 2, 3)), 1)
@@ -295,3 +324,39 @@ def test_parser_by_path(tmp_path):
     out = paste_faces(photo, white, affines, 1, regions=parser.regions(white))
     assert out[int(50 + 0.2 * 256), int(50 + 0.2 * 256)].min() > 200  # centre pasted
     assert np.array_equal(out[52, 52], photo[52, 52])  # background class kept
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_onnx_parser_exported_with_a_fixed_batch_size(tmp_path, batch):
+    # torch.onnx.export without dynamic axes fixes the batch: a photo with 3 faces must still be parsed, in order
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from vqfr.faces.parsing import load_parser
+
+    class RedSkin(torch.nn.Module):
+        """Class 1 (skin) where the red channel is bright, 0 (background) elsewhere; 19 classes."""
+
+        def forward(self, x):
+            red = x[:, :1]
+            return torch.cat([-red, red, -red.repeat(1, 17, 1, 1)], 1)
+
+    path = tmp_path / "parser.onnx"
+    torch.onnx.export(RedSkin(), (torch.zeros(batch, 3, 512, 512),), str(path), dynamo=False)
+    faces = np.zeros((3, 32, 32, 3), np.uint8)
+    faces[1, :, :, 2] = 255  # the middle face is red (BGR)
+    masks = load_parser(path).regions(faces)
+    assert masks.shape == (3, 32, 32)
+    assert masks[1].min() == 1.0 and masks[0].max() == 0.0 and masks[2].max() == 0.0
+
+
+def test_parser_answering_for_another_number_of_faces_is_a_config_error(tmp_path):
+    from vqfr.faces.parsing import load_parser
+
+    class OneFace(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros(1, 19, x.shape[2], x.shape[3])
+
+    path = tmp_path / "parser.pt"
+    torch.jit.save(torch.jit.script(OneFace()), str(path))
+    with pytest.raises(ConfigError, match="for 2 faces"):
+        load_parser(path).regions(np.zeros((2, 32, 32, 3), np.uint8))

@@ -78,8 +78,17 @@ class NetworkParser:
                               fix="export the parser to .onnx or TorchScript (.pt)")
 
     def _run_onnx(self, x: np.ndarray) -> np.ndarray:
-        name = self._session.get_inputs()[0].name
-        return self._session.run(None, {name: x})[0]
+        inp = self._session.get_inputs()[0]
+        batch = inp.shape[0]
+        if not isinstance(batch, int) or batch <= 0 or batch == len(x):
+            return self._session.run(None, {inp.name: x})[0]
+        # torch.onnx.export fixes the batch size unless given dynamic axes: feed such a model that many faces at once
+        outs = []
+        for i in range(0, len(x), batch):
+            part = x[i:i + batch]
+            padded = np.concatenate([part, np.zeros((batch - len(part), *part.shape[1:]), part.dtype)])
+            outs.append(self._session.run(None, {inp.name: padded})[0][:len(part)])
+        return np.concatenate(outs)
 
     @torch.no_grad()
     def _run_torch(self, x: np.ndarray) -> np.ndarray:
@@ -95,8 +104,9 @@ class NetworkParser:
         resized = np.stack([cv2.resize(f, (self.size, self.size), interpolation=cv2.INTER_LINEAR) for f in faces])
         x = ((resized[..., ::-1].astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(0, 3, 1, 2)
         logits = self._run(np.ascontiguousarray(x))
-        if logits.ndim != 4 or logits.shape[1] < max(FACE_CLASSES) + 1:
-            raise ConfigError(f"parser returned shape {logits.shape}, expected [N, 19, H, W] logits", path=self.path,
+        if logits.ndim != 4 or logits.shape[0] != len(faces) or logits.shape[1] < max(FACE_CLASSES) + 1:
+            raise ConfigError(f"parser returned shape {logits.shape} for {len(faces)} faces, expected [N, 19, H, W] "
+                              "logits", path=self.path,
                               fix="export a 19-class CelebAMask-HQ parser such as facexlib's ParseNet")
         labels = logits.argmax(1)
         masks = np.isin(labels, FACE_CLASSES).astype(np.float32)

@@ -3,7 +3,8 @@
 Geometry: a face crop was taken with ``crop = A @ photo``; in a photo upscaled ``s`` times by a half-pixel-centred
 resize (cv2, Lanczos), photo pixel ``p`` sits at ``s * p + (s - 1) / 2``. The inverse warp is therefore
 ``s * A^-1`` plus ``(s - 1) / 2`` on the translation. (The official facexlib helper adds ``s / 2``, which shifts
-upscaled pastes by half an output pixel against the background; we use the exact offset.)
+upscaled pastes by half an output pixel against the background; we use the exact offset.) ``s`` is the exact ratio of
+the sizes, per axis: ``int(W * upscale) / W`` is not ``upscale`` when ``W * upscale`` is not whole.
 
 Masks:
 
@@ -22,13 +23,26 @@ import numpy as np
 __all__ = ["inverse_affine", "feather_mask", "parse_mask", "paste_faces"]
 
 
-def inverse_affine(affine: np.ndarray, upscale: float = 1.0) -> np.ndarray:
-    """[2,3] photo -> crop affine  ->  [2,3] crop -> upscaled-photo affine (see the module docstring)."""
+def inverse_affine(affine: np.ndarray, upscale: float | tuple[float, float] = 1.0) -> np.ndarray:
+    """[2,3] photo -> crop affine  ->  [2,3] crop -> upscaled-photo affine (see the module docstring); ``upscale``
+    is s, or (sx, sy) per axis."""
     import cv2
 
-    inv = cv2.invertAffineTransform(np.asarray(affine, np.float64)) * upscale
-    inv[:, 2] += (upscale - 1) / 2
+    scale = np.broadcast_to(np.asarray(upscale, np.float64), (2,))
+    inv = cv2.invertAffineTransform(np.asarray(affine, np.float64)) * scale[:, None]
+    inv[:, 2] += (scale - 1) / 2
     return inv
+
+
+def _axis_scale(side: int, upscale: float) -> float:
+    """The exact scale of a background axis of ``side = max(int(n * upscale), 1)`` pixels (the runtime's size) made
+    from n photo pixels: side / n (1.5x of 333 px is 499 px, 1.4985x). Upscaling, one n fits. Downscaling, several
+    may: ``upscale`` is kept (within one output pixel), as for a background sized otherwise."""
+    if upscale < 1:
+        return upscale
+    guess = int(np.ceil(side / upscale))
+    fits = [n for n in (guess - 1, guess, guess + 1) if n >= 1 and max(int(n * upscale), 1) == side]
+    return side / fits[0] if fits else upscale
 
 
 def _roi(inv: np.ndarray, face_size: int, width: int, height: int, pad: int) -> tuple[int, int, int, int] | None:
@@ -44,14 +58,16 @@ def _roi(inv: np.ndarray, face_size: int, width: int, height: int, pad: int) -> 
 def feather_mask(coverage: np.ndarray, upscale: float = 1.0) -> np.ndarray:
     """Soft mask from the warped square's coverage ([h, w] float32 in [0, 1]) -> [h, w] float32 in [0, 1].
 
-    The coverage is eroded by about ``2 * upscale`` pixels (dropping the interpolated rim), then by a feather
-    width ``w = sqrt(area) // 20``, and blurred with a ``2w + 1`` Gaussian: 0 at the square's edge, 1 inside.
+    The coverage is eroded by about ``upscale`` pixels on each side (dropping the interpolated rim), then by a
+    feather width ``w = sqrt(area) // 20``, and blurred with a ``2w + 1`` Gaussian: 0 at the square's edge, 1 inside.
     """
     import cv2
 
-    core = cv2.erode(coverage, np.ones((max(int(2 * upscale), 2),) * 2, np.uint8))
+    # odd kernels erode every side alike (an even one spares the right and bottom rim, and the mask then reached the
+    # black outside the warped square)
+    core = cv2.erode(coverage, np.ones((2 * max(int(upscale), 1) + 1,) * 2, np.uint8))
     edge = max(int(np.sqrt(float(core.sum()))) // 20, 1)
-    core = cv2.erode(core, np.ones((2 * edge, 2 * edge), np.uint8))
+    core = cv2.erode(core, np.ones((2 * edge + 1, 2 * edge + 1), np.uint8))
     return np.clip(cv2.GaussianBlur(core, (2 * edge + 1, 2 * edge + 1), 0), 0, 1)
 
 
@@ -93,7 +109,7 @@ def paste_faces(background: np.ndarray, faces: np.ndarray, affines: np.ndarray, 
     """Blend restored faces into the upscaled photo, one after the other.
 
     Args:
-        background: [H*s, W*s, 3] uint8 BGR, the photo already upscaled by ``upscale`` (not modified).
+        background: [int(H*s), int(W*s), 3] uint8 BGR, the photo already upscaled by ``upscale`` (not modified).
         faces: [N, S, S, 3] uint8 BGR restored crops.
         affines: [N, 2, 3] photo -> crop affines used to cut them.
         upscale: s.
@@ -108,8 +124,9 @@ def paste_faces(background: np.ndarray, faces: np.ndarray, affines: np.ndarray, 
     out = background.copy()
     height, width = out.shape[:2]
     face_size = faces.shape[1] if len(faces) else 0
+    scale = (_axis_scale(width, upscale), _axis_scale(height, upscale))
     for i, (face, affine) in enumerate(zip(faces, affines, strict=True)):
-        inv = inverse_affine(affine, upscale)
+        inv = inverse_affine(affine, scale)
         roi = _roi(inv, face_size, width, height, pad=2)
         if roi is None:
             continue
