@@ -16,7 +16,7 @@ def _same_weights(a, b):
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-@pytest.mark.parametrize("layout", ["params", "params_ema", "both", "module", "plain"])
+@pytest.mark.parametrize("layout", ["params", "params_ema", "both", "module", "plain", "ddp", "module.module"])
 def test_released_layouts_load(tmp_path, layout):
     model = seeded_model(TINY_V2)
     sd = model.state_dict()
@@ -27,6 +27,8 @@ def test_released_layouts_load(tmp_path, layout):
         "both": {"params": other, "params_ema": sd},  # params_ema wins
         "module": {"params": {f"module.{k}": v for k, v in sd.items()}},
         "plain": dict(sd),
+        "ddp": {f"module.{k}": v for k, v in sd.items()},  # model.state_dict() of a DDP-wrapped model
+        "module.module": {"params": {f"module.module.{k}": v for k, v in sd.items()}},  # DataParallel inside DDP
     }[layout]
     path = tmp_path / "ckpt.pth"
     torch.save(obj, path)
@@ -51,6 +53,23 @@ def test_safetensors_round_trip_keeps_options(tmp_path):
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("change", ["unknown key", "missing nested key", "other architecture"])
+def test_safetensors_with_bad_stored_options_names_the_file(tmp_path, change):
+    model = seeded_model(TINY_V2)
+    if change == "unknown key":
+        model.options = {**TINY_V2, "bogus": 1}
+    elif change == "missing nested key":
+        model.options = {**TINY_V2, "align_opt": {"cond_channels": 32}}
+    else:
+        model.options = TINY_V1
+    path = vqfr.save_safetensors(model, tmp_path / "stored.safetensors")
+    with pytest.raises(vqfr.CheckpointError) as err:
+        vqfr.load_model(path)  # the options come from the file's metadata
+    msg = str(err.value)
+    assert str(path) in msg and "metadata" in msg and "Fix:" in msg
+    assert _same_weights(vqfr.load_model(path, TINY_V2), model)  # explicit options are the documented fix
 
 
 def test_released_save_round_trip(tmp_path):

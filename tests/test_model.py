@@ -1,5 +1,7 @@
 """Self-contained model behaviour on tiny random configurations (no ../shared needed)."""
 
+import copy
+
 import pytest
 import torch
 import yaml
@@ -71,6 +73,38 @@ def test_v2_fidelity_zero_shortcut_equals_full_computation(v2):
         assert torch.equal(v2(x, fidelity=torch.zeros(3)), full)
 
 
+def test_v2_fidelity_zero_keeps_the_training_graph():
+    """In training the texture decoder runs without autograd, so the eval-mode f=0 shortcut would return an output
+    with no graph; the official ``conv_out(texture + 0 * x)`` keeps one (zero gradients to the main branch)."""
+    model = seeded_model(TINY_V2, seed=2).train()
+    x = _x(b=2)
+    out = model(x, fidelity=0.0, return_all=True)
+    torch.testing.assert_close(out["main_dec"], out["texture_dec"], atol=0, rtol=0)
+    out["main_dec"].mean().backward()
+    grad = model.main_branch.decoder_dict["Level_1"].conv1.weight.grad
+    assert grad is not None and torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_v2_wrong_length_zero_fidelity_is_refused(v2):
+    with torch.no_grad(), pytest.raises(ValueError, match="fidelity"):
+        v2(_x(), fidelity=torch.zeros(2))  # all zeros skips the main branch: the shape must still be checked
+
+
+def test_v1_batched_output_as_exact_as_single_images():
+    """The official quantizer returns ``rearrange(...).contiguous()``. A channels-last view instead (what a permute
+    gives for a batch > 1) reaches every decoder GroupNorm, whose CPU channels-last kernel loses precision on features
+    with a large mean."""
+    model = seeded_model(TINY_V1, seed=1)
+    with torch.no_grad():
+        model.quantizer.quantize_dict["Level_32"].post_quant_conv.bias += 100.0
+        exact = copy.deepcopy(model).double()
+        x = _x(b=2)
+        out = model(x, return_all=True)
+        reference = exact(x.double())
+    torch.testing.assert_close(out["main_dec"].double(), reference, atol=2e-5, rtol=0)
+    assert out["feat_dict"]["Level_32"]["z_quant_before_conv"].is_contiguous()
+
+
 def test_fidelity_shape_is_checked(v2):
     with pytest.raises(ValueError, match="fidelity"):
         fidelity_weights(torch.ones(2), 3, _x())
@@ -136,10 +170,20 @@ def test_build_model_from_official_style_yml(tmp_path):
 
 
 @pytest.mark.parametrize("bad,match", [({"type": "VQFRv3"}, "type"), ("v7", "v7"),
-                                       ({**TINY_V2, "bogus": 1}, "bogus")])
+                                       ({**TINY_V2, "bogus": 1}, "bogus"),
+                                       ({**TINY_V2, "align_opt": {"cond_channels": 32}}, "deformable_groups"),
+                                       ({**TINY_V2, "quantizer_opt": {"num_code": 32, "code_dim": 16}}, "quantizer"),
+                                       ({**TINY_V2, "base_channels": 48}, "divisible by 32")])
 def test_bad_options_raise_config_error(bad, match):
     with pytest.raises(vqfr.ConfigError, match=match):
         vqfr.build_model(bad)
+
+
+def test_bad_options_in_a_yml_name_the_file(tmp_path):
+    path = tmp_path / "opt.yml"
+    path.write_text(yaml.safe_dump({"network_sr": {**TINY_V2, "align_opt": {"cond_channels": 32}}}))
+    with pytest.raises(vqfr.ConfigError, match="opt.yml: invalid options for VQFRv2: missing option 'deformable_gr"):
+        vqfr.build_model(path)
 
 
 def test_no_host_sync_or_python_branch_in_forward(v2):

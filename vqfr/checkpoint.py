@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from vqfr.atomic import atomic_path, atomic_write_bytes
-from vqfr.errors import CheckpointError
-from vqfr.models import Network, build_model, resolve_options
+from vqfr.errors import CheckpointError, ConfigError
+from vqfr.models import Network, build_model
 
 __all__ = ["load_model", "read_state_dict", "filter_state_dict", "guess_arch", "save_safetensors", "save_released",
            "file_sha256"]
@@ -46,7 +46,8 @@ def guess_arch(keys) -> str | None:
 def filter_state_dict(obj: Mapping) -> dict[str, Tensor]:
     """Released layout -> plain state dict. Idempotent.
 
-    Picks ``params_ema`` over ``params`` when the file is wrapped, and strips any ``module.`` prefix (DataParallel).
+    Picks ``params_ema`` over ``params`` when the file is wrapped, and strips any ``module.`` prefixes (DataParallel,
+    DistributedDataParallel, or both nested: ``module.module.``).
     A plain state dict is returned unchanged (as a new dict).
     """
     if not isinstance(obj, Mapping):
@@ -59,7 +60,9 @@ def filter_state_dict(obj: Mapping) -> dict[str, Tensor]:
     for k, v in obj.items():
         if not isinstance(v, Tensor):
             raise CheckpointError(f"entry {k!r} is a {type(v).__name__}, not a tensor")
-        out[k[len("module."):] if k.startswith("module.") else k] = v
+        while k.startswith("module."):
+            k = k[len("module."):]
+        out[k] = v
     return out
 
 
@@ -231,6 +234,7 @@ def load_model(
     path = Path(checkpoint)
     sd, stored = read_state_dict(path)
     looks_like = guess_arch(sd)
+    from_metadata = options is None and stored is not None
     if options is None:
         if stored is not None:
             options = stored
@@ -239,14 +243,21 @@ def load_model(
                                   fix="pass a VQFR checkpoint (e.g. VQFR_v2.pth)")
         else:
             options = _ALIAS_OF[looks_like]
-    opts = resolve_options(options)
-    model = build_model(opts)
+    try:
+        model = build_model(options)
+    except ConfigError as exc:
+        if not from_metadata:
+            raise
+        raise CheckpointError(f"has invalid model options in its metadata ({exc.reason})", path=path,
+                              fix="pass options= (CLI --config) or re-save it with vqfr.save_safetensors") from exc
+    opts = model.options
     problem = _mismatch_report(model, sd)
     if problem:
         hint = f"the file looks like {looks_like}" if looks_like else "the file matches no known architecture"
         fix = (f"load it with options={_ALIAS_OF[looks_like]!r} (or the config it was trained with)"
                if looks_like and looks_like != opts["type"] else "pass the config the checkpoint was trained with")
-        raise CheckpointError(f"does not match {opts['type']} ({hint}): {problem}", path=path, fix=fix)
+        built = " built from the options in its metadata" if from_metadata else ""
+        raise CheckpointError(f"does not match {opts['type']}{built} ({hint}): {problem}", path=path, fix=fix)
     model.load_state_dict(sd, strict=True)
     model.weights_path = str(path)
     return model.eval().to(device)

@@ -94,7 +94,10 @@ def build_model(options: dict | str | Path) -> Network:
     kwargs = {k: v for k, v in opts.items() if k != "type"}
     try:
         model = ARCHS[arch](**copy.deepcopy(kwargs))
-    except TypeError as exc:
-        raise ConfigError(f"invalid options for {arch}: {exc}", fix="compare with vqfr/configs/*.yml") from exc
+    except (TypeError, LookupError, ValueError) as exc:  # unknown or missing arguments, nested keys, bad values
+        reason = f"missing option {exc}" if isinstance(exc, KeyError) else str(exc)
+        source = options if isinstance(options, (str, Path)) and options not in ALIASES else None
+        raise ConfigError(f"invalid options for {arch}: {reason}", path=source,
+                          fix="compare with vqfr/configs/*.yml") from exc
     model.options = opts
     return model

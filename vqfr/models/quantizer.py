@@ -49,9 +49,13 @@ def _to_tokens(z: Tensor) -> Tensor:
 
 
 def _from_tokens(t: Tensor, like: Tensor) -> Tensor:
-    """[B*h*w, C] -> [B, C, h, w] shaped like ``like``."""
+    """[B*h*w, C] -> [B, C, h, w] shaped like ``like``, contiguous as the official ``rearrange(...).contiguous()``.
+
+    The permuted view would be channels-last for B > 1, and that layout carries through the convs to every
+    GroupNorm of the decoder, whose CPU channels-last kernel computes the variance in one pass and loses precision.
+    """
     b, c, h, w = like.shape
-    return t.reshape(b, h, w, c).permute(0, 3, 1, 2)
+    return t.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
 
 
 def quantize_tokens(z: Tensor, codebook: Tensor, training: bool) -> tuple[Tensor, Tensor, Tensor]:

@@ -229,9 +229,10 @@ class VQFRv2(Network):
         Args:
             x: degraded faces, H and W multiples of 32.
             fidelity: a float, a 0-d tensor or a [B] tensor (one per image). It scales the warped main-branch
-                residual: 0 gives the texture branch alone (the demo default), 1 the training setting. When every
-                value is known to be 0 the main branch is skipped; the output is identical, since the official
-                ``conv_out(texture + 0 * x)`` equals the texture output.
+                residual: 0 gives the texture branch alone (the demo default), 1 the training setting. In eval mode,
+                when every value is known to be 0, the main branch is skipped; the output is identical, since the
+                official ``conv_out(texture + 0 * x)`` equals the texture output. In training it still runs, as the
+                official graph does: the texture output alone was computed without autograd.
             return_all: return a dict of the official outputs: ``enc_feat``, ``quant_logit``, ``texture_dec``,
                 ``main_dec``, plus ``code_indices``.
 
@@ -243,12 +244,12 @@ class VQFRv2(Network):
         # The texture decoder is frozen in training, as the official code runs it under no_grad.
         with torch.no_grad() if self.training else contextlib.nullcontext():
             texture_dec, dec_feats = self.decoder(quant_feat)
-        if fidelity_is_zero(fidelity):
+        weight = fidelity_weights(fidelity, x.shape[0], x)  # checks the shape, even where the branch is skipped
+        if not self.training and fidelity_is_zero(fidelity):
             main_dec = texture_dec
         else:
             residual = self.main_branch(dec_feats, self.inpfeat_extraction(x))
             # Official quirk, kept: the main branch reuses the texture decoder's conv_out.
-            weight = fidelity_weights(fidelity, x.shape[0], x)
             main_dec = self.decoder.conv_out(dec_feats["Level_1"] + weight * residual)
         if not return_all:
             return main_dec
