@@ -91,8 +91,9 @@ def _bench(version: str, fidelity: str, backends: str, out: Path, batches: str =
 
 
 def _train(work: Path, out: Path, iters: int, seconds: float) -> list[str]:
-    """Train for ``iters`` iterations or ``seconds``, whichever comes first, then plot what was logged."""
-    run = work / "train"
+    """Train for ``iters`` iterations or ``seconds``, whichever comes first, then plot what was logged. Each call
+    trains into a folder of its own (the trainer refuses a folder that already holds a run)."""
+    run = work / f"train_{time.strftime('%H%M%S')}"
     script = (f"timeout {seconds:.0f} {sys.executable} -m training.train --config "
               f"training/configs/gpu_short_vqfr_v2.yml --max-iters {iters} --out {run}; "
               f"{sys.executable} -m training.plot {run}/metrics.jsonl -o {out}/train_loss.png")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ import vqfr
 from training.config import load_config
 from training.recipes import unwrap
 from training.train import main as train_main
-from training.trainer import Trainer
+from training.trainer import Trainer, latest_state
+from vqfr.errors import CheckpointError, ConfigError, InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -250,6 +252,127 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
         for k in flat_a:
             assert torch.equal(flat_a[k], flat_b[k]), k
     assert records(tmp_path / "a")[-1]["loss_total"] == records(tmp_path / "b")[-1]["loss_total"]
+
+
+def _one_step_run(out: Path) -> dict:
+    """A 1-iteration VQGANv2 run saved at iteration 1 into ``out``; returns its config."""
+    cfg = tiny_vqgan_v2()
+    cfg["train"]["total_iter"] = 1
+    cfg["logger"]["save_checkpoint_freq"] = 1
+    Trainer(cfg, out).train()
+    return cfg
+
+
+def test_latest_state_ignores_interrupted_saves(tmp_path):
+    # A save killed mid-write (SIGKILL, power loss) leaves its hidden temporary file beside the finished states.
+    states = tmp_path / "training_states"
+    states.mkdir()
+    for name in ("2.state", "10.state", ".11.state.3f2a9c1e.partial.state", "backup.state"):
+        (states / name).write_bytes(b"")
+    assert latest_state(tmp_path) == states / "10.state"
+
+
+def test_resume_explains_a_file_that_does_not_fit_and_keeps_the_run_config(tmp_path):
+    cfg = _one_step_run(tmp_path / "run")
+    saved_config = (tmp_path / "run" / "config.yml").read_text()
+    wider = tiny_vqgan_v2()
+    wider["network_g"]["base_channels"] = 64
+    for other, resume, error, message in [
+        (cfg, tmp_path / "run" / "models" / "net_g_1.pth", CheckpointError, "not a training state"),  # released
+        (cfg, tmp_path / "run" / "config.yml", CheckpointError, "cannot be read as a training state"),
+        (tiny_vqfr_v2(), tmp_path / "run", ConfigError, "does not match this config"),  # another stage
+        (wider, tmp_path / "run", ConfigError, "does not match this config"),  # another architecture
+    ]:
+        with pytest.raises(error, match=message) as err:
+            Trainer(other, tmp_path / "run", resume=resume)
+        assert err.value.path is not None and err.value.fix
+    # the failed resumes left the run's config.yml, which rebuilds its checkpoints, as it was
+    assert (tmp_path / "run" / "config.yml").read_text() == saved_config
+    assert vqfr.load_model(tmp_path / "run" / "models" / "net_g_1.pth", tmp_path / "run" / "config.yml")
+
+
+def test_a_new_run_does_not_overwrite_an_earlier_run(tmp_path):
+    cfg = _one_step_run(tmp_path / "run")
+    files = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != "train.log"}
+    other = copy.deepcopy(cfg)
+    other["manual_seed"] = 1
+    with pytest.raises(ConfigError, match="--resume"):
+        Trainer(other, tmp_path / "run")
+    assert {p: p.read_bytes() for p in files} == files
+    Trainer(cfg, tmp_path / "run", resume=tmp_path / "run").close()  # continuing it is what --resume is for
+
+
+def test_a_failing_validation_does_not_cost_the_checkpoint_of_its_iteration(tmp_path):
+    import cv2
+    import numpy as np
+
+    val = tmp_path / "val"
+    val.mkdir()
+    cv2.imwrite(str(val / "wide.png"), np.zeros((16, 24, 3), np.uint8))  # read only when validation runs
+    cfg = tiny_vqgan_v2()
+    cfg["train"]["total_iter"] = 1
+    cfg["datasets"]["val"] = {"dataroot_gt": str(val)}
+    cfg["logger"]["save_checkpoint_freq"] = 1
+    with pytest.raises(InputError, match="wide.png"):
+        Trainer(cfg, tmp_path / "run").train()
+    assert latest_state(tmp_path / "run").name == "1.state"  # saved first, as basicsr does
+
+
+def test_kmeans_reservoir_smaller_than_the_codebook_is_refused(tmp_path):
+    cfg = tiny_vqgan_v1()
+    cfg["network_g"]["quantizer_opt"]["Level_4"]["reservoir_size"] = 8  # 16 codes: k-means could never run
+    with pytest.raises(ConfigError, match="reservoir_size"):
+        Trainer(cfg, tmp_path / "run")
+
+
+def test_cli_explains_missing_tensorboard(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    cfg = tiny_vqgan_v2()
+    cfg["logger"]["use_tb_logger"] = True
+    code = train_main(["--config", str(write_config(cfg, tmp_path / "tb.yml")), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "pip install" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"logger": {"print_freq": 0}}, "logger.print_freq"),
+    ({"train": {"total_iter": "many"}}, "train.total_iter"),
+    ({"datasets": {"train": {"batch_size_per_gpu": "two"}}}, "batch_size_per_gpu"),
+    ({"datasets": {"val": {"dataroot_lq": "val/lq"}}}, "datasets.val"),
+    ({"datasets": ["train"]}, "datasets.train"),
+])
+def test_cli_explains_config_values_of_the_wrong_type(tmp_path, capsys, change, message):
+    from training.config import merge
+
+    cfg = merge(tiny_vqgan_v2(), change)
+    code = train_main(["--config", str(write_config(cfg, tmp_path / "bad.yml")), "--out", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "bad.yml" in err and message in err
+
+
+def test_integer_options_may_be_written_in_exponent_notation(tmp_path):
+    # YAML reads 8e5 (no dot) as a string; the official files write !!float 5e3 for the same reason.
+    cfg = tiny_vqgan_v2()
+    cfg["train"]["total_iter"] = "8e5"
+    cfg["logger"]["print_freq"] = "1e2"
+    loaded = load_config(write_config(cfg, tmp_path / "exp.yml"))
+    assert loaded["train"]["total_iter"] == 800000 and loaded["logger"]["print_freq"] == 100
+
+
+def test_cli_explains_device_cuda_without_cuda(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg_path = write_config(tiny_vqgan_v2(), tmp_path / "c.yml")
+    assert train_main(["--config", str(cfg_path), "--out", str(tmp_path / "o"), "--device", "cuda"]) == 2
+    assert "--device cpu" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_cli_refuses_max_iters_below_one(tmp_path, capsys, value):
+    cfg_path = write_config(tiny_vqgan_v2(), tmp_path / "c.yml")
+    with pytest.raises(SystemExit):
+        train_main(["--config", str(cfg_path), "--out", str(tmp_path / "o"), "--max-iters", value])
+    assert "--max-iters" in capsys.readouterr().err
 
 
 def test_discriminator_gradients_are_zeroed_every_step(tmp_path):

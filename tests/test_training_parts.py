@@ -132,6 +132,38 @@ def test_psnr_and_ssim_by_hand():
     assert psnr(img, img, crop_border=4) == math.inf
     with pytest.raises(ValueError, match="shapes"):
         psnr(img, img[:8])
+    with pytest.raises(ValueError, match="at least 11x11"):  # no SSIM window fits: was a silent NaN
+        ssim(img[:10], img[:10])
+
+
+def test_metrics_cli_names_the_image_it_cannot_measure(tmp_path, capsys):
+    import cv2
+
+    from training.metrics import main as metrics_main
+
+    cv2.imwrite(str(tmp_path / "small.png"), np.zeros((64, 64, 3), np.uint8))
+    assert metrics_main(["niqe", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "small.png" in err and "96x96" in err
+    assert metrics_main(["niqe", str(tmp_path / "missing")]) == 1
+    assert str(tmp_path / "missing") in capsys.readouterr().err
+
+
+def test_plot_skips_a_cut_off_record_and_explains_an_empty_or_missing_file(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from training.plot import main as plot_main
+    from training.plot import read_metrics
+
+    metrics = tmp_path / "metrics.jsonl"  # the run was killed while writing its third record
+    metrics.write_text('{"iter": 1, "loss_total": 1.0}\n{"iter": 2, "loss_total": 0.5}\n{"iter": 3, "loss_to')
+    assert [r["iter"] for r in read_metrics(metrics)] == [1, 2]
+    assert plot_main([str(metrics), "-o", str(tmp_path / "curve.png")]) == 0
+    assert (tmp_path / "curve.png").stat().st_size > 0
+    (tmp_path / "empty.jsonl").write_text("")
+    for name in ("empty.jsonl", "missing.jsonl"):
+        capsys.readouterr()
+        assert plot_main([str(tmp_path / name), "-o", str(tmp_path / "x.png")]) == 1
+        assert name in capsys.readouterr().err
 
 
 def _niqe_test_image() -> np.ndarray:

@@ -8,6 +8,7 @@ stage-2 yml uses names that no longer exist at the official HEAD; they are repor
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import yaml
@@ -22,6 +23,12 @@ MODEL_TYPES = {"VQGANModel": "network_g", "VQFRv1Model": "network_sr", "VQFRv2Mo
 #: (model_type, expected arch of the generator, expected arch of the stage-1 network or None)
 _ARCH_OF = {"VQGANModel": ("VQGANv1", "VQGANv2"), "VQFRv1Model": ("VQFRv1",), "VQFRv2Model": ("VQFRv2",)}
 _STAGE1_OF = {"VQFRv1Model": "VQGANv1", "VQFRv2Model": "VQGANv2"}
+
+#: Whole-number options and their least value. A number or a numeric string is accepted: YAML reads ``5e3`` (no
+#: dot) as a string, which is why the official files write ``!!float 5e3``.
+_WHOLE_NUMBERS = {("train", "total_iter"): 1, ("logger", "print_freq"): 1, ("logger", "save_checkpoint_freq"): 1,
+                  ("val", "val_freq"): 1, ("datasets", "train", "batch_size_per_gpu"): 1,
+                  ("datasets", "train", "num_worker_per_gpu"): 0, ("datasets", "train", "out_size"): 1}
 
 # Names in the official ymls that the official code itself no longer accepts, with their fixes.
 _STALE_MODEL_TYPES = {"VQFRModel": "VQFRv1Model"}
@@ -41,8 +48,27 @@ def _stale_quantizer(block: dict) -> list[str]:
     return bad
 
 
+def _check_whole_numbers(cfg: dict, source: str) -> None:
+    """Turn the options of :data:`_WHOLE_NUMBERS` into ints, or raise ConfigError naming the option."""
+    for keys, least in _WHOLE_NUMBERS.items():
+        block = cfg
+        for key in keys[:-1]:
+            block = block.get(key, {}) if isinstance(block, dict) else {}
+        value = block.get(keys[-1]) if isinstance(block, dict) else None
+        if value is None:
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if isinstance(value, bool) or not number.is_integer() or number < least:
+            raise ConfigError(f"{'.'.join(keys)} is {value!r}", path=source, fix=f"use a whole number >= {least}")
+        block[keys[-1]] = int(number)
+
+
 def check_config(cfg: dict, source: str = "config") -> dict:
-    """Validate the parts every recipe needs; raise ConfigError naming the key and the fix."""
+    """Validate the parts every recipe needs (whole-number options become ints); raise ConfigError naming the key
+    and the fix."""
     if not isinstance(cfg, dict):
         raise ConfigError("is not a YAML mapping", path=source)
     model_type = cfg.get("model_type")
@@ -71,11 +97,17 @@ def check_config(cfg: dict, source: str = "config") -> dict:
         raise ConfigError(f"network_g (the frozen stage-1 model) must be {_STAGE1_OF[model_type]}, got "
                           f"{cfg['network_g'].get('type')!r}", path=source,
                           fix="use the stage-1 network of this version")
-    train_ds = (cfg.get("datasets") or {}).get("train")
+    datasets = cfg.get("datasets") or {}
+    train_ds = datasets.get("train") if isinstance(datasets, dict) else None
     if not isinstance(train_ds, dict) or "dataroot_gt" not in train_ds:
         raise ConfigError("needs datasets.train.dataroot_gt", path=source, fix="point it at a folder of aligned faces")
+    val_ds = datasets.get("val")
+    if val_ds and (not isinstance(val_ds, dict) or "dataroot_gt" not in val_ds):
+        raise ConfigError("datasets.val needs dataroot_gt", path=source,
+                          fix="point it at the validation HQ faces (LQ ones go in dataroot_lq), or remove datasets.val")
     if not isinstance(cfg.get("train"), dict) or "total_iter" not in cfg["train"]:
         raise ConfigError("needs train.total_iter", path=source)
+    _check_whole_numbers(cfg, source)
     return cfg
 
 
@@ -88,7 +120,9 @@ def load_config(path: str | Path, overrides: dict | None = None) -> dict:
         raise ConfigError(f"cannot read the config ({exc.strerror})", path=path, fix="check the path") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"is not valid YAML ({exc})", path=path, fix="fix the YAML syntax") from exc
-    cfg = merge(cfg or {}, overrides or {})
+    cfg = cfg or {}
+    if isinstance(cfg, dict):  # anything else is reported by check_config
+        cfg = merge(cfg, overrides or {})
     return check_config(cfg, str(path))
 
 

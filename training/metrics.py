@@ -64,10 +64,13 @@ def _ssim_channel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def ssim(img: np.ndarray, ref: np.ndarray, crop_border: int = 0) -> float:
-    """SSIM of two uint8 (or [0, 255] float) images [H, W] or [H, W, C], mean over channels."""
+    """SSIM of two uint8 (or [0, 255] float) images [H, W] or [H, W, C], mean over channels. The images must hold
+    at least one 11x11 window (after the crop)."""
     _check_pair(img, ref)
     a = _crop(img, crop_border).astype(np.float64)
     b = _crop(ref, crop_border).astype(np.float64)
+    if min(a.shape[:2]) < 11:
+        raise ValueError(f"SSIM needs an image of at least 11x11 pixels, got {a.shape[1]}x{a.shape[0]}")
     if a.ndim == 2:
         return _ssim_channel(a, b)
     return float(np.mean([_ssim_channel(a[..., c], b[..., c]) for c in range(a.shape[2])]))
@@ -192,6 +195,7 @@ def _pairs(restored: Path, gt: Path) -> list[tuple[Path, Path]]:
 
 def main(argv: list[str] | None = None) -> int:
     from training.data import list_images
+    from vqfr.errors import VQFRError
     from vqfr.imaging import load_image
 
     parser = argparse.ArgumentParser(prog="python -m training.metrics", description=__doc__.split("\n\n")[0])
@@ -207,14 +211,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     rows: list[dict] = []
-    if args.command == "psnr-ssim":
-        for a, b in _pairs(args.restored, args.gt):
-            img, ref = load_image(a), load_image(b)
-            rows.append({"name": a.stem, "psnr": psnr(img, ref, args.crop_border),
-                         "ssim": ssim(img, ref, args.crop_border)})
-    else:
-        for a in list_images(args.folder):
-            rows.append({"name": a.stem, "niqe": niqe(load_image(a), args.crop_border)})
+    a: Path | None = None
+    try:
+        if args.command == "psnr-ssim":
+            for a, b in _pairs(args.restored, args.gt):
+                img, ref = load_image(a), load_image(b)
+                rows.append({"name": a.stem, "psnr": psnr(img, ref, args.crop_border),
+                             "ssim": ssim(img, ref, args.crop_border)})
+        else:
+            for a in list_images(args.folder):
+                rows.append({"name": a.stem, "niqe": niqe(load_image(a), args.crop_border)})
+    except (VQFRError, ValueError) as exc:  # a missing folder, an unreadable image, or one a metric cannot measure
+        where = "" if isinstance(exc, VQFRError) or a is None else f"{a}: "
+        print(f"error: {where}{exc}", file=sys.stderr)
+        return 1
     keys = [k for k in rows[0] if k != "name"]
     mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     if args.json:

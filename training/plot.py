@@ -8,22 +8,33 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from pathlib import Path
 
 from vqfr._optional import require
+from vqfr.errors import InputError, run_command
 
 __all__ = ["read_metrics", "plot_metrics", "main"]
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a ``metrics.jsonl`` file, in order (a resumed run's repeated iterations keep the last)."""
+    """The records of a ``metrics.jsonl`` file, in order (a resumed run's repeated iterations keep the last). A line
+    that is not a record (a write cut off when the run was killed) is skipped with a warning."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InputError(f"cannot be read ({exc.strerror})", path=path, fix="pass the metrics.jsonl of a run") from exc
     by_iter: dict[int, dict] = {}
-    for line in Path(path).read_text().splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
-            record = json.loads(line)
-            by_iter[int(record["iter"])] = record
+            try:
+                record = json.loads(line)
+                by_iter[int(record["iter"])] = record
+            except (ValueError, KeyError, TypeError):
+                logging.getLogger("training").warning("%s:%d is not a metrics record (cut off?); skipped", path, number)
     return [by_iter[k] for k in sorted(by_iter)]
 
 
@@ -84,8 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=5, help="moving-average window")
     args = parser.parse_args(argv)
     keys = args.keys.split(",") if args.keys else None
-    print(plot_metrics(read_metrics(args.metrics), args.out, keys, args.title, args.window))
-    return 0
+
+    def plot() -> str:
+        records = read_metrics(args.metrics)
+        if not records:
+            raise InputError("holds no records yet", path=args.metrics,
+                             fix="plot it once the run has logged an iteration (logger.print_freq)")
+        return str(plot_metrics(records, args.out, keys, args.title, args.window))
+
+    return run_command(plot)
 
 
 if __name__ == "__main__":

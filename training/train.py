@@ -21,11 +21,19 @@ from training.trainer import Trainer
 from vqfr.errors import VQFRError
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.train", description="Train VQGAN (stage 1) or VQFR "
                                      "(stage 2) from an official-style yml.")
     parser.add_argument("--config", required=True, type=Path, help="training yml (training/configs/*.yml)")
-    parser.add_argument("--max-iters", type=int, help="stop after this many iterations (overrides train.total_iter)")
+    parser.add_argument("--max-iters", type=_positive_int, help="stop after this many iterations (overrides "
+                        "train.total_iter)")
     parser.add_argument("--out", type=Path, help="output folder (default experiments/<name>)")
     parser.add_argument("--resume", type=Path, help="a training_states/<iter>.state file, or an output folder to "
                         "resume from its latest state")
@@ -47,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or Path("experiments") / str(cfg.get("name", args.config.stem))
         trainer = Trainer(cfg, out, device=args.device, resume=args.resume)
         trainer.train()
-    except VQFRError as exc:
+    except (VQFRError, ImportError) as exc:  # ImportError: a missing optional package, named with its extra
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,9 @@ from training.metrics import psnr, ssim
 from training.recipes import RECIPES, Recipe, unwrap
 from vqfr._optional import require
 from vqfr.atomic import atomic_path
-from vqfr.errors import ConfigError
+from vqfr.errors import BackendUnavailable, CheckpointError, ConfigError
 
-__all__ = ["Trainer", "EMA", "init_distributed", "latest_state"]
+__all__ = ["Trainer", "EMA", "init_distributed", "latest_state", "saved_states"]
 
 log = logging.getLogger("training")
 
@@ -90,12 +91,24 @@ class EMA:
         return self.model.state_dict()
 
 
+def _brief(exc: BaseException, lines: int = 1) -> str:
+    """The first ``lines`` lines of an exception's message, joined (load_state_dict lists every mismatch)."""
+    return " ".join(line.strip() for line in str(exc).strip().splitlines()[:lines]) or type(exc).__name__
+
+
+def saved_states(out_dir: str | Path) -> list[Path]:
+    """The ``training_states/<iter>.state`` files of an output folder, oldest first (the hidden temporary file of an
+    interrupted save, or any other name, is not a state)."""
+    states = Path(out_dir) / "training_states"
+    return sorted((p for p in states.glob("*.state") if p.stem.isdigit()), key=lambda p: int(p.stem))
+
+
 def latest_state(path: str | Path) -> Path:
     """A ``.state`` file as given, or the newest one in ``path/training_states``."""
     path = Path(path)
     if path.is_file():
         return path
-    states = sorted((path / "training_states").glob("*.state"), key=lambda p: int(p.stem)) if path.is_dir() else []
+    states = saved_states(path)
     if not states:
         raise ConfigError("holds no training state to resume from", path=path,
                           fix="pass a training_states/<iter>.state file or an output folder that has one")
@@ -130,6 +143,9 @@ class Trainer:
         self.rank, self.world, local_rank, self._owns_group = init_distributed(
             (cfg.get("dist_params") or {}).get("backend") if torch.cuda.is_available() else None)
         use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+        if use_cuda and not torch.cuda.is_available():
+            raise BackendUnavailable(f"device {device!r}: CUDA is not available here",
+                                     fix="use --device cpu, or check the GPU driver (torch.cuda.is_available())")
         self.device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
         if use_cuda:
             torch.cuda.set_device(self.device)
@@ -141,6 +157,9 @@ class Trainer:
         if amp not in AMP_DTYPES:
             raise ConfigError(f"amp is {amp!r}", fix=f"use one of {sorted(AMP_DTYPES)}")
         self.amp_dtype = AMP_DTYPES[amp]
+        if resume is None and saved_states(self.out):
+            raise ConfigError("already holds a training run (its checkpoints would be overwritten)", path=self.out,
+                              fix=f"continue it with --resume {self.out}, or choose another --out")
         self._setup_output()
         torch.manual_seed(self.seed)  # identical initialisation on every rank
 
@@ -180,6 +199,9 @@ class Trainer:
         self.start_iter = 0
         if resume is not None:
             self._resume(latest_state(resume))
+        if self.is_main:  # only now: a resume that does not fit leaves the run's config.yml as it was
+            with atomic_path(self.out / "config.yml") as tmp:
+                Path(tmp).write_text(yaml.safe_dump(self.cfg, sort_keys=False))
         self.tb = None
         if self.is_main and (cfg.get("logger") or {}).get("use_tb_logger", False):
             tensorboard = require("torch.utils.tensorboard", "TensorBoard logging (logger.use_tb_logger)")
@@ -191,8 +213,6 @@ class Trainer:
         if self.is_main:
             for sub in ("models", "training_states"):
                 (self.out / sub).mkdir(parents=True, exist_ok=True)
-            with atomic_path(self.out / "config.yml") as tmp:
-                Path(tmp).write_text(yaml.safe_dump(self.cfg, sort_keys=False))
             self._log_handler = logging.FileHandler(self.out / "train.log")
             self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             log.addHandler(self._log_handler)
@@ -226,6 +246,10 @@ class Trainer:
         for level, q in quantizer.quantize_dict.items():
             r = CodebookReestimator(q.embedding.weight, q.reservoir_size, q.reestimate_iters, q.reestimate_maxiters,
                                     seed=self.seed, kmeans_iters=int(self.train_opt.get("kmeans_iters", 300)))
+            if r.active and q.reservoir_size < q.num_code:
+                raise ConfigError(f"network_g.quantizer_opt.{level}.reservoir_size is {q.reservoir_size}, fewer than "
+                                  f"its {q.num_code} codes: k-means could never re-estimate the codebook",
+                                  fix="set reservoir_size to at least num_code (official: 16384 for 1024 codes)")
             if r.active:
                 out[level] = r
         return out
@@ -298,10 +322,11 @@ class Trainer:
                     now = time.perf_counter()
                     last = self._log(it, epoch, terms, (now - timer) / timed)
                     timer, timed = time.perf_counter(), 0
-                if self.val_enabled and (it % val_freq == 0 or it == self.total_iter):
-                    self.validate(it)
+                # Save before validating, as basicsr: a validation that fails does not cost this checkpoint.
                 if it % save_freq == 0 or it == self.total_iter:
                     self.save(it)
+                if self.val_enabled and (it % val_freq == 0 or it == self.total_iter):
+                    self.validate(it)
                 if it >= self.total_iter:
                     break
         self.close()
@@ -463,21 +488,35 @@ class Trainer:
             dist.barrier()
 
     def _resume(self, path: Path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        unwrap(self.net).load_state_dict(state["nets"][self.recipe.generator_name])
-        for name, d in self._discriminators().items():
-            d.load_state_dict(state["nets"][name])
-        if self.ema is not None:
-            if state["ema"] is None:
-                raise ConfigError("has no EMA weights but this config sets train.ema_decay", path=path,
-                                  fix="resume with the config the run was started with")
-            self.ema.model.load_state_dict(state["ema"])
-        for k, o in self._all_optimizers().items():
-            o.load_state_dict(state["optimizers"][k])
-        self.scaler_g.load_state_dict(state["scalers"]["g"])
-        self.scaler_d.load_state_dict(state["scalers"]["d"])
-        for k, r in self.reestimators.items():
-            r.load_state_dict(state["kmeans"][k], self.device)
+        where = "pass a training_states/<iter>.state file, or the output folder to resume from its latest state"
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as exc:  # torch.load on other bytes raises many types (UnpicklingError, RuntimeError ...)
+            reason = "not a pickle of tensors" if isinstance(exc, pickle.UnpicklingError) else _brief(exc)
+            raise CheckpointError(f"cannot be read as a training state ({reason})", path=path, fix=where) from exc
+        if not isinstance(state, dict) or "nets" not in state:
+            raise CheckpointError("is not a training state (a models/*.pth checkpoint?)", path=path, fix=where)
+        fix = "resume with the config the run was started with"
+        nets = {self.recipe.generator_name, *self._discriminators()}
+        if set(state["nets"]) != nets:
+            raise ConfigError(f"does not match this config: it holds the networks {sorted(state['nets'])}, the "
+                              f"config trains {sorted(nets)}", path=path, fix=fix)
+        if self.ema is not None and state.get("ema") is None:
+            raise ConfigError("has no EMA weights but this config sets train.ema_decay", path=path, fix=fix)
+        try:
+            unwrap(self.net).load_state_dict(state["nets"][self.recipe.generator_name])
+            for name, d in self._discriminators().items():
+                d.load_state_dict(state["nets"][name])
+            if self.ema is not None:
+                self.ema.model.load_state_dict(state["ema"])
+            for k, o in self._all_optimizers().items():
+                o.load_state_dict(state["optimizers"][k])
+            self.scaler_g.load_state_dict(state["scalers"]["g"])
+            self.scaler_d.load_state_dict(state["scalers"]["d"])
+            for k, r in self.reestimators.items():
+                r.load_state_dict(state["kmeans"][k], self.device)
+        except (KeyError, RuntimeError, ValueError) as exc:  # other shapes, optimiser groups or k-means levels
+            raise ConfigError(f"does not match this config ({_brief(exc, 2)})", path=path, fix=fix) from exc
         self.start_iter = int(state["iter"])
         if state.get("global_batch") != self.sampler.batch_size * self.world:
             log.warning("resuming with a global batch of %d instead of %s: the data order differs from the original "
