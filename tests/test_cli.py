@@ -187,3 +187,25 @@ def test_default_input_is_the_embedded_demo_photo(tmp_path, weights, capsys):
     restored = cv2.imread(str(out / "restored_imgs" / "astronaut_degraded.jpg"))
     assert restored.shape == (1024, 1024, 3)  # the official demo's default upscale, 2
     assert [p.name for p in (out / "restored_faces").iterdir()] == ["astronaut_degraded_00.png"]
+
+
+def test_weights_help_names_every_folder_searched(tmp_path, monkeypatch):
+    """--help lists where the default weights are looked for: the folders vqfr.runtime.find_weights searches."""
+    from vqfr.cli import build_parser
+    from vqfr.runtime import WEIGHTS_ENV, find_weights
+
+    help_text = " ".join(build_parser().format_help().split())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for folder, shown in (("experiments/pretrained_models", "./experiments/pretrained_models"),
+                          ("weights", "./weights"), ("home/.cache/vqfr", "~/.cache/vqfr")):
+        path = tmp_path / folder / "VQFR_v2.pth"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"")
+        found = find_weights("VQFRv2")
+        assert found is not None and found.resolve() == path.resolve()
+        assert shown in help_text, shown
+        path.unlink()
+    assert f"${WEIGHTS_ENV}" in help_text

@@ -447,3 +447,19 @@ def test_tensorrt_backend_pads_batches_below_the_profile_and_refuses_larger_ones
     assert torch.equal(backend.infer(three, torch.zeros(3)), three)
     with pytest.raises(EngineError, match=r"m.engine: the engine does not take input of shape \[5, 3, 16, 16\]"):
         backend.infer(torch.rand(5, 3, 16, 16), torch.zeros(5))
+
+
+def test_tensorrt_backend_precision_mismatch_names_real_export_flags(trt_backend):
+    """Asking an fp32 engine for fp16 is refused with a fix whose flags exist: export.trt has no --precision
+    (precision follows the ONNX: export.onnx --precision, or export.trt --fp16)."""
+    from export.onnx import build_parser as onnx_parser
+    from export.trt import build_parser as trt_parser
+
+    backend = trt_backend(b"plan", _trt_meta())
+    backend.requested_precision = "fp16"
+    with pytest.raises(EngineError, match="was built in fp32; precision fp16 was asked") as info:
+        backend.load()
+    fix = info.value.fix or ""
+    assert "export.onnx --precision" in fix and "export.trt --fp16" in fix
+    assert "--precision" in onnx_parser().format_help() and "--fp16" in trt_parser().format_help()
+    assert "--precision" not in trt_parser().format_help()

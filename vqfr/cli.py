@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="VQFR version for --weights or the default weights (default: 2, or the engine's)")
     src = model.add_mutually_exclusive_group()
     src.add_argument("--weights", help="checkpoint: VQFR_v2.pth, VQFR_v1-33a1fac5.pth or .safetensors "
-                                       "(default: $VQFR_WEIGHTS, ./experiments/pretrained_models, ~/.cache/vqfr; "
-                                       "else RANDOM weights, with a warning)")
+                                       "(default: $VQFR_WEIGHTS, ./experiments/pretrained_models, ./weights, "
+                                       "~/.cache/vqfr; else RANDOM weights, with a warning)")
     src.add_argument("--engine", help="exported engine: .onnx, .engine/.plan (TensorRT) or .pt2 (AOTInductor)")
     model.add_argument("--config", help="model options yml for --weights (official network_sr block)")
     model.add_argument("-f", "--fidelity", type=float, default=0.0,

@@ -87,7 +87,9 @@ class TensorRTBackend(Backend):
             raise EngineError(problem, path=path, fix="rebuild the engine here with python -m export.trt")
         if self.requested_precision not in ("auto", self.precision):
             raise EngineError(f"was built in {self.precision}; precision {self.requested_precision} was asked",
-                              path=path, fix=f"rebuild with --precision {self.requested_precision} or use auto")
+                              path=path, fix="use auto, or rebuild it in that precision: an engine has its ONNX's "
+                                             "(python -m export.onnx --precision fp32|fp16), or fp16 from an fp32 "
+                                             "ONNX with python -m export.trt --fp16 (TensorRT 10)")
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         if self.meta is not None and self.meta.extra.get("version_compatible"):
