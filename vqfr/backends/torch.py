@@ -107,6 +107,15 @@ class TorchBackend(Backend):
     @torch.inference_mode()
     def infer(self, x: Tensor, fidelity: Tensor) -> Tensor:
         assert self.model is not None, "load() the backend first"
+        if self.device.type != "cuda":
+            return self._infer(x, fidelity)
+        # The Triton launches and the CUDA-graph captures run on the current device: make it this backend's, for a
+        # model on another GPU than the current one (cuda:1 while cuda:0 is current).
+        with torch.cuda.device(self.device):
+            return self._infer(x, fidelity)
+
+    def _infer(self, x: Tensor, fidelity: Tensor) -> Tensor:
+        assert self.model is not None
         if self.runner is not None:
             return self.runner(x, fidelity.detach().to("cpu", torch.float32).reshape(-1))
         x = x.to(device=self.device, dtype=self.dtype)

@@ -195,6 +195,7 @@ class FastRunner:
         self._compiled: dict[tuple[int, bool], Callable] = {}
         self._graphs: dict[tuple[int, bool], _Graph] = {}
         self._pool: Any = None  # one CUDA-graph memory pool that every captured graph shares
+        self._stream: Any = None  # the side stream of every warm-up and capture (see _capture)
         #: seconds spent preparing each (batch, texture_only) key: compilation, autotuning, capture
         self.prepare_s: dict[tuple[int, bool], float] = {}
 
@@ -222,16 +223,20 @@ class FastRunner:
         fn = self._function(key)
         static_x = x.clone(memory_format=self.memory_format)
         static_f = None if fidelity is None else fidelity.clone()
-        stream = torch.cuda.Stream(self.device)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+            # One side stream on this runner's device for every warm-up and capture that shares the pool: without
+            # stream=, torch.cuda.graph captures on a stream made once on whichever device was current first, and a
+            # model on another GPU would then be captured empty (every replay doing nothing).
+            self._stream = torch.cuda.Stream(self.device)
+        stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(3):
                 fn(static_x, static_f)
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool, stream=stream):
             out = fn(static_x, static_f)
         return _Graph(graph, static_x, static_f, out)
 
