@@ -75,6 +75,13 @@ def test_available_explains_every_no():
     assert "tensorrt" in str(rows["tensorrt"])
 
 
+def test_available_narrows_to_the_device_and_checks_its_name():
+    assert [a.entry.label for a in Runtime.available(device="cpu")] == ["onnxruntime[CPU]", "aoti[cpu]", "torch[cpu]"]
+    assert {a.entry.device for a in Runtime.available(device="cuda:1")} == {"cuda"}
+    with pytest.raises(BackendUnavailable, match="unknown device"):
+        Runtime.available(device="nonsense")
+
+
 def test_wrong_backend_for_engine_is_refused(tmp_path, tiny_v2):
     ckpt = vqfr.save_safetensors(tiny_v2, tmp_path / "tiny.safetensors")
     with pytest.raises(BackendUnavailable, match=r"loads \.safetensors.*tensorrt \(\.engine, \.plan\)"):

@@ -180,8 +180,7 @@ def availability(engine: Any = None, meta: EngineMeta | None = None, backend: st
     """Check every matching row of the table (all rows when ``engine`` is None)."""
     kind = None if engine is None else engine_kind(engine)
     out = []
-    for entry in candidates(kind, backend, device) if kind else [e for e in BACKENDS
-                                                                   if backend in ("auto", e.name)]:
+    for entry in candidates(kind, backend, device):
         reason, note = entry.backend_class().status(entry, meta)
         out.append(Availability(entry, reason is None, reason or "", note))
     return out
