@@ -269,13 +269,9 @@ def _load_weights(model: nn.Module, path: str, strict: bool, what: str, param_ke
     ``param_key`` (the official ``param_key_g`` / ``param_key_sr``) picks ``params`` or ``params_ema`` of a file
     that holds it; otherwise ``params_ema`` is preferred over ``params``.
     """
-    from vqfr.checkpoint import filter_state_dict, read_state_dict
+    from vqfr.checkpoint import read_state_dict
 
-    sd, _ = read_state_dict(path)
-    if param_key and not str(path).endswith(".safetensors"):
-        raw = torch.load(path, map_location="cpu", weights_only=True)  # readable: read_state_dict accepted it
-        if isinstance(raw, dict) and isinstance(raw.get(param_key), dict):
-            sd = filter_state_dict({param_key: raw[param_key]})
+    sd, _ = read_state_dict(path, param_key)
     if strict:
         model.load_state_dict(sd, strict=True)
         return len(sd)

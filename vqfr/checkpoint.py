@@ -43,16 +43,17 @@ def guess_arch(keys) -> str | None:
     return None
 
 
-def filter_state_dict(obj: Mapping) -> dict[str, Tensor]:
+def filter_state_dict(obj: Mapping, param_key: str | None = None) -> dict[str, Tensor]:
     """Released layout -> plain state dict. Idempotent.
 
-    Picks ``params_ema`` over ``params`` when the file is wrapped, and strips any ``module.`` prefixes (DataParallel,
+    Picks ``param_key`` when given and the file holds it (the official ``param_key_g``), else ``params_ema`` over
+    ``params``, when the file is wrapped, and strips any ``module.`` prefixes (DataParallel,
     DistributedDataParallel, or both nested: ``module.module.``).
     A plain state dict is returned unchanged (as a new dict).
     """
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"holds a {type(obj).__name__}, not a state dict")
-    for key in ("params_ema", "params"):
+    for key in ([param_key] if param_key else []) + ["params_ema", "params"]:
         if key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
             break
@@ -66,8 +67,8 @@ def filter_state_dict(obj: Mapping) -> dict[str, Tensor]:
     return out
 
 
-def read_state_dict(path: str | Path) -> tuple[dict[str, Tensor], dict | None]:
-    """Read a checkpoint file.
+def read_state_dict(path: str | Path, param_key: str | None = None) -> tuple[dict[str, Tensor], dict | None]:
+    """Read a checkpoint file; ``param_key`` as in :func:`filter_state_dict`.
 
     Returns:
         (state dict, the model options stored in a safetensors file's metadata, or None).
@@ -102,7 +103,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, Tensor], dict | None]:
         raise CheckpointError(f"is not a readable PyTorch checkpoint (truncated or corrupt: {_first_line(exc)})",
                               path=path, fix="re-download the file; it may be truncated") from exc
     try:
-        return filter_state_dict(obj), None
+        return filter_state_dict(obj, param_key), None
     except CheckpointError as exc:
         raise CheckpointError(str(exc), path=path, fix="pass a checkpoint in the released layout") from exc
 
