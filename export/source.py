@@ -22,7 +22,7 @@ from vqfr.models import Network
 from vqfr.sidecar import TensorSpec, sidecar_path
 
 __all__ = ["EXPORTABLE", "ExportSpec", "load_source_model", "randomize_", "engine_module", "export_spec",
-           "check_inputs", "add_model_arguments", "refuse_overwriting_inputs"]
+           "check_inputs", "add_model_arguments", "refuse_overwriting_inputs", "check_v1_side"]
 
 #: Architectures that export (the VQGAN codebook models are training-stage models, not restorers).
 EXPORTABLE = ("VQFRv1", "VQFRv2")
@@ -181,6 +181,17 @@ class ExportSpec:
         return ["input", "fidelity"] if self.takes_fidelity else ["input"]
 
 
+def check_v1_side(side: int, patch: int, path: str | Path | None = None) -> None:
+    """A v1 input side must be a positive multiple of its patch (32).
+
+    Raises:
+        ConfigError: with the nearest valid ``--size``.
+    """
+    if side < patch or side % patch:
+        raise ConfigError(f"VQFRv1 needs an input side that is a multiple of {patch}, got {side}", path=path,
+                          fix=f"pass --size {max(patch, side - side % patch)}")
+
+
 def export_spec(model: Network, batch: int | None = None, size: int | None = None,
                 dynamic_size: bool = False) -> ExportSpec:
     """Validate the requested shapes against the architecture.
@@ -209,9 +220,7 @@ def export_spec(model: Network, batch: int | None = None, size: int | None = Non
                               fix=f"drop --size or pass --size {height}")
         return ExportSpec(batch, height, width, False, True)
     side = 512 if size is None else size
-    if side < patch or side % patch:
-        raise ConfigError(f"VQFRv1 needs an input side that is a multiple of {patch}, got {side}",
-                          fix=f"pass --size {max(patch, side - side % patch)}")
+    check_v1_side(side, patch)
     if dynamic_size and side == patch:  # torch.export specialises a dimension whose example size is 1 (block)
         raise ConfigError(f"a dynamic-size graph is traced at --size, which must span at least two {patch}-pixel "
                           f"blocks, got {side}", fix=f"pass --size {2 * patch}: the graph still takes {side}x{side}")

@@ -32,7 +32,7 @@ import numpy as np
 
 from export import metadata
 from export.compare import Agreement, agreement
-from export.source import refuse_overwriting_inputs
+from export.source import check_v1_side, refuse_overwriting_inputs
 from vqfr._optional import require
 from vqfr.atomic import atomic_write_bytes
 from vqfr.errors import ConfigError, EngineError, run_command
@@ -161,9 +161,7 @@ def _engine_sidecar(onnx_path: Path, options: BuildOptions) -> EngineMeta:
         return meta
     size = meta.face_size if options.size is None else options.size
     patch = int(meta.options.get("proj_patch_size", 32))
-    if size < patch or size % patch:
-        raise ConfigError(f"--size must be a multiple of {patch}, got {size}", path=onnx_path,
-                          fix=f"pass --size {max(patch, size - size % patch)}")
+    check_v1_side(size, patch, onnx_path)
 
     def at_size(t: TensorSpec) -> TensorSpec:
         return dataclasses.replace(t, shape=tuple(size if axis >= 2 and d < 0 else d for axis, d in enumerate(t.shape)))
