@@ -136,6 +136,26 @@ def test_paste_matches_a_background_upscaled_by_a_non_integer_factor(height, wid
     assert _psnr(out, background, region) >= 44  # 38.6 and 39.6 dB with the nominal scale
 
 
+@pytest.mark.parametrize(("width", "height", "upscale"), [(333, 327, 0.75), (301, 299, 0.5)])
+def test_downscaled_paste_lands_where_the_exact_scale_puts_it(width, height, upscale):
+    # 333 px at 0.75x is 249 px (249.75): the exact scale is 249/333. Downscaling, the background's size alone does
+    # not tell the photo's (332 and 333 px both give 249), so the nominal scale put the face up to 0.55 px off.
+    size = (int(width * upscale), int(height * upscale))
+    background = np.full((size[1], size[0], 3), 100, np.uint8)
+    s = 512 / 200  # a 200 px face towards the far corner, where the error of the scale adds up
+    affine = np.array([[s, 0, -s * (width - 215.0)], [0, s, -s * (height - 212.0)]])
+    marker = np.array([370.0, 360.0])  # a Gaussian blob on a flat crop of the background's colour
+    yy, xx = np.mgrid[:512, :512].astype(np.float64)
+    blob = 100 + 150 * np.exp(-((xx - marker[0]) ** 2 + (yy - marker[1]) ** 2) / (2 * 12.0 ** 2))
+    face = np.repeat(np.rint(blob).astype(np.uint8)[:, :, None], 3, axis=2)
+    out = paste_faces(background, face[None], affine[None], upscale, photo_size=(width, height))
+    weight = np.clip(out[..., 0].astype(np.float64) - 100, 0, None)
+    ys, xs = np.mgrid[:size[1], :size[0]]
+    centroid = np.array([(weight * xs).sum(), (weight * ys).sum()]) / weight.sum()
+    exact = inverse_affine(affine, (size[0] / width, size[1] / height)) @ np.array([*marker, 1.0])
+    assert np.abs(centroid - exact).max() < 0.1, (centroid, exact)  # 0.02-0.06 px of resampling; nominal: 0.2-0.55
+
+
 @pytest.mark.parametrize("degrees", [0.0, 30.0])
 def test_small_face_paste_leaves_no_dark_rim(degrees):
     # an unchanged crop of a flat photo pastes back unchanged: the mask must stay inside the warped square, whose

@@ -167,18 +167,75 @@ def test_signal_during_a_write_waits_for_the_whole_set(weights, tmp_path, monkey
     assert done == 2 and problems == [], problems
 
 
-def test_signal_while_the_model_loads(weights, tmp_path, monkeypatch):
+def test_a_write_that_fails_while_a_signal_waits_is_still_reported(weights, tmp_path, monkeypatch):
+    """Ctrl-C arrives during the first output of the second input, and its next output cannot be written: the run
+    stops as interrupted, and the failed write is reported (file and reason), not hidden by the interrupt."""
+    import vqfr.atomic
+
+    inputs = _faces(tmp_path / "in", 3)
+    real, writes = vqfr.atomic.atomic_write_bytes, []
+
+    def signal_then_fail(path, data):
+        writes.append(Path(path).name)
+        if len(writes) == 5:  # the second output of the second input
+            raise PermissionError(13, "Permission denied")
+        real(path, data)
+        if len(writes) == 4:  # the first output of the second input
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(vqfr.atomic, "atomic_write_bytes", lambda p, d: _raise_as_output(signal_then_fail, p, d))
+    out = tmp_path / "out"
+    code, stdout, stderr = _run_cli(["-i", str(tmp_path / "in"), "-o", str(out), "--weights", str(weights),
+                                     "--aligned", "-q", "--batch", "1"])
+    assert code == EXIT_INTERRUPTED and "interrupted" in stderr
+    failed = [line for line in stderr.splitlines() if line.startswith("vqfr: FAILED")]
+    assert len(failed) == 1 and writes[4] in failed[0] and "Permission denied" in failed[0], stderr
+    assert "1 images" in stdout and "1 failed" in stdout
+    assert len(writes) == 5, "nothing is written after the interrupt"
+    assert _complete_sets(out, inputs)[0] == 1
+
+
+@pytest.fixture
+def sigint_handler():
+    """Yield a setter for SIGINT's handler during a test; the handler the test process had comes back after it."""
+    before = signal.getsignal(signal.SIGINT)
+    yield lambda handler: signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGINT, before)
+
+
+def test_signal_while_the_model_loads(weights, tmp_path, monkeypatch, sigint_handler):
     import vqfr.runtime
 
     def interrupted_load(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
 
+    sigint_handler(signal.default_int_handler)  # as in a terminal (pytest run in the background starts with SIG_IGN)
     monkeypatch.setattr(vqfr.runtime, "Runtime", interrupted_load)
     _faces(tmp_path / "in", 1)
     code, _, stderr = _run_cli(["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--weights", str(weights),
                                 "--aligned", "-q"])
     assert code == EXIT_INTERRUPTED and stderr.strip() == "vqfr: interrupted before any input was restored"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the CLI restores the handlers it set"
+
+
+def test_an_ignored_sigint_stays_ignored(weights, tmp_path, monkeypatch, sigint_handler):
+    """Started with SIGINT ignored (``nohup``, ``&`` in a script), the CLI keeps ignoring it and finishes the run."""
+    import vqfr.runtime
+
+    real_runtime = vqfr.runtime.Runtime
+
+    def interrupted_load(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_runtime(*args, **kwargs)
+
+    sigint_handler(signal.SIG_IGN)
+    monkeypatch.setattr(vqfr.runtime, "Runtime", interrupted_load)
+    inputs = _faces(tmp_path / "in", 1)
+    code, _, stderr = _run_cli(["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--weights", str(weights),
+                                "--aligned", "-q"])
+    assert code == 0, stderr
+    assert _complete_sets(tmp_path / "out", inputs)[0] == 1
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_output_names_never_collide(tmp_path):

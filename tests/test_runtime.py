@@ -329,6 +329,39 @@ def test_empty_batches_and_bad_upscale(rt_v2):
             rt_v2.restore(np.zeros((16, 16, 3), np.uint8), upscale=upscale)
 
 
+class _OneFace:
+    """A detector that finds one face with the given landmarks."""
+
+    def __init__(self, landmarks: np.ndarray):
+        self.landmarks = landmarks.astype(np.float32)
+
+    def detect(self, img: np.ndarray) -> list:
+        from vqfr.faces.detector import Detection
+
+        lo, hi = self.landmarks.min(0) - 20, self.landmarks.max(0) + 20
+        return [Detection(np.concatenate([lo, hi]).astype(np.float32), 0.99, self.landmarks)]
+
+
+@pytest.mark.parametrize("upscale", [0.75, 0.5])
+def test_downscaled_photo_is_pasted_with_the_exact_scale(tiny_v2, upscale):
+    """333x327 at 0.75x is 249x245: the faces go back at 249/333 and 245/327, not 0.75, which is up to one output
+    pixel off towards the far corner (where the face is)."""
+    from vqfr.faces.align import template
+    from vqfr.faces.paste import paste_faces
+    from vqfr.imaging import upscale_lanczos
+
+    photo = np.random.default_rng(4).integers(0, 256, (327, 333, 3), dtype=np.uint8)
+    landmarks = template(64) * 2.5 + np.array([170.0, 165.0])  # a 160 px face, 3 px from the far corner
+    with Runtime(tiny_v2, device="cpu", detector=_OneFace(landmarks)) as rt:
+        result = rt.restore_faces(photo, upscale=upscale)
+    restored = np.stack([f.restored for f in result.faces])
+    affines = np.stack([f.affine for f in result.faces])
+    background = upscale_lanczos(photo, upscale)
+    exact = paste_faces(background, restored, affines, upscale, photo_size=(333, 327))
+    assert np.array_equal(result.image, exact)
+    assert not np.array_equal(exact, paste_faces(background, restored, affines, upscale))  # the test can tell
+
+
 def test_import_vqfr_stays_light():
     import subprocess
     import sys
@@ -344,3 +377,57 @@ def test_to_images_roundtrip_helper_matches_official(tiny_v2):
     with torch.no_grad():
         y = tiny_v2(to_tensor(face), fidelity=0.0)
     assert np.abs(to_images(y)[0].astype(int) - _official(tiny_v2, face, 0.0)).max() <= 1
+
+
+# ----------------------------------------------------------------------------------------------- torch max mode
+def test_max_mode_compiles_every_batch_size_whatever_torchs_recompile_limit(monkeypatch):
+    """torch counts compiled graphs per code object against ``torch._dynamo.config.recompile_limit`` (8 by default;
+    with fullgraph=True, one more raises). Every (batch, fidelity kind) of every runner is a graph of its own, so
+    none may share a code object: with the limit at 2, three batch sizes on each of two runners all compile."""
+    from torch import nn
+
+    from vqfr.backends.torch_fast import FastOptions, FastRunner
+
+    options = FastOptions(compile=True, compile_backend="eager", channels_last=False).resolved(torch.device("cpu"))
+    models = [nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.SiLU()).eval() for _ in range(2)]
+
+    def runs_every_batch_size(model: nn.Module) -> None:
+        runner = FastRunner(model, "VQFRv1", torch.device("cpu"), torch.float32, options)
+        monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)  # as if the process had used its 8 (or 64)
+        for batch in (1, 2, 3):
+            x = torch.rand(batch, 3, 8, 8)
+            with torch.no_grad():
+                torch.testing.assert_close(runner(x, torch.zeros(batch)), model(x))
+        assert set(runner.prepare_s) == {(1, False), (2, False), (3, False)}
+        runner.close()
+
+    for model in models:
+        runs_every_batch_size(model)
+    FastRunner(models[0], "VQFRv1", torch.device("cpu"), torch.float32, options)
+    assert torch._dynamo.config.recompile_limit == 2, "a runner leaves torch's global settings alone"
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_max_mode_refuses_compile_modes_with_torchs_own_cuda_graphs(tiny_v2, mode):
+    """Those modes make Inductor capture CUDA graphs itself, inside ours: refused with the option and the fix."""
+    from vqfr.backends.torch import TorchBackend
+    from vqfr.backends.torch_fast import FastOptions
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    row = next(e for e in BACKENDS if e.label == "torch[cuda]")
+    with pytest.raises(ConfigError, match=rf"compile_mode '{mode}'.*max-autotune-no-cudagraphs"):
+        TorchBackend(row, tiny_v2, mode="max", fast=FastOptions(compile_mode=mode))
+    with pytest.raises(ConfigError, match="cuda_graphs=False"):
+        FastOptions(compile=True, cuda_graphs=True, compile_mode=mode).resolved(cuda)
+    # without our graphs (or without compiling) the mode is torch's business
+    assert FastOptions(compile_mode=mode, cuda_graphs=False).resolved(cuda).compile_mode == mode
+    assert FastOptions(compile_mode=mode, compile=False).resolved(cuda).compile_mode == mode
+    assert FastOptions(compile_mode=mode).resolved(cpu).compile_mode == mode
+    assert FastOptions(compile_mode="max-autotune-no-cudagraphs").resolved(cuda).cuda_graphs
+
+
+def test_max_mode_refuses_an_unknown_compile_mode():
+    from vqfr.backends.torch_fast import FastOptions
+
+    with pytest.raises(ConfigError, match="unknown compile_mode 'fastest'.*max-autotune-no-cudagraphs"):
+        FastOptions(compile=True, compile_mode="fastest").resolved(torch.device("cpu"))

@@ -131,7 +131,8 @@ def _output_stems(files: list[Path]) -> dict[Path, str]:
 
 class _Signals:
     """SIGINT and SIGTERM become KeyboardInterrupt, except inside :meth:`protect`, where they wait until its end
-    (so the outputs of one input are written all together or not at all)."""
+    (so the outputs of one input are written all together or not at all). If the protected block raised, the
+    interrupt raised at its end has that error as its ``__cause__``, for the caller to report."""
 
     def __init__(self):
         self.received: int | None = None
@@ -140,9 +141,12 @@ class _Signals:
         self._old: dict[int, Any] = {}
 
     def install(self) -> None:
+        """Take over SIGINT and SIGTERM, except one the process was started with ignored (``nohup``, or ``&`` in a
+        script): that one stays ignored, as the shell asked."""
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._old[sig] = signal.signal(sig, self._handle)
 
     def restore(self) -> None:
         for sig, handler in self._old.items():
@@ -158,13 +162,18 @@ class _Signals:
     @contextlib.contextmanager
     def protect(self) -> Iterator[None]:
         self._depth += 1
+        error: BaseException | None = None
         try:
             yield
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             self._depth -= 1
             if not self._depth and self._pending:
                 self._pending = False
-                raise KeyboardInterrupt
+                # the interrupt replaces the block's error (a failed write), which rides along as its cause
+                raise KeyboardInterrupt from error
 
 
 @contextlib.contextmanager
@@ -332,6 +341,10 @@ def _run_chunk(rt, job: _Job, chunk: list[tuple[Path, str]], bar) -> None:
             _fail(job, src, exc, bar)
         except Exception as exc:  # noqa: BLE001 - reported per input
             _fail(job, src, exc, bar)
+        except KeyboardInterrupt as stop:
+            if isinstance(stop.__cause__, Exception):  # a write failed while the signal waited: say which and why
+                _fail(job, src, stop.__cause__, bar)
+            raise
         bar.update(1)
 
 

@@ -509,7 +509,9 @@ class Runtime:
         if not len(restored):
             return background
         regions = self.parser.regions(restored) if self.parser is not None else None
-        return paste_faces(background, restored, affines, upscale, regions)
+        # the photo's size makes the paste's scale exact (the background's alone cannot when it was downscaled)
+        return paste_faces(background, restored, affines, upscale, regions,
+                           photo_size=(photo.shape[1], photo.shape[0]))
 
 
 def _as_float_batch(x: Any) -> Tensor:

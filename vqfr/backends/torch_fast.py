@@ -23,7 +23,8 @@ It stacks, on one GPU:
 
 Each step can be switched off through :class:`FastOptions`; on a CPU the defaults reduce to steps 1-4 (no compile,
 no graphs), which is how the tests run this code. On CUDA the mode also turns on ``torch.backends.cudnn.benchmark``
-(static shapes), and it raises torch.compile's per-function cache to 64 graphs.
+(static shapes). Each (batch, fidelity kind) compiles a function with a code object of its own, so torch's recompile
+limit (counted per code object) never comes into play, however many keys and runners a process has.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -51,7 +53,8 @@ class FastOptions:
     Attributes:
         compile: torch.compile the model (``fullgraph=True``, static shapes).
         compile_mode: torch.compile's ``mode`` (None: Inductor's default; ``"max-autotune-no-cudagraphs"`` also
-            benchmarks GEMM/conv choices, which takes minutes more per shape).
+            benchmarks GEMM/conv choices, which takes minutes more per shape). Modes in which Inductor captures CUDA
+            graphs itself (``"reduce-overhead"``, ``"max-autotune"``) are refused while ``cuda_graphs`` is on.
         compile_backend: torch.compile's ``backend`` (``"inductor"``; ``"aot_eager"`` checks the tracing alone).
         cuda_graphs: capture and replay a CUDA graph per (batch, fidelity kind).
         channels_last: run convolutions and the deformable conv in NHWC.
@@ -66,11 +69,38 @@ class FastOptions:
     fp32_islands: bool = True
 
     def resolved(self, device: torch.device) -> FastOptions:
-        """These options with the None fields set for ``device``."""
+        """These options with the None fields set for ``device``.
+
+        Raises:
+            ConfigError: ``compile_mode`` is not one of torch.compile's, or makes Inductor capture CUDA graphs while
+                ours are on.
+        """
         cuda = device.type == "cuda"
-        return dataclasses.replace(
+        options = dataclasses.replace(
             self, compile=cuda if self.compile is None else self.compile,
             cuda_graphs=cuda if self.cuda_graphs is None else (self.cuda_graphs and cuda))
+        if options.compile and options.compile_mode is not None:
+            _check_compile_mode(options.compile_mode, bool(options.cuda_graphs))
+        return options
+
+
+def _check_compile_mode(mode: str, cuda_graphs: bool) -> None:
+    """Refuse a torch.compile ``mode`` that torch does not know, or that turns on Inductor's own CUDA graphs
+    (``triton.cudagraphs``) while :class:`FastRunner` captures its own: Inductor would capture and replay its graphs
+    inside our capture, each with its own memory pool."""
+    from torch._inductor import list_mode_options
+
+    from vqfr.errors import ConfigError
+
+    modes = list_mode_options()
+    if mode not in modes:
+        raise ConfigError(f"unknown compile_mode {mode!r}",
+                          fix=f"use one of torch.compile's modes: {', '.join(modes)} (e.g. max-autotune-no-cudagraphs)")
+    if cuda_graphs and modes[mode].get("triton.cudagraphs"):
+        raise ConfigError(f"compile_mode {mode!r} makes torch capture CUDA graphs itself, inside the max mode's own "
+                          "CUDA-graph capture",
+                          fix="use compile_mode='max-autotune-no-cudagraphs' (or None), or turn our capture off with "
+                              "FastOptions(cuda_graphs=False)")
 
 
 def _floating(t: Any) -> bool:
@@ -162,6 +192,19 @@ def _with_inductor_layouts_fixed(fn: Callable) -> Callable:
     return call
 
 
+def _own_code(fn: Callable, name: str) -> Callable:
+    """``fn`` (a plain function or lambda) with a fresh code object named ``name``.
+
+    Dynamo keeps its compiled graphs per code object and counts them against ``recompile_limit`` (8 by default;
+    with ``fullgraph=True`` the next one raises). The lambdas of :meth:`FastRunner._forward` share one code object
+    across batch sizes and runners, so the (batch, fidelity kind) keys of every runner in the process added up
+    towards that limit; with a code object of its own, each compiled function holds the one graph of its static
+    shapes, and the global limit stays as the user set it. The name shows in Dynamo's logs.
+    """
+    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
 @dataclasses.dataclass
 class _Graph:
     """A captured CUDA graph and its static input and output buffers."""
@@ -187,9 +230,6 @@ class FastRunner:
     def __init__(self, model: nn.Module, arch: str, device: torch.device, dtype: torch.dtype, options: FastOptions):
         self.model, self.arch, self.device, self.dtype, self.options = model, arch, device, dtype, options
         self.memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
-        if options.compile:
-            # Every (batch, fidelity kind) is its own graph of one code object; torch's default allows 8.
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # static shapes: let cuDNN pick each convolution's algorithm once
         self._compiled: dict[tuple[int, bool], Callable] = {}
@@ -212,9 +252,10 @@ class FastRunner:
         if fn is None:
             fn = self._forward(key[1])
             if self.options.compile:
+                kind = "texture" if key[1] else "full"
                 fn = _with_inductor_layouts_fixed(torch.compile(
-                    fn, fullgraph=True, dynamic=False, mode=self.options.compile_mode,
-                    backend=self.options.compile_backend))
+                    _own_code(fn, f"vqfr_{self.arch}_b{key[0]}_{kind}"), fullgraph=True, dynamic=False,
+                    mode=self.options.compile_mode, backend=self.options.compile_backend))
             self._compiled[key] = fn
         return fn
 

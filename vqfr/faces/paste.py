@@ -4,7 +4,9 @@ Geometry: a face crop was taken with ``crop = A @ photo``; in a photo upscaled `
 resize (cv2, Lanczos), photo pixel ``p`` sits at ``s * p + (s - 1) / 2``. The inverse warp is therefore
 ``s * A^-1`` plus ``(s - 1) / 2`` on the translation. (The official facexlib helper adds ``s / 2``, which shifts
 upscaled pastes by half an output pixel against the background; we use the exact offset.) ``s`` is the exact ratio of
-the sizes, per axis: ``int(W * upscale) / W`` is not ``upscale`` when ``W * upscale`` is not whole.
+the sizes, per axis: ``int(W * upscale) / W`` is not ``upscale`` when ``W * upscale`` is not whole. Pass the photo's
+size (``photo_size=``) to get it exactly; without it, it is worked out from the background's size and ``upscale``,
+which is exact when upscaling only.
 
 Masks:
 
@@ -105,7 +107,7 @@ def _warp_face_back(face: np.ndarray, local: np.ndarray, size: tuple[int, int]) 
 
 
 def paste_faces(background: np.ndarray, faces: np.ndarray, affines: np.ndarray, upscale: float = 1.0,
-                regions: np.ndarray | None = None) -> np.ndarray:
+                regions: np.ndarray | None = None, *, photo_size: tuple[int, int] | None = None) -> np.ndarray:
     """Blend restored faces into the upscaled photo, one after the other.
 
     Args:
@@ -115,6 +117,9 @@ def paste_faces(background: np.ndarray, faces: np.ndarray, affines: np.ndarray, 
         upscale: s.
         regions: optional [N, S, S] float32 face-region masks in the aligned frame (from a parser); None = feathered
             squares.
+        photo_size: (W, H) of the photo the affines refer to. Given, the scale is exact on each axis (the
+            background's size over it); None derives it from ``upscale``, exact when upscaling but within one
+            output pixel when downscaling (several photo sizes shrink to the same background).
 
     Returns:
         [H*s, W*s, 3] uint8 BGR, a new array.
@@ -124,7 +129,10 @@ def paste_faces(background: np.ndarray, faces: np.ndarray, affines: np.ndarray, 
     out = background.copy()
     height, width = out.shape[:2]
     face_size = faces.shape[1] if len(faces) else 0
-    scale = (_axis_scale(width, upscale), _axis_scale(height, upscale))
+    if photo_size is None:
+        scale = (_axis_scale(width, upscale), _axis_scale(height, upscale))
+    else:
+        scale = (width / photo_size[0], height / photo_size[1])
     for i, (face, affine) in enumerate(zip(faces, affines, strict=True)):
         inv = inverse_affine(affine, scale)
         roi = _roi(inv, face_size, width, height, pad=2)
