@@ -91,6 +91,22 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
 
 
+def test_atomic_path_syncs_the_file_before_the_rename(tmp_path, monkeypatch):
+    """Writers that take a path (torch.save of checkpoints and training states) get the same durability as
+    atomic_write_bytes: the temporary file reaches the disk before it is renamed over the old one."""
+    events: list[tuple] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_ino)), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", Path(a).stat().st_ino)),
+                                                     real_replace(a, b)))
+    with atomic_path(tmp_path / "1.state") as tmp:
+        tmp.write_bytes(b"state")
+        inode = tmp.stat().st_ino
+    assert ("fsync", inode) in events and ("replace", inode) in events
+    assert events.index(("fsync", inode)) < events.index(("replace", inode))
+    assert (tmp_path / "1.state").read_bytes() == b"state"
+
+
 def test_atomic_write_gives_normal_permissions(tmp_path):
     atomic_write_bytes(tmp_path / "a.bin", b"x")
     with open(tmp_path / "b.bin", "wb") as f:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ import torch
 import yaml
 
 import vqfr
-from training.config import load_config
+from training.config import load_config, merge
 from training.recipes import unwrap
 from training.train import main as train_main
 from training.trainer import Trainer, latest_state
@@ -106,6 +108,16 @@ def tiny_vqfr_v1() -> dict:
 def write_config(cfg: dict, path: Path) -> Path:
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def cli_error(cfg: dict, config: Path, capsys) -> str:
+    """Run ``python -m training.train`` on ``cfg`` written to ``config``: it must exit 2 with an error naming the
+    file. Returns the error output."""
+    code = train_main(["--config", str(write_config(cfg, config)), "--out", str(config.parent / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert config.name in err, err
+    return err
 
 
 def records(out: Path) -> list[dict]:
@@ -342,13 +354,7 @@ def test_cli_explains_missing_tensorboard(tmp_path, capsys, monkeypatch):
     ({"datasets": ["train"]}, "datasets.train"),
 ])
 def test_cli_explains_config_values_of_the_wrong_type(tmp_path, capsys, change, message):
-    from training.config import merge
-
-    cfg = merge(tiny_vqgan_v2(), change)
-    code = train_main(["--config", str(write_config(cfg, tmp_path / "bad.yml")), "--out", str(tmp_path / "o")])
-    assert code == 2
-    err = capsys.readouterr().err
-    assert "bad.yml" in err and message in err
+    assert message in cli_error(merge(tiny_vqgan_v2(), change), tmp_path / "bad.yml", capsys)
 
 
 def test_integer_options_may_be_written_in_exponent_notation(tmp_path):
@@ -397,13 +403,7 @@ def test_discriminator_gradients_are_zeroed_every_step(tmp_path):
     ({"network_g": {"quantizer_opt": {"Level_4": {"type": "L2VectorQuantizer"}}}}, "L2VectorQuantizerKmeans"),
 ])
 def test_cli_explains_the_stale_official_v1_names(tmp_path, capsys, change, message):
-    from training.config import merge
-
-    cfg = merge(tiny_vqfr_v1(), change)
-    code = train_main(["--config", str(write_config(cfg, tmp_path / "stale.yml")), "--out", str(tmp_path / "o")])
-    assert code == 2
-    err = capsys.readouterr().err
-    assert "stale.yml" in err and message in err
+    assert message in cli_error(merge(tiny_vqfr_v1(), change), tmp_path / "stale.yml", capsys)
 
 
 def test_cli_runs_the_smoke_config_and_missing_vgg_weights_are_explained(tmp_path, capsys):
@@ -442,9 +442,6 @@ def test_learning_rate_drops_on_the_iteration_after_each_milestone(tmp_path):
     ({"train": {"pixel_opt": {"reduction": "sum"}}}, "reduction"),
 ])
 def test_official_options_that_are_not_implemented_are_refused(tmp_path, change, message):
-    from training.config import merge
-    from vqfr.errors import ConfigError
-
     base = tiny_vqgan_v2()
     base["train"]["warmup_iter"] = -1  # the official value (no warm-up) is accepted
     base["train"]["pixel_opt"]["reduction"] = "mean"
@@ -469,3 +466,115 @@ def test_param_keys_pick_the_stage1_weights(tmp_path):
     key = "quantizer.embedding.weight"
     assert torch.equal(recipe.stage1.state_dict()[key], params[key])  # official param_key_g: params
     assert torch.equal(recipe.generator.state_dict()[key], ema[key])
+
+
+def test_a_failed_init_detaches_and_closes_its_log_file(tmp_path, monkeypatch):
+    import logging
+
+    created = []
+
+    class Recorded(logging.FileHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    monkeypatch.setattr(logging, "FileHandler", Recorded)
+    training_log = logging.getLogger("training")
+    before = list(training_log.handlers)
+    cfg = tiny_vqgan_v2()
+    cfg["train"]["warmup_iter"] = 100  # refused after train.log is attached
+    with pytest.raises(ConfigError, match="warmup_iter"):
+        Trainer(cfg, tmp_path / "run")
+    assert len(created) == 1 and created[0].baseFilename == str(tmp_path / "run" / "train.log")
+    assert training_log.handlers == before
+    assert created[0].stream is None  # closed: no file handle leaks into later runs
+
+
+def test_resume_drops_the_records_of_iterations_after_the_state(tmp_path):
+    from training.plot import read_metrics
+
+    cfg = tiny_vqgan_v2()
+    cfg["train"]["total_iter"] = 4
+    cfg["logger"]["save_checkpoint_freq"] = 2
+    cfg["datasets"]["val"] = {"dataroot_gt": "synthetic:2"}
+    cfg["val"] = {"val_freq": 1}
+    run = tmp_path / "run"
+    Trainer(cfg, run).train()
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"iter": 5, "loss_to')  # a write cut off by a kill, without its newline
+    resumed = Trainer(cfg, run, resume=run / "training_states" / "2.state")
+    assert [r["iter"] for r in records(run)] == [1, 2]
+    assert [json.loads(line)["iter"] for line in (run / "val_metrics.jsonl").read_text().splitlines()] == [1, 2]
+    resumed.train()
+    assert [r["iter"] for r in records(run)] == [1, 2, 3, 4]  # one consistent run, every line a record
+    assert [json.loads(line)["iter"] for line in (run / "val_metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert [r["iter"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_validation_crops_the_border_given_in_val_metrics(tmp_path):
+    # basicsr's layout, as the official ymls (VQGAN: crop_border 4). Prediction: 10 inside a 2-pixel ring of 255,
+    # reference 0. Cropping 2 pixels leaves a uniform error of 10: PSNR 20 log10(255 / 10); SSIM of two constant
+    # images c1 / (10^2 + c1), c1 = (0.01 * 255)^2.
+    cfg = tiny_vqgan_v2()
+    cfg["datasets"]["val"] = {"dataroot_gt": "synthetic:1"}
+    cfg["val"] = {"metrics": {"psnr": {"type": "calculate_psnr", "crop_border": 2, "test_y_channel": False},
+                              "ssim": {"type": "calculate_ssim", "crop_border": 2}}}
+    trainer = Trainer(cfg, tmp_path / "run")
+    gt = torch.full((3, 16, 16), -1.0)
+    pred = torch.ones(1, 3, 16, 16)
+    pred[..., 2:-2, 2:-2] = -1 + 2 * 10 / 255
+    trainer.val_set = [{"lq": gt, "gt": gt, "name": "face"}]
+    trainer.restore = lambda model, lq, ref: pred
+    result = trainer.validate(1)
+    trainer.close()
+    c1 = (0.01 * 255) ** 2
+    assert result["psnr"] == pytest.approx(20 * math.log10(255 / 10), abs=1e-9)
+    assert result["ssim"] == pytest.approx(c1 / (100 + c1), abs=1e-6)
+
+
+@pytest.mark.parametrize(("metrics", "message"), [
+    ({"psnr": {"type": "calculate_psnr", "crop_border": -1}}, "val.metrics.psnr.crop_border"),
+    ({"psnr": {"type": "calculate_psnr", "crop_border": "four"}}, "val.metrics.psnr.crop_border"),
+    ({"psnr": {"type": "calculate_psnr", "test_y_channel": True}}, "test_y_channel"),
+    ({"niqe": {"type": "calculate_niqe"}}, "val.metrics.niqe.type"),
+    ({"psnr": {"type": "calculate_psnr", "crop_border": 8}}, "leaves less than 1x1 pixels"),  # of 16x16 images
+    ({"ssim": {"type": "calculate_ssim", "crop_border": 3}}, "leaves less than 11x11 pixels"),
+])
+def test_validation_metrics_that_cannot_be_computed_are_refused(tmp_path, capsys, metrics, message):
+    cfg = tiny_vqgan_v2()
+    cfg["datasets"]["val"] = {"dataroot_gt": "synthetic:1"}
+    cfg["val"] = {"metrics": metrics}
+    err = cli_error(cfg, tmp_path / "val.yml", capsys)
+    assert message in err and "Fix:" in err
+
+
+def test_saves_reach_the_disk_before_and_after_their_renames(tmp_path, monkeypatch):
+    cfg = tiny_vqgan_v2()
+    trainer = Trainer(cfg, tmp_path / "run")
+    synced, real_fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_ino), real_fsync(fd)))
+    trainer.save(1)
+    trainer.close()
+    run = tmp_path / "run"
+    for path in (run / "models" / "net_g_1.pth", run / "training_states" / "1.state",  # before the renames
+                 run / "models", run / "training_states"):  # the renames themselves
+        assert path.stat().st_ino in synced, path
+
+
+def test_frozen_generator_parameters_hold_no_gradient(tmp_path):
+    # v2 freezes the texture decoder, but its last conv (shared with the main branch) keeps requires_grad for the
+    # local discriminator's adaptive weight: its gradient must not pile up from one iteration to the next.
+    cfg = tiny_vqfr_v2()
+    cfg["train"]["gan_start_iter"] = 0
+    trainer = Trainer(cfg, tmp_path / "run")
+    trained = {id(p) for opt in trainer.g_optimizers.values() for g in opt.param_groups for p in g["params"]}
+    batch = next(iter(trainer.loader))
+    for it in range(1, 4):
+        terms = trainer.step(batch, it)
+    trainer.close()
+    generator = unwrap(trainer.net)
+    assert generator.get_parameter("decoder.conv_out.2.weight").requires_grad
+    assert float(terms["d_weight_local"]) > 0  # the adaptive weight still sees the frozen layer
+    frozen = [n for n, p in generator.named_parameters() if id(p) not in trained]
+    assert "decoder.conv_out.2.weight" in frozen
+    assert [n for n in frozen if generator.get_parameter(n).grad is not None] == []

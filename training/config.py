@@ -15,7 +15,7 @@ import yaml
 
 from vqfr.errors import ConfigError
 
-__all__ = ["MODEL_TYPES", "load_config", "check_config", "network_key"]
+__all__ = ["MODEL_TYPES", "VAL_METRIC_TYPES", "load_config", "check_config", "network_key", "val_metrics"]
 
 #: model_type -> the block holding the trained generator.
 MODEL_TYPES = {"VQGANModel": "network_g", "VQFRv1Model": "network_sr", "VQFRv2Model": "network_sr"}
@@ -29,6 +29,10 @@ _STAGE1_OF = {"VQFRv1Model": "VQGANv1", "VQFRv2Model": "VQGANv2"}
 _WHOLE_NUMBERS = {("train", "total_iter"): 1, ("logger", "print_freq"): 1, ("logger", "save_checkpoint_freq"): 1,
                   ("val", "val_freq"): 1, ("datasets", "train", "batch_size_per_gpu"): 1,
                   ("datasets", "train", "num_worker_per_gpu"): 0, ("datasets", "train", "out_size"): 1}
+
+#: basicsr's validation metric types (``val.metrics.<name>.type``) -> the function of ``training.metrics``.
+VAL_METRIC_TYPES = {"calculate_psnr": "psnr", "calculate_ssim": "ssim"}
+_DEFAULT_VAL_METRICS = {"psnr": {"type": "calculate_psnr"}, "ssim": {"type": "calculate_ssim"}}
 
 # Names in the official ymls that the official code itself no longer accepts, with their fixes.
 _STALE_MODEL_TYPES = {"VQFRModel": "VQFRv1Model"}
@@ -64,6 +68,52 @@ def _check_whole_numbers(cfg: dict, source: str) -> None:
         if isinstance(value, bool) or not number.is_integer() or number < least:
             raise ConfigError(f"{'.'.join(keys)} is {value!r}", path=source, fix=f"use a whole number >= {least}")
         block[keys[-1]] = int(number)
+
+
+def val_metrics(cfg: dict, source: str = "config") -> dict[str, tuple[str, int]]:
+    """The validation metrics: {logged name: (function of ``training.metrics``, crop_border)}.
+
+    ``val.metrics`` uses basicsr's layout, as the official ymls do (``psnr: {type: calculate_psnr, crop_border: 4,
+    test_y_channel: false}``): each listed metric is computed after cutting ``crop_border`` pixels from every side
+    of both images. Without it, PSNR and SSIM on the whole image.
+
+    Raises:
+        ConfigError: an unknown type or option, a crop_border that is not a whole number >= 0 or leaves too little
+            of the validation images (SSIM needs 11x11 pixels), or ``test_y_channel: true`` (not implemented).
+    """
+    val = cfg.get("val") or {}
+    if not isinstance(val, dict):
+        raise ConfigError("val is not a mapping", path=source, fix="copy the val block of training/configs/*.yml")
+    metrics = val.get("metrics") or _DEFAULT_VAL_METRICS
+    if not isinstance(metrics, dict):
+        raise ConfigError("val.metrics is not a mapping", path=source,
+                          fix="write it as basicsr does: metrics: {psnr: {type: calculate_psnr, crop_border: 0}}")
+    datasets = cfg.get("datasets") or {}
+    size = (datasets.get("val") or {}).get("out_size") or (datasets.get("train") or {}).get("out_size", 512)
+    out = {}
+    for name, opt in metrics.items():
+        key = f"val.metrics.{name}"
+        if not isinstance(opt, dict) or opt.get("type") not in VAL_METRIC_TYPES:
+            kind = opt.get("type") if isinstance(opt, dict) else opt
+            raise ConfigError(f"{key}.type is {kind!r}", path=source, fix=f"use one of {sorted(VAL_METRIC_TYPES)}")
+        unknown = sorted(set(opt) - {"type", "crop_border", "test_y_channel"})
+        if unknown:
+            raise ConfigError(f"{key} has options {unknown} that are not supported", path=source,
+                              fix="remove them (supported: type, crop_border, test_y_channel: false)")
+        if opt.get("test_y_channel"):
+            raise ConfigError(f"{key}.test_y_channel is true: metrics on the Y channel are not implemented",
+                              path=source, fix="set test_y_channel: false (all three channels, as the official ymls)")
+        crop = opt.get("crop_border", 0)
+        if isinstance(crop, bool) or not isinstance(crop, int) or crop < 0:
+            raise ConfigError(f"{key}.crop_border is {crop!r}", path=source, fix="use a whole number >= 0")
+        function = VAL_METRIC_TYPES[opt["type"]]
+        least = 11 if function == "ssim" else 1  # SSIM needs one whole 11x11 window
+        if crop and isinstance(size, int) and size - 2 * crop < least:
+            raise ConfigError(f"{key}.crop_border is {crop}: it leaves less than {least}x{least} pixels of the "
+                              f"{size}x{size} validation images", path=source,
+                              fix=f"use a crop_border of at most {max(0, (size - least) // 2)}")
+        out[str(name)] = (function, crop)
+    return out
 
 
 def check_config(cfg: dict, source: str = "config") -> dict:
@@ -108,6 +158,7 @@ def check_config(cfg: dict, source: str = "config") -> dict:
     if not isinstance(cfg.get("train"), dict) or "total_iter" not in cfg["train"]:
         raise ConfigError("needs train.total_iter", path=source)
     _check_whole_numbers(cfg, source)
+    val_metrics(cfg, source)
     return cfg
 
 

@@ -12,7 +12,7 @@ Output folder::
     models/net_{g|sr}_{iter}.pth    {"params": ..., "params_ema": ...}, the released layout
     training_states/{iter}.state    everything needed to resume (nets, EMA, optimisers, scalers, k-means)
     metrics.jsonl                   one JSON object per logged iteration: iter, loss_total, every loss term, lr, timing
-    val_metrics.jsonl               one JSON object per validation: iter, psnr, ssim
+    val_metrics.jsonl               one JSON object per validation: iter, each val.metrics (psnr, ssim), images
     visualization/{iter}/           validation outputs
     tb/                             TensorBoard events (logger.use_tb_logger)
     train.log
@@ -37,13 +37,14 @@ import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from training.config import val_metrics
 from training.data import EpochSampler, FaceDataset, PairedDataset
 from training.degradations import DegradationParams
 from training.kmeans import CodebookReestimator
 from training.metrics import psnr, ssim
 from training.recipes import RECIPES, Recipe, unwrap
 from vqfr._optional import require
-from vqfr.atomic import atomic_path
+from vqfr.atomic import atomic_path, atomic_write_bytes, fsync_path
 from vqfr.errors import BackendUnavailable, CheckpointError, ConfigError
 
 __all__ = ["Trainer", "EMA", "init_distributed", "latest_state", "saved_states"]
@@ -51,6 +52,8 @@ __all__ = ["Trainer", "EMA", "init_distributed", "latest_state", "saved_states"]
 log = logging.getLogger("training")
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: The functions behind :func:`training.config.val_metrics`.
+VAL_FUNCTIONS = {"psnr": psnr, "ssim": ssim}
 
 
 def init_distributed(backend: str | None = None) -> tuple[int, int, int, bool]:
@@ -115,6 +118,30 @@ def latest_state(path: str | Path) -> Path:
     return states[-1]
 
 
+def _drop_records_after(path: Path, it: int) -> None:
+    """Rewrite a ``*.jsonl`` log of the run without the records of iterations after ``it`` (and without lines cut
+    off by a killed run), so that a run resumed at ``it`` appends to one consistent history."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["iter"]) <= it:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):  # not a record: a cut-off write or a blank line
+            continue
+    atomic_write_bytes(path, "".join(kept).encode())
+    if len(kept) < len(lines):
+        log.info("%s: dropped %d lines after iteration %d (or cut off)", path, len(lines) - len(kept), it)
+
+
+def _finite_mean(values: list[float]) -> float:
+    """The mean of the finite values (PSNR is inf on an image identical to its reference); 0 when there are none."""
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / max(1, len(finite))
+
+
 def _optimizer(params: list[nn.Parameter], opts: dict) -> torch.optim.Optimizer:
     opts = dict(opts)
     kind = opts.pop("type", "Adam")
@@ -138,6 +165,14 @@ class Trainer:
     """
 
     def __init__(self, cfg: dict, out_dir: str | Path, device: str | None = None, resume: str | Path | None = None):
+        try:
+            self._init(cfg, out_dir, device, resume)
+        except BaseException:
+            self.close()  # detach train.log: later runs in this process must not write into it
+            raise
+
+    def _init(self, cfg: dict, out_dir: str | Path, device: str | None, resume: str | Path | None) -> None:
+        """The body of ``__init__`` (which closes what this has opened when it raises)."""
         self.cfg = cfg
         self.out = Path(out_dir)
         self.rank, self.world, local_rank, self._owns_group = init_distributed(
@@ -174,6 +209,10 @@ class Trainer:
 
         self.g_optimizers = {name: _optimizer(params, opts)
                              for name, (params, opts) in self.recipe.param_groups().items()}
+        trained = {id(p) for opt in self.g_optimizers.values() for g in opt.param_groups for p in g["params"]}
+        # Frozen parameters that still need a gradient (v2's conv_out, for the adaptive weight): no optimiser zeroes
+        # their .grad, so the step drops it instead of letting it pile up.
+        self._untrained = [p for p in generator.parameters() if p.requires_grad and id(p) not in trained]
         for branch in self.recipe.branches.values():
             for kind, d in branch.discriminators().items():
                 opts = self.train_opt.get("optim_d")
@@ -199,7 +238,10 @@ class Trainer:
         self.start_iter = 0
         if resume is not None:
             self._resume(latest_state(resume))
-        if self.is_main:  # only now: a resume that does not fit leaves the run's config.yml as it was
+        if self.is_main:  # only now: a resume that does not fit leaves the run's config.yml and logs as they were
+            if resume is not None:
+                for name in ("metrics.jsonl", "val_metrics.jsonl"):
+                    _drop_records_after(self.out / name, self.start_iter)
             with atomic_path(self.out / "config.yml") as tmp:
                 Path(tmp).write_text(yaml.safe_dump(self.cfg, sort_keys=False))
         self.tb = None
@@ -270,6 +312,7 @@ class Trainer:
         log.info("training data: %s (%d images, %d batches of %d per GPU x %d GPUs per epoch)", self.train_set.root,
                  len(self.train_set), self.sampler.batches_per_epoch, batch, self.world)
         self.val_set = None
+        self.val_metrics = val_metrics(self.cfg)
         val = self.cfg["datasets"].get("val")
         self.val_enabled = bool(val)  # on every rank: the others wait for rank 0 at a barrier
         if val and self.is_main:
@@ -346,6 +389,8 @@ class Trainer:
         for opt in self.g_optimizers.values():
             self.scaler_g.step(opt)
         self.scaler_g.update()
+        for p in self._untrained:
+            p.grad = None
         for level, r in self.reestimators.items():
             z = out["feat_dict"][level]["z_conv"]
             if r.step(it, z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])):
@@ -422,10 +467,11 @@ class Trainer:
         return out["texture_dec"] if "texture_dec" in out else out["dec"]
 
     def validate(self, it: int) -> dict | None:
-        """PSNR and SSIM on the validation set (rank 0; the others wait). Appends to ``val_metrics.jsonl``."""
+        """The ``val.metrics`` (default PSNR and SSIM) on the validation set (rank 0; the others wait). Appends to
+        ``val_metrics.jsonl``."""
         from vqfr.imaging import save_image, to_images
 
-        result = None
+        result: dict | None = None
         if self.is_main and self.val_set is not None:
             model = self.eval_model()
             was_training = model.training
@@ -434,27 +480,26 @@ class Trainer:
             limit = len(self.val_set) if save is True else int(save or 0)
             if limit:
                 (self.out / "visualization" / str(it)).mkdir(parents=True, exist_ok=True)
-            scores = []
+            scores: dict[str, list[float]] = {name: [] for name in self.val_metrics}
             for i in range(len(self.val_set)):
                 item = self.val_set[i]
                 lq, gt = item["lq"][None].to(self.device), item["gt"][None].to(self.device)
                 with self.autocast():
                     pred = self.restore(model, lq, gt)
                 img, ref = to_images(pred.float().cpu())[0], to_images(gt.cpu())[0]
-                scores.append((psnr(img, ref), ssim(img, ref)))
+                for name, (function, crop) in self.val_metrics.items():
+                    scores[name].append(VAL_FUNCTIONS[function](img, ref, crop))
                 if i < limit:
                     save_image(self.out / "visualization" / str(it) / f"{item['name']}.png", img)
             model.train(was_training)
-            finite = [p for p, _ in scores if math.isfinite(p)]
-            result = {"iter": it, "psnr": sum(finite) / max(1, len(finite)),
-                      "ssim": sum(s for _, s in scores) / len(scores), "images": len(scores)}
+            result = {"iter": it, **{name: _finite_mean(v) for name, v in scores.items()}, "images": len(self.val_set)}
             with open(self.out / "val_metrics.jsonl", "a") as f:
                 f.write(json.dumps(result) + "\n")
-            log.info("[iter %d] validation: PSNR %.3f dB, SSIM %.4f (%d images)", it, result["psnr"], result["ssim"],
-                     result["images"])
+            log.info("[iter %d] validation: %s (%d images)", it,
+                     ", ".join(f"{name} {result[name]:.4f}" for name in scores), len(self.val_set))
             if self.tb is not None:
-                self.tb.add_scalar("val/psnr", result["psnr"], it)
-                self.tb.add_scalar("val/ssim", result["ssim"], it)
+                for name in scores:
+                    self.tb.add_scalar(f"val/{name}", result[name], it)
         if self.world > 1:
             dist.barrier()
         return result
@@ -483,6 +528,8 @@ class Trainer:
             }
             with atomic_path(self.out / "training_states" / f"{it}.state") as tmp:
                 torch.save(state, tmp)
+            for folder in ("models", "training_states"):  # the files were fsync'd before their renames
+                fsync_path(self.out / folder)
             log.info("[iter %d] saved %s", it, self.checkpoint_path(it))
         if self.world > 1:
             dist.barrier()
@@ -525,14 +572,15 @@ class Trainer:
 
     def close(self) -> None:
         """Flush logs and leave the process group this trainer created."""
-        if self.tb is not None:
-            self.tb.close()
+        tb = getattr(self, "tb", None)  # absent if __init__ failed
+        if tb is not None:
+            tb.close()
             self.tb = None
         handler: logging.Handler | None = getattr(self, "_log_handler", None)  # absent if __init__ failed early
         if handler is not None:
             log.removeHandler(handler)
             handler.close()
             self._log_handler = None
-        if self._owns_group and dist.is_initialized():
+        if getattr(self, "_owns_group", False) and dist.is_initialized():
             dist.destroy_process_group()
             self._owns_group = False

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from vqfr.errors import OutputError
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_with", "PARTIAL_MARK"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_with", "fsync_path", "PARTIAL_MARK"]
 
 #: Every temporary file's name contains this (``.photo.png.3f2a9c1e.partial.png``).
 PARTIAL_MARK = ".partial"
@@ -56,12 +56,23 @@ def _create_temp(path: Path) -> Path:
     raise OutputError(f"cannot create a temporary file in {folder}", path=path, fix="clean up the output folder")
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush ``path`` to the disk: a file's data (writers that take a path, such as ``torch.save``, close it
+    unsynced), or a folder's entries (so that renames into it survive a crash)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is renamed to ``path``, on any error (or interrupt)
-    removed.
+    """Yield a temporary path beside ``path``; on success it is fsync'd and renamed to ``path``, on any error (or
+    interrupt) removed.
 
-    The temporary name keeps the final suffix, so writers that pick a format from the suffix work.
+    The temporary name keeps the final suffix, so writers that pick a format from the suffix work. The fsync before
+    the rename means a crash cannot leave an empty or partial file under the final name.
 
     Raises:
         OutputError: the folder cannot be written (the OSError's errno is kept), or the body raised an OSError.
@@ -70,6 +81,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = _create_temp(path)
     try:
         yield tmp
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):
@@ -80,13 +92,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (fsync'd before the rename, so a crash cannot leave an empty file
-    under the final name)."""
+    """Write ``data`` to ``path`` atomically (fsync'd before the rename by :func:`atomic_path`)."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
 
 
 def atomic_write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
