@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels.dispatch import dot_precision
 
 #: VQFR's warping levels at a 512 input: (channels, height, width).
 DEFORM_LEVELS = ((128, 512, 512), (128, 256, 256), (256, 128, 128), (512, 16, 16))
@@ -267,7 +268,7 @@ def environment(device: torch.device) -> dict:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
         "triton": importlib.metadata.version("triton") if importlib.util.find_spec("triton") else None,
-        "float32_matmul_precision": torch.get_float32_matmul_precision()}
+        "fp32_dot_precision": dot_precision(torch.float32)}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(gpu=props.name, compute_capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda)

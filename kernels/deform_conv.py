@@ -15,11 +15,13 @@ Semantics (identical to ``torchvision.ops.deform_conv2d(x, offset, weight, bias,
 - Tap ``k`` of output pixel (oy, ox) samples ``x`` at
   ``(oy*stride - pad + ky*dil + dy, ox*stride - pad + kx*dil + dx)`` by bilinear interpolation. A point with
   y <= -1, y >= H, x <= -1 or x >= W reads 0; otherwise each of the four corners reads 0 when it lies outside.
+- An empty image (H = 0 or W = 0) reads 0 everywhere, like torchvision: where the padding still gives a non-empty
+  output, that output is the bias, and every gradient is zero (x's is empty).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -115,6 +117,15 @@ def bilinear_corners(h: int, w: int, py: Tensor, px: Tensor) -> list[Corner]:
     return corners
 
 
+def _gather_pixels(flat: Tensor, pixel: Tensor) -> Tensor:
+    """``flat`` [N, C, H*W] read at flat pixel indices ``pixel`` [N, P] -> [N, C, P]. An empty image (H*W = 0) has
+    no pixel to gather from (every corner weight is zero there) and reads 0."""
+    n, c, hw = flat.shape
+    if hw == 0:
+        return flat.new_zeros(n, c, pixel.shape[1])
+    return torch.gather(flat, 2, pixel.unsqueeze(1).expand(n, c, pixel.shape[1]))
+
+
 def bilinear_sample_reference(feat: Tensor, py: Tensor, px: Tensor) -> Tensor:
     """Bilinear read of ``feat`` at fractional pixel positions, zero outside, torchvision's corner rules.
 
@@ -129,7 +140,7 @@ def bilinear_sample_reference(feat: Tensor, py: Tensor, px: Tensor) -> Tensor:
     flat = feat.reshape(n, c, h * w)
     out = None
     for corner in bilinear_corners(h, w, py, px):
-        val = torch.gather(flat, 2, corner.pixel.unsqueeze(1).expand(n, c, corner.pixel.shape[1]))
+        val = _gather_pixels(flat, corner.pixel)
         term = val * corner.weight.unsqueeze(1).to(val.dtype)
         out = term if out is None else out + term
     assert out is not None
@@ -231,7 +242,8 @@ def deform_conv2d_backward_reference(
     stride: int | tuple[int, int] = 1,
     padding: int | tuple[int, int] = 0,
     dilation: int | tuple[int, int] = 1,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    output_mask: Sequence[bool] = (True, True, True, True),
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of :func:`deform_conv2d_reference` by explicit formulas (no autograd), tap by tap.
 
     With ``v`` the bilinear sample of tap k, ``m`` its mask and ``g = W_k^T grad_out`` the gradient of the masked
@@ -242,13 +254,18 @@ def deform_conv2d_backward_reference(
     Args:
         grad_out: [B, C_out, H_out, W_out].
         x, offset, mask, weight: as for :func:`deform_conv2d_reference` (mask required).
+        output_mask: which of (grad_x, grad_offset, grad_mask, grad_weight) to compute; the others are None and
+            cost nothing (``g`` is needed by the first three only, the reads of ``x`` by the last three only).
 
     Returns:
-        (grad_x, grad_offset, grad_mask, grad_weight), each shaped and typed like its input.
+        (grad_x, grad_offset, grad_mask, grad_weight), each shaped and typed like its input, or None where not asked.
     """
     groups, stride, padding, dilation, h_out, w_out = check_deform_args(
         x, offset, mask, weight, None, stride, padding, dilation
     )
+    need_x, need_offset, need_mask, need_weight = (bool(n) for n in output_mask)
+    if not (need_x or need_offset or need_mask or need_weight):
+        return None, None, None, None
     b, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     taps, cg, p = kh * kw, c_in // groups, h_out * w_out
@@ -259,30 +276,36 @@ def deform_conv2d_backward_reference(
     gout = grad_out.to(acc).reshape(b, c_out, p)
     wt = weight.to(acc)
 
-    grad_x = torch.zeros_like(xg)
-    grad_offset = torch.zeros(b * groups, taps, 2, p, dtype=acc, device=x.device)
-    grad_mask = torch.zeros(b * groups, taps, p, dtype=acc, device=x.device)
-    grad_weight = torch.zeros_like(wt)
+    grad_x = torch.zeros_like(xg) if need_x else None
+    grad_offset = torch.zeros(b * groups, taps, 2, p, dtype=acc, device=x.device) if need_offset else None
+    grad_mask = torch.zeros(b * groups, taps, p, dtype=acc, device=x.device) if need_mask else None
+    grad_weight = torch.zeros_like(wt) if need_weight else None
     for k, (py, px) in enumerate(grid):
         ky, kx = divmod(k, kw)
         corners = bilinear_corners(h, w, py, px)
-        reads = [torch.gather(xg, 2, c.pixel.unsqueeze(1).expand(-1, cg, -1)) for c in corners]
-        pairs = list(zip(reads, corners, strict=True))
-        val = sum(r * c.weight.unsqueeze(1) for r, c in pairs)  # [B*G, Cg, P]
-        g_col = torch.einsum("oc,bop->bcp", wt[:, :, ky, kx], gout).reshape(b * groups, cg, p)
-        grad_mask[:, k] = (g_col * val).sum(1)
-        g_val = g_col * msk[:, k]
-        grad_offset[:, k, 0] = sum((g_val * r * c.d_dy.unsqueeze(1)).sum(1) for r, c in pairs)
-        grad_offset[:, k, 1] = sum((g_val * r * c.d_dx.unsqueeze(1)).sum(1) for r, c in pairs)
-        for c in corners:
-            grad_x.scatter_add_(2, c.pixel.unsqueeze(1).expand(-1, cg, -1), g_val * c.weight.unsqueeze(1))
-        col = (val * msk[:, k]).reshape(b, c_in, p)
-        grad_weight[:, :, ky, kx] = torch.einsum("bop,bcp->oc", gout, col)
+        if need_offset or need_mask or need_weight:
+            reads = [_gather_pixels(xg, c.pixel) for c in corners]
+            pairs = list(zip(reads, corners, strict=True))
+            val = sum(r * c.weight.unsqueeze(1) for r, c in pairs)  # [B*G, Cg, P]
+        if need_x or need_offset or need_mask:
+            g_col = torch.einsum("oc,bop->bcp", wt[:, :, ky, kx], gout).reshape(b * groups, cg, p)
+            g_val = g_col * msk[:, k]
+        if grad_mask is not None:
+            grad_mask[:, k] = (g_col * val).sum(1)
+        if grad_offset is not None:
+            grad_offset[:, k, 0] = sum((g_val * r * c.d_dy.unsqueeze(1)).sum(1) for r, c in pairs)
+            grad_offset[:, k, 1] = sum((g_val * r * c.d_dx.unsqueeze(1)).sum(1) for r, c in pairs)
+        if grad_x is not None and h * w > 0:  # an empty image has nothing to scatter to
+            for c in corners:
+                grad_x.scatter_add_(2, c.pixel.unsqueeze(1).expand(-1, cg, -1), g_val * c.weight.unsqueeze(1))
+        if grad_weight is not None:
+            col = (val * msk[:, k]).reshape(b, c_in, p)
+            grad_weight[:, :, ky, kx] = torch.einsum("bop,bcp->oc", gout, col)
     return (
-        grad_x.view(b, c_in, h, w).to(x.dtype),
-        grad_offset.view(b, 2 * groups * taps, h_out, w_out).to(offset.dtype),
-        grad_mask.view(b, groups * taps, h_out, w_out).to(mask.dtype),
-        grad_weight.to(weight.dtype),
+        None if grad_x is None else grad_x.view(b, c_in, h, w).to(x.dtype),
+        None if grad_offset is None else grad_offset.view(b, 2 * groups * taps, h_out, w_out).to(offset.dtype),
+        None if grad_mask is None else grad_mask.view(b, groups * taps, h_out, w_out).to(mask.dtype),
+        None if grad_weight is None else grad_weight.to(weight.dtype),
     )
 
 

@@ -15,14 +15,15 @@ Kernels (grids in their launchers):
   (group, tap, channel block).
 - :func:`_bwd_input_kernel`: one program per (pixel tile, group, tap). It rebuilds ``grad_col = grad_out @ W_k`` for
   the group's channels, then writes grad_mask and grad_offset (the 4-corner derivative) for its pixels and scatters
-  grad_x to the four corners with fp32 atomics.
+  grad_x to the four corners with fp32 atomics. Constexpr flags drop the parts whose gradient is not needed.
 - :func:`_bwd_weight_kernel`: one program per (tap, group, channel block, output-channel tile, pixel split); it
-  accumulates ``col^T @ grad_out`` over its pixels and adds it into an fp32 buffer with atomics.
+  accumulates ``col^T @ grad_out`` over its pixels and adds it into an fp32 buffer with atomics. Not launched when
+  the weight needs no gradient.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -154,9 +155,9 @@ def _bwd_input_kernel(
     offset_ptr,  # [B, 2*G*KH*KW, H_OUT, W_OUT], any strides
     mask_ptr,  # [B, G*KH*KW, H_OUT, W_OUT], any strides
     w_ptr,  # [KH*KW, C_IN, C_OUT] contiguous
-    gx_ptr,  # [B, C_IN, H, W] fp32, zero-filled, strides of x: accumulated with atomics
-    goff_ptr,  # [B, 2*G*KH*KW, H_OUT, W_OUT] contiguous, written (dtype of offset)
-    gmask_ptr,  # [B, G*KH*KW, H_OUT, W_OUT] contiguous, written (dtype of mask)
+    gx_ptr,  # [B, C_IN, H, W] fp32, zero-filled, strides of x: accumulated with atomics (unused unless NEED_X)
+    goff_ptr,  # [B, 2*G*KH*KW, H_OUT, W_OUT] contiguous, written (dtype of offset; unused unless NEED_OFFSET)
+    gmask_ptr,  # [B, G*KH*KW, H_OUT, W_OUT] contiguous, written (dtype of mask; unused unless NEED_MASK)
     # sizes
     C_IN, H, W, C_OUT, H_OUT, W_OUT, G, CG, M,
     # convolution geometry
@@ -168,6 +169,7 @@ def _bwd_input_kernel(
     smb, smc, smh, smw,
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr,
+    NEED_X: tl.constexpr, NEED_OFFSET: tl.constexpr, NEED_MASK: tl.constexpr,  # which gradients to produce
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -221,29 +223,36 @@ def _bwd_input_kernel(
             wt = tl.load(w_ptr + ((k * C_IN + cin) * C_OUT)[None, :] + n[:, None], mask=tl.trans(n_ok) & c_ok,
                          other=0.0)
             g_col = tl.dot(go.to(wt.dtype), wt, g_col, input_precision=DOT_PRECISION)
-        # The four corner reads of this channel block (zero where invalid).
         off = pix[:, None] + (cin * sxc)[None, :]
-        v00 = tl.load(x_ptr + off, mask=ok00 & c_ok, other=0.0).to(tl.float32)
-        v01 = tl.load(x_ptr + (off + sxw), mask=ok01 & c_ok, other=0.0).to(tl.float32)
-        v10 = tl.load(x_ptr + (off + sxh), mask=ok10 & c_ok, other=0.0).to(tl.float32)
-        v11 = tl.load(x_ptr + (off + (sxh + sxw)), mask=ok11 & c_ok, other=0.0).to(tl.float32)
-        acc_mask += g_col * (hy * (hx * v00 + lx * v01) + ly * (hx * v10 + lx * v11))
         g_val = g_col * mk[:, None]  # gradient of the unmasked bilinear sample
-        # d sample / d py and d sample / d px on the bilinear cell (invalid corners read 0).
-        acc_dy += g_val * (hx * (v10 - v00) + lx * (v11 - v01))
-        acc_dx += g_val * (hy * (v01 - v00) + ly * (v11 - v10))
-        # grad_x: scatter to the four corners; fp32 atomics because neighbouring pixels and taps share corners.
-        tl.atomic_add(gx_ptr + off, g_val * (hy * hx), mask=ok00 & c_ok)
-        tl.atomic_add(gx_ptr + (off + sxw), g_val * (hy * lx), mask=ok01 & c_ok)
-        tl.atomic_add(gx_ptr + (off + sxh), g_val * (ly * hx), mask=ok10 & c_ok)
-        tl.atomic_add(gx_ptr + (off + (sxh + sxw)), g_val * (ly * lx), mask=ok11 & c_ok)
+        if NEED_OFFSET or NEED_MASK:  # static: the values of x are read only for these two
+            # The four corner reads of this channel block (zero where invalid).
+            v00 = tl.load(x_ptr + off, mask=ok00 & c_ok, other=0.0).to(tl.float32)
+            v01 = tl.load(x_ptr + (off + sxw), mask=ok01 & c_ok, other=0.0).to(tl.float32)
+            v10 = tl.load(x_ptr + (off + sxh), mask=ok10 & c_ok, other=0.0).to(tl.float32)
+            v11 = tl.load(x_ptr + (off + (sxh + sxw)), mask=ok11 & c_ok, other=0.0).to(tl.float32)
+            if NEED_MASK:
+                acc_mask += g_col * (hy * (hx * v00 + lx * v01) + ly * (hx * v10 + lx * v11))
+            if NEED_OFFSET:
+                # d sample / d py and d sample / d px on the bilinear cell (invalid corners read 0).
+                acc_dy += g_val * (hx * (v10 - v00) + lx * (v11 - v01))
+                acc_dx += g_val * (hy * (v01 - v00) + ly * (v11 - v10))
+        if NEED_X:
+            # grad_x: scatter to the four corners; fp32 atomics because neighbouring pixels and taps share corners.
+            tl.atomic_add(gx_ptr + off, g_val * (hy * hx), mask=ok00 & c_ok)
+            tl.atomic_add(gx_ptr + (off + sxw), g_val * (hy * lx), mask=ok01 & c_ok)
+            tl.atomic_add(gx_ptr + (off + sxh), g_val * (ly * hx), mask=ok10 & c_ok)
+            tl.atomic_add(gx_ptr + (off + (sxh + sxw)), g_val * (ly * lx), mask=ok11 & c_ok)
 
     # Each (pixel, group, tap) belongs to exactly one program: plain stores into contiguous outputs.
-    goff = goff_ptr + b64 * (2 * G * KH * KW * hw_out) + (g * 2 * KH * KW + 2 * k) * hw_out + p
-    tl.store(goff, tl.reduce(acc_dy, 1, tl.standard._sum_combine).to(goff_ptr.dtype.element_ty), mask=m_ok)
-    tl.store(goff + hw_out, tl.reduce(acc_dx, 1, tl.standard._sum_combine).to(goff_ptr.dtype.element_ty), mask=m_ok)
-    gmsk = gmask_ptr + b64 * (G * KH * KW * hw_out) + (g * KH * KW + k) * hw_out + p
-    tl.store(gmsk, tl.reduce(acc_mask, 1, tl.standard._sum_combine).to(gmask_ptr.dtype.element_ty), mask=m_ok)
+    if NEED_OFFSET:
+        goff = goff_ptr + b64 * (2 * G * KH * KW * hw_out) + (g * 2 * KH * KW + 2 * k) * hw_out + p
+        tl.store(goff, tl.reduce(acc_dy, 1, tl.standard._sum_combine).to(goff_ptr.dtype.element_ty), mask=m_ok)
+        tl.store(goff + hw_out, tl.reduce(acc_dx, 1, tl.standard._sum_combine).to(goff_ptr.dtype.element_ty),
+                 mask=m_ok)
+    if NEED_MASK:
+        gmsk = gmask_ptr + b64 * (G * KH * KW * hw_out) + (g * KH * KW + k) * hw_out + p
+        tl.store(gmsk, tl.reduce(acc_mask, 1, tl.standard._sum_combine).to(gmask_ptr.dtype.element_ty), mask=m_ok)
 
 
 @triton.jit
@@ -380,7 +389,10 @@ def _pruner(fp32_tile: Callable[[dict], int]) -> Callable:
     return prune
 
 
-_KEY = ["C_IN", "C_OUT", "G", "M", "KH", "KW"]
+# The autotuner adds the tensors' dtypes to its key. DOT_PRECISION must be in it too: fp32 launches are "ieee" or
+# "tf32" depending on torch's setting at the call, the pruner keeps different configs for each, and without it a
+# config tuned (and pruned) for one precision would be reused, from the cache, for the other.
+_KEY = ["C_IN", "C_OUT", "G", "M", "KH", "KW", "DOT_PRECISION"]
 _fwd = triton.autotune(
     FWD_CONFIGS, key=_KEY,
     prune_configs_by={"early_config_prune": _pruner(lambda k: k["BLOCK_M"] * k["BLOCK_N"])},
@@ -398,13 +410,6 @@ _bwd_weight = triton.autotune(
 # --- launchers ----------------------------------------------------------------------------------------------------
 
 
-def _dot_precision(dtype: torch.dtype) -> str | None:
-    """fp32 inputs follow torch's matmul precision setting (exact unless TF32 is allowed); others need none."""
-    if dtype != torch.float32:
-        return None
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
 def _geometry(x: Tensor, offset: Tensor, weight: Tensor, stride, padding, dilation) -> dict:
     b, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
@@ -412,7 +417,8 @@ def _geometry(x: Tensor, offset: Tensor, weight: Tensor, stride, padding, dilati
     groups = offset.shape[1] // (2 * kh * kw)
     return dict(C_IN=c_in, H=h, W=w, C_OUT=c_out, H_OUT=h_out, W_OUT=w_out, G=groups, CG=c_in // groups,
                 M=b * h_out * w_out, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
-                DIL_H=dilation[0], DIL_W=dilation[1], KH=kh, KW=kw, DOT_PRECISION=_dot_precision(x.dtype))
+                DIL_H=dilation[0], DIL_W=dilation[1], KH=kh, KW=kw,
+                DOT_PRECISION=dispatch.dot_precision(x.dtype))
 
 
 _SIZES = ("C_IN", "H", "W", "C_OUT", "H_OUT", "W_OUT", "G", "CG", "M")
@@ -476,17 +482,21 @@ def _weight_split(geo: dict) -> int:
 
 
 def backward_launches(grad_out: Tensor, x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor,
-                      stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]
-                      ) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], list[Launch]]:
-    """Allocate the gradient buffers (grad_x and grad_weight in fp32, zeroed for the atomics) and describe the two
-    backward launches. grad_x comes back channels-last (fp32); :func:`backward` converts it."""
+                      stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                      output_mask: Sequence[bool] = (True, True, True, True),
+                      ) -> tuple[tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None], list[Launch]]:
+    """Allocate the gradient buffers that ``output_mask`` (x, offset, mask, weight) asks for (grad_x and grad_weight
+    in fp32, zeroed for the atomics; None for the others) and describe the backward launches: the input kernel when
+    grad_x, grad_offset or grad_mask is asked for, then the weight kernel when grad_weight is. grad_x comes back
+    channels-last (fp32); :func:`backward` converts it."""
+    need_x, need_offset, need_mask, need_weight = (bool(n) for n in output_mask)
     geo = _geometry(x, offset, weight, stride, padding, dilation)
     kk = geo["KH"] * geo["KW"]
     x = x.contiguous(memory_format=torch.channels_last)  # vector gathers, as in the forward
-    grad_x = torch.zeros_like(x, dtype=torch.float32)  # channels-last too: the kernel uses the strides of x
-    grad_offset = torch.zeros(offset.shape, dtype=offset.dtype, device=x.device)
-    grad_mask = torch.zeros(mask.shape, dtype=mask.dtype, device=x.device)
-    grad_w = torch.zeros(kk, geo["C_IN"], geo["C_OUT"], dtype=torch.float32, device=x.device)
+    grad_x = torch.zeros_like(x, dtype=torch.float32) if need_x else None  # channels-last: the strides of x
+    grad_offset = torch.zeros(offset.shape, dtype=offset.dtype, device=x.device) if need_offset else None
+    grad_mask = torch.zeros(mask.shape, dtype=mask.dtype, device=x.device) if need_mask else None
+    grad_w = torch.zeros(kk, geo["C_IN"], geo["C_OUT"], dtype=torch.float32, device=x.device) if need_weight else None
     w = _packed_weight(weight, x.dtype)
     grad_out = grad_out.to(x.dtype)
     sizes = [geo[k] for k in _SIZES]
@@ -502,31 +512,45 @@ def backward_launches(grad_out: Tensor, x: Tensor, offset: Tensor, mask: Tensor,
         return (kk * geo["G"] * triton.cdiv(geo["CG"], meta["BLOCK_C"]), triton.cdiv(geo["C_OUT"], meta["BLOCK_N"]),
                 split)
 
-    launches = [
-        Launch(_bwd_input, grid_input,
-               [grad_out, x, offset, mask, w, grad_x, grad_offset, grad_mask, *sizes, *conv, *strides], constexprs),
-        Launch(_bwd_weight, grid_weight, [grad_out, x, offset, mask, grad_w, *sizes, split, *conv, *strides],
-               constexprs),
-    ]
+    launches = []
+    if need_x or need_offset or need_mask:
+        # An output not asked for gets a one-element stand-in, which the kernel never touches (not x itself: the
+        # autotuner zeroes gx_ptr between its trials).
+        stand_in = torch.zeros(1, dtype=torch.float32, device=x.device)
+        outputs = [stand_in if grad_x is None else grad_x, offset.new_empty(1) if grad_offset is None else grad_offset,
+                   mask.new_empty(1) if grad_mask is None else grad_mask]
+        launches.append(Launch(_bwd_input, grid_input, [grad_out, x, offset, mask, w, *outputs, *sizes, *conv,
+                                                        *strides],
+                               dict(constexprs, NEED_X=need_x, NEED_OFFSET=need_offset, NEED_MASK=need_mask)))
+    if grad_w is not None:
+        launches.append(Launch(_bwd_weight, grid_weight,
+                               [grad_out, x, offset, mask, grad_w, *sizes, split, *conv, *strides], constexprs))
     return (grad_x, grad_offset, grad_mask, grad_w), launches
 
 
 def backward(grad_out: Tensor, x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor,
-             stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]
-             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+             output_mask: Sequence[bool] = (True, True, True, True),
+             ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """Gradients for x, offset, mask and weight with the Triton kernels (the bias gradient is a plain sum).
 
+    Args:
+        output_mask: which of (grad_x, grad_offset, grad_mask, grad_weight) to compute; the work of the others is
+            skipped (the weight kernel is not launched, the input kernel drops its atomics or its reads of x).
+
     Returns:
-        (grad_x, grad_offset, grad_mask, grad_weight), each shaped and typed like its input.
+        (grad_x, grad_offset, grad_mask, grad_weight), each shaped and typed like its input, or None where not asked.
     """
     (grad_x, grad_offset, grad_mask, grad_w), launches = backward_launches(
-        grad_out, x, offset, mask, weight, stride, padding, dilation
+        grad_out, x, offset, mask, weight, stride, padding, dilation, output_mask
     )
     if grad_out.numel() > 0 and x.shape[1] > 0:
         for launch in launches:
             dispatch.launchable(launch.kernel)[launch.grid](*launch.args, **launch.constexprs)
     c_out, c_in, kh, kw = weight.shape
-    grad_weight = grad_w.view(kh, kw, c_in, c_out).permute(3, 2, 0, 1).to(weight.dtype).contiguous()
-    grad_x = grad_x.to(dtype=x.dtype, memory_format=torch.channels_last if _channels_last(x)
-                       else torch.contiguous_format)
+    grad_weight = None if grad_w is None else \
+        grad_w.view(kh, kw, c_in, c_out).permute(3, 2, 0, 1).to(weight.dtype).contiguous()
+    if grad_x is not None:
+        grad_x = grad_x.to(dtype=x.dtype, memory_format=torch.channels_last if _channels_last(x)
+                           else torch.contiguous_format)
     return grad_x, grad_offset, grad_mask, grad_weight

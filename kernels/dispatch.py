@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["MODES", "LAUNCHES", "use", "active_mode", "interpreting", "interpreter_problem", "triton_installed",
-           "why_not_triton", "use_triton", "use_grid_sample", "Launch", "launchable", "triton_module", "release"]
+           "why_not_triton", "use_triton", "use_grid_sample", "dot_precision", "Launch", "launchable", "triton_module",
+           "release"]
 
 #: Valid values of ``VQFR_KERNELS`` and of :func:`use`.
 MODES = ("auto", "triton", "reference")
@@ -171,6 +172,19 @@ def use_triton(op: str, *tensors: Tensor | None, fallback: str = "reference") ->
     chosen = reason is None
     LAUNCHES[f"{op}:{'triton' if chosen else fallback}"] += 1
     return chosen
+
+
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """The ``input_precision`` of the kernels' ``tl.dot`` for inputs of ``dtype``: for float32, ``"tf32"`` when
+    torch's matmul setting allows TF32 and ``"ieee"`` (exact) otherwise; None (the default) for fp16 and bf16.
+
+    It reads ``torch.backends.cuda.matmul.fp32_precision`` (what Inductor reads), which reflects both of torch's APIs:
+    ``torch.set_float32_matmul_precision`` / ``allow_tf32`` and the newer ``fp32_precision`` (its own or inherited
+    from ``torch.backends.fp32_precision``). ``torch.get_float32_matmul_precision()`` raises once the newer API is used.
+    """
+    if dtype != torch.float32:
+        return None
+    return "tf32" if torch.backends.cuda.matmul.fp32_precision == "tf32" else "ieee"
 
 
 class Launch(NamedTuple):

@@ -119,9 +119,9 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     return kept or configs[:1]
 
 
-_kernel = triton.autotune(CONFIGS, key=["N", "K", "D"], prune_configs_by={"early_config_prune": _prune})(
-    _nearest_code_kernel
-)
+# DOT_PRECISION is in the key (as in the DCN kernels): a config tuned for TF32 must not be reused for exact fp32.
+_kernel = triton.autotune(CONFIGS, key=["N", "K", "D", "DOT_PRECISION"],
+                          prune_configs_by={"early_config_prune": _prune})(_nearest_code_kernel)
 
 
 def nearest_code_launch(z: Tensor, codebook: Tensor) -> tuple[tuple[Tensor, Tensor], Launch]:
@@ -134,14 +134,12 @@ def nearest_code_launch(z: Tensor, codebook: Tensor) -> tuple[tuple[Tensor, Tens
     z, codebook = z.to(common), codebook.to(common)
     idx = torch.empty(n, dtype=torch.long, device=z.device)
     dist = torch.empty(n, dtype=torch.float32, device=z.device)
-    precision = ("ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32") \
-        if common == torch.float32 else None
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]),)
 
     args = [z, codebook, idx, dist, n, k, *z.stride(), *codebook.stride()]
-    return (idx, dist), Launch(_kernel, grid, args, dict(D=d, DOT_PRECISION=precision))
+    return (idx, dist), Launch(_kernel, grid, args, dict(D=d, DOT_PRECISION=dispatch.dot_precision(common)))
 
 
 def nearest_code(z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:

@@ -3,8 +3,10 @@
 torch.compile, torch.export and the ONNX exporter see each op as one node:
 
 - ``torch.ops.vqfr.modulated_deform_conv2d(x, offset, mask, weight, bias, stride, padding, dilation) -> out``
-- ``torch.ops.vqfr.modulated_deform_conv2d_backward(grad_out, x, offset, mask, weight, stride, padding, dilation)
-  -> (grad_x, grad_offset, grad_mask, grad_weight)`` (what the forward's autograd formula calls)
+- ``torch.ops.vqfr.modulated_deform_conv2d_backward(grad_out, x, offset, mask, weight, stride, padding, dilation,
+  output_mask=None) -> (grad_x, grad_offset, grad_mask, grad_weight)`` (what the forward's autograd formula calls,
+  with ``output_mask`` from ``ctx.needs_input_grad``; a gradient not asked for is not computed and comes back as an
+  empty tensor, since a custom op cannot return None)
 - ``torch.ops.vqfr.nearest_code(z, codebook) -> (idx, dist)``
 
 Each op body picks the Triton kernel or the reference per call (:func:`kernels.dispatch.use_triton`).
@@ -53,7 +55,8 @@ def _define(name: str, fn: Callable[..., object]) -> CustomOpDef:
     return cast("CustomOpDef", register(name, fn, mutates_args=()))
 
 
-def _conv_args(stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]):
+def _conv_args(stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
+               ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     return (int(stride[0]), int(stride[1])), (int(padding[0]), int(padding[1])), (int(dilation[0]), int(dilation[1]))
 
 
@@ -103,6 +106,17 @@ def _(x, offset, mask, weight, bias, stride, padding, dilation):
                        memory_format=_memory_format(x))
 
 
+def _output_mask(output_mask: Sequence[bool] | None) -> tuple[bool, bool, bool, bool]:
+    """(x, offset, mask, weight) gradients to compute: all when None."""
+    if output_mask is None:
+        return True, True, True, True
+    if len(output_mask) != 4:
+        raise ValueError(f"output_mask must hold 4 bools (grad_x, grad_offset, grad_mask, grad_weight); got "
+                         f"{list(output_mask)}")
+    need_x, need_offset, need_mask, need_weight = (bool(n) for n in output_mask)
+    return need_x, need_offset, need_mask, need_weight
+
+
 def _deform_conv2d_backward(
     grad_out: Tensor,
     x: Tensor,
@@ -112,33 +126,45 @@ def _deform_conv2d_backward(
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
+    output_mask: Sequence[bool] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad_x, grad_offset, grad_mask, grad_weight) of the modulated deformable convolution."""
+    """(grad_x, grad_offset, grad_mask, grad_weight) of the modulated deformable convolution; those that
+    ``output_mask`` does not ask for are skipped and returned as empty (numel 0) tensors of their input's dtype."""
     conv = _conv_args(stride, padding, dilation)
+    need = _output_mask(output_mask)
     *_, h_out, w_out = check_deform_args(x, offset, mask, weight, None, *conv)
     if tuple(grad_out.shape) != (x.shape[0], weight.shape[0], h_out, w_out):
         raise ValueError(f"grad_out shape {tuple(grad_out.shape)} != expected "
                          f"{(x.shape[0], weight.shape[0], h_out, w_out)}")
     if dispatch.use_triton("modulated_deform_conv2d_backward", x, offset, mask, weight, grad_out):
-        return dispatch.triton_module("deform_conv_triton").backward(grad_out, x, offset, mask, weight, *conv)
-    grad_x, grad_offset, grad_mask, grad_weight = deform_conv2d_backward_reference(
-        grad_out, x, offset, mask, weight, *conv
-    )
-    # The layouts the fake kernel declares (the Triton backward's): grad_x like the forward's output, the rest
-    # contiguous (the reference returns grad_x NCHW, and grad_weight in the layout of a float32 weight).
-    return (grad_x.contiguous(memory_format=_memory_format(x)), grad_offset.contiguous(), grad_mask.contiguous(),
-            grad_weight.contiguous())
+        grads = dispatch.triton_module("deform_conv_triton").backward(grad_out, x, offset, mask, weight, *conv,
+                                                                      output_mask=need)
+    else:
+        grad_x, grad_offset, grad_mask, grad_weight = deform_conv2d_backward_reference(
+            grad_out, x, offset, mask, weight, *conv, output_mask=need
+        )
+        # The layouts the fake kernel declares (the Triton backward's): grad_x like the forward's output, the rest
+        # contiguous (the reference returns grad_x NCHW, and grad_weight in the layout of a float32 weight).
+        grads = (None if grad_x is None else grad_x.contiguous(memory_format=_memory_format(x)),
+                 None if grad_offset is None else grad_offset.contiguous(),
+                 None if grad_mask is None else grad_mask.contiguous(),
+                 None if grad_weight is None else grad_weight.contiguous())
+    gx, goff, gmask, gw = (t.new_empty(0) if g is None else g for g, t in zip(grads, (x, offset, mask, weight),
+                                                                              strict=True))
+    return gx, goff, gmask, gw
 
 
 deform_conv2d_backward_op = _define("vqfr::modulated_deform_conv2d_backward", _deform_conv2d_backward)
 
 
 @deform_conv2d_backward_op.register_fake
-def _(grad_out, x, offset, mask, weight, stride, padding, dilation):
+def _(grad_out, x, offset, mask, weight, stride, padding, dilation, output_mask=None):
     # Not empty_like, which would copy the strides of a channels-last x, offset, mask or weight: Inductor allocates
     # and checks the real outputs by these layouts.
-    return (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x)),
+    full = (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x)),
             offset.new_empty(offset.shape), mask.new_empty(mask.shape), weight.new_empty(weight.shape))
+    return tuple(g if n else t.new_empty(0) for g, n, t in zip(full, _output_mask(output_mask),
+                                                               (x, offset, mask, weight), strict=True))
 
 
 def _deform_setup_context(ctx, inputs, output):
@@ -147,13 +173,17 @@ def _deform_setup_context(ctx, inputs, output):
     ctx.conv_args = (list(stride), list(padding), list(dilation))
 
 
-def _deform_backward(ctx, grad_out):
+def _deform_backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+    """Only the gradients autograd needs (``ctx.needs_input_grad``): a frozen weight costs no weight-gradient GEMM, an
+    input that needs no gradient no scatter, and the backward op does not run at all when only the bias needs one."""
     x, offset, mask, weight, bias = ctx.saved_tensors
-    grad_x, grad_offset, grad_mask, grad_weight = deform_conv2d_backward_op(
-        grad_out.contiguous(), x, offset, mask, weight, *ctx.conv_args
-    )
-    grad_bias = None if bias is None else grad_out.sum((0, 2, 3)).to(bias.dtype)
-    return grad_x, grad_offset, grad_mask, grad_weight, grad_bias, None, None, None
+    need = [bool(n) for n in ctx.needs_input_grad[:4]]
+    grads: list[Tensor | None] = [None] * 4
+    if any(need):
+        computed = deform_conv2d_backward_op(grad_out.contiguous(), x, offset, mask, weight, *ctx.conv_args, need)
+        grads = [g if n else None for g, n in zip(computed, need, strict=True)]
+    grad_bias = grad_out.sum((0, 2, 3)).to(bias.dtype) if bias is not None and ctx.needs_input_grad[4] else None
+    return *grads, grad_bias, None, None, None
 
 
 deform_conv2d_op.register_autograd(_deform_backward, setup_context=_deform_setup_context)

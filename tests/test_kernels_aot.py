@@ -4,6 +4,8 @@ Each kernel is compiled from the launch its launcher would make at VQFR's larges
 and the ptxas that ships with triton; the full sweep over every config is ``python -m kernels.aot_check``.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -48,3 +50,35 @@ def test_nearest_code_with_a_float64_codebook_compiles(monkeypatch):
     signature, constants, attrs = aot_check._signature(tuner.fn, launch.args, {**launch.constexprs, **config.kwargs})
     triton.compile(ASTSource(tuner.fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
                    options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+
+
+@pytest.mark.parametrize("output_mask", [(False, True, True, False), (True, False, False, False),
+                                         (False, False, True, False)])
+def test_backward_input_kernel_compiles_without_the_gradients_not_asked_for(output_mask, monkeypatch):
+    """The input-gradient kernel drops its grad_x atomics, or its reads of x, behind constexpr flags when autograd
+    needs only some gradients (the interpreter cannot show that these variants compile); the weight kernel is not
+    launched when the weight needs no gradient."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels import aot_check
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    deform = dispatch.triton_module("deform_conv_triton")
+    meta: dict = dict(device="meta", dtype=torch.float16)
+    x, offset, mask = (torch.empty(1, c, 128, 128, **meta) for c in (128, 72, 36))
+    conv = ((1, 1), (1, 1), (1, 1))
+    _, launches = deform.backward_launches(torch.empty(1, 128, 128, 128, **meta), x, offset, mask,
+                                           torch.empty(128, 128, 3, 3, **meta), *conv, output_mask)
+    assert len(launches) == 1
+    tuner = launches[0].kernel
+    config = tuner.early_config_prune(tuner.configs, dict(zip(tuner.arg_names, launches[0].args, strict=False)),
+                                      **launches[0].constexprs)[0]
+    signature, constants, attrs = aot_check._signature(tuner.fn, launches[0].args,
+                                                       {**launches[0].constexprs, **config.kwargs})
+    compiled = triton.compile(ASTSource(tuner.fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    cuobjdump = str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    _, spill_bytes = aot_check._resource_usage(compiled.asm["cubin"], cuobjdump)
+    assert spill_bytes == 0

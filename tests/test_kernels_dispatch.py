@@ -13,7 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import kernels
 import kernels.ops  # noqa: F401  (registers torch.ops.vqfr.*)
 from kernels import dispatch
-from kernels.deform_conv import deform_conv2d_reference
+from kernels.deform_conv import deform_conv2d_backward_reference, deform_conv2d_reference
 from kernels.nearest_code import nearest_code_reference
 
 
@@ -278,3 +278,98 @@ def test_an_interpreter_that_cannot_run_is_named_with_its_fix(monkeypatch):
         assert dispatch.interpreter_problem() is None
     finally:
         dispatch.interpreter_problem.cache_clear()
+
+
+# (x, offset, mask, weight, bias) requiring grad
+REQUIRES = {
+    "only weight": (False, False, False, True, False),
+    "only x": (True, False, False, False, False),
+    "frozen weight and bias": (True, True, True, False, False),
+    "only bias": (False, False, False, False, True),
+    "all": (True,) * 5,
+}
+
+
+@pytest.mark.parametrize("requires", REQUIRES.values(), ids=REQUIRES.keys())
+def test_autograd_asks_the_backward_op_for_the_needed_gradients_only(requires, monkeypatch):
+    """The autograd formula passes ``ctx.needs_input_grad`` to the backward op as its output_mask (and does not call
+    it when only the bias needs a gradient); it used to compute all four gradients whatever was needed."""
+    calls = []
+    backward_op = kernels.ops.deform_conv2d_backward_op
+
+    def spy(*args):
+        calls.append(None if len(args) < 9 else [bool(n) for n in args[8]])
+        return backward_op(*args)
+
+    monkeypatch.setattr(kernels.ops, "deform_conv2d_backward_op", spy)
+    args = small_dcn(torch.float64)  # the reference forward and backward
+    ours = [t.clone().requires_grad_(r) for t, r in zip(args, requires, strict=True)]
+    ref = [t.clone().requires_grad_(r) for t, r in zip(args, requires, strict=True)]
+    got = torch.autograd.grad(kernels.modulated_deform_conv2d(*ours, 1, 1, 1).square().sum(),
+                              [t for t in ours if t.requires_grad])
+    want = torch.autograd.grad(deform_conv2d_reference(*ref, 1, 1, 1).square().sum(),
+                               [t for t in ref if t.requires_grad])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+    assert calls == ([list(requires[:4])] if any(requires[:4]) else [])
+
+
+def test_backward_op_output_mask_matches_its_fake_kernel():
+    """Gradients not asked for come back as empty tensors (a custom op cannot return None), in the fake kernel too."""
+    x, offset, mask, weight, _ = small_dcn()
+    args = (torch.randn(1, 4, 6, 7), x, offset, mask, weight, [1, 1], [1, 1], [1, 1], [False, True, True, False])
+    real = torch.ops.vqfr.modulated_deform_conv2d_backward(*args)
+    with FakeTensorMode() as mode:
+        fake = torch.ops.vqfr.modulated_deform_conv2d_backward(*(mode.from_tensor(a) if isinstance(a, torch.Tensor)
+                                                                 else a for a in args))
+    assert [tuple(r.shape) for r in real] == [tuple(f.shape) for f in fake] == [(0,), offset.shape, mask.shape, (0,)]
+    assert [r.dtype for r in real] == [f.dtype for f in fake]
+    with pytest.raises(ValueError, match="output_mask"):
+        torch.ops.vqfr.modulated_deform_conv2d_backward(*args[:8], [True, True])
+
+
+def test_compiled_backward_with_a_frozen_weight():
+    """torch.compile (AOTAutograd traces the autograd formula and the backward op's fake kernel) with the weight
+    frozen: the gradients of x, offset and mask equal eager ones and the weight gets none."""
+    args = small_dcn()
+
+    def f(x, offset, mask, weight, bias):
+        return kernels.modulated_deform_conv2d(x, offset, mask, weight, bias, 1, 1, 1).square().sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (f, compiled):
+        leaves = [t.clone().requires_grad_(i < 3) for i, t in enumerate(args)]
+        fn(*leaves).backward()
+        assert leaves[3].grad is None and leaves[4].grad is None
+        results.append([t.grad for t in leaves[:3]])
+    for eager, traced in zip(*results, strict=True):
+        torch.testing.assert_close(traced, eager, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("h,w", [(0, 5), (5, 0), (0, 0)])
+def test_an_empty_image_with_padding_reads_zero_padding_on_every_path(h, w):
+    """x with H = 0 or W = 0 and padding 2 gives a non-empty output (3x3 kernel) that reads zero padding only.
+    torchvision returns the bias there (its bilinear reads are 0 outside the image), and so did the grid_sample
+    forward and the Triton kernel, but the reference forward and backward raised RuntimeError "index -1 is out of
+    bounds" (a gather from an empty image). Gradients: x's is empty, the others are zero."""
+    gen = torch.Generator().manual_seed(1)
+    ho, wo = h + 2, w + 2
+    x = torch.randn(2, 4, h, w, generator=gen, dtype=torch.float64)
+    offset = torch.randn(2, 18, ho, wo, generator=gen, dtype=torch.float64)
+    mask = torch.rand(2, 9, ho, wo, generator=gen, dtype=torch.float64)
+    weight, bias = torch.randn(3, 4, 3, 3, generator=gen, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    expected = bias.view(1, 3, 1, 1).expand(2, 3, ho, wo)
+    assert torch.equal(deform_conv2d_reference(x, offset, mask, weight, bias, 1, 2, 1), expected)
+    grads = deform_conv2d_backward_reference(torch.randn(2, 3, ho, wo, dtype=torch.float64), x, offset, mask,
+                                              weight, 1, 2, 1)
+    assert [tuple(g.shape) for g in grads] == [x.shape, offset.shape, mask.shape, weight.shape]
+    assert all(not g.any() for g in grads)
+    for mode, dtype in (("auto", torch.float32), ("auto", torch.float64), ("reference", torch.float32)):
+        with kernels.use(mode):
+            leaves = [t.to(dtype).clone().requires_grad_(True) for t in (x, offset, mask, weight, bias)]
+            out = kernels.modulated_deform_conv2d(*leaves, 1, 2, 1)
+            torch.testing.assert_close(out, expected.to(dtype), atol=0, rtol=0)
+            out.sum().backward()
+            assert not any(t.grad.any() for t in leaves[:4]) and leaves[0].grad.shape == x.shape
+            torch.testing.assert_close(leaves[4].grad, torch.full((3,), 2.0 * ho * wo, dtype=dtype))

@@ -182,6 +182,91 @@ def test_deform_autograd_uses_triton_backward_for_every_input():
     assert dispatch.LAUNCHES["modulated_deform_conv2d_backward:triton"] == 1
 
 
+class LaunchLog:
+    """Wraps ``dispatch.launchable``: records (kernel name, constexprs) of every launch, then launches."""
+
+    def __init__(self, monkeypatch):
+        self.launches: list[tuple[str, dict]] = []
+        real = dispatch.launchable
+
+        def launchable(kernel):
+            def at(grid):
+                def launch(*args, **constexprs):
+                    self.launches.append((kernel.fn.__name__, constexprs))
+                    return real(kernel)[grid](*args, **constexprs)
+                return launch
+            return type("Launcher", (), {"__getitem__": lambda _, grid: at(grid)})()
+
+        monkeypatch.setattr(dispatch, "launchable", launchable)
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.launches]
+
+
+@pytest.mark.parametrize("output_mask", [
+    (False, False, False, True),  # only the weight: the input kernel does not run
+    (True, False, False, False),  # only x: the weight kernel does not run, the input kernel reads no x
+    (False, True, True, False),  # offset and mask: no grad_x atomics
+    (True, True, True, True),
+])
+def test_deform_backward_skips_the_gradients_not_asked_for(output_mask, monkeypatch):
+    """The Triton backward launches only the kernels (and, in the input kernel, only the parts) that produce a
+    gradient asked for; the others come back empty. The ones asked for match the reference as before."""
+    log = LaunchLog(monkeypatch)
+    x, offset, mask, weight, _ = deform_case(12, 9, 13, 2, 3, 1, 1, 1, spread=3.0, c_out=5, seed=12, b=1)
+    grad_out = torch.randn(1, 5, 9, 13, generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    grads = torch.ops.vqfr.modulated_deform_conv2d_backward(grad_out, x, offset, mask, weight, [1, 1], [1, 1],
+                                                            [1, 1], list(output_mask))
+    expected = deform_conv2d_backward_reference(*as_double([grad_out, x, offset, mask, weight]), 1, 1, 1)
+    for name, need, got, want in zip(("x", "offset", "mask", "weight"), output_mask, grads, expected, strict=True):
+        if need:
+            assert_close_scaled(got, want, 1e-5, f"grad_{name}")
+        else:
+            assert got.numel() == 0, name
+    need_x, need_offset, need_mask, need_weight = output_mask
+    assert log.names() == ["_bwd_input_kernel"] * (need_x or need_offset or need_mask) + \
+        ["_bwd_weight_kernel"] * need_weight
+    for name, constexprs in log.launches:
+        if name == "_bwd_input_kernel":
+            assert (constexprs["NEED_X"], constexprs["NEED_OFFSET"], constexprs["NEED_MASK"]) == output_mask[:3]
+
+
+@pytest.mark.parametrize("requires", [(False, False, False, True, True), (True, False, False, False, False),
+                                      (True, True, True, False, False)], ids=["weight", "x", "frozen weight"])
+def test_deform_autograd_on_triton_with_some_inputs_frozen(requires, monkeypatch):
+    """Through the public function: only the gradients of inputs that require one are computed, and they equal
+    autograd of the reference."""
+    log = LaunchLog(monkeypatch)
+    args = deform_case(12, 9, 13, 1, 3, 1, 1, 1, spread=2.0, seed=7, c_out=5, b=1)
+    ours = [t.clone().requires_grad_(r) for t, r in zip(args, requires, strict=True)]
+    ref = [t.double().requires_grad_(r) for t, r in zip(args, requires, strict=True)]
+    kernels.modulated_deform_conv2d(*ours, 1, 1, 1).square().sum().backward()
+    deform_conv2d_reference(*ref, 1, 1, 1).square().sum().backward()
+    for name, a, b in zip(("x", "offset", "mask", "weight", "bias"), ours, ref, strict=True):
+        assert (a.grad is None) == (b.grad is None), name
+        if b.grad is not None:
+            assert_close_scaled(a.grad, b.grad, 1e-5, f"grad_{name}")
+    assert log.names() == ["_fwd_kernel"] + ["_bwd_input_kernel"] * any(requires[:3]) + \
+        ["_bwd_weight_kernel"] * requires[3]
+
+
+@pytest.mark.parametrize("h,w", [(0, 5), (5, 0)])
+def test_deform_empty_image_with_padding_matches_the_reference(h, w):
+    """H or W = 0 with padding 2: the output is the bias (only zero padding is read) and the gradients are zero, as
+    the reference gives (which used to raise)."""
+    x, offset, mask, weight, bias = deform_case(4, h, w, 1, 3, 1, 2, 1, spread=1.0, c_out=3, seed=14, b=1)
+    leaves = [t.clone().requires_grad_(True) for t in (x, offset, mask, weight, bias)]
+    out = kernels.modulated_deform_conv2d(*leaves, 1, 2, 1)
+    ref = deform_conv2d_reference(*as_double([x, offset, mask, weight, bias]), 1, 2, 1)
+    assert out.shape == ref.shape == (1, 3, h + 2, w + 2)
+    assert torch.equal(out.double(), ref)
+    out.sum().backward()
+    expected = deform_conv2d_backward_reference(*as_double([torch.ones_like(out), x, offset, mask, weight]), 1, 2, 1)
+    for leaf, want in zip(leaves, expected, strict=False):
+        assert leaf.grad.shape == want.shape and not leaf.grad.any() and not want.any()
+    assert dispatch.LAUNCHES["modulated_deform_conv2d_backward:triton"] == 1
+
+
 def test_deform_fp16_error_within_twice_plain_torch_fp16():
     """fp16 accuracy, measured against exact maths on the same fp16 inputs.
 
