@@ -578,3 +578,22 @@ def test_frozen_generator_parameters_hold_no_gradient(tmp_path):
     frozen = [n for n, p in generator.named_parameters() if id(p) not in trained]
     assert "decoder.conv_out.2.weight" in frozen
     assert [n for n in frozen if generator.get_parameter(n).grad is not None] == []
+
+
+@pytest.mark.parametrize("given", ["folder", "state"])
+def test_resume_without_out_goes_on_in_the_resumed_run(tmp_path, monkeypatch, caplog, given):
+    cfg = tiny_vqgan_v2()
+    cfg["train"]["total_iter"] = 2
+    cfg["logger"]["save_checkpoint_freq"] = 2
+    config = write_config(cfg, tmp_path / "c.yml")
+    run = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)  # where the default experiments/<name> would go
+    assert train_main(["--config", str(config), "--out", str(run)]) == 0
+    resume = run if given == "folder" else run / "training_states" / "2.state"
+    assert train_main(["--config", str(config), "--max-iters", "4", "--resume", str(resume)]) == 0
+    assert [r["iter"] for r in records(run)] == [1, 2, 3, 4]
+    assert (run / "training_states" / "4.state").is_file() and not (tmp_path / "experiments").exists()
+
+    caplog.clear()
+    assert train_main(["--config", str(config), "--max-iters", "3", "--resume", str(run)]) == 0
+    assert "nothing to train: the run is at iteration 4 and train.total_iter is 3" in caplog.text

@@ -28,15 +28,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def resumed_run_folder(resume: Path) -> Path | None:
+    """The output folder of the run that ``--resume`` names: the folder itself, or ``<run>`` for a
+    ``<run>/training_states/<iter>.state`` file; None for a state file kept anywhere else."""
+    if resume.is_dir():
+        return resume
+    if resume.parent.name == "training_states":
+        return resume.parent.parent
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.train", description="Train VQGAN (stage 1) or VQFR "
                                      "(stage 2) from an official-style yml.")
     parser.add_argument("--config", required=True, type=Path, help="training yml (training/configs/*.yml)")
     parser.add_argument("--max-iters", type=_positive_int, help="stop after this many iterations (overrides "
                         "train.total_iter)")
-    parser.add_argument("--out", type=Path, help="output folder (default experiments/<name>)")
+    parser.add_argument("--out", type=Path, help="output folder (default: the resumed run's folder with --resume, "
+                        "else experiments/<name>)")
     parser.add_argument("--resume", type=Path, help="a training_states/<iter>.state file, or an output folder to "
-                        "resume from its latest state")
+                        "resume from its latest state; the run goes on in its folder unless --out says otherwise")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (torch.set_num_threads)")
     return parser
@@ -52,7 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = {"train": {"total_iter": args.max_iters}} if args.max_iters else {}
         cfg = load_config(args.config, overrides)
-        out = args.out or Path("experiments") / str(cfg.get("name", args.config.stem))
+        out = args.out
+        if out is None and args.resume is not None:
+            out = resumed_run_folder(args.resume)
+        if out is None:
+            out = Path("experiments") / str(cfg.get("name", args.config.stem))
+        logging.getLogger("training").info("output folder: %s", out)
         trainer = Trainer(cfg, out, device=args.device, resume=args.resume)
         trainer.train()
     except (VQFRError, ImportError) as exc:  # ImportError: a missing optional package, named with its extra

@@ -350,6 +350,9 @@ class Trainer:
         last: dict = {}
         timer, timed = time.perf_counter(), 0
         bpe = self.sampler.batches_per_epoch
+        if it >= self.total_iter:
+            log.warning("nothing to train: the run is at iteration %d and train.total_iter is %d; raise --max-iters "
+                        "(or train.total_iter) to train further", it, self.total_iter)
         self.net.train()
         while it < self.total_iter:
             epoch = it // bpe
