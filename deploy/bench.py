@@ -93,7 +93,8 @@ class BenchConfig:
         inputs: input sets rotated through (None: 4 on a GPU, 2 on the CPU).
         row_seconds: cap on the timed calls of one row (fewer iterations for slow rows; None: no cap).
         size: face size for v1 (v2 fixes it).
-        faces: folder of aligned faces for the inputs (None: ../shared/faces/aligned if present, else synthetic).
+        faces: folder of aligned faces for the inputs (None: ../shared/faces/aligned if present, else synthetic
+            inputs, said in the log and in the results' notes).
         out: output folder.
         threads: torch CPU threads (None: torch's default).
         fast: options of the ``torch-max`` backend.
@@ -200,22 +201,34 @@ def face_size(model: Network, requested: int | None) -> int:
     return size
 
 
-def default_faces() -> Path | None:
-    shared = Path(os.environ.get("VQFR_SHARED", ROOT.parent / "shared"))
-    folder = shared / "faces" / "aligned"
-    return folder if folder.is_dir() else None
+def default_faces() -> Path:
+    """Where the sample aligned faces are looked for without ``--faces``: ``$VQFR_SHARED/faces/aligned``
+    (``../shared`` next to the checkout by default); it may be absent."""
+    return Path(os.environ.get("VQFR_SHARED", ROOT.parent / "shared")) / "faces" / "aligned"
+
+
+def face_files(folder: str | Path) -> list[Path]:
+    """The .png and .jpg images in ``folder``, sorted; none when it is not a folder."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")) \
+        if folder.is_dir() else []
 
 
 def make_faces(count: int, size: int, folder: str | Path | None, seed: int = SEED) -> tuple[np.ndarray, str]:
     """``count`` aligned BGR uint8 faces [count, size, size, 3] and where they came from.
 
-    From the images in ``folder`` (resized; reused with horizontal flips when there are fewer than ``count``), else
-    seeded smooth synthetic images.
+    From the images in ``folder`` (resized; reused with horizontal flips when there are fewer than ``count``), or
+    with ``folder=None`` seeded smooth synthetic images.
+
+    Raises:
+        VQFRError: ``folder`` is not a folder, holds no images or an image that cannot be read.
     """
     import cv2
 
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")) \
-        if folder is not None else []
+    files = face_files(folder) if folder is not None else []
+    if folder is not None and not files:
+        raise VQFRError("holds no .png or .jpg images" if Path(folder).is_dir() else "is not a folder", path=folder,
+                        fix="pass --faces DIR, a folder of aligned faces")
     out = np.empty((count, size, size, 3), np.uint8)
     if files:
         images = []
@@ -235,7 +248,7 @@ def make_faces(count: int, size: int, folder: str | Path | None, seed: int = SEE
         smooth = cv2.resize(noise, (size, size), interpolation=cv2.INTER_CUBIC)
         detail = rng.normal(0, 0.15, (size, size, 3)).astype(np.float32)
         out[i] = np.clip(128 + 50 * smooth + 40 * detail, 0, 255).astype(np.uint8)
-    return out, f"synthetic smooth noise (seed {seed}); no face folder found"
+    return out, f"synthetic smooth noise (seed {seed})"
 
 
 # ---------------------------------------------------------------------------------------------------- subjects
@@ -639,13 +652,19 @@ def run(cfg: BenchConfig, log: Callable[[str], None] | None = None,
         torch.backends.cudnn.allow_tf32 = cfg.tf32
         torch.backends.cudnn.benchmark = True
     load_before = _load_average()
+    folder, notes = cfg.faces, []
+    if folder is None:
+        folder = default_faces()
+        if not face_files(folder):  # said first, not only in the report minutes later
+            notes.append(f"no sample faces at {folder}: timing on synthetic inputs; pass --faces DIR")
+            log(f"deploy.bench: {notes[-1]}")
+            folder = None
     model, weights_note = load_bench_model(cfg.weights, cfg.config)
     if cfg.weights is None:
         log(f"deploy.bench: {weights_note}")
     arch = model.options["type"]
     size = face_size(model, cfg.size)
     fidelities: list[float | None] = [float(f) for f in cfg.fidelities] if arch == "VQFRv2" else [None]
-    folder = cfg.faces if cfg.faces is not None else default_faces()
     faces, faces_note = make_faces(cfg.inputs * max(cfg.batches), size, folder)
     from vqfr.imaging import to_tensor
 
@@ -673,6 +692,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] | None = None,
                    + ("; cudnn.benchmark on, TF32 " + ("allowed" if cfg.tf32 else "off")
                       if device.type == "cuda" else "")),
         "inputs": faces_note,
+        **({"notes": notes} if notes else {}),
         **environment(device),
     }
     started = time.perf_counter()
@@ -723,7 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--inputs", type=int, help="input sets rotated through (default 4 / 2)")
     parser.add_argument("--row-seconds", type=float, help="cap on timed seconds per row (default 20 on a GPU)")
     parser.add_argument("--size", type=int, help="face size for v1 (default 512; v2 fixes it)")
-    parser.add_argument("--faces", type=Path, help="folder of aligned faces (default ../shared/faces/aligned)")
+    parser.add_argument("--faces", type=Path, help="folder of aligned faces (default ../shared/faces/aligned; "
+                        "without it, synthetic inputs)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (default bench_out)")
     parser.add_argument("--no-compile", action="store_true", help="torch-max: no torch.compile")

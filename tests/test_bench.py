@@ -9,6 +9,7 @@ import math
 import sys
 import types
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -262,3 +263,32 @@ def test_torch_peak_memory_counts_what_a_cuda_graph_replay_never_allocates(monke
     assert bench.torch_peak_mb(torch.device("cuda")) == 900
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 200 * mib)  # eager: the peak is larger
     assert bench.torch_peak_mb(torch.device("cuda")) == 300
+
+
+def test_without_sample_faces_the_run_says_it_times_synthetic_inputs(tmp_path, monkeypatch, capsys):
+    """No --faces and no ../shared/faces/aligned: one line before any timing, and the same note in results.json."""
+    monkeypatch.setenv("VQFR_SHARED", str(tmp_path / "no_shared"))
+    monkeypatch.setattr(bench, "make_subjects", lambda *args: [])  # the setup is what matters here
+    out = tmp_path / "out"
+    args = ["--config", str(tiny_yml(tmp_path, SMALL_V1)), "--size", "32", "--device", "cpu", "--backends", "torch",
+            "--restore-iters", "0", "--no-chart", "--out", str(out)]
+    assert bench.main(args) == 0
+    line = (f"no sample faces at {tmp_path / 'no_shared' / 'faces' / 'aligned'}: timing on synthetic inputs; "
+            "pass --faces DIR")
+    assert f"deploy.bench: {line}" in capsys.readouterr().err.splitlines()
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert meta["notes"] == [line] and meta["inputs"].startswith("synthetic")
+    assert line in (out / "results.md").read_text()
+
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    cv2.imwrite(str(faces / "a.png"), np.full((48, 48, 3), 128, np.uint8))
+    assert bench.main([*args, "--faces", str(faces)]) == 0
+    assert "synthetic" not in capsys.readouterr().err
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert "notes" not in meta and meta["inputs"].startswith(f"1 aligned faces from {faces}")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder, reason in ((tmp_path / "missing", "is not a folder"), (empty, "holds no .png or .jpg images")):
+        assert bench.main([*args, "--faces", str(folder)]) == 2  # asked for: an error, not a silent fallback
+        assert f"{folder}: {reason}" in capsys.readouterr().err

@@ -1,7 +1,9 @@
 """Checkpoint loading: released layouts, safetensors, strictness and clear errors, unsafe pickles refused."""
 
+import json
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -141,3 +143,35 @@ def test_golden_checkpoint_loads_from_yml(tmp_path):
     assert model.options["base_channels"] == 32
     with pytest.raises(vqfr.CheckpointError, match="looks like VQFRv2"):
         vqfr.load_model(ckpt, "v1")
+
+
+def test_a_mismatch_is_reported_in_a_few_keys_with_the_options_to_pass(tmp_path):
+    """Hundreds of differing keys: the counts and a few examples, not a thousand characters; the fix names how to
+    pass the options in each interface."""
+    path = save_released(tmp_path / "tiny_v2.pth", seeded_model(TINY_V2).state_dict())
+    with pytest.raises(vqfr.CheckpointError) as err:
+        vqfr.load_model(path)  # guessed v2, official options: other sizes
+    reason, fix = err.value.reason, err.value.fix or ""
+    assert len(reason) < 400, reason
+    assert re.search(r"\d+ missing keys: [\w.]+, [\w.]+, \.\.\. \(\d+ more\)", reason), reason
+    assert re.search(r"\d+ shape mismatches: ", reason), reason
+    assert "--config FILE.yml" in fix and "config=" in fix and "options=" in fix, fix
+
+
+@pytest.mark.parametrize("layout", ["network_options", "bare"])
+def test_options_file_may_be_a_json_description_or_bare_options(tmp_path, layout):
+    """Besides an official yml (network_sr / network_g), a file whose options sit under network_options (the golden
+    models' JSON), or the options mapping itself; JSON is YAML, so .json files load too."""
+    doc = {"arch": "VQFRv2", "network_options": TINY_V2, "input_shape": [1, 3, 64, 64]} if layout != "bare" else TINY_V2
+    config = tmp_path / "small.json"
+    config.write_text(json.dumps(doc))
+    model = seeded_model(TINY_V2)
+    loaded = vqfr.load_model(save_released(tmp_path / "small.pth", model.state_dict()), config)
+    assert loaded.options == TINY_V2 and _same_weights(loaded, model)
+
+
+def test_an_options_file_without_a_network_block_names_every_accepted_block(tmp_path):
+    config = tmp_path / "other.json"
+    config.write_text(json.dumps({"arch": "VQFRv2", "input_shape": [1, 3, 64, 64]}))
+    with pytest.raises(vqfr.ConfigError, match="other.json: has no network_sr, network_g or network_options block"):
+        vqfr.build_model(config)

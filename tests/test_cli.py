@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import vqfr
-from tests.conftest import FACES, ROOT, TINY_V2, needs_faces, seeded_model
+from tests.conftest import FACES, GOLDEN, ROOT, TINY_V2, needs_faces, needs_golden, seeded_model
 from vqfr.cli import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, main
 
 
@@ -209,3 +209,59 @@ def test_weights_help_names_every_folder_searched(tmp_path, monkeypatch):
         assert shown in help_text, shown
         path.unlink()
     assert f"${WEIGHTS_ENV}" in help_text
+
+
+def test_weights_from_the_environment_load_like_weights_given_with_the_flag(tmp_path, weights, monkeypatch, capsys):
+    """$VQFR_WEIGHTS names a safetensors file of a small architecture: its stored options are used, as with
+    --weights (not the default v2 options), and -v is checked against it the same way."""
+    from vqfr.runtime import WEIGHTS_ENV
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(WEIGHTS_ENV, str(weights))
+    cv2.imwrite(str(tmp_path / "face.png"), _face(11))
+    args = ["-i", str(tmp_path / "face.png"), "--aligned", "-q"]
+    assert main([*args, "-o", "env"]) == EXIT_OK, capsys.readouterr().err
+    assert main([*args, "-o", "flag", "--weights", str(weights)]) == EXIT_OK
+    assert "RANDOM" not in capsys.readouterr().err
+    env, flag = (cv2.imread(str(tmp_path / out / "restored_faces" / "face_00.png")) for out in ("env", "flag"))
+    assert env is not None and np.array_equal(env, flag)
+    assert main([*args, "-o", "v1", "-v", "1"]) == EXIT_ERROR
+    assert f"-v 1 was asked but {weights} is a VQFRv2 model" in capsys.readouterr().err
+
+
+def _released_small_v2(tmp_path):
+    """A released-layout .pth of the tiny v2 (no options inside) and the options, as a JSON file shaped like the
+    golden models' description."""
+    import json
+
+    from vqfr.checkpoint import save_released
+
+    ckpt = save_released(tmp_path / "small_v2.pth", seeded_model(TINY_V2, seed=4).state_dict())
+    config = tmp_path / "small_v2.json"
+    config.write_text(json.dumps({"arch": "VQFRv2", "network_options": TINY_V2, "input_shape": [1, 3, 64, 64]}))
+    return ckpt, config
+
+
+def test_a_checkpoint_of_other_sizes_needs_config_and_takes_a_json_description(tmp_path, capsys):
+    ckpt, config = _released_small_v2(tmp_path)
+    cv2.imwrite(str(tmp_path / "face.png"), _face(12))
+    args = ["-i", str(tmp_path / "face.png"), "-o", str(tmp_path / "out"), "--weights", str(ckpt), "--aligned", "-q"]
+    assert main(args) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("vqfr: error:") and err.count("\n") == 1 and len(err) < 700, err
+    assert "shape mismatches" in err and "--config FILE.yml" in err
+    assert main([*args, "--config", str(config)]) == EXIT_OK, capsys.readouterr().err
+    assert cv2.imread(str(tmp_path / "out" / "restored_faces" / "face_00.png")).shape == (64, 64, 3)
+
+
+@needs_golden
+@pytest.mark.shared
+def test_golden_small_model_runs_from_its_own_json(tmp_path, capsys):
+    cv2.imwrite(str(tmp_path / "face.png"), _face(13, 128))
+    args = ["-i", str(tmp_path / "face.png"), "-o", str(tmp_path / "out"), "--aligned", "-q",
+            "--weights", str(GOLDEN / "vqfr_v2_small.pth")]
+    assert main(args) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert len(err) < 700 and "--config FILE.yml" in err, err
+    assert main([*args, "--config", str(GOLDEN / "vqfr_v2_small.json")]) == EXIT_OK, capsys.readouterr().err
+    assert cv2.imread(str(tmp_path / "out" / "restored_faces" / "face_00.png")).shape == (128, 128, 3)

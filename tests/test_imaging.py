@@ -112,3 +112,20 @@ def test_conversions_are_bit_identical_to_the_official_formulas_for_every_level(
     values = np.concatenate([rng.uniform(-1.3, 1.3, 3 * 16 * 16 * 2 - 255).astype(np.float32), halfway])
     out = torch.from_numpy(values.reshape(2, 3, 16, 16))
     assert np.array_equal(to_images(out.to(device)), _official_post(out))
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_a_truncated_file_is_one_input_error_with_no_opencv_chatter(tmp_path, capfd, suffix):
+    """OpenCV logs its own warning or error for a truncated file (``[ WARN:0@...] ... PNG input buffer is
+    incomplete``); the caller gets only the InputError, and OpenCV's log level is left as it was."""
+    import cv2
+
+    data = cv2.imencode(suffix, _img(32, 32))[1].tobytes()
+    path = tmp_path / f"cut{suffix}"
+    path.write_bytes(data[: len(data) // 2])
+    level = cv2.utils.logging.getLogLevel()
+    capfd.readouterr()
+    with pytest.raises(InputError, match=f"cut{suffix}"):
+        load_image(path)
+    assert capfd.readouterr().err == ""
+    assert cv2.utils.logging.getLogLevel() == level

@@ -473,7 +473,7 @@ def test_engine_compatibility_is_listed_by_available(tmp_path, monkeypatch):
 
 
 def test_sidecar_tool_records_a_deliberate_change(tmp_path, capsys):
-    from vqfr.sidecar import main as sidecar_main
+    from vqfr.inspect_engine import main as sidecar_main
 
     engine = _engine(tmp_path, "m.onnx", bytes(100), lambda d: d + b"more")
     assert sidecar_main([str(engine)]) == 1

@@ -20,7 +20,7 @@ from deploy.soak import FACE_SIZE, MICRO_V2
 from tests.conftest import seeded_model
 from vqfr.cli import EXIT_ERROR, EXIT_OK, main
 from vqfr.errors import EngineError
-from vqfr.sidecar import main as sidecar_main
+from vqfr.inspect_engine import main as sidecar_main
 from vqfr.sidecar import sidecar_path
 
 pytest.importorskip("onnxruntime")

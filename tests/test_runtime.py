@@ -431,3 +431,15 @@ def test_max_mode_refuses_an_unknown_compile_mode():
 
     with pytest.raises(ConfigError, match="unknown compile_mode 'fastest'.*max-autotune-no-cudagraphs"):
         FastOptions(compile=True, compile_mode="fastest").resolved(torch.device("cpu"))
+
+
+def test_restore_of_a_truncated_png_prints_nothing_from_opencv(rt_v2, tmp_path, capfd):
+    import cv2
+
+    data = cv2.imencode(".png", _faces(1)[0])[1].tobytes()
+    path = tmp_path / "trunc.png"
+    path.write_bytes(data[: len(data) // 2])
+    capfd.readouterr()
+    with pytest.raises(InputError, match="trunc.png: is a truncated PNG file"):
+        rt_v2.restore(path, aligned=True)
+    assert capfd.readouterr().err == ""

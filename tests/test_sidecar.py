@@ -1,9 +1,13 @@
 """The engine sidecar: round trip, validation and clear errors."""
 
 import json
+import shlex
+import subprocess
+import sys
 
 import pytest
 
+from tests.conftest import ROOT
 from vqfr.errors import EngineError
 from vqfr.sidecar import EngineMeta, TensorSpec, read_sidecar, sidecar_path, write_sidecar
 
@@ -42,7 +46,8 @@ def test_missing_and_malformed(tmp_path):
 
 
 def test_binary_sidecar_and_missing_engine_are_engine_errors(tmp_path, capsys):
-    from vqfr.sidecar import main, verify_engine_file
+    from vqfr.inspect_engine import main
+    from vqfr.sidecar import verify_engine_file
 
     engine = tmp_path / "m.onnx"
     sidecar_path(engine).write_bytes(b"\xff\xfe\x00\x81 not text")  # e.g. an engine copied over its sidecar
@@ -58,3 +63,23 @@ def test_binary_sidecar_and_missing_engine_are_engine_errors(tmp_path, capsys):
         assert main(argv) == 1
         assert "m.onnx: cannot read the engine" in capsys.readouterr().out
     assert sidecar_path(engine).read_bytes() == before, "--update must not drop the recorded hash"
+
+
+def test_the_command_the_error_names_runs_without_a_warning(tmp_path):
+    """The fix of a changed engine names a command; run as written it records the change, and Python prints no
+    RuntimeWarning about the module being imported twice (``python -m`` of a module the package imports)."""
+    from vqfr.sidecar import verify_engine_file
+
+    engine = tmp_path / "m.onnx"
+    engine.write_bytes(b"engine bytes")
+    write_sidecar(engine, _meta())
+    engine.write_bytes(b"engine bytes, changed on purpose")
+    with pytest.raises(EngineError) as err:
+        verify_engine_file(engine, read_sidecar(engine))
+    command = shlex.split(err.value.fix.split("record the new file with ")[1])
+    assert command[:2] == ["python", "-m"]
+    for argv in (command[2:], [command[2], str(engine)]):  # --update, then the check
+        proc = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "Warning" not in proc.stderr, proc.stderr
+    assert "ok: the engine matches its sidecar" in proc.stdout

@@ -193,6 +193,12 @@ def _pickled_globals(path: Path) -> list[str]:
     return found
 
 
+#: Keys of each kind (missing, unexpected, other shape) that a mismatch error names.
+_SHOWN = 2
+#: How to give a checkpoint the options it was trained with, in each interface.
+_PASS_OPTIONS = "CLI --config FILE.yml, vqfr.Runtime(config=...) or vqfr.load_model(options=...)"
+
+
 def _mismatch_report(model: nn.Module, sd: dict[str, Tensor]) -> str | None:
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
@@ -202,8 +208,8 @@ def _mismatch_report(model: nn.Module, sd: dict[str, Tensor]) -> str | None:
     if not (missing or unexpected or shapes):
         return None
 
-    def listing(title: str, items: list[str]) -> str:
-        shown = ", ".join(items[:8]) + (f", ... ({len(items) - 8} more)" if len(items) > 8 else "")
+    def listing(title: str, items: list[str]) -> str:  # the count and a few examples: a line, not a page
+        shown = ", ".join(items[:_SHOWN]) + (f", ... ({len(items) - _SHOWN} more)" if len(items) > _SHOWN else "")
         return f"{len(items)} {title}: {shown}"
 
     parts = [listing(t, i) for t, i in (("missing keys", missing), ("unexpected keys", unexpected),
@@ -255,8 +261,9 @@ def load_model(
     problem = _mismatch_report(model, sd)
     if problem:
         hint = f"the file looks like {looks_like}" if looks_like else "the file matches no known architecture"
-        fix = (f"load it with options={_ALIAS_OF[looks_like]!r} (or the config it was trained with)"
-               if looks_like and looks_like != opts["type"] else "pass the config the checkpoint was trained with")
+        fix = (f"load it with options={_ALIAS_OF[looks_like]!r}, or pass the options it was trained with: "
+               f"{_PASS_OPTIONS}" if looks_like and looks_like != opts["type"]
+               else f"pass the options it was trained with: {_PASS_OPTIONS}")
         built = " built from the options in its metadata" if from_metadata else ""
         raise CheckpointError(f"does not match {opts['type']}{built} ({hint}): {problem}", path=path, fix=fix)
     model.load_state_dict(sd, strict=True)

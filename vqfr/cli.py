@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(default: $VQFR_WEIGHTS, ./experiments/pretrained_models, ./weights, "
                                        "~/.cache/vqfr; else RANDOM weights, with a warning)")
     src.add_argument("--engine", help="exported engine: .onnx, .engine/.plan (TensorRT) or .pt2 (AOTInductor)")
-    model.add_argument("--config", help="model options yml for --weights (official network_sr block)")
+    model.add_argument("--config", help="model options for --weights: a yml or JSON with a network_sr, network_g "
+                                        "or network_options block, or the bare options")
     model.add_argument("-f", "--fidelity", type=float, default=0.0,
                        help="v2 fidelity in [0, 1]: 0 best quality, 1 best fidelity (default: 0)")
     model.add_argument("--face-size", type=int, help="aligned face size for v1 checkpoints (default: 512)")
@@ -178,8 +179,9 @@ class _Signals:
 
 @contextlib.contextmanager
 def _quiet_native_stderr(active: bool) -> Iterator[None]:
-    """Send what native code (OpenCV, libpng, libjpeg) prints to stderr to /dev/null: a failing file gets one line
-    from us, not decoder chatter. Python's own sys.stderr is untouched."""
+    """Send what native code prints to stderr to /dev/null: a failing file gets one line from us, not decoder
+    chatter. ``load_image`` silences OpenCV's own log wherever it runs; this also covers what libpng and libjpeg
+    print themselves (``libpng error: IDAT: CRC error``). Python's own sys.stderr is untouched."""
     if not active:
         yield
         return
@@ -385,7 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, signals: _Signals) -> int:
-    from vqfr.runtime import Runtime
+    from vqfr.models import resolve_options
+    from vqfr.runtime import Runtime, find_weights
 
     engine = args.engine or args.weights
     if args.list_backends:
@@ -406,12 +409,16 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, signals: _Si
         parser.error(f"no input images found at {args.input!r} (looked for {', '.join(IMAGE_SUFFIXES)})")
 
     version = args.version[0] if args.version else None
-    # A checkpoint or engine says which version it is (checked against -v below); -v picks the default weights.
-    config = args.config if engine else args.config or f"v{version or 2}"
     out = Path(args.output)
     job = _Job(args, out, files, signals)
     try:
         job.make_folders()
+        # -v (or --config) picks the default weights; weights found ($VQFR_WEIGHTS, ./weights ...) then load exactly
+        # as --weights: with their own options (safetensors metadata) unless --config is given, checked against -v.
+        default = args.config or f"v{version or 2}"
+        if engine is None:
+            engine = find_weights(resolve_options(default)["type"])
+        config = args.config if engine else default
         rt = Runtime(engine, backend=args.backend, device=args.device, precision=args.precision,
                      fidelity=args.fidelity, config=None if args.engine else config, face_size=args.face_size,
                      max_batch=args.batch, detector=args.detector, parser=args.parser, max_pixels=args.max_pixels)

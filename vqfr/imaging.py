@@ -10,7 +10,10 @@ cv2 is imported inside the I/O functions only.
 
 from __future__ import annotations
 
+import contextlib
 import stat
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -25,7 +28,7 @@ from vqfr.errors import InputError, OutputError
 MAX_PIXELS = 268_435_456
 
 __all__ = ["to_tensor", "to_images", "as_bgr_uint8", "load_image", "save_image", "encode_image", "upscale_lanczos",
-           "header_size", "sniff_format", "MAX_PIXELS", "IMAGE_SUFFIXES"]
+           "header_size", "sniff_format", "quiet_opencv", "MAX_PIXELS", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -235,6 +238,38 @@ def _undecodable(data: bytes) -> str:
     return f"is a corrupt or unsupported {fmt} file (OpenCV cannot decode it)"
 
 
+class _QuietOpenCV:
+    """OpenCV's log level is process-wide: the first caller in silences it, the last one out restores it, so
+    overlapping decodes in several threads never leave it silenced (or restore it while another still decodes)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved = 0
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        import cv2
+
+        with self._lock:
+            if not self._depth:
+                self._saved = cv2.utils.logging.getLogLevel()
+                cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if not self._depth:
+                    cv2.utils.logging.setLogLevel(self._saved)
+
+
+#: ``with quiet_opencv(): cv2.imdecode(...)``: no ``[ WARN:...]``/``[ERROR:...]`` lines from OpenCV inside (a file
+#: that fails to decode gets one InputError instead). What libpng and libjpeg print themselves is not covered.
+quiet_opencv = _QuietOpenCV()
+
+
 def _pixel_limit_error(path: Path, width: int, height: int, max_pixels: int, what: str) -> InputError:
     return InputError(f"{what} {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}",
                       path=path, fix="downscale it first, or raise the limit (max_pixels=, CLI --max-pixels)")
@@ -278,7 +313,8 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     try:
         # ANYCOLOR|ANYDEPTH = IMREAD_COLOR's EXIF rotation and CMYK conversion, keeping 16-bit (IMREAD_UNCHANGED
         # would skip the rotation).
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
+        with quiet_opencv():
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
     except cv2.error as exc:  # OpenCV's own checks (e.g. its pixel limit) raise instead of returning None
         text = str(exc).strip().splitlines()[-1]
         if "CV_IO_MAX_IMAGE_PIXELS" in text:

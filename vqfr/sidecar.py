@@ -17,13 +17,12 @@ Schema (``format: vqfr-engine/1``)::
 
 Dimensions of -1 are dynamic. ``file_size`` and ``file_sha256`` describe the engine file itself; :func:`write_sidecar`
 fills them in, and :func:`verify_engine_file` refuses an engine that was truncated or changed since (older sidecars
-without them are not checked). ``python -m vqfr.sidecar ENGINE [--update]`` shows and checks a sidecar, or records
-the current file after a deliberate change.
+without them are not checked). ``python -m vqfr.inspect_engine ENGINE [--update]`` shows and checks a
+sidecar, or records the current file after a deliberate change.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -183,7 +182,7 @@ def verify_engine_file(engine: str | Path, meta: EngineMeta) -> None:
     """
     engine = Path(engine)
     fix = (f"re-export it; if you changed {engine.name} on purpose, record the new file with "
-           f"python -m vqfr.sidecar --update {engine}")
+           f"python -m vqfr.inspect_engine --update {engine}")
     try:
         if meta.file_size is not None:
             size = engine.stat().st_size
@@ -199,30 +198,3 @@ def verify_engine_file(engine: str | Path, meta: EngineMeta) -> None:
     except OSError as exc:  # missing (moved away from its sidecar) or unreadable
         raise EngineError(f"cannot read the engine ({exc.strerror})", path=engine,
                           fix="check the path: the engine file belongs next to its sidecar") from exc
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m vqfr.sidecar ENGINE [--update]``: print and verify an engine's sidecar, or re-record the file."""
-    p = argparse.ArgumentParser(prog="python -m vqfr.sidecar", description=main.__doc__)
-    p.add_argument("engine", help="the engine file (.onnx, .engine, .plan, .pt2); its sidecar is ENGINE.json")
-    p.add_argument("--update", action="store_true", help="record the engine's current size and sha256")
-    args = p.parse_args(argv)
-    try:
-        meta = read_sidecar(args.engine)
-        if args.update:
-            if not Path(args.engine).is_file():  # would record no hash at all
-                raise EngineError("cannot read the engine (no such file)", path=args.engine,
-                                  fix="pass the engine file whose sidecar to update")
-            print(f"updated {write_sidecar(args.engine, meta)}")
-            return 0
-        print(json.dumps(meta.to_dict(), indent=2))
-        verify_engine_file(args.engine, meta)
-    except EngineError as exc:
-        print(f"error: {exc}")
-        return 1
-    print("ok: the engine matches its sidecar" if meta.file_sha256 else "note: this sidecar records no file hash")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,8 +1,9 @@
 """The four official architectures, built from the official option names.
 
 ``build_model(options)`` takes a dict with ``type`` in :data:`ARCHS` plus the official arguments, a version alias
-(``"v1"``, ``"v2"``, ``"vqgan_v1"``, ``"vqgan_v2"``) or the path of an official-style yml (its ``network_sr``
-block, else its ``network_g`` block). The built model keeps its options in ``model.options``.
+(``"v1"``, ``"v2"``, ``"vqgan_v1"``, ``"vqgan_v2"``) or the path of a yml or JSON file (see :func:`read_yml`:
+the official yml's ``network_sr``/``network_g`` block, a ``network_options`` block, or bare options). The built
+model keeps its options in ``model.options``.
 """
 
 from __future__ import annotations
@@ -29,20 +30,28 @@ __all__ = ["ARCHS", "ALIASES", "Network", "build_model", "resolve_options", "off
            "VQGANv1", "VQGANv2"]
 
 
+#: Where a config file keeps the network options, in order: the official yml's blocks (test, train), then the
+#: ``network_options`` of a model description such as the golden models' JSON. Else the top level, with ``type``.
+_NETWORK_BLOCKS = ("network_sr", "network_g", "network_options")
+
+
 def _network_block(doc: object, source: str) -> dict:
     if not isinstance(doc, dict):
         raise ConfigError("is not a YAML mapping", path=source, fix="pass an official-style yml")
-    for key in ("network_sr", "network_g"):
+    for key in _NETWORK_BLOCKS:
         if isinstance(doc.get(key), dict):
             return doc[key]
     if "type" in doc:
         return doc
-    raise ConfigError("has no network_sr or network_g block", path=source,
-                      fix="pass an official-style yml, e.g. vqfr/configs/vqfr_v2.yml")
+    raise ConfigError("has no network_sr, network_g or network_options block, nor a top-level type", path=source,
+                      fix="pass an official-style yml (e.g. vqfr/configs/vqfr_v2.yml), or put the model options, "
+                          "with their type, under network_options")
 
 
 def read_yml(path: str | Path) -> dict:
-    """The network options of an official-style yml (``network_sr``, else ``network_g``, else the top level)."""
+    """The network options of a yml or JSON file: its ``network_sr`` block (official test yml), else ``network_g``
+    (official train yml), else ``network_options`` (a model description), else the top level (options with
+    ``type``)."""
     try:
         text = Path(path).read_text()
     except OSError as exc:
