@@ -618,6 +618,24 @@ def _load_average() -> str | None:
     return None
 
 
+def busy_cpu_note(device: torch.device, threads: int) -> str | None:
+    """A warning when a CPU run starts while other jobs hold the cores (1-minute load average above the cores our
+    threads leave free) and OpenMP's threads spin while waiting (``OMP_WAIT_POLICY`` unset): spinning threads fight
+    those jobs, which can make the torch rows many times slower (docs/BENCHMARKS.md, "CPU results")."""
+    if device.type != "cpu" or "OMP_WAIT_POLICY" in os.environ:
+        return None
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+    cores = os.cpu_count() or 1
+    if load <= cores - threads + 0.5:
+        return None
+    return (f"the machine looks busy (1-minute load average {load:.2f} on {cores} cores, {threads} torch threads) and "
+            "OpenMP threads spin while waiting: torch rows can be several times slower than on a quiet machine; "
+            "measure on a quiet machine, or set OMP_WAIT_POLICY=PASSIVE before Python starts")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -653,6 +671,10 @@ def run(cfg: BenchConfig, log: Callable[[str], None] | None = None,
         torch.backends.cudnn.benchmark = True
     load_before = _load_average()
     folder, notes = cfg.faces, []
+    busy = busy_cpu_note(device, torch.get_num_threads())
+    if busy:
+        notes.append(busy)
+        log(f"deploy.bench: {busy}")
     if folder is None:
         folder = default_faces()
         if not face_files(folder):  # said first, not only in the report minutes later

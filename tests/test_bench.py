@@ -6,6 +6,7 @@ import copy
 import importlib.machinery
 import json
 import math
+import os
 import sys
 import types
 
@@ -268,6 +269,7 @@ def test_torch_peak_memory_counts_what_a_cuda_graph_replay_never_allocates(monke
 def test_without_sample_faces_the_run_says_it_times_synthetic_inputs(tmp_path, monkeypatch, capsys):
     """No --faces and no ../shared/faces/aligned: one line before any timing, and the same note in results.json."""
     monkeypatch.setenv("VQFR_SHARED", str(tmp_path / "no_shared"))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # no busy-machine note, whatever else runs
     monkeypatch.setattr(bench, "make_subjects", lambda *args: [])  # the setup is what matters here
     out = tmp_path / "out"
     args = ["--config", str(tiny_yml(tmp_path, SMALL_V1)), "--size", "32", "--device", "cpu", "--backends", "torch",
@@ -292,3 +294,20 @@ def test_without_sample_faces_the_run_says_it_times_synthetic_inputs(tmp_path, m
     for folder, reason in ((tmp_path / "missing", "is not a folder"), (empty, "holds no .png or .jpg images")):
         assert bench.main([*args, "--faces", str(folder)]) == 2  # asked for: an error, not a silent fallback
         assert f"{folder}: {reason}" in capsys.readouterr().err
+
+
+def test_a_busy_cpu_with_spinning_openmp_threads_is_noted(monkeypatch):
+    """Other jobs on the cores and OMP_WAIT_POLICY unset: torch rows may be many times slower; the run says so."""
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 1.0, 1.0))
+    note = bench.busy_cpu_note(cpu, threads=2)
+    assert note is not None and "load average 1.90 on 2 cores" in note and "OMP_WAIT_POLICY=PASSIVE" in note
+    assert bench.busy_cpu_note(cpu, threads=1) is not None  # 1.9 > the one free core + 0.5
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 1.0, 1.0))
+    assert bench.busy_cpu_note(cpu, threads=2) is None  # quiet
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 1.0, 1.0))
+    assert bench.busy_cpu_note(torch.device("cuda"), threads=2) is None  # GPU timing: not this effect
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert bench.busy_cpu_note(cpu, threads=2) is None  # the user chose
