@@ -15,6 +15,10 @@ Masks:
 - with a :class:`~vqfr.faces.parsing.FaceParser`: the parser's face-region mask, blurred and warped back
   (:func:`parse_mask`, as the official demo does with ParseNet).
 
+Where a crop left the photo (a face cut by the photo's edge), it holds the border colour: the photo's edge is
+replicated over that part of the restored crop (and of a parser's region) before the warp back, so the edge pixels
+do not blend the grey in.
+
 Work is done inside each face's bounding rectangle only, so many faces on a large photo stay cheap.
 """
 
@@ -57,6 +61,34 @@ def _roi(inv: np.ndarray, face_size: int, width: int, height: int, pad: int) -> 
     return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
 
 
+def _outside_photo(affine: np.ndarray, face_size: int, photo_size: tuple[float, float]) -> np.ndarray | None:
+    """[S, S] bool: the crop pixels that :func:`~vqfr.faces.align.warp_face` sampled (partly) outside the photo,
+    i.e. from its border colour; None when there are none."""
+    inv = np.linalg.inv(np.vstack([np.asarray(affine, np.float64), [0, 0, 1]]))[:2]
+    grid = np.arange(face_size, dtype=np.float64)
+    px = inv[0, 0] * grid[None, :] + inv[0, 1] * grid[:, None] + inv[0, 2]
+    py = inv[1, 0] * grid[None, :] + inv[1, 1] * grid[:, None] + inv[1, 2]
+    eps = 1e-6
+    outside = (px < -eps) | (px > photo_size[0] - 1 + eps) | (py < -eps) | (py > photo_size[1] - 1 + eps)
+    return outside if outside.any() else None
+
+
+def _extend_from_inside(img: np.ndarray, outside: np.ndarray) -> np.ndarray:
+    """``img`` ([S, S] or [S, S, C]) with every ``outside`` pixel set to the nearest inside one (the photo's edge
+    replicated in the crop frame); unchanged when nothing is inside."""
+    import cv2
+
+    if outside.all():
+        return img
+    _, labels = cv2.distanceTransformWithLabels(outside.astype(np.uint8), cv2.DIST_L2, 5,
+                                                labelType=cv2.DIST_LABEL_PIXEL)
+    ys, xs = np.nonzero(~outside)
+    lut = np.zeros((labels.max() + 1, 2), np.intp)
+    lut[labels[ys, xs]] = np.stack([ys, xs], 1)
+    src = lut[labels]
+    return img[src[..., 0], src[..., 1]]
+
+
 def feather_mask(coverage: np.ndarray, upscale: float = 1.0) -> np.ndarray:
     """Soft mask from the warped square's coverage ([h, w] float32 in [0, 1]) -> [h, w] float32 in [0, 1].
 
@@ -91,18 +123,24 @@ def parse_mask(region: np.ndarray) -> np.ndarray:
 
 
 def _warp_face_back(face: np.ndarray, local: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Warp a restored crop into the output rectangle: bicubic, after an area downscale when the warp shrinks it
-    by more than 1.5x (bilinear sampling alone would alias the restored detail)."""
+    """Warp a restored crop into the output rectangle with one bicubic resampling, low-passed first when the warp
+    shrinks it by r > 1 (restored detail finer than the output pixels would alias): a Gaussian of sigma (r - 1) / 2
+    crop pixels (the usual anti-aliasing sigma of a resize), after an area reduction by about the integer factor
+    r // 2 when r >= 4 (it leaves a shrink of 2 to 4, and a blur small enough to be cheap)."""
     import cv2
 
     side = face.shape[0]
     shrink = 1.0 / np.sqrt(abs(np.linalg.det(local[:, :2])))
-    if shrink > 1.5:
-        small = max(int(round(side / shrink)), 1)
+    factor = int(shrink // 2)
+    if factor >= 2:
+        small = max(int(round(side / factor)), 1)
         r = side / small
         face = cv2.resize(face, (small, small), interpolation=cv2.INTER_AREA)
         # small-crop pixel c' sits at c = r * c' + (r - 1) / 2 of the full crop (half-pixel centres)
         local = local @ np.array([[r, 0, (r - 1) / 2], [0, r, (r - 1) / 2], [0, 0, 1]])
+        shrink /= r
+    if shrink > 1:
+        face = cv2.GaussianBlur(face, (0, 0), (shrink - 1) / 2)
     return cv2.warpAffine(face, local, size, flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_CONSTANT)
 
 
@@ -133,22 +171,30 @@ def paste_faces(background: np.ndarray, faces: np.ndarray, affines: np.ndarray, 
         scale = (_axis_scale(width, upscale), _axis_scale(height, upscale))
     else:
         scale = (width / photo_size[0], height / photo_size[1])
+    photo = photo_size if photo_size is not None else (width / scale[0], height / scale[1])
     for i, (face, affine) in enumerate(zip(faces, affines, strict=True)):
         inv = inverse_affine(affine, scale)
         roi = _roi(inv, face_size, width, height, pad=2)
         if roi is None:
             continue
+        region = None if regions is None else regions[i]
+        # Where the crop left the photo it holds the border colour (and the model's answer to it): replicate the
+        # photo's edge over it, so the warp back (and the parser's region) does not blend it into the edge pixels.
+        outside = _outside_photo(affine, face_size, photo)
+        if outside is not None:
+            face = _extend_from_inside(face, outside)
+            region = None if region is None else _extend_from_inside(region, outside)
         x0, y0, x1, y1 = roi
         local = inv.copy()
         local[:, 2] -= (x0, y0)
         size = (x1 - x0, y1 - y0)
         warped = _warp_face_back(face, local, size)
-        if regions is None:
+        if region is None:
             coverage = cv2.warpAffine(np.ones((face_size, face_size), np.float32), local, size,
                                       flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
             mask = feather_mask(coverage, upscale)
         else:
-            mask = cv2.warpAffine(parse_mask(regions[i]), local, size, flags=cv2.INTER_LINEAR,
+            mask = cv2.warpAffine(parse_mask(region), local, size, flags=cv2.INTER_LINEAR,
                                   borderMode=cv2.BORDER_CONSTANT)
         m = mask[:, :, None]
         patch = out[y0:y1, x0:x1].astype(np.float32)
