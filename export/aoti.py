@@ -173,9 +173,9 @@ def export_aoti(
         ``device`` and returns ``output`` [B,3,H,W] float32.
 
     Raises:
-        ConfigError: bad options. BackendUnavailable: no CUDA for ``device="cuda"``. EngineError: a custom op's
-        fake kernel disagrees with its real output, or the compilation failed. OutputError: ``output`` would
-        overwrite ``weights``.
+        ConfigError: bad options, or an ``output`` not named ``.pt2``. BackendUnavailable: no CUDA for
+        ``device="cuda"``. EngineError: a custom op's fake kernel disagrees with its real output, or the compilation
+        failed. OutputError: ``output`` would overwrite ``weights``, or its folder does not exist.
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}", fix="pass fp32 or fp16")
@@ -184,13 +184,12 @@ def export_aoti(
     if device == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailable("AOTInductor export for CUDA needs a CUDA GPU, and torch sees none",
                                  fix="run on a GPU machine, or pass --device cpu")
+    output = source.check_output(output, "aoti", weights)
     problems = custom_op_problems(device)
     if problems:
         raise EngineError("a custom op's real output disagrees with its fake kernel, so AOTInductor would compute "
                           "wrong results: " + "; ".join(problems),
                           fix="make the op return the layout its fake kernel declares (e.g. .contiguous())")
-    output = Path(output)
-    source.refuse_overwriting_inputs(output, weights)
     model = source.load_source_model(weights, config, random_weights)
     spec = source.export_spec(model, batch, size, dynamic_size)
     try:

@@ -5,8 +5,8 @@ file. :func:`convert_to_fp16` rewrites an fp32 graph into that form:
 
 - every floating-point tensor becomes fp16, except inside the *fp32 islands*: nodes tagged by the export
   translations with the metadata key :data:`FP32_KEY` (GroupNorm, LayerNorm, the code-prediction Linear, the
-  nearest-code distances, the deformable conv), every ``Softmax``/normalisation/``ArgMin``/``ArgMax`` node, and the
-  last convolution (the ``Conv`` that produces a graph output);
+  nearest-code distances, the deformable conv), every ``Softmax``/``Attention``/normalisation/``ArgMin``/``ArgMax``
+  node, and the last convolution (the ``Conv`` that produces a graph output);
 - a ``Cast`` is inserted wherever a tensor crosses from one precision to the other, once per tensor and direction;
 - weights are stored in the precision of the nodes that read them (an fp32 copy and an fp16 copy when both do);
 - graph inputs and outputs stay fp32, so the engine's interface does not change with its precision.
@@ -36,9 +36,10 @@ FP32_KEY = "vqfr.fp32"
 FLOAT, HALF = ir.DataType.FLOAT, ir.DataType.FLOAT16
 _FLOATS = (FLOAT, HALF)
 
-#: Ops that always compute in fp32: their reductions overflow or lose the argmin/argmax in fp16.
+#: Ops that always compute in fp32: their reductions overflow or lose the argmin/argmax in fp16. ``Attention`` is
+#: how torch.onnx exports scaled-dot-product attention from opset 23 (its softmax inside).
 _ALWAYS_FP32 = frozenset({"Softmax", "InstanceNormalization", "LayerNormalization", "GroupNormalization",
-                          "DeformConv", "ArgMin", "ArgMax"})
+                          "DeformConv", "ArgMin", "ArgMax", "Attention"})
 #: Ops whose output dtype is set by an attribute, not by their inputs; they are left as they are.
 _FIXED_TYPE = frozenset({"Cast", "Constant", "ConstantOfShape", "EyeLike", "RandomNormal", "RandomUniform",
                          "RandomNormalLike", "RandomUniformLike"})

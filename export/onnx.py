@@ -193,25 +193,57 @@ def run_onnxruntime(path: str | Path, inputs: tuple[torch.Tensor, ...], names: l
     return session.run(None, feed)[0].astype(np.float32)
 
 
-def check_onnx(path: str | Path, model: Network, spec: source.ExportSpec, precision: str) -> Agreement:
+def check_onnx(path: str | Path, model: Network, spec: source.ExportSpec, precision: str, *,
+               name: str | Path | None = None) -> Agreement:
     """Compare onnxruntime (CPU) on a fixed input with the PyTorch fp32 model.
 
+    v2 graphs are checked at fidelity 0 and 1 (both branches), also when their batch is fixed at 1.
+
+    Args:
+        path: the graph to run.
+        model, spec, precision: what it was exported from, its shapes and its precision.
+        name: the file errors name (default ``path``; the exporter checks a temporary file before moving it there).
+
     Raises:
-        EngineError: fp32 beyond :data:`FP32_TOLERANCE` max abs (times the output's peak if above 1), or fp16 below
-            :data:`FP16_MIN_PSNR` dB.
+        EngineError: onnxruntime cannot run the graph, fp32 beyond :data:`FP32_TOLERANCE` max abs (times the
+            output's peak if above 1), or fp16 below :data:`FP16_MIN_PSNR` dB.
     """
-    inputs = source.check_inputs(spec)
-    with torch.no_grad():
-        reference = source.engine_module(model)(*inputs)
-    result = agreement(run_onnxruntime(path, inputs, spec.input_names), reference)
+    from vqfr.backends.onnxruntime import ort_errors
+
+    name = path if name is None else name
+    errors = ort_errors(require("onnxruntime", "checking ONNX graphs"))
+    batches = [source.check_inputs(spec)]
+    if spec.takes_fidelity and spec.batch == 1:  # one image per call: one call per branch
+        x = batches[0][0]
+        batches = [(x, torch.zeros(1)), (x, torch.ones(1))]
+    outputs, references = [], []
+    for inputs in batches:
+        with torch.no_grad():
+            references.append(source.engine_module(model)(*inputs))
+        try:
+            outputs.append(run_onnxruntime(path, inputs, spec.input_names))
+        except errors as exc:
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            text = text.replace(str(path), str(name))  # onnxruntime names the temporary file
+            raise EngineError(f"onnxruntime cannot run the exported graph ({text})", path=name,
+                              fix="report this with the torch, onnxscript and onnxruntime versions") from exc
+    reference = torch.cat(references)
+    result = agreement(np.concatenate(outputs), reference)
     tolerance = FP32_TOLERANCE * max(1.0, float(reference.abs().max()))
     if precision == "fp32" and not result.max_abs <= tolerance:
-        raise EngineError(f"onnxruntime differs from PyTorch: {result} (fp32 tolerance {tolerance:.3g})", path=path,
+        raise EngineError(f"onnxruntime differs from PyTorch: {result} (fp32 tolerance {tolerance:.3g})", path=name,
                           fix="report this with the torch, onnxscript and onnxruntime versions")
     if precision == "fp16" and not result.psnr_db >= FP16_MIN_PSNR:
         raise EngineError(f"fp16 onnxruntime output is too far from PyTorch fp32: {result} "
-                          f"(needs >= {FP16_MIN_PSNR} dB)", path=path, fix="export with --precision fp32")
+                          f"(needs >= {FP16_MIN_PSNR} dB)", path=name, fix="export with --precision fp32")
     return result
+
+
+def _max_opset() -> int:
+    """The newest opset the installed onnx defines."""
+    import onnx
+
+    return int(onnx.defs.onnx_opset_version())
 
 
 def export_onnx(
@@ -249,18 +281,26 @@ def export_onnx(
         v2; output ``output`` [B,3,H,W] float32.
 
     Raises:
-        ConfigError: bad options or shapes. CheckpointError: unreadable weights. EngineError: export or check failed.
-        OutputError: ``output`` would overwrite ``weights``, or cannot be written.
+        ConfigError: bad options or shapes, an ``output`` not named ``.onnx``, or an opset torch.onnx cannot
+        convert the graph to. CheckpointError: unreadable weights. EngineError: export or check failed.
+        OutputError: ``output`` would overwrite ``weights``, its folder does not exist, or it cannot be written.
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}", fix="pass fp32 or fp16")
     if opset < 19:
         raise ConfigError(f"opset {opset} has no DeformConv (it was added in opset 19)", fix="pass --opset 19 or more")
-    output = Path(output)
-    source.refuse_overwriting_inputs(output, weights)
+    if opset > _max_opset():
+        raise ConfigError(f"opset {opset} is newer than the installed onnx knows (it defines opsets up to "
+                          f"{_max_opset()})", fix=f"pass --opset {DEFAULT_OPSET} (the default)")
+    output = source.check_output(output, "onnxruntime", weights)
     model = source.load_source_model(weights, config, random_weights)
     spec = source.export_spec(model, batch, size, dynamic_size)
     graph_model = _trace(model, spec, opset)
+    traced_opset = graph_model.opset_imports.get("")
+    if traced_opset != opset:  # torch.onnx logs a failed version conversion and returns the graph unconverted
+        raise ConfigError(f"torch.onnx could not convert the graph to opset {opset} (it came out declaring opset "
+                          f"{traced_opset}, which is not a valid model)",
+                          fix=f"pass --opset {DEFAULT_OPSET} (the default)")
     islands = fp16.island_reasons(graph_model)
     if precision == "fp16":
         fp16.convert_to_fp16(graph_model)
@@ -270,7 +310,8 @@ def export_onnx(
     with atomic_path(output) as tmp:
         ir.save(graph_model, tmp)
         if check:
-            extra["check"] = {"onnxruntime_cpu_vs_pytorch_fp32": check_onnx(tmp, model, spec, precision).to_dict()}
+            result = check_onnx(tmp, model, spec, precision, name=output)
+            extra["check"] = {"onnxruntime_cpu_vs_pytorch_fp32": result.to_dict()}
     meta = metadata.engine_meta(model, spec, precision=precision, weights=weights, random_weights=random_weights,
                                 opset=opset, packages=("torch", "onnx", "onnxscript", "onnx-ir"), extra=extra)
     write_sidecar(output, meta)

@@ -22,7 +22,7 @@ from vqfr.models import Network
 from vqfr.sidecar import TensorSpec, sidecar_path
 
 __all__ = ["EXPORTABLE", "ExportSpec", "load_source_model", "randomize_", "engine_module", "export_spec",
-           "check_inputs", "add_model_arguments", "refuse_overwriting_inputs", "check_v1_side"]
+           "check_inputs", "add_model_arguments", "refuse_overwriting_inputs", "check_output", "check_v1_side"]
 
 #: Architectures that export (the VQGAN codebook models are training-stage models, not restorers).
 EXPORTABLE = ("VQFRv1", "VQFRv2")
@@ -53,21 +53,52 @@ def randomize_(model: M, seed: int) -> M:
 
 
 def refuse_overwriting_inputs(output: str | Path, *inputs: str | Path | None) -> None:
-    """Refuse an ``output`` that is, or whose sidecar is, one of the export's existing ``inputs`` (exporters never
-    modify their inputs: ``-o VQFR_v2.pth`` would replace the checkpoint).
+    """Refuse an ``output`` that is, or whose sidecar is, one of the export's existing ``inputs`` or an input's
+    sidecar (exporters never modify their inputs: ``-o VQFR_v2.pth`` would replace the checkpoint, and ``-o
+    model.onnx.json`` the sidecar that describes the ONNX).
 
     Raises:
-        OutputError: ``output`` or its sidecar is the same file as an input.
+        OutputError: ``output`` or its sidecar is the same file as an input or an input's sidecar.
     """
-    for existing in (Path(p) for p in inputs if p is not None):
-        for target in (Path(output), sidecar_path(output)):
-            try:
-                same = target.exists() and existing.exists() and target.samefile(existing)
-            except OSError:  # unreadable: the write itself reports it
-                same = False
-            if same:
-                raise OutputError(f"the output would overwrite the input {existing}", path=target,
-                                  fix="choose another output path (-o)")
+    for given in (Path(p) for p in inputs if p is not None):
+        for existing in (given, sidecar_path(given)):
+            for target in (Path(output), sidecar_path(output)):
+                try:
+                    same = target.exists() and existing.exists() and target.samefile(existing)
+                except OSError:  # unreadable: the write itself reports it
+                    same = False
+                if same:
+                    raise OutputError(f"the output would overwrite the input {existing}", path=target,
+                                      fix="choose another output path (-o)")
+
+
+def check_output(output: str | Path, backend: str, *inputs: str | Path | None) -> Path:
+    """Refuse, before any work is done, an ``output`` that the runtime would not load with ``backend`` (it picks
+    the backend by the file's suffix, from :data:`vqfr.backends.BACKENDS`), in a folder that does not exist, that is a
+    folder, or that would overwrite one of ``inputs`` (see :func:`refuse_overwriting_inputs`).
+
+    Returns:
+        ``output`` as a Path.
+
+    Raises:
+        ConfigError: the suffix is not one the runtime loads with ``backend``. OutputError: the folder is missing,
+            the output is a folder, or it would overwrite an input.
+    """
+    from vqfr.backends import BACKENDS
+
+    output = Path(output)
+    refuse_overwriting_inputs(output, *inputs)
+    suffixes = tuple(dict.fromkeys(s for e in BACKENDS if e.name == backend for s in e.suffixes))
+    if output.suffix not in suffixes:  # as the table spells them (torch wants a lower-case .pt2)
+        raise ConfigError(f"the runtime runs {backend} engines from {' or '.join(suffixes)} files (it picks the "
+                          f"backend by the suffix), not {output.suffix or 'a name without a suffix'}", path=output,
+                          fix=f"name it {output.stem if output.suffix else output.name}{suffixes[0]}")
+    if not output.parent.is_dir():
+        raise OutputError(f"the output folder {output.parent} does not exist", path=output,
+                          fix="create it first, or choose another output path (-o)")
+    if output.is_dir():
+        raise OutputError("is a folder", path=output, fix="give the path of the file to write (-o)")
+    return output
 
 
 def load_source_model(weights: str | Path | None, config: Any = None, random_weights: int | None = None) -> Network:

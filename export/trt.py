@@ -32,11 +32,11 @@ import numpy as np
 
 from export import metadata
 from export.compare import Agreement, agreement
-from export.source import check_v1_side, refuse_overwriting_inputs
+from export.source import check_output, check_v1_side, refuse_overwriting_inputs
 from vqfr._optional import require
 from vqfr.atomic import atomic_write_bytes
 from vqfr.errors import ConfigError, EngineError, run_command
-from vqfr.sidecar import EngineMeta, TensorSpec, read_sidecar, verify_engine_file, write_sidecar
+from vqfr.sidecar import EngineMeta, TensorSpec, read_sidecar, sidecar_path, verify_engine_file, write_sidecar
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -235,16 +235,22 @@ def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOption
         The engine path. Its inputs and outputs are those of the ONNX file (fp32).
 
     Raises:
-        ImportError: tensorrt is not installed (names the pip extra). ConfigError: bad options. EngineError: parse,
-        build or check failure. OutputError: ``output`` would overwrite the ONNX file.
+        ImportError: tensorrt is not installed (names the pip extra). ConfigError: bad options, or an ``output``
+        not named ``.engine``/``.plan``. EngineError: parse, build or check failure. OutputError: ``output`` or the
+        timing cache would overwrite the ONNX file or its sidecar, or the output folder does not exist.
     """
     options = options or BuildOptions()
     options.validate()
-    refuse_overwriting_inputs(output, onnx_path, reference_onnx)
+    check_output(output, "tensorrt", onnx_path, reference_onnx)
+    onnx_path, output = Path(onnx_path), Path(output)
+    if options.timing_cache is not None:
+        refuse_overwriting_inputs(options.timing_cache, onnx_path, reference_onnx)
+        if Path(options.timing_cache).resolve() in (output.resolve(), sidecar_path(output).resolve()):
+            raise ConfigError("the timing cache would be overwritten by the engine or its sidecar",
+                              path=options.timing_cache, fix="give --timing-cache its own file, e.g. trt.cache")
     trt_module = _tensorrt()
     import tensorrt as trt
 
-    onnx_path, output = Path(onnx_path), Path(output)
     meta = _engine_sidecar(onnx_path, options)
     major = _major(trt_module)
     strongly_typed = meta.precision == "fp16" or major >= 11

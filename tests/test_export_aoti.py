@@ -9,7 +9,7 @@ import torch
 import kernels.ops  # noqa: F401  (registers torch.ops.vqfr.*)
 from export import source
 from export.aoti import custom_op_problems, export_aoti, fp16_model
-from vqfr.errors import EngineError
+from vqfr.errors import ConfigError, EngineError
 from vqfr.sidecar import read_sidecar
 
 #: A three-level VQFRv1 (16x16 inputs): every op of the full model, including both custom ops, compiled in ~1 minute.
@@ -55,6 +55,19 @@ def test_export_refuses_when_a_custom_op_layout_is_wrong(tmp_path, monkeypatch):
         export_aoti(None, tmp_path / "m.pt2", config=SMALL_V1, random_weights=0, device="cpu", size=16)
     assert not (tmp_path / "m.pt2").exists()
 
+
+
+def test_export_refuses_an_output_that_is_not_a_pt2_before_compiling(tmp_path, monkeypatch):
+    """``-o vqfr.engine`` traced the model, then torch's own assertion ("Expect package path to be a file ending in
+    .pt2") surfaced as "AOTInductor export failed ... Fix: report this with the torch version", naming a temporary
+    file."""
+    def trace(*args, **kwargs):
+        raise AssertionError("traced before the request was refused")
+
+    monkeypatch.setattr("export.aoti.trace_engine", trace)
+    with pytest.raises(ConfigError, match=r"vqfr.engine: .*\.pt2.*Fix: name it vqfr.pt2"):
+        export_aoti(None, tmp_path / "vqfr.engine", config=SMALL_V1, random_weights=0, device="cpu", size=16)
+    assert not list(tmp_path.iterdir())
 
 def test_fp16_model_keeps_the_last_conv_and_code_predictor_in_fp32():
     model = source.load_source_model(None, SMALL_V1, 0)

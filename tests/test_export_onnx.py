@@ -423,3 +423,168 @@ def test_fp16_v2_on_onnxruntime_cuda_reaches_45_db(v2_fp32, v2_fp16, v2_referenc
     x, f, reference = v2_reference
     (y,) = session.run(None, {"input": x.numpy(), "fidelity": f.numpy()})
     assert psnr(y, reference) >= MIN_PSNR
+
+
+# --- edge cases a user hits: outputs, opsets, the check, the runtime on a dynamic-size graph ----------------------
+
+def _no_trace(monkeypatch):
+    """Make tracing fail loudly: the refusals below must come before minutes of tracing a full-size model."""
+    import export.onnx
+
+    def trace(*args, **kwargs):
+        raise AssertionError("traced before the request was refused")
+
+    monkeypatch.setattr(export.onnx, "_trace", trace)
+
+
+def test_export_refuses_an_output_the_runtime_would_not_load_before_tracing(tmp_path, monkeypatch):
+    """``-o vqfr.engine`` wrote an ONNX that the runtime then handed to TensorRT (it picks the backend by suffix);
+    ``-o missing/x.onnx`` failed only after the trace (minutes at full size)."""
+    from vqfr.errors import OutputError
+
+    _no_trace(monkeypatch)
+    with pytest.raises(ConfigError, match=r"vqfr.engine: .*\.onnx.*Fix: name it vqfr.onnx"):
+        export_onnx(None, tmp_path / "vqfr.engine", config=TINY_V2, random_weights=0)
+    with pytest.raises(OutputError, match=r"x.onnx: the output folder .*missing does not exist"):
+        export_onnx(None, tmp_path / "missing" / "x.onnx", config=TINY_V2, random_weights=0)
+    (tmp_path / "folder.onnx").mkdir()
+    with pytest.raises(OutputError, match=r"folder.onnx: is a folder"):
+        export_onnx(None, tmp_path / "folder.onnx", config=TINY_V2, random_weights=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.onnx"]
+
+
+def test_export_refuses_an_opset_beyond_the_installed_onnx_before_tracing(tmp_path, monkeypatch):
+    import onnx
+
+    _no_trace(monkeypatch)
+    beyond = onnx.defs.onnx_opset_version() + 1
+    with pytest.raises(ConfigError, match=f"opset {beyond}.*Fix: pass --opset"):
+        export_onnx(None, tmp_path / "x.onnx", config=TINY_V2, random_weights=0, opset=beyond)
+    assert not list(tmp_path.iterdir())
+
+
+def test_sidecar_opset_is_the_opset_of_a_valid_file(tmp_path):
+    """``--opset 26`` (within onnx's range): torch.onnx's version converter fails ("No Adapter From Version 18 for
+    DeformConv"), logs it and returns the graph unconverted, declaring opset 18 while it holds opset-19+ ops. That
+    invalid file was written with a sidecar saying opset 26. Either the conversion works or the export is refused."""
+    import onnx
+
+    from deploy.soak import MICRO_V2
+
+    out = tmp_path / "micro.onnx"
+    try:
+        export_onnx(None, out, config=MICRO_V2, random_weights=0, opset=26)
+    except ConfigError as exc:
+        assert "opset 26" in str(exc) and "Fix: pass --opset" in str(exc)
+        assert not list(tmp_path.iterdir())
+        return
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    assert {i.domain: i.version for i in model.opset_import}[""] == read_sidecar(out).opset == 26
+
+
+def test_check_of_a_single_image_graph_covers_both_v2_branches(tmp_path, monkeypatch):
+    """``--batch 1 --check`` compared only fidelity 1, not fidelity 0 (the texture branch, the runtime's default)."""
+    import export.onnx
+    from deploy.soak import MICRO_V2
+
+    fed = []
+
+    def spy(path, inputs, names):
+        fed.extend(inputs[1].tolist())
+        return run_onnxruntime(path, inputs, names)
+
+    monkeypatch.setattr(export.onnx, "run_onnxruntime", spy)
+    export_onnx(None, tmp_path / "micro_b1.onnx", config=MICRO_V2, random_weights=0, batch=1, check=True)
+    assert 0.0 in fed and 1.0 in fed
+
+
+def test_failed_check_names_the_output_not_a_temporary_file(tmp_path, monkeypatch):
+    """A failed --check named ``.micro.onnx.3f2a9c1e.partial.onnx``, a file that is gone once the error is shown;
+    an onnxruntime failure on the graph escaped as onnxruntime's own exception (a traceback from the CLI)."""
+    import export.onnx
+    from deploy.soak import MICRO_V2
+    from vqfr.errors import EngineError
+
+    out = tmp_path / "micro.onnx"
+    monkeypatch.setattr(export.onnx, "run_onnxruntime", lambda path, inputs, names: inputs[0].numpy() + 1)
+    with pytest.raises(EngineError, match=r"micro.onnx: onnxruntime differs from PyTorch") as info:
+        export_onnx(None, out, config=MICRO_V2, random_weights=0, check=True)
+    assert info.value.path == out and ".partial" not in str(info.value)
+
+    ort = pytest.importorskip("onnxruntime")
+
+    def broken(path, inputs, names):
+        raise ort.capi.onnxruntime_pybind11_state.InvalidGraph("[ONNXRuntimeError] : 10 : INVALID_GRAPH : bad node")
+
+    monkeypatch.setattr(export.onnx, "run_onnxruntime", broken)
+    with pytest.raises(EngineError, match=r"micro.onnx: onnxruntime cannot run the exported graph .*INVALID_GRAPH"):
+        export_onnx(None, out, config=MICRO_V2, random_weights=0, check=True)
+    assert not list(tmp_path.iterdir())
+
+
+def test_runtime_serves_a_dynamic_size_v1_graph_at_other_sizes(v1_fp32):
+    """``--dynamic-size`` takes any multiple of 32, but the runtime fixed its face size to the trace size from the
+    sidecar ("face_size 128 asked, but this VQFRv1 engine works at 64")."""
+    import vqfr
+
+    size = v1_fp32["size"]
+    other = 2 * size
+    runtime = vqfr.Runtime(v1_fp32["path"], backend="onnxruntime", device="cpu", face_size=other)
+    assert runtime.face_size == other
+    x = _images(2, other, 8)
+    with torch.no_grad():
+        reference = v1_fp32["model"](x)
+    np.testing.assert_allclose(runtime.infer(x).numpy(), reference.numpy(), atol=ATOL, rtol=0)
+
+
+def test_tensorrt_ep_cache_follows_the_onnx_content(tmp_path, monkeypatch):
+    """onnxruntime's TensorRT EP names cached engines after the model's path, not its weights (microsoft/onnxruntime
+    PR discussion in triton-inference-server/onnxruntime_backend#126): re-exporting new weights over the same
+    ``.onnx`` reused the engine built from the old ones. The cache folder is keyed by the file's sha256."""
+    import dataclasses
+
+    from vqfr.backends.base import BACKENDS
+    from vqfr.backends.onnxruntime import OnnxRuntimeBackend
+    from vqfr.sidecar import EngineMeta, TensorSpec
+
+    row = next(e for e in BACKENDS if e.provider == "TensorrtExecutionProvider")
+    meta = EngineMeta(arch="VQFRv2", options={}, face_size=16, precision="fp32",
+                      inputs=(TensorSpec("input", (-1, 3, 16, 16)),), outputs=(TensorSpec("output", (-1, 3, 16, 16)),),
+                      file_sha256="a" * 64)
+    path = tmp_path / "m.onnx"
+
+    def cache(meta: EngineMeta) -> str:
+        providers = OnnxRuntimeBackend(row, path, meta=meta, device="cpu")._providers(path)
+        return dict(providers[0][1])["trt_engine_cache_path"]
+
+    first, second = cache(meta), cache(dataclasses.replace(meta, file_sha256="b" * 64))
+    assert first != second and cache(meta) == first
+    monkeypatch.setenv("VQFR_TRT_CACHE", str(tmp_path / "shared"))
+    assert cache(meta) != cache(dataclasses.replace(meta, file_sha256="b" * 64))
+
+
+def test_fp16_keeps_the_opset_23_attention_op_in_fp32(tmp_path):
+    """From opset 23 torch.onnx exports scaled-dot-product attention as one ``Attention`` node (4 of them in TINY_V2
+    at ``--opset 23``) instead of MatMul/Softmax/MatMul, so ``--precision fp16`` computed its softmax in fp16: the
+    Softmax island the fp16 rewrite promises was gone."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    qkv = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, 4, 8]) for n in ("q", "k", "v")]
+    nodes = [helper.make_node("Mul", ["q", "q"], ["q2"]), helper.make_node("Attention", ["q2", "k", "v"], ["a"]),
+             helper.make_node("Relu", ["a"], ["y"])]
+    graph = helper.make_graph(nodes, "attention", qkv, [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                                       [1, 2, 4, 8])])
+    model = ir.from_proto(onnx.shape_inference.infer_shapes(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])))
+    fp16.convert_to_fp16(model)
+    attention = next(n for n in model.graph if n.op_type == "Attention")
+    assert [v.dtype for v in [*attention.inputs, *attention.outputs]] == [ir.DataType.FLOAT] * 4
+    assert fp16.island_reasons(model) == {"Attention": 1}
+    path = tmp_path / "attention.onnx"
+    ir.save(model, path)
+    q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
+    y = run_onnxruntime(path, (q, k, v), ["q", "k", "v"])
+    expected = torch.nn.functional.scaled_dot_product_attention(q * q, k, v).relu()
+    np.testing.assert_allclose(y, expected.numpy(), atol=1e-2, rtol=0)

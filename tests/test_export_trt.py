@@ -393,6 +393,10 @@ class _FakeRuntime:
         # TensorRT refuses a version-compatible plan (it embeds the lean runtime, host code) unless allowed.
         if plan.startswith(b"version-compatible") and not self.engine_host_code_allowed:
             return None
+        # Every VQFR plan holds the DeformConv plugin (ModulatedDeformConv2d): without its creator in the plugin
+        # registry (trt.init_libnvinfer_plugins), TensorRT logs "Cannot find plugin" and returns None.
+        if not sys.modules["tensorrt"].plugin_namespaces:
+            return None
         return _FakeEngine()
 
 
@@ -407,7 +411,8 @@ def trt_backend(monkeypatch, tmp_path):
 
     module = types.SimpleNamespace(__version__="10.8.0.43", Logger=_FakeLogger, Runtime=_FakeRuntime,
                                    TensorIOMode=types.SimpleNamespace(INPUT="in", OUTPUT="out"), float32="f32",
-                                   float16="f16", int32="i32")
+                                   float16="f16", int32="i32", plugin_namespaces=[])
+    module.init_libnvinfer_plugins = lambda logger, namespace: module.plugin_namespaces.append(namespace) or True
     monkeypatch.setitem(sys.modules, "tensorrt", module)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "stand-in GPU")
@@ -463,3 +468,35 @@ def test_tensorrt_backend_precision_mismatch_names_real_export_flags(trt_backend
     assert "export.onnx --precision" in fix and "export.trt --fp16" in fix
     assert "--precision" in onnx_parser().format_help() and "--fp16" in trt_parser().format_help()
     assert "--precision" not in trt_parser().format_help()
+
+
+def test_tensorrt_backend_registers_the_deform_conv_plugin_before_deserializing(trt_backend):
+    """export.trt registers libnvinfer_plugin before parsing (and polygraphy's --check registers it again), so the
+    build and its check passed; a fresh process running the engine through the backend never registered it, and
+    TensorRT could not deserialize any VQFR engine ("Cannot find plugin: ModulatedDeformConv2d")."""
+    import tensorrt
+
+    backend = trt_backend(b"plan", _trt_meta())
+    backend.load()
+    assert backend.loaded and tensorrt.plugin_namespaces == [""]
+
+
+def test_build_refuses_outputs_the_runtime_would_not_load_or_that_overwrite_inputs(tmp_path):
+    """Checked before TensorRT is imported: an engine named ``.onnx`` would be handed to onnxruntime, ``-o`` on the
+    ONNX's sidecar replaced it with engine bytes, and ``--timing-cache`` on the ONNX overwrote the model."""
+    from vqfr.sidecar import sidecar_path
+
+    onnx_path = tmp_path / "m.onnx"
+    onnx_path.write_bytes(b"onnx")
+    sidecar_path(onnx_path).write_text("{}")
+    with pytest.raises(ConfigError, match=r"m_trt.onnx: .*\.engine.*Fix: name it m_trt.engine"):
+        build_engine(onnx_path, tmp_path / "m_trt.onnx")
+    with pytest.raises((ConfigError, OutputError), match=r"m.onnx.json"):
+        build_engine(onnx_path, sidecar_path(onnx_path))
+    for cache in (onnx_path, sidecar_path(onnx_path)):
+        with pytest.raises(OutputError, match="would overwrite the input"):
+            build_engine(onnx_path, tmp_path / "m.engine", BuildOptions(timing_cache=cache))
+    with pytest.raises(ConfigError, match="timing cache .* the engine"):
+        build_engine(onnx_path, tmp_path / "m.engine", BuildOptions(timing_cache=tmp_path / "m.engine"))
+    assert onnx_path.read_bytes() == b"onnx" and sidecar_path(onnx_path).read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]

@@ -205,7 +205,11 @@ class Backend(abc.ABC):
         self.device = torch.device(device or entry.device)
         #: architecture name (``VQFRv1`` / ``VQFRv2``), face size and precision, known after load()
         self.arch: str | None = meta.arch if meta else None
-        self.face_size: int | None = meta.face_size if meta else None
+        # An engine with dynamic H and W (v1 exported with --dynamic-size) takes any face size, like a checkpoint; its
+        # sidecar's face_size is only the size it was traced at.
+        shape = meta.inputs[0].shape if meta is not None and meta.inputs else ()
+        dynamic_size = len(shape) == 4 and min(shape[2:]) < 0
+        self.face_size: int | None = meta.face_size if meta and not dynamic_size else None
         self.precision: str = meta.precision if meta else "fp32"
         self.loaded = False
 

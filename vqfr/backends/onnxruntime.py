@@ -17,6 +17,7 @@ from torch import Tensor
 
 from vqfr._optional import require
 from vqfr.backends.base import Backend, BackendEntry, cuda_missing, missing_package, pad_batch, reasons
+from vqfr.checkpoint import file_sha256
 from vqfr.errors import BackendUnavailable, EngineError
 from vqfr.sidecar import EngineMeta
 
@@ -101,7 +102,11 @@ class OnnxRuntimeBackend(Backend):
             return [cpu]
         if self.entry.provider == "CUDAExecutionProvider":
             return [cuda, cpu]
-        cache = Path(os.environ.get("VQFR_TRT_CACHE", path.with_name(path.name + ".trt_cache")))
+        # The TensorRT EP names cached engines after the model's path, not its weights: key the folder by the file's
+        # content, or an ONNX re-exported over the same path would run the engine built from the old weights.
+        digest = self.meta.file_sha256 if self.meta is not None and self.meta.file_sha256 else file_sha256(path)
+        root = Path(os.environ.get("VQFR_TRT_CACHE", path.with_name(path.name + ".trt_cache")))
+        cache = root / digest[:16]
         trt = {"device_id": index, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
                "trt_fp16_enable": self.precision == "fp16" or self.requested_precision == "fp16"}
         return [("TensorrtExecutionProvider", trt), cuda, cpu]

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from vqfr._optional import require
 from vqfr.backends.base import Backend, BackendEntry, cuda_missing, missing_package, pad_batch, reasons
-from vqfr.errors import EngineError
+from vqfr.errors import BackendUnavailable, EngineError
 from vqfr.sidecar import EngineMeta
 
 __all__ = ["TensorRTBackend", "compatibility_problem"]
@@ -91,6 +91,11 @@ class TensorRTBackend(Backend):
                                              "(python -m export.onnx --precision fp32|fp16), or fp16 from an fp32 "
                                              "ONNX with python -m export.trt --fp16 (TensorRT 10)")
         self._logger = trt.Logger(trt.Logger.WARNING)
+        # Every VQFR engine holds the DeformConv plugin (ModulatedDeformConv2d, from libnvinfer_plugin); TensorRT
+        # cannot deserialize it unless the plugin's creator is registered in this process.
+        if not trt.init_libnvinfer_plugins(self._logger, ""):
+            raise BackendUnavailable("TensorRT's plugin library (libnvinfer_plugin, needed for DeformConv) failed to "
+                                     "initialise", path=path, fix="check the TensorRT installation")
         self._runtime = trt.Runtime(self._logger)
         if self.meta is not None and self.meta.extra.get("version_compatible"):
             # A version-compatible plan embeds the lean runtime (host code), which TensorRT refuses to load unless
