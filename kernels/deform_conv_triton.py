@@ -397,8 +397,10 @@ _fwd = triton.autotune(
     FWD_CONFIGS, key=_KEY,
     prune_configs_by={"early_config_prune": _pruner(lambda k: k["BLOCK_M"] * k["BLOCK_N"])},
 )(_fwd_kernel)
+# The input-gradient kernel also keys on the gradients asked for: without grad_x it does no atomics, without the
+# offset and mask gradients no corner reads, so the best tile differs (a frozen input is common in fine-tuning).
 _bwd_input = triton.autotune(
-    BWD_INPUT_CONFIGS, key=_KEY, reset_to_zero=["gx_ptr"],
+    BWD_INPUT_CONFIGS, key=[*_KEY, "NEED_X", "NEED_OFFSET", "NEED_MASK"], reset_to_zero=["gx_ptr"],
     prune_configs_by={"early_config_prune": _pruner(lambda k: 4 * k["BLOCK_M"] * k["BLOCK_C"])},
 )(_bwd_input_kernel)
 _bwd_weight = triton.autotune(

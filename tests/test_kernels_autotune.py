@@ -59,6 +59,27 @@ def test_a_config_tuned_under_one_dot_precision_is_not_reused_under_the_other(na
         assert tuner.best_config is expected, f"{precision}: ran {tuner.best_config}, expected {expected}"
 
 
+def test_the_input_gradient_kernel_tunes_each_set_of_gradients_asked_for(monkeypatch):
+    """Without grad_x the kernel does no atomics, without grad_offset/grad_mask no corner reads: a config tuned for
+    the full backward must not be reused, from the cache, for a partial one (or the other way round)."""
+    from kernels import aot_check
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    launch = dict(aot_check.vqfr_launches(torch.float16))["deform_conv backward (x, offset, mask)"]
+    tuner = launch.kernel
+    monkeypatch.setattr(tuner, "cache", {})
+    monkeypatch.setattr(tuner, "fn", _NoLaunch())
+    order = {id(c): i for i, c in enumerate(tuner.configs)}
+    monkeypatch.setattr(tuner, "_bench", lambda *a, config, **k: [float(order[id(config)] if k["NEED_X"]
+                                                                         else -order[id(config)])])
+    named = dict(zip(tuner.arg_names, launch.args, strict=False))
+    for need_x, pick in ((True, 0), (False, -1), (True, 0)):
+        constexprs = {**launch.constexprs, "NEED_X": need_x, "NEED_OFFSET": True, "NEED_MASK": True}
+        expected = tuner.early_config_prune(tuner.configs, named, **constexprs)[pick]
+        tuner[launch.grid](*launch.args, **constexprs)
+        assert tuner.best_config is expected, f"NEED_X={need_x}: ran {tuner.best_config}, expected {expected}"
+
+
 def test_dcn_forward_exact_fp32_never_runs_a_tile_pruned_for_spilling(monkeypatch):
     """The case that matters: tuned under TF32 first, the exact-fp32 forward ran the 128x128 tile (64 fp32
     accumulators per thread), which ``python -m kernels.aot_check`` shows spilling on sm_90."""

@@ -83,3 +83,9 @@ def test_the_command_the_error_names_runs_without_a_warning(tmp_path):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "Warning" not in proc.stderr, proc.stderr
     assert "ok: the engine matches its sidecar" in proc.stdout
+
+
+def test_the_old_sidecar_command_points_to_its_new_name(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "vqfr.sidecar", str(tmp_path / "m.onnx")], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert done.returncode == 1 and "python -m vqfr.inspect_engine" in done.stderr

@@ -198,3 +198,7 @@ def verify_engine_file(engine: str | Path, meta: EngineMeta) -> None:
     except OSError as exc:  # missing (moved away from its sidecar) or unreadable
         raise EngineError(f"cannot read the engine ({exc.strerror})", path=engine,
                           fix="check the path: the engine file belongs next to its sidecar") from exc
+
+
+if __name__ == "__main__":  # the command moved (this module is imported by the package): point old scripts to it
+    raise SystemExit("vqfr: `python -m vqfr.sidecar` is now `python -m vqfr.inspect_engine`, with the same arguments")
