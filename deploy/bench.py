@@ -24,8 +24,11 @@ it (including its per-call offset-magnitude check, a host sync). The fp32 refere
 other row and the denominator of ``x ref fp32``.
 
 Without ``--weights`` the official architecture gets seeded random weights (N(0, 1/fan_in) convolutions, so that
-activations, offsets and errors are of realistic size); the run says so. Results go to ``--out``: ``results.json``,
-``results.md``, ``results.png`` (needs matplotlib: ``pip install 'vqfr-deploy[bench]'``), and the table is printed.
+activations, offsets and errors are of realistic size); the run says so. Without ``--faces`` and without the sample
+faces it times synthetic inputs, and a CPU run that starts on a busy machine with OpenMP's threads spinning
+(``OMP_WAIT_POLICY`` unset) may be many times slower: both are said before any timing and kept in the results'
+``notes``. Results go to ``--out``: ``results.json``, ``results.md``, ``results.png`` (needs matplotlib:
+``pip install 'vqfr-deploy[bench]'``), and the table is printed.
 """
 
 from __future__ import annotations
@@ -772,7 +775,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-compile", action="store_true", help="torch-max: no torch.compile")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="torch-max: no CUDA graphs")
     parser.add_argument("--no-channels-last", action="store_true", help="torch-max: NCHW")
-    parser.add_argument("--compile-mode", help="torch-max: torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    parser.add_argument("--compile-mode", help="torch-max: torch.compile mode, e.g. max-autotune-no-cudagraphs "
+                        "(reduce-overhead and max-autotune, which capture CUDA graphs themselves, need "
+                        "--no-cuda-graphs)")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 in fp32 rows on the GPU")
     parser.add_argument("--rebuild", action="store_true", help="rebuild cached engines in OUT/engines")
     parser.add_argument("--no-chart", action="store_true", help="skip the PNG chart (no matplotlib needed)")

@@ -1,6 +1,7 @@
 """Export VQFR to ONNX: ``python -m export.onnx --weights VQFR_v2.pth -o vqfr_v2.onnx``.
 
-The dynamo-based ``torch.onnx.export`` (opset >= 19) traces the model; custom translations map our ops to ONNX:
+The dynamo-based ``torch.onnx.export`` (opset >= 19) traces the model; custom translations map our ops to ONNX
+(an opset newer than the installed onnx defines, or one torch.onnx fails to convert the graph to, is refused):
 
 - ``vqfr::modulated_deform_conv2d`` -> ``DeformConv`` (opset 19; inputs X, W, offset, B, mask; ``offset_group`` = 4).
   onnxruntime runs it on the CPU and CUDA; TensorRT >= 10.1 imports it as its ``ModulatedDeformConv2d`` plugin.
@@ -322,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source.add_model_arguments(parser, PRECISIONS)
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help=f"ONNX opset, from 19 (DeformConv) to the installed onnx's newest; one torch.onnx cannot "
+                             f"convert the graph to is refused (default: {DEFAULT_OPSET})")
     parser.add_argument("--check", action="store_true",
                         help=f"compare onnxruntime (CPU) with PyTorch: fp32 within {FP32_TOLERANCE} max abs, "
                              f"fp16 >= {FP16_MIN_PSNR} dB PSNR")

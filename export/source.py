@@ -291,7 +291,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, precisions: tuple[str, 
     parser.add_argument("--weights", type=Path, help="released checkpoint (.pth or .safetensors)")
     parser.add_argument("--random-weights", type=int, metavar="SEED",
                         help="export seeded random weights instead of --weights (testing only; says so in the sidecar)")
-    parser.add_argument("--config", help="v1, v2 or an official-style yml (default: guessed from the weights)")
+    parser.add_argument("--config", help="v1, v2, or a yml or JSON with a network_sr, network_g or network_options "
+                                         "block, or the bare options (default: guessed from the weights)")
     parser.add_argument("--precision", choices=precisions, default=precisions[0])
     parser.add_argument("--batch", type=_batch_arg, default=None, help="a fixed batch size or 'dynamic' (default)")
     parser.add_argument("--size", type=int, help="v1 input side, a multiple of 32 (default 512); v2: fixed")

@@ -394,7 +394,7 @@ def _compare(engine: bytes, meta: EngineMeta, reference_onnx: Path, batch: int |
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m export.trt", description=__doc__.split("\n\n")[0])
     parser.add_argument("onnx", type=Path, help="an ONNX file written by python -m export.onnx (with its .json)")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="the .engine file to write")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="the .engine (or .plan) file to write")
     parser.add_argument("--fp16", action="store_true",
                         help="fp16 kernels for an fp32 ONNX (TensorRT 10); an fp16 ONNX is fp16 anyway")
     parser.add_argument("--min-batch", type=int, default=1)

@@ -395,7 +395,8 @@ def modulated_deform_conv2d(
     fp32), else :func:`deform_conv2d_grid_sample` for float32 and the reference for other dtypes;
     :func:`kernels.use` and ``$VQFR_KERNELS`` force the Triton kernel or the reference. Dispatches through the
     ``vqfr::modulated_deform_conv2d`` custom op, so torch.compile, torch.export and the ONNX exporter see one node.
-    Differentiable in x, offset, mask, weight and bias.
+    Differentiable in x, offset, mask, weight and bias; the backward computes only the gradients autograd asks for
+    (``ctx.needs_input_grad``, see :mod:`kernels.ops`).
 
     Args:
         x: [B, C_in, H, W] float16, bfloat16, float32 (or float64: reference only).

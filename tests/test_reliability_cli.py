@@ -235,7 +235,7 @@ def test_signal_while_the_model_loads(weights, tmp_path, monkeypatch, sigint_han
 
 
 def test_an_ignored_sigint_stays_ignored(weights, tmp_path, monkeypatch, sigint_handler):
-    """Started with SIGINT ignored (``nohup``, ``&`` in a script), the CLI keeps ignoring it and finishes the run."""
+    """Started with SIGINT ignored (``&`` in a script), the CLI keeps ignoring it and finishes the run."""
     import vqfr.runtime
 
     real_runtime = vqfr.runtime.Runtime

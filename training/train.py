@@ -1,5 +1,8 @@
 """Command line: ``python -m training.train --config training/configs/<name>.yml [--max-iters N] [--out DIR]
-[--resume PATH] [--device cpu|cuda]``.
+[--resume PATH] [--device cpu|cuda] [--threads N]``.
+
+``--out`` defaults to the resumed run's folder with ``--resume`` (the folder given, or ``<run>`` for
+``<run>/training_states/<iter>.state``), else ``experiments/<name>``; the first line logged names it.
 
 One GPU: run it as is. Several GPUs or nodes: launch it with torchrun, e.g.
 ``torchrun --nproc_per_node=8 -m training.train --config training/configs/vqfr_v2.yml``; ``datasets.train.

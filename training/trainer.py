@@ -3,8 +3,9 @@
 One :class:`Trainer` runs a recipe (``training/recipes.py``): it sets up torch.distributed from the torchrun
 environment (DistributedDataParallel for the generator and every discriminator), the data, the optimisers and the
 learning-rate schedule, AMP (bf16 or fp16 with loss scaling), an EMA of the generator, k-means codebook
-re-estimation (VQGANv1), logging (``metrics.jsonl``, optional TensorBoard), validation (PSNR/SSIM), checkpoints
-in the released layout and exact resume.
+re-estimation (VQGANv1), logging (``metrics.jsonl``, optional TensorBoard), validation (``val.metrics``: PSNR and
+SSIM by default, after ``crop_border``), fsync'd checkpoints in the released layout and exact resume (which cuts the
+``*.jsonl`` logs back to the resumed iteration).
 
 Output folder::
 

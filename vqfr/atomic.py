@@ -1,4 +1,5 @@
-"""Atomic file writes: a temporary file in the destination folder, then a rename into place.
+"""Atomic file writes: a temporary file in the destination folder, fsync'd, then a rename into place (the folder
+itself is fsync'd by callers that need the rename to survive a crash: :func:`fsync_path`).
 
 A reader never sees a half-written output, and an interrupted run leaves either the old file or the new one. The
 temporary file is named ``.{name}.{random}.partial{suffix}`` (hidden, and never taken for an input by the CLI;

@@ -228,7 +228,8 @@ def load_model(
         checkpoint: a ``.pth`` (``{"params": ...}`` and/or ``{"params_ema": ...}``, or a plain state dict; any
             ``module.`` prefix is stripped) or a ``.safetensors`` file.
         options: None (guess the version from the keys and use its official test configuration, or the options
-            stored in a safetensors file), ``"v1"``/``"v2"``/``"vqgan_v1"``/``"vqgan_v2"``, a dict, or a yml path.
+            stored in a safetensors file), ``"v1"``/``"v2"``/``"vqgan_v1"``/``"vqgan_v2"``, a dict, or the path of a
+            yml or JSON file (:func:`vqfr.models.read_yml`).
         device: where to put the model.
 
     Returns:

@@ -9,7 +9,9 @@ Outputs (each name contains its input's stem), written atomically::
 
 A bad input gets one line on stderr and the run goes on. Inputs are only read; an output that would replace an input
 of the run is refused. The outputs of one input are written together: an interrupt (Ctrl-C, SIGTERM) waits until they
-are all in place, so an interrupted run holds only complete outputs and ``--skip-existing`` resumes it.
+are all in place, so an interrupted run holds only complete outputs and ``--skip-existing`` resumes it; a write that
+fails meanwhile still gets its FAILED line. A signal the process was started with ignored (SIGINT under ``&`` in a
+script) stays ignored.
 
 Exit codes: 0 all inputs restored; 1 setup error (engine, weights, options, output folder; or the output folder
 became unwritable mid-run, e.g. disk full); 2 usage error; 3 some inputs failed (the others were written);
@@ -77,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "or network_options block, or the bare options")
     model.add_argument("-f", "--fidelity", type=float, default=0.0,
                        help="v2 fidelity in [0, 1]: 0 best quality, 1 best fidelity (default: 0)")
-    model.add_argument("--face-size", type=int, help="aligned face size for v1 checkpoints (default: 512)")
+    model.add_argument("--face-size", type=int, help="aligned face size for v1 checkpoints and v1 .onnx/.pt2 "
+                                                     "exported with --dynamic-size (default: 512)")
     faces = p.add_argument_group("faces")
     faces.add_argument("-s", "--upscale", type=float, default=2, help="output scale of the photo (default: 2)")
     faces.add_argument("--aligned", action="store_true", help="inputs are FFHQ-aligned square faces")
@@ -142,8 +145,8 @@ class _Signals:
         self._old: dict[int, Any] = {}
 
     def install(self) -> None:
-        """Take over SIGINT and SIGTERM, except one the process was started with ignored (``nohup``, or ``&`` in a
-        script): that one stays ignored, as the shell asked."""
+        """Take over SIGINT and SIGTERM, except one the process was started with ignored (SIGINT for a command run
+        with ``&`` by a non-interactive shell, such as a script): that one stays ignored, as the shell asked."""
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 if signal.getsignal(sig) is not signal.SIG_IGN:

@@ -281,7 +281,8 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     255/65535 and rounded (OpenCV truncates; at most 1 level apart). The file is only read.
 
     The pixel count is checked against ``max_pixels`` from the header (PNG, JPEG, BMP, WebP, TIFF) before anything
-    is decoded, and again after decoding for other formats.
+    is decoded, and again after decoding for other formats. OpenCV's own log is silenced around the decode
+    (:data:`quiet_opencv`), so a file that fails gets the InputError alone.
 
     Raises:
         InputError: missing, not a regular file, empty, not an image, truncated, corrupt, or too large.

@@ -133,9 +133,10 @@ class Runtime:
             ``"fp16"`` or ``"bf16"`` (torch on CUDA; the precision an engine was built with).
         fidelity: v2 fidelity ratio in [0, 1] used when a call does not give one (0: best quality, the demo
             default; 1: best fidelity). v1 has none and ignores it.
-        config: model options for checkpoints, as ``vqfr.load_model`` takes them (``"v1"``, ``"v2"``, a dict or a
-            yml path); with ``engine=None`` it picks the version (default v2).
-        face_size: aligned face side for v1 checkpoints (default 512, the released model); v2 and engines fix it.
+        config: model options for checkpoints, as ``vqfr.load_model`` takes them (``"v1"``, ``"v2"``, a dict or the
+            path of a yml or JSON file); with ``engine=None`` it picks the version (default v2).
+        face_size: aligned face side for v1 checkpoints and v1 engines with dynamic H and W (default 512, the
+            released model); v2 and other engines fix it.
         max_batch: most faces per inference call.
         detector: face detector: None/"mtcnn" (embedded), "retinaface:PATH", a weights path, or an object with
             ``detect(img)`` (see :mod:`vqfr.faces.detector`).

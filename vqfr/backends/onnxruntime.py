@@ -2,7 +2,9 @@
 ``fidelity`` [B]; output ``output``; the sidecar ``model.onnx.json`` gives names, face size and precision).
 
 One class serves three table rows, one per execution provider: TensorRT EP, CUDA EP, CPU. On CUDA providers the
-tensors stay on the GPU (I/O binding to torch tensors); on the CPU they pass as numpy arrays.
+tensors stay on the GPU (I/O binding to torch tensors); on the CPU they pass as numpy arrays. The TensorRT EP's engine
+cache is ``<model>.onnx.trt_cache/<sha>/`` (or ``$VQFR_TRT_CACHE/<sha>/``), ``<sha>`` the first 16 hex digits of the
+file's sha256, so an ONNX re-exported over the same path never runs the old weights' engine.
 """
 
 from __future__ import annotations

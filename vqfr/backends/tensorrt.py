@@ -2,8 +2,9 @@
 
 A serialized engine only runs on the TensorRT version and the GPU (compute capability) it was built for, unless it
 was built version- or hardware-compatible. :meth:`TensorRTBackend.check` reads the sidecar's ``built_with`` and says
-which of the two differs, before TensorRT gets the chance to fail obscurely. Tensors stay on the GPU: inputs and the
-output are torch CUDA tensors whose addresses are bound to the execution context.
+which of the two differs, before TensorRT gets the chance to fail obscurely. Every VQFR engine holds the DeformConv
+plugin, so :meth:`TensorRTBackend.load` registers libnvinfer_plugin before deserializing. Tensors stay on the GPU:
+inputs and the output are torch CUDA tensors whose addresses are bound to the execution context.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ Where a crop left the photo (a face cut by the photo's edge), it holds the borde
 replicated over that part of the restored crop (and of a parser's region) before the warp back, so the edge pixels
 do not blend the grey in.
 
+Resampling: one bicubic warp per face, low-passed first when the warp shrinks the crop (:func:`_warp_face_back`),
+so restored detail finer than the output pixels does not alias.
+
 Work is done inside each face's bounding rectangle only, so many faces on a large photo stay cheap.
 """
 

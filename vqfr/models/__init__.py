@@ -93,7 +93,8 @@ def build_model(options: dict | str | Path) -> Network:
     """Build an architecture with freshly initialised weights (the official initialisation).
 
     Args:
-        options: a dict with ``type`` and the official arguments, a version alias, or an official-style yml path.
+        options: a dict with ``type`` and the official arguments, a version alias, or the path of a yml or JSON
+            file (see :func:`read_yml`).
 
     Returns:
         The model (train mode, CPU, fp32) with ``model.options`` set.
