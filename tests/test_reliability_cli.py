@@ -36,6 +36,22 @@ def weights(tmp_path_factory) -> Path:
                                  tmp_path_factory.mktemp("weights") / "micro_v2.safetensors")
 
 
+@pytest.fixture(autouse=True)
+def sigint_handler():
+    """Every test starts with SIGINT as in a terminal (pytest started in the background, by ``&`` in a script,
+    inherits it ignored, and the CLI rightly keeps it so); yields a setter, and the test process's own handler
+    comes back after the test."""
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield lambda handler: signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGINT, before)
+
+
+def _sigint_as_in_a_terminal() -> None:
+    """``preexec_fn`` for a CLI subprocess that gets SIGINT: not ignored, whatever this process inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _faces(folder: Path, n: int, seed: int = 0) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -211,21 +227,12 @@ def test_a_write_that_fails_while_a_signal_waits_is_still_reported(weights, tmp_
     assert _complete_sets(out, inputs)[0] == 1
 
 
-@pytest.fixture
-def sigint_handler():
-    """Yield a setter for SIGINT's handler during a test; the handler the test process had comes back after it."""
-    before = signal.getsignal(signal.SIGINT)
-    yield lambda handler: signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGINT, before)
-
-
-def test_signal_while_the_model_loads(weights, tmp_path, monkeypatch, sigint_handler):
+def test_signal_while_the_model_loads(weights, tmp_path, monkeypatch):
     import vqfr.runtime
 
     def interrupted_load(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
 
-    sigint_handler(signal.default_int_handler)  # as in a terminal (pytest run in the background starts with SIG_IGN)
     monkeypatch.setattr(vqfr.runtime, "Runtime", interrupted_load)
     _faces(tmp_path / "in", 1)
     code, _, stderr = _run_cli(["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--weights", str(weights),
@@ -273,7 +280,7 @@ def test_sigint_to_a_real_run_then_resume(weights, tmp_path):
     argv = ["-i", str(tmp_path / "in"), "-o", str(out), "--weights", str(weights), "--aligned", "-q", "--batch", "2"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "vqfr", *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_as_in_a_terminal)
     deadline = time.monotonic() + 120
     faces = out / "restored_faces"
     while time.monotonic() < deadline and proc.poll() is None:
