@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
+from training.metrics import psnr, ssim
 from vqfr.errors import ConfigError
 
 __all__ = ["MODEL_TYPES", "VAL_METRIC_TYPES", "load_config", "check_config", "network_key", "val_metrics"]
@@ -30,8 +32,8 @@ _WHOLE_NUMBERS = {("train", "total_iter"): 1, ("logger", "print_freq"): 1, ("log
                   ("val", "val_freq"): 1, ("datasets", "train", "batch_size_per_gpu"): 1,
                   ("datasets", "train", "num_worker_per_gpu"): 0, ("datasets", "train", "out_size"): 1}
 
-#: basicsr's validation metric types (``val.metrics.<name>.type``) -> the function of ``training.metrics``.
-VAL_METRIC_TYPES = {"calculate_psnr": "psnr", "calculate_ssim": "ssim"}
+#: basicsr's validation metric types (``val.metrics.<name>.type``) -> their functions in ``training.metrics``.
+VAL_METRIC_TYPES: dict[str, Callable[..., float]] = {"calculate_psnr": psnr, "calculate_ssim": ssim}
 _DEFAULT_VAL_METRICS = {"psnr": {"type": "calculate_psnr"}, "ssim": {"type": "calculate_ssim"}}
 
 # Names in the official ymls that the official code itself no longer accepts, with their fixes.
@@ -70,8 +72,9 @@ def _check_whole_numbers(cfg: dict, source: str) -> None:
         block[keys[-1]] = int(number)
 
 
-def val_metrics(cfg: dict, source: str = "config") -> dict[str, tuple[str, int]]:
-    """The validation metrics: {logged name: (function of ``training.metrics``, crop_border)}.
+def val_metrics(cfg: dict, source: str = "config") -> dict[str, tuple[Callable[..., float], int]]:
+    """The validation metrics: {logged name: (function of ``training.metrics``, crop_border)}; each function is
+    called as ``function(img, ref, crop_border)`` on HxWx3 uint8 images.
 
     ``val.metrics`` uses basicsr's layout, as the official ymls do (``psnr: {type: calculate_psnr, crop_border: 4,
     test_y_channel: false}``): each listed metric is computed after cutting ``crop_border`` pixels from every side
@@ -107,7 +110,7 @@ def val_metrics(cfg: dict, source: str = "config") -> dict[str, tuple[str, int]]
         if isinstance(crop, bool) or not isinstance(crop, int) or crop < 0:
             raise ConfigError(f"{key}.crop_border is {crop!r}", path=source, fix="use a whole number >= 0")
         function = VAL_METRIC_TYPES[opt["type"]]
-        least = 11 if function == "ssim" else 1  # SSIM needs one whole 11x11 window
+        least = 11 if function is ssim else 1  # SSIM needs one whole 11x11 window
         if crop and isinstance(size, int) and size - 2 * crop < least:
             raise ConfigError(f"{key}.crop_border is {crop}: it leaves less than {least}x{least} pixels of the "
                               f"{size}x{size} validation images", path=source,

@@ -42,7 +42,6 @@ from training.config import val_metrics
 from training.data import EpochSampler, FaceDataset, PairedDataset
 from training.degradations import DegradationParams
 from training.kmeans import CodebookReestimator
-from training.metrics import psnr, ssim
 from training.recipes import RECIPES, Recipe, unwrap
 from vqfr._optional import require
 from vqfr.atomic import atomic_path, atomic_write_bytes, fsync_path
@@ -53,8 +52,6 @@ __all__ = ["Trainer", "EMA", "init_distributed", "latest_state", "saved_states"]
 log = logging.getLogger("training")
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-#: The functions behind :func:`training.config.val_metrics`.
-VAL_FUNCTIONS = {"psnr": psnr, "ssim": ssim}
 
 
 def init_distributed(backend: str | None = None) -> tuple[int, int, int, bool]:
@@ -492,7 +489,7 @@ class Trainer:
                     pred = self.restore(model, lq, gt)
                 img, ref = to_images(pred.float().cpu())[0], to_images(gt.cpu())[0]
                 for name, (function, crop) in self.val_metrics.items():
-                    scores[name].append(VAL_FUNCTIONS[function](img, ref, crop))
+                    scores[name].append(function(img, ref, crop))
                 if i < limit:
                     save_image(self.out / "visualization" / str(it) / f"{item['name']}.png", img)
             model.train(was_training)
