@@ -255,6 +255,40 @@ def test_parsed_region_reaches_the_photo_edge_where_the_face_does():
     assert out[20, 100:160].min() >= 250
 
 
+@pytest.mark.parametrize("parsed", [False, True])
+def test_overlapping_faces_each_keep_their_own_face_whatever_the_order(parsed):
+    """Two people side by side: each aligned square reaches over the other's face. Pasted one after the other, the
+    second square (feathered square or parser region alike) covered the first face with its crop's view of it; each
+    face's pixels must come from its own crop, and the result must not depend on the order."""
+    photo = _smooth_photo(300, 420, seed=5)
+    lms = [_square_from((150.0, 150.0), 260.0, -5.0), _square_from((280.0, 160.0), 230.0, 10.0)]
+    crops, affines = align_faces(photo, lms, 512)
+    colours = np.array([[40, 90, 220], [210, 160, 30]], np.uint8)
+    restored = np.broadcast_to(colours[:, None, None], crops.shape).copy()
+    regions = np.ones(crops.shape[:3], np.float32) if parsed else None
+    out = paste_faces(photo, restored, affines, 1, regions=regions)
+    flipped = paste_faces(photo, restored[::-1], affines[::-1], 1, regions=None if regions is None else regions[::-1])
+    assert np.abs(out.astype(int) - flipped).max() <= 1
+    for face, colour in zip(lms, colours, strict=True):
+        eyes_to_mouth = face.astype(int)  # every landmark, and the face between them, is that face's colour
+        x0, y0 = eyes_to_mouth.min(0)
+        x1, y1 = eyes_to_mouth.max(0)
+        assert np.abs(out[y0:y1 + 1, x0:x1 + 1].astype(int) - colour).max() <= 1, colour
+
+
+def test_overlapping_faces_meet_in_a_soft_seam_midway():
+    """Between two equal faces the seam lies midway between their centres and is a blend, not a cut."""
+    photo = np.full((200, 400, 3), 128, np.uint8)
+    lms = [_square_from((140.0, 100.0), 200.0, 0.0), _square_from((260.0, 100.0), 200.0, 0.0)]
+    crops, affines = align_faces(photo, lms, 512)
+    restored = np.zeros_like(crops)
+    restored[1] = 200
+    row = paste_faces(photo, restored, affines, 1)[100, :, 0].astype(int)
+    assert row[150] <= 2 and row[250] >= 198, (row[150], row[250])
+    assert 60 <= row[200] <= 140, row[200]  # half-way: a blend of both
+    assert (np.diff(row[160:241]) >= 0).all(), row[160:241]  # one smooth rise from face 0 to face 1
+
+
 def test_paste_without_faces_returns_a_copy():
     bg = _smooth_photo(50, 60)
     out = paste_faces(bg, np.zeros((0, 64, 64, 3), np.uint8), np.zeros((0, 2, 3)), 1)

@@ -15,6 +15,10 @@ Masks:
 - with a :class:`~vqfr.faces.parsing.FaceParser`: the parser's face-region mask, blurred and warped back
   (:func:`parse_mask`, as the official demo does with ParseNet).
 
+Overlaps: where two faces' masks overlap, each pixel goes to the face whose centre is nearest in its own aligned
+frame (a soft seam, :func:`_weight`), so a later face's square never covers an earlier face and the order does not
+matter; faces that do not overlap blend exactly as a lone face does.
+
 Where a crop left the photo (a face cut by the photo's edge), it holds the border colour: the photo's edge is
 replicated over that part of the restored crop (and of a parser's region) before the warp back, so the edge pixels
 do not blend the grey in.
@@ -27,9 +31,16 @@ Work is done inside each face's bounding rectangle only, so many faces on a larg
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
-__all__ = ["inverse_affine", "feather_mask", "parse_mask", "paste_faces"]
+from vqfr.faces.align import template
+
+__all__ = ["inverse_affine", "feather_mask", "parse_mask", "paste_faces", "OWNERSHIP_SOFTNESS"]
+
+#: Width of the seam where two faces' masks overlap, in units of the crop's side (:func:`paste_faces`).
+OWNERSHIP_SOFTNESS = 0.02
 
 
 def inverse_affine(affine: np.ndarray, upscale: float | tuple[float, float] = 1.0) -> np.ndarray:
@@ -147,9 +158,82 @@ def _warp_face_back(face: np.ndarray, local: np.ndarray, size: tuple[int, int]) 
     return cv2.warpAffine(face, local, size, flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_CONSTANT)
 
 
+class _Piece(NamedTuple):
+    """One face ready to blend: its output rectangle, restored crop, warp into the rectangle and mask there."""
+
+    roi: tuple[int, int, int, int]
+    face: np.ndarray
+    local: np.ndarray
+    mask: np.ndarray
+
+
+def _crop_distance(piece: _Piece, roi: tuple[int, int, int, int], face_size: int) -> np.ndarray:
+    """[h, w] float32: how far each pixel of the output rectangle ``roi`` lies from ``piece``'s face centre, in its
+    aligned frame and in units of the crop's side (so a large face claims proportionally more of the photo)."""
+    import cv2
+
+    x0, y0, x1, y1 = roi
+    px0, py0 = piece.roi[:2]
+    to_crop = cv2.invertAffineTransform(piece.local)
+    xs = np.arange(x0 - px0, x1 - px0, dtype=np.float64)[None, :]
+    ys = np.arange(y0 - py0, y1 - py0, dtype=np.float64)[:, None]
+    centre = template(face_size).astype(np.float64).mean(0)
+    cx = to_crop[0, 0] * xs + to_crop[0, 1] * ys + to_crop[0, 2] - centre[0]
+    cy = to_crop[1, 0] * xs + to_crop[1, 1] * ys + to_crop[1, 2] - centre[1]
+    return (np.hypot(cx, cy) / face_size).astype(np.float32)
+
+
+def _overlap(piece: _Piece, roi: tuple[int, int, int, int]) -> tuple[slice, slice, np.ndarray] | None:
+    """Where ``piece``'s mask reaches into the output rectangle ``roi``: (rows, columns) of ``roi`` and the mask
+    there, or None when it does not (rectangles apart, or the mask 0 where they meet)."""
+    x0, y0, x1, y1 = roi
+    px0, py0, px1, py1 = piece.roi
+    ix0, iy0, ix1, iy1 = max(x0, px0), max(y0, py0), min(x1, px1), min(y1, py1)
+    if ix1 <= ix0 or iy1 <= iy0:
+        return None
+    mask = piece.mask[iy0 - py0:iy1 - py0, ix0 - px0:ix1 - px0]
+    return (slice(iy0 - y0, iy1 - y0), slice(ix0 - x0, ix1 - x0), mask) if mask.any() else None
+
+
+def _in_roi(piece: _Piece, roi: tuple[int, int, int, int]) -> np.ndarray:
+    """``piece``'s mask over the output rectangle ``roi`` (0 where it does not reach)."""
+    out = np.zeros((roi[3] - roi[1], roi[2] - roi[0]), np.float32)
+    overlap = _overlap(piece, roi)
+    if overlap is not None:
+        rows, cols, mask = overlap
+        out[rows, cols] = mask
+    return out
+
+
+def _weight(pieces: list[_Piece], k: int, face_size: int) -> np.ndarray:
+    """[h, w] blending weight of face ``k`` over its rectangle, for the back-to-front "over" blend of all faces.
+
+    Alone, a face's weight is its mask. Where masks overlap, each pixel goes to the faces that own it: the final
+    output there is ``alpha * F + (1 - alpha) * photo``, with ``alpha = 1 - prod(1 - m_j)`` (the masks' union) and
+    ``F`` the faces' average weighted by ``m_j * exp(-d_j / OWNERSHIP_SOFTNESS)``, ``d_j`` the pixel's distance from
+    face j's centre (:func:`_crop_distance`). So a face's square never covers a nearer face, whatever their order;
+    the seam is soft over a few hundredths of a face. The weight returned is face k's share of that, divided by
+    what the later faces leave of it (``1 - their shares``), so blending the faces in order gives the same result.
+    """
+    piece = pieces[k]
+    others = [j for j, other in enumerate(pieces) if j != k and _overlap(other, piece.roi) is not None]
+    if not others:
+        return piece.mask
+    group = [k, *others]
+    masks = np.stack([piece.mask if j == k else _in_roi(pieces[j], piece.roi) for j in group])
+    dist = np.stack([_crop_distance(pieces[j], piece.roi, face_size) for j in group])
+    claim = masks * np.exp(-(dist - dist.min(0)) / OWNERSHIP_SOFTNESS)
+    total = claim.sum(0)
+    alpha = 1 - np.prod(1 - masks, axis=0)
+    share = np.divide(alpha * claim, total, out=np.zeros_like(claim), where=total > 0)
+    later = share[[i for i, j in enumerate(group) if j > k]].sum(0)
+    return np.clip(np.divide(share[0], 1 - later, out=np.zeros_like(later), where=later < 1 - 1e-6), 0, 1)
+
+
 def paste_faces(background: np.ndarray, faces: np.ndarray, affines: np.ndarray, upscale: float = 1.0,
                 regions: np.ndarray | None = None, *, photo_size: tuple[int, int] | None = None) -> np.ndarray:
-    """Blend restored faces into the upscaled photo, one after the other.
+    """Blend restored faces into the upscaled photo. Where faces' masks overlap, each pixel goes to the face whose
+    centre is nearest (relative to the face's size), with a soft seam, whatever the order of the faces.
 
     Args:
         background: [int(H*s), int(W*s), 3] uint8 BGR, the photo already upscaled by ``upscale`` (not modified).
@@ -175,6 +259,7 @@ def paste_faces(background: np.ndarray, faces: np.ndarray, affines: np.ndarray, 
     else:
         scale = (width / photo_size[0], height / photo_size[1])
     photo = photo_size if photo_size is not None else (width / scale[0], height / scale[1])
+    pieces = []
     for i, (face, affine) in enumerate(zip(faces, affines, strict=True)):
         inv = inverse_affine(affine, scale)
         roi = _roi(inv, face_size, width, height, pad=2)
@@ -191,7 +276,6 @@ def paste_faces(background: np.ndarray, faces: np.ndarray, affines: np.ndarray, 
         local = inv.copy()
         local[:, 2] -= (x0, y0)
         size = (x1 - x0, y1 - y0)
-        warped = _warp_face_back(face, local, size)
         if region is None:
             coverage = cv2.warpAffine(np.ones((face_size, face_size), np.float32), local, size,
                                       flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
@@ -199,7 +283,11 @@ def paste_faces(background: np.ndarray, faces: np.ndarray, affines: np.ndarray, 
         else:
             mask = cv2.warpAffine(parse_mask(region), local, size, flags=cv2.INTER_LINEAR,
                                   borderMode=cv2.BORDER_CONSTANT)
-        m = mask[:, :, None]
+        pieces.append(_Piece(roi, face, local, mask))
+    for k, piece in enumerate(pieces):
+        x0, y0, x1, y1 = piece.roi
+        warped = _warp_face_back(piece.face, piece.local, (x1 - x0, y1 - y0))
+        m = _weight(pieces, k, face_size)[:, :, None]
         patch = out[y0:y1, x0:x1].astype(np.float32)
         out[y0:y1, x0:x1] = np.clip(np.rint(m * warped.astype(np.float32) + (1 - m) * patch), 0, 255).astype(np.uint8)
     return out
