@@ -29,6 +29,9 @@ Then the timings, one at a time:
 7. ``v2_autotune``: torch-max at batch 1 compiled with ``max-autotune-no-cudagraphs``, where Inductor also tries its
    Triton conv templates against cuDNN (minutes of autotuning; only when asked for).
 
+``train`` (only when asked for) is the checks' training job on its own, with the GPU to itself and 210 s instead
+of 130 s: enough for ``--train-iters 300``.
+
 What it writes in ``--out`` (few files, so that they fit what a remote runner sends back): ``summary.md`` (the
 issue's targets against the measured numbers and the official anchors, the checks' outcomes, then every table),
 ``results.json`` (every run's meta and rows), ``profile.md``, ``kernels.json``, ``train_loss.png``,
@@ -145,6 +148,8 @@ STEPS = {
                                           "--batch", "8", "--mode", "max", "--out", str(out / "profile.md")], 120),
     "v1": Step(lambda work, out, a: _bench("v1", "1", "torch-max", work / "v1"), 300),  # 150 s was short
     "v2_aoti": Step(lambda work, out, a: _bench("v2", "1", "aoti", work / "v2_aoti", batches="1"), 150),
+    # The checks' training job alone on the GPU, with the time for a few hundred iterations (0.4-1 s each, shared).
+    "train": Step(lambda work, out, a: _train(work, out, a.train_iters, 210), 230),
     # Inductor also benchmarks its own Triton conv templates against cuDNN, which reached only 27% of peak here.
     "v2_autotune": Step(lambda work, out, a: _bench("v2", "1", "torch-max", work / "v2_autotune", batches="1")
                         + ["--compile-mode", "max-autotune-no-cudagraphs"], 300),
@@ -153,7 +158,7 @@ RUNS = ("v2", "v2_f0", "v1", "v2_aoti", "v2_autotune")  # the steps that write a
 #: The columns of a benchmark's rows printed as its step ends.
 DIGEST = ("backend", "precision", "batch", "fidelity", "median_ms", "img_per_s", "peak_mem_mb", "first_call_s",
           "max_abs_err", "psnr_db", "status")
-ON_REQUEST = ("v2_autotune",)  # left out of the default steps
+ON_REQUEST = ("train", "v2_autotune")  # left out of the default steps (``checks`` trains already)
 
 
 def evaluate(target: Target, rows: Sequence[dict]) -> dict:

@@ -122,8 +122,13 @@ def test_gpu_check_dry_run_lists_the_steps(tmp_path, capsys):
     assert "[gpu_check] v2_autotune:" not in printed  # minutes of autotuning: only when named
     assert "--precision fp16 --batch 1,8" in printed
     assert "tests/test_kernels_triton.py tests/test_golden.py" in printed and "--max-iters 200" in printed
+    assert "[gpu_check] train:" in printed and printed.count("training.train") == 1  # once, in the checks
     assert gpu_check.main(["--out", str(tmp_path), "--dry-run", "--steps", "v2_autotune"]) == 0
     assert "--compile-mode max-autotune-no-cudagraphs" in capsys.readouterr().out
+    assert gpu_check.main(["--out", str(tmp_path), "--dry-run", "--steps", "kernels", "train", "--train-iters",
+                           "300"]) == 0
+    printed = capsys.readouterr().out
+    assert "timeout 210 " in printed and "--max-iters 300" in printed and "train_loss.png" in printed
 
 
 def test_gpu_check_kills_a_job_past_its_cap_with_its_children_and_reports_it(tmp_path, monkeypatch):
