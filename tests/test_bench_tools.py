@@ -169,3 +169,21 @@ def test_gpu_check_keeps_its_jobs_in_the_calls_session(tmp_path, monkeypatch):
     assert gpu_check.main(["--out", str(tmp_path), "--steps", "checks", "--budget", "60"]) == 0
     _, sid, _, pgid = (tmp_path / "runs" / "sid.log").read_text().split()
     assert int(sid) == os.getsid(0) and int(pgid) != os.getpgid(0)  # its own group: a kill reaches its children
+
+
+def test_folder_benchmark_times_real_cli_runs_and_leaves_the_model_as_it_was(tmp_path, capsys):
+    from deploy import bench_folder
+    from tests.conftest import TINY_V2
+    from vqfr.runtime import Runtime
+
+    weights = vqfr.save_safetensors(seeded_model(TINY_V2, seed=1), tmp_path / "tiny.safetensors")
+    real = Runtime._restore_crops
+    assert bench_folder.main(["--count", "5", "--identity", "--io-threads", "1,2", "--repeat", "1", "--batch", "2",
+                              "--work", str(tmp_path / "work"), "--weights", str(weights), "--device", "cpu"]) == 0
+    table = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert len(rows) == 2 and all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows), table
+    assert len(list((tmp_path / "work" / "results" / "restored_faces").glob("*.png"))) == 5
+    assert Runtime._restore_crops is real
+    with pytest.raises(RuntimeError, match="the CLI run failed"):  # a failing run is an error, not a fast row
+        bench_folder.time_run(tmp_path / "work" / "inputs", tmp_path / "out", ["--weights", str(tmp_path / "none")])

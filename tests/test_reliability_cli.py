@@ -227,6 +227,30 @@ def test_a_write_that_fails_while_a_signal_waits_is_still_reported(weights, tmp_
     assert _complete_sets(out, inputs)[0] == 1
 
 
+def test_a_full_disk_while_a_signal_waits_is_reported_as_the_stop(weights, tmp_path, monkeypatch):
+    """Ctrl-C, then the disk fills up during the outputs being finished: the run exits as interrupted and says the
+    output folder stopped taking files (not one more FAILED input)."""
+    import vqfr.atomic
+
+    _faces(tmp_path / "in", 3)
+    real, writes = vqfr.atomic.atomic_write_bytes, []
+
+    def signal_then_full(path, data):
+        writes.append(Path(path).name)
+        if len(writes) == 5:
+            raise OSError(28, "No space left on device")
+        real(path, data)
+        if len(writes) == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(vqfr.atomic, "atomic_write_bytes", lambda p, d: _raise_as_output(signal_then_full, p, d))
+    code, stdout, stderr = _run_cli(["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--weights",
+                                     str(weights), "--aligned", "-q", "--batch", "1"])
+    assert code == EXIT_INTERRUPTED and "interrupted" in stderr
+    assert "stopped:" in stderr and "No space left on device" in stderr and "FAILED" not in stderr, stderr
+    assert "1 images" in stdout and "0 failed" in stdout
+
+
 def test_signal_while_the_model_loads(weights, tmp_path, monkeypatch):
     import vqfr.runtime
 
@@ -306,6 +330,59 @@ def test_sigint_to_a_real_run_then_resume(weights, tmp_path):
     for src, img in zip(inputs[:4], here, strict=True):
         mine = vqfr.imaging.save_image(tmp_path / f"{src.stem}_00.png", img).read_bytes()
         assert mine == written_there[f"{src.stem}_00.png"]
+
+
+# --------------------------------------------------------------------------------------------- I/O threads
+def test_outputs_are_written_while_the_model_runs_on_the_next_chunk(weights, tmp_path, monkeypatch):
+    """Encoding and writing PNGs takes longer than a GPU forward: a chunk's outputs must be written on other threads
+    while the model runs on the next chunk, and a chunk's images read side by side."""
+    import threading
+
+    import vqfr.atomic
+    import vqfr.runtime
+
+    inputs = _faces(tmp_path / "in", 4)
+    second_chunk = threading.Event()
+    real_write, real_restore, real_read = (vqfr.atomic.atomic_write_bytes, vqfr.runtime.Runtime.restore_faces_batch,
+                                           vqfr.runtime.Runtime.read)
+    overlapped, calls, reading = [], [], threading.Barrier(2, timeout=10)
+
+    def restore(self, images, **kwargs):
+        calls.append(len(images))
+        if len(calls) == 2:
+            second_chunk.set()
+        return real_restore(self, images, **kwargs)
+
+    def write(path, data):
+        if "face0000" in Path(path).name:  # the first chunk's outputs wait for the model to start on the second
+            overlapped.append(second_chunk.wait(timeout=10))
+        real_write(path, data)
+
+    def read(self, img):
+        if "face000" in str(img) and len(calls) == 0:  # both images of the first chunk are read at once
+            reading.wait()
+        return real_read(self, img)
+
+    monkeypatch.setattr(vqfr.atomic, "atomic_write_bytes", write)
+    monkeypatch.setattr(vqfr.runtime.Runtime, "restore_faces_batch", restore)
+    monkeypatch.setattr(vqfr.runtime.Runtime, "read", read)
+    code, stdout, stderr = _run_cli(["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--weights",
+                                     str(weights), "--aligned", "-q", "--batch", "2", "--io-threads", "2"])
+    assert code == EXIT_OK and "4 images" in stdout, stderr
+    assert calls == [2, 2] and overlapped == [True] * 3, overlapped
+    assert _complete_sets(tmp_path / "out", inputs) == (4, [])
+
+
+def test_any_number_of_io_threads_writes_the_same_bytes(weights, tmp_path):
+    inputs = _faces(tmp_path / "in", 5, seed=4)
+    runs = []
+    for threads in (1, 3):
+        out = tmp_path / f"out{threads}"
+        code, stdout, stderr = _run_cli(["-i", str(inputs[0].parent), "-o", str(out), "--weights", str(weights),
+                                         "--aligned", "-q", "--batch", "2", "--io-threads", str(threads)])
+        assert code == EXIT_OK and "5 images, 5 faces restored, 0 failed" in stdout, stderr
+        runs.append({str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.png"))})
+    assert len(runs[0]) == 15 and runs[0] == runs[1]
 
 
 # --------------------------------------------------------------------------------------------- determinism

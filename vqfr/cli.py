@@ -31,7 +31,8 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, wait
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     run.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
     run.add_argument("--batch", type=int, default=4, help="most faces per inference call (default: 4)")
+    run.add_argument("--io-threads", type=int, default=min(8, os.cpu_count() or 1),
+                     help="threads that read and write images while the model runs (default: CPU count, at most 8)")
     run.add_argument("--list-backends", action="store_true", help="print which backends can run here, and exit")
     run.add_argument("--debug", action="store_true", help="print tracebacks for failures")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -268,9 +271,9 @@ class _Job:
                                   fix="choose an output folder (-o) apart from the inputs")
 
     def write(self, src: Path, stem: str, result) -> None:
-        """Write every output of one input, the marker of :meth:`done_before` last; a signal waits until all are
-        written. Everything is encoded first, so an output that cannot be encoded fails the input with no file
-        written."""
+        """Write every output of one input, the marker of :meth:`done_before` last. Everything is encoded first, so
+        an output that cannot be encoded fails the input with no file written. Runs on a writer thread
+        (:class:`_Pipeline`), where no signal can cut it short."""
         from vqfr.atomic import atomic_write_bytes
         from vqfr.imaging import encode_image
 
@@ -283,9 +286,8 @@ class _Job:
                        (rest, face.restored)]
         images += [(path, result.image) for path in names["restored_imgs"]]
         encoded = [(path, encode_image(path, img)) for path, img in images]
-        with self.signals.protect():
-            for path, data in encoded:
-                atomic_write_bytes(path, data)
+        for path, data in encoded:
+            atomic_write_bytes(path, data)
 
 
 def _fail(job: _Job, src: Path, exc: BaseException, bar) -> None:
@@ -302,55 +304,112 @@ def _fail(job: _Job, src: Path, exc: BaseException, bar) -> None:
         bar.write("".join(traceback.format_exception(exc)).rstrip(), file=sys.stderr)
 
 
-def _run_chunk(rt, job: _Job, chunk: list[tuple[Path, str]], bar) -> None:
-    """Load, restore (faces batched across the chunk) and write; a failing input is reported and the others go on.
+class _Pipeline:
+    """Runs the inputs chunk by chunk: a chunk's images are read on reader threads, the model runs on the main
+    thread, and the chunk's outputs are encoded and written on writer threads while the model runs on the next chunk
+    (PNG encoding takes several times longer than a GPU forward). At most one chunk is being written at a time.
 
-    Any Exception is caught per input (here, and only here): one bad file must not cost the others. An output
-    folder that stops taking files (disk full, read-only) ends the run instead (OutputError raised).
+    Everything that reports, counts or handles a signal happens on the main thread. A signal stops the run between
+    inputs, never inside one: the chunk being written is finished (each input's outputs complete) and reported by
+    :meth:`close`. Any Exception is caught per input: one bad file must not cost the others. An output folder that
+    stops taking files (disk full, read-only) ends the run instead (:attr:`stopped`).
     """
-    args = job.args
-    loaded = []
-    for src, stem in chunk:
+
+    def __init__(self, rt, job: _Job, bar, threads: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.rt, self.job, self.bar = rt, job, bar
+        self.readers = ThreadPoolExecutor(threads, thread_name_prefix="vqfr-read")
+        self.writers = ThreadPoolExecutor(threads, thread_name_prefix="vqfr-write")
+        self.writing: list[tuple[Path, Any, Future]] = []
+        self.stopped: OutputError | None = None
+
+    def run(self, chunks: Iterable[list[tuple[Path, str]]]) -> None:
+        """Restore and write every chunk; raises the folder's OutputError when it stops taking files (and
+        KeyboardInterrupt on a signal). Call :meth:`close` afterwards in any case."""
+        for chunk in chunks:
+            loaded = self._read(chunk)
+            results = self._restore(loaded)
+            self._settle()
+            if self.stopped is not None:
+                raise self.stopped
+            for (src, stem, _), result in zip(loaded, results, strict=True):
+                if isinstance(result, Exception):
+                    self._report(src, None, result)
+                else:
+                    self.writing.append((src, result, self.writers.submit(self.job.write, src, stem, result)))
+        self._settle()
+        if self.stopped is not None:
+            raise self.stopped
+
+    def close(self, signals: _Signals) -> bool:
+        """Wait for the outputs being written and report them (a signal meanwhile waits too); True when a signal
+        arrived during the wait."""
+        interrupted = False
         try:
-            with _quiet_native_stderr(not args.debug):
-                loaded.append((src, stem, rt.read(src)))
-        except Exception as exc:  # noqa: BLE001 - reported per input
-            _fail(job, src, exc, bar)
-            bar.update(1)
-    kwargs = dict(aligned=args.aligned, fidelity=args.fidelity, upscale=args.upscale,
-                  only_center_face=args.only_center_face)
-    start = time.perf_counter()
-    try:
-        results = rt.restore_faces_batch([img for _, _, img in loaded], **kwargs)
-    except Exception:  # noqa: BLE001 - one input spoiled the shared batch: redo them one by one, keep the others
-        results = []
-        for _, _, img in loaded:
-            try:
-                results.append(rt.restore_faces(img, **kwargs))
-            except Exception as exc:  # noqa: BLE001 - reported per input below
-                results.append(exc)
-    job.infer_s += time.perf_counter() - start
-    for (src, stem, _), result in zip(loaded, results, strict=True):
+            with signals.protect():
+                self._settle()
+        except KeyboardInterrupt:
+            interrupted = True
+        self.readers.shutdown(wait=False, cancel_futures=True)
+        self.writers.shutdown(wait=True)
+        return interrupted
+
+    def _read(self, chunk: list[tuple[Path, str]]) -> list[tuple[Path, str, np.ndarray]]:
+        """The chunk's images, read side by side; an unreadable one is reported and left out."""
+        with _quiet_native_stderr(not self.job.args.debug):
+            futures = [self.readers.submit(self.rt.read, src) for src, _ in chunk]
+            wait(futures)
+        loaded = []
+        for (src, stem), future in zip(chunk, futures, strict=True):
+            error = future.exception()
+            if error is None:
+                loaded.append((src, stem, future.result()))
+            else:
+                self._report(src, None, error)
+        return loaded
+
+    def _restore(self, loaded: list[tuple[Path, str, np.ndarray]]) -> list[Any]:
+        """Each image's Restoration, or the Exception it raised (faces batched across the chunk)."""
+        args = self.job.args
+        kwargs = dict(aligned=args.aligned, fidelity=args.fidelity, upscale=args.upscale,
+                      only_center_face=args.only_center_face)
+        start = time.perf_counter()
         try:
-            if isinstance(result, BaseException):
-                raise result
-            job.write(src, stem, result)
+            results: list[Any] = self.rt.restore_faces_batch([img for _, _, img in loaded], **kwargs)
+        except Exception:  # noqa: BLE001 - one input spoiled the shared batch: redo them one by one, keep the others
+            results = []
+            for _, _, img in loaded:
+                try:
+                    results.append(self.rt.restore_faces(img, **kwargs))
+                except Exception as exc:  # noqa: BLE001 - reported per input
+                    results.append(exc)
+        self.job.infer_s += time.perf_counter() - start
+        return results
+
+    def _settle(self) -> None:
+        """Wait for the chunk being written and report each input, in order. Waiting can be interrupted; reporting
+        one input cannot, so none is reported twice or lost."""
+        while self.writing:
+            src, result, future = self.writing[0]
+            wait([future])
+            with self.job.signals.protect():
+                self.writing.pop(0)
+                self._report(src, result, future.exception())
+
+    def _report(self, src: Path, result, error: BaseException | None) -> None:
+        job = self.job
+        if error is None:
             job.images += 1
             job.faces += len(result.faces)
             if not result.faces:
                 job.faceless += 1
-                bar.write(f"vqfr: no face found in {src} (the photo was upscaled only)", file=sys.stderr)
-        except OutputError as exc:
-            if exc.errno in _FOLDER_ERRNOS:
-                raise
-            _fail(job, src, exc, bar)
-        except Exception as exc:  # noqa: BLE001 - reported per input
-            _fail(job, src, exc, bar)
-        except KeyboardInterrupt as stop:
-            if isinstance(stop.__cause__, Exception):  # a write failed while the signal waited: say which and why
-                _fail(job, src, stop.__cause__, bar)
-            raise
-        bar.update(1)
+                self.bar.write(f"vqfr: no face found in {src} (the photo was upscaled only)", file=sys.stderr)
+        elif isinstance(error, OutputError) and error.errno in _FOLDER_ERRNOS and self.stopped is None:
+            self.stopped = error
+        else:
+            _fail(job, src, error, self.bar)
+        self.bar.update(1)
 
 
 def _default_input(aligned: bool) -> str | None:
@@ -373,6 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--batch must be at least 1, got {args.batch}")
     if not (args.upscale > 0 and np.isfinite(args.upscale)):
         parser.error(f"--upscale must be a positive, finite number, got {args.upscale}")
+    if args.io_threads < 1:
+        parser.error(f"--io-threads must be at least 1, got {args.io_threads}")
     if args.max_pixels < 1:
         parser.error(f"--max-pixels must be positive, got {args.max_pixels}")
     if args.suffix is not None and (not args.suffix or set(args.suffix) & {"/", "\\", "\0"} or args.suffix == ".."):
@@ -451,15 +512,18 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, signals: _Si
         else:
             todo.append((f, stems[f]))
     started = time.perf_counter()
-    interrupted, stopped = False, None
+    interrupted = False
     with rt, tqdm(total=len(todo), unit="img", disable=args.quiet or None, file=sys.stderr) as bar:
+        pipeline = _Pipeline(rt, job, bar, args.io_threads)
         try:
-            for i in range(0, len(todo), args.batch):
-                _run_chunk(rt, job, todo[i:i + args.batch], bar)
+            pipeline.run(todo[i:i + args.batch] for i in range(0, len(todo), args.batch))
         except KeyboardInterrupt:
             interrupted = True
-        except OutputError as exc:
-            stopped = exc
+        except OutputError:
+            pass  # pipeline.stopped
+        finally:
+            interrupted = pipeline.close(signals) or interrupted
+        stopped = pipeline.stopped
     wall = time.perf_counter() - started
     rate = job.faces / job.infer_s if job.infer_s > 0 else 0.0
     notes = [f"{job.faceless} without faces"] if job.faceless and not args.aligned else []
@@ -475,7 +539,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, signals: _Si
               file=sys.stderr)
     if stopped is not None:
         print(f"vqfr: error: stopped: {stopped}", file=sys.stderr)
-        return EXIT_ERROR
+        if not interrupted:
+            return EXIT_ERROR
     if interrupted:
         what = "terminated" if signals.received == signal.SIGTERM else "interrupted"
         print(f"vqfr: {what}; every output written so far is complete (resume with --skip-existing)",
