@@ -29,6 +29,9 @@ Then the timings, one at a time:
 7. ``v2_autotune``: torch-max at batch 1 compiled with ``max-autotune-no-cudagraphs``, where Inductor also tries its
    Triton conv templates against cuDNN (minutes of autotuning; only when asked for).
 
+8. ``folder``: ``deploy.bench_folder``, a CLI folder run of 128 aligned faces through v2 in fp16 with 1 and 8 I/O
+   threads (reading and PNG writing overlap the model).
+
 ``train`` (only when asked for) is the checks' training job on its own, with the GPU to itself and 210 s instead
 of 130 s: enough for ``--train-iters 300``.
 
@@ -148,6 +151,9 @@ STEPS = {
                                           "--batch", "8", "--mode", "max", "--out", str(out / "profile.md")], 120),
     "v1": Step(lambda work, out, a: _bench("v1", "1", "torch-max", work / "v1"), 300),  # 150 s was short
     "v2_aoti": Step(lambda work, out, a: _bench("v2", "1", "aoti", work / "v2_aoti", batches="1"), 150),
+    # A CLI folder run of v2 (random weights, torch backend) with 1 and 8 I/O threads: whole-run faces/s.
+    "folder": Step(lambda work, out, a: [sys.executable, "-m", "deploy.bench_folder", "--count", "128", "--io-threads",
+                                         "1,8", "--repeat", "1", "--device", "cuda", "--precision", "fp16"], 120),
     # The checks' training job alone on the GPU, with the time for a few hundred iterations (0.4-1 s each, shared).
     "train": Step(lambda work, out, a: _train(work, out, a.train_iters, 210), 230),
     # Inductor also benchmarks its own Triton conv templates against cuDNN, which reached only 27% of peak here.
