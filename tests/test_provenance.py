@@ -50,3 +50,14 @@ def test_wheel_package_data_carries_the_data_and_its_licences():
                                                         *d.parent.glob("README.md"), *d.parent.glob("PROVENANCE.md"))]
     missing = [str(p.relative_to(ROOT)) for p in needed if not any(fnmatch.fnmatch(p.name, pat) for pat in patterns)]
     assert not missing, f"pyproject.toml [tool.setuptools.package-data] leaves out {missing}"
+
+
+def test_the_project_licence_is_an_spdx_expression_with_its_files():
+    """setuptools stops building projects whose ``license`` is a TOML table in February 2027: an SPDX string and
+    ``license-files`` that hold the project's LICENSE and every third-party licence shipped."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"
+    assert "Apache License" in (ROOT / "LICENSE").read_text() and "Version 2.0" in (ROOT / "LICENSE").read_text()
+    files = {p for pattern in project["license-files"] for p in ROOT.glob(pattern)}
+    shipped = {p for d in shipped_data_files() for p in d.parent.glob("LICENSE*")}
+    assert ROOT / "LICENSE" in files and shipped <= files, sorted(str(p) for p in shipped - files)
