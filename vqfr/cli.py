@@ -337,7 +337,8 @@ class _Pipeline:
                 if isinstance(result, Exception):
                     self._report(src, None, result)
                 else:
-                    self.writing.append((src, result, self.writers.submit(self.job.write, src, stem, result)))
+                    with self.job.signals.protect():  # a write started is a write settled
+                        self.writing.append((src, result, self.writers.submit(self.job.write, src, stem, result)))
         self._settle()
         if self.stopped is not None:
             raise self.stopped
