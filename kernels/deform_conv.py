@@ -15,6 +15,8 @@ Semantics (identical to ``torchvision.ops.deform_conv2d(x, offset, weight, bias,
 - Tap ``k`` of output pixel (oy, ox) samples ``x`` at
   ``(oy*stride - pad + ky*dil + dy, ox*stride - pad + kx*dil + dx)`` by bilinear interpolation. A point with
   y <= -1, y >= H, x <= -1 or x >= W reads 0; otherwise each of the four corners reads 0 when it lies outside.
+  An infinite offset therefore reads 0 (torchvision's forward too), and so does a NaN one (undefined in torchvision),
+  with zero gradients, on every path: the Triton kernels, the grid_sample forward and the reference.
 - An empty image (H = 0 or W = 0) reads 0 everywhere, like torchvision: where the padding still gives a non-empty
   output, that output is the bias, and every gradient is zero (x's is empty).
 """
@@ -27,6 +29,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from kernels.dispatch import check_same_device
 
 __all__ = [
     "deform_conv2d_reference", "deform_conv2d_backward_reference", "modulated_deform_conv2d",
@@ -51,9 +55,10 @@ def check_deform_args(
         (groups G, stride, padding, dilation, H_out, W_out).
 
     Raises:
-        ValueError: with the offending shape and what it should be.
+        ValueError: with the offending shape (or device) and what it should be.
     """
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    check_same_device(x=x, offset=offset, mask=mask, weight=weight, bias=bias)
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:  # torchvision's rule; stride 0 would divide by 0
         raise ValueError(f"stride and dilation must be >= 1 and padding >= 0; got stride {stride}, padding "
                          f"{padding}, dilation {dilation}")
@@ -103,6 +108,9 @@ def bilinear_corners(h: int, w: int, py: Tensor, px: Tensor) -> list[Corner]:
         py, px: [N, P] sample rows and columns in pixels (floating point; the weights take their dtype).
     """
     inside = (py > -1) & (py < h) & (px > -1) & (px < w)
+    # A point outside is moved to -2, as in the Triton kernels: all four corners are then out, and an infinite or NaN
+    # position reads 0 with zero derivatives, instead of weights of inf - floor(inf) = NaN.
+    py, px = torch.where(inside, py, -2.0), torch.where(inside, px, -2.0)
     y0f, x0f = torch.floor(py), torch.floor(px)
     ly, lx = py - y0f, px - x0f
     hy, hx = 1 - ly, 1 - lx
@@ -370,8 +378,12 @@ def deform_conv2d_grid_sample(
         for k in range(taps):
             ky, kx = divmod(k, kw)
             # The reference's sample position (same operations, same rounding), then normalised for grid_sample.
-            gy = (base_y + ky * dh + off[:, :, k, 0]) * scale_y - 1
-            gx = (base_x + kx * dw + off[:, :, k, 1]) * scale_x - 1
+            # grid_sample reads 0 at any finite point outside, but NaN at an infinite or NaN one: those go to -5, at
+            # least 2 px above and left of the image (-(S-1)*2 px), where the reference reads 0 too.
+            gy = torch.nan_to_num((base_y + ky * dh + off[:, :, k, 0]) * scale_y - 1, nan=-5.0, posinf=-5.0,
+                                  neginf=-5.0)
+            gx = torch.nan_to_num((base_x + kx * dw + off[:, :, k, 1]) * scale_x - 1, nan=-5.0, posinf=-5.0,
+                                  neginf=-5.0)
             grid = torch.stack((gx, gy), dim=-1).view(b * groups, h_out, w_out, 2)
             col = F.grid_sample(xg, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
             yield k, (col.view(b, groups, cg, p) * msk[:, :, :, k]).view(b, c_in, p)

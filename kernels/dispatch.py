@@ -35,7 +35,7 @@ from torch import Tensor
 
 __all__ = ["MODES", "LAUNCHES", "use", "active_mode", "interpreting", "interpreter_problem", "triton_installed",
            "why_not_triton", "use_triton", "use_grid_sample", "dot_precision", "Launch", "launchable", "triton_module",
-           "release"]
+           "release", "check_same_device"]
 
 #: Valid values of ``VQFR_KERNELS`` and of :func:`use`.
 MODES = ("auto", "triton", "reference")
@@ -146,6 +146,20 @@ def why_not_triton(*tensors: Tensor | None) -> str | None:
             return "the interpreter has no bfloat16 (numpy lacks it)"
         return interpreter_problem()
     return f"device {lead.device} is not supported by the Triton kernels"
+
+
+def check_same_device(**tensors: Tensor | None) -> None:
+    """Raise ValueError naming the first tensor that is not on the device of the first one (None is skipped).
+
+    Without this check a tensor on another device reached torch with no name (``Expected all tensors to be on the
+    same device``), and a ``meta`` tensor beside CPU ones silently gave uninitialised memory as the result.
+    """
+    present = [(name, t) for name, t in tensors.items() if t is not None]
+    lead_name, lead = present[0]
+    for name, t in present[1:]:
+        if t.device != lead.device:
+            raise ValueError(f"{name} is on {t.device} but {lead_name} is on {lead.device}; move every tensor to "
+                             f"{lead.device}")
 
 
 def use_grid_sample(x: Tensor) -> bool:

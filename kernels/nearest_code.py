@@ -13,11 +13,14 @@ from typing import Literal, overload
 import torch
 from torch import Tensor
 
+from kernels.dispatch import check_same_device
+
 __all__ = ["nearest_code_reference", "nearest_code", "check_nearest_args"]
 
 
 def check_nearest_args(z: Tensor, codebook: Tensor) -> None:
-    """Raise ValueError unless ``z`` is [N, D] and ``codebook`` is [K, D] with K >= 1."""
+    """Raise ValueError unless ``z`` is [N, D] and ``codebook`` is [K, D] with K >= 1, both on one device."""
+    check_same_device(z=z, codebook=codebook)
     if z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1] or codebook.shape[0] == 0:
         raise ValueError(
             f"z must be [N, D] and codebook [K, D] with K >= 1; got {tuple(z.shape)} and {tuple(codebook.shape)}"

@@ -55,8 +55,16 @@ def _define(name: str, fn: Callable[..., object]) -> CustomOpDef:
     return cast("CustomOpDef", register(name, fn, mutates_args=()))
 
 
+def _check_pairs(stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> None:
+    """The ops take (h, w) pairs: one value raised IndexError, three were cut to two without a word."""
+    for name, value in (("stride", stride), ("padding", padding), ("dilation", dilation)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be a pair (h, w); got {list(value)}")
+
+
 def _conv_args(stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
                ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    _check_pairs(stride, padding, dilation)
     return (int(stride[0]), int(stride[1])), (int(padding[0]), int(padding[1])), (int(dilation[0]), int(dilation[1]))
 
 
@@ -99,8 +107,14 @@ def _deform_conv2d(
 deform_conv2d_op = _define("vqfr::modulated_deform_conv2d", _deform_conv2d)
 
 
+# The fake kernels also serve as the Meta kernels: a meta tensor beside real ones dispatches here, and the output,
+# allocated on the device of x or z, would be uninitialised memory. So they check the devices too.
+
+
 @deform_conv2d_op.register_fake
 def _(x, offset, mask, weight, bias, stride, padding, dilation):
+    dispatch.check_same_device(x=x, offset=offset, mask=mask, weight=weight, bias=bias)
+    _check_pairs(stride, padding, dilation)
     h_out, w_out = _out_hw(x, weight, stride, padding, dilation)
     return torch.empty(x.shape[0], weight.shape[0], h_out, w_out, dtype=x.dtype, device=x.device,
                        memory_format=_memory_format(x))
@@ -132,6 +146,7 @@ def _deform_conv2d_backward(
     ``output_mask`` does not ask for are skipped and returned as empty (numel 0) tensors of their input's dtype."""
     conv = _conv_args(stride, padding, dilation)
     need = _output_mask(output_mask)
+    dispatch.check_same_device(x=x, grad_out=grad_out)
     *_, h_out, w_out = check_deform_args(x, offset, mask, weight, None, *conv)
     if tuple(grad_out.shape) != (x.shape[0], weight.shape[0], h_out, w_out):
         raise ValueError(f"grad_out shape {tuple(grad_out.shape)} != expected "
@@ -159,6 +174,8 @@ deform_conv2d_backward_op = _define("vqfr::modulated_deform_conv2d_backward", _d
 
 @deform_conv2d_backward_op.register_fake
 def _(grad_out, x, offset, mask, weight, stride, padding, dilation, output_mask=None):
+    dispatch.check_same_device(x=x, grad_out=grad_out, offset=offset, mask=mask, weight=weight)
+    _check_pairs(stride, padding, dilation)
     # Not empty_like, which would copy the strides of a channels-last x, offset, mask or weight: Inductor allocates
     # and checks the real outputs by these layouts.
     full = (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x)),
@@ -203,5 +220,6 @@ nearest_code_op = _define("vqfr::nearest_code", _nearest_code)
 
 @nearest_code_op.register_fake
 def _(z, codebook):
+    dispatch.check_same_device(z=z, codebook=codebook)
     dist_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     return z.new_empty(z.shape[0], dtype=torch.long), z.new_empty(z.shape[0], dtype=dist_dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -373,3 +374,84 @@ def test_an_empty_image_with_padding_reads_zero_padding_on_every_path(h, w):
             out.sum().backward()
             assert not any(t.grad.any() for t in leaves[:4]) and leaves[0].grad.shape == x.shape
             torch.testing.assert_close(leaves[4].grad, torch.full((3,), 2.0 * ho * wo, dtype=dtype))
+
+
+def non_finite_case():
+    """small_dcn in float64 with infinite and NaN offsets at a few (pixel, tap) places, and the same inputs with those
+    places masked out instead (finite offset, mask 0): torchvision reads 0 at an infinite position, so both give the
+    same output. Returns (inputs, masked-out inputs, the places as a bool [1, 18, 6, 7] mask-shaped tensor)."""
+    x, offset, mask, weight, bias = small_dcn(torch.float64)
+    places = torch.zeros_like(mask, dtype=torch.bool)
+    off = offset.clone()
+    for (tap, y, xx), (dy, dx) in zip([(0, 2, 3), (4, 0, 0), (13, 5, 6), (17, 3, 1)],
+                                      [(float("inf"), 0.3), (-0.2, float("-inf")), (float("nan"), 1.0),
+                                       (0.5, float("nan"))], strict=True):
+        places[0, tap, y, xx] = True
+        off[0, 2 * tap, y, xx], off[0, 2 * tap + 1, y, xx] = dy, dx
+    return (x, off, mask, weight, bias), (x, offset, mask.masked_fill(places, 0), weight, bias), places
+
+
+def test_infinite_or_nan_offsets_read_zero_on_every_cpu_path():
+    """An infinite offset puts the sample outside the image, where torchvision (and the Triton kernels) read 0. The
+    reference computed its bilinear weights as inf - floor(inf) = NaN and returned NaN for the whole output pixel,
+    forward and backward, and so did the grid_sample forward (the default float32 CPU path): a model whose fp16
+    offset conv overflowed gave NaN on the CPU and finite values on the GPU. A NaN position (undefined in
+    torchvision) reads 0 too, as in the Triton kernels."""
+    (x, off, mask, weight, bias), masked, places = non_finite_case()
+    expected = deform_conv2d_reference(*masked, 1, 1, 1)
+    for mode, dtype in (("auto", torch.float32), ("reference", torch.float32), ("auto", torch.float64)):
+        with kernels.use(mode):
+            out = kernels.modulated_deform_conv2d(*(t.to(dtype) for t in (x, off, mask, weight, bias)), 1, 1, 1)
+        torch.testing.assert_close(out, expected.to(dtype), atol=1e-5 if dtype == torch.float32 else 1e-12, rtol=0)
+    assert dispatch.LAUNCHES["modulated_deform_conv2d:grid_sample"] == 1
+    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = deform_conv2d_backward_reference(grad_out, x, off, mask, weight, 1, 1, 1)
+    want = deform_conv2d_backward_reference(grad_out, *masked[:4], 1, 1, 1)
+    torch.testing.assert_close(got[0], want[0], atol=1e-12, rtol=0)  # x
+    torch.testing.assert_close(got[3], want[3], atol=1e-12, rtol=0)  # weight
+    # offset and mask: zero at the non-finite places (the output does not depend on them there), else unchanged.
+    off_places = places.repeat_interleave(2, dim=1)
+    assert not got[1][off_places].any() and not got[2][places].any()
+    torch.testing.assert_close(got[1][~off_places], want[1][~off_places], atol=1e-12, rtol=0)
+    torch.testing.assert_close(got[2][~places], want[2][~places], atol=1e-12, rtol=0)
+
+
+def test_tensors_on_another_device_are_named():
+    """A tensor on another device than x (or z) raises ValueError naming it. A meta tensor beside CPU ones used to
+    return uninitialised memory: garbage indices from nearest_code, a garbage output from the deformable conv."""
+    x, offset, mask, weight, bias = small_dcn()
+    args = {"x": x, "offset": offset, "mask": mask, "weight": weight, "bias": bias}
+    for name in ("offset", "mask", "weight", "bias"):
+        moved = [t.to("meta") if n == name else t for n, t in args.items()]
+        with pytest.raises(ValueError, match=f"{name} is on meta but x is on cpu"):
+            kernels.modulated_deform_conv2d(*moved, 1, 1, 1)
+        with pytest.raises(ValueError, match=f"{name} is on meta but x is on cpu"):
+            torch.ops.vqfr.modulated_deform_conv2d(*moved, [1, 1], [1, 1], [1, 1])
+    with pytest.raises(ValueError, match="grad_out is on meta but x is on cpu"):
+        torch.ops.vqfr.modulated_deform_conv2d_backward(torch.empty(1, 4, 6, 7, device="meta"), x, offset, mask,
+                                                        weight, [1, 1], [1, 1], [1, 1])
+    with pytest.raises(ValueError, match="codebook is on meta but z is on cpu"):
+        kernels.nearest_code(torch.randn(5, 8), torch.randn(6, 8, device="meta"))
+    with pytest.raises(ValueError, match="codebook is on meta but z is on cpu"):
+        torch.ops.vqfr.nearest_code(torch.randn(5, 8), torch.randn(6, 8, device="meta"))
+
+
+@pytest.mark.parametrize("bad", [[1], [1, 1, 1]], ids=["one value", "three values"])
+def test_ops_take_pairs_only(bad):
+    """stride, padding and dilation are (h, w) pairs. Called directly, the ops raised IndexError on one value and
+    silently dropped a third, in the real kernels and in the fake ones (tracing)."""
+    x, offset, mask, weight, bias = small_dcn()
+    grad_out = torch.randn(1, 4, 6, 7)
+    for position, name in enumerate(("stride", "padding", "dilation")):
+        conv = [[1, 1], [1, 1], [1, 1]]
+        conv[position] = bad
+        with pytest.raises(ValueError, match=re.escape(f"{name} must be a pair (h, w); got {bad}")):
+            torch.ops.vqfr.modulated_deform_conv2d(x, offset, mask, weight, bias, *conv)
+        with pytest.raises(ValueError, match=f"{name} must be a pair"):
+            torch.ops.vqfr.modulated_deform_conv2d_backward(grad_out, x, offset, mask, weight, *conv)
+        with FakeTensorMode() as mode:
+            fakes = [mode.from_tensor(t) for t in (grad_out, x, offset, mask, weight, bias)]
+            with pytest.raises(ValueError, match=f"{name} must be a pair"):
+                torch.ops.vqfr.modulated_deform_conv2d(*fakes[1:], *conv)
+            with pytest.raises(ValueError, match=f"{name} must be a pair"):
+                torch.ops.vqfr.modulated_deform_conv2d_backward(*fakes[:5], *conv)

@@ -101,6 +101,34 @@ def test_deform_forward_on_cell_edges_and_image_border():
     assert_close_scaled(out, ref, TOLERANCE[torch.float32])
 
 
+def test_deform_infinite_and_nan_offsets_read_zero_like_the_reference():
+    """Infinite and NaN offsets: the sample is outside, reads 0 and has zero offset and mask gradients, as torchvision
+    (for inf) and the reference do. The kernels always did this; the reference returned NaN, so the two disagreed."""
+    x, offset, mask, weight, bias = deform_case(8, 6, 7, 2, 3, 1, 1, 1, spread=2.0, c_out=5, seed=15, b=1)
+    places = torch.zeros_like(mask, dtype=torch.bool)
+    for tap, y, xx, dy, dx in [(0, 2, 3, float("inf"), 0.3), (4, 0, 0, -0.2, float("-inf")),
+                               (13, 5, 6, float("nan"), 1.0), (17, 3, 1, 0.5, float("nan"))]:
+        places[0, tap, y, xx] = True
+        offset[0, 2 * tap, y, xx], offset[0, 2 * tap + 1, y, xx] = dy, dx
+    finite = offset.nan_to_num(0.0, 0.0, 0.0)
+    masked = as_double([x, finite, mask.masked_fill(places, 0.0), weight])  # the same samples, masked out instead
+    out = kernels.modulated_deform_conv2d(x, offset, mask, weight, bias, 1, 1, 1)
+    assert_close_scaled(out, deform_conv2d_reference(*masked, bias.double(), 1, 1, 1), TOLERANCE[torch.float32])
+    assert_close_scaled(out, deform_conv2d_reference(*as_double([x, offset, mask, weight, bias]), 1, 1, 1),
+                        TOLERANCE[torch.float32])
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(16)).to(DEVICE)
+    grads = torch.ops.vqfr.modulated_deform_conv2d_backward(grad_out, x, offset, mask, weight, [1, 1], [1, 1], [1, 1])
+    expected = deform_conv2d_backward_reference(grad_out.double(), *masked, 1, 1, 1)
+    off_places = places.repeat_interleave(2, dim=1)
+    assert not grads[1][off_places].any() and not grads[2][places].any()
+    expected[1][off_places], expected[2][places] = 0.0, 0.0
+    for name, got, want in zip(("x", "offset", "mask", "weight"), grads, expected, strict=True):
+        assert_close_scaled(got, want, 1e-5, f"grad_{name}")
+    reference = deform_conv2d_backward_reference(*as_double([grad_out, x, offset, mask, weight]), 1, 1, 1)
+    for name, got, want in zip(("x", "offset", "mask", "weight"), grads, reference, strict=True):
+        assert_close_scaled(got, want, 1e-5, f"grad_{name} against the reference")
+
+
 def nan_moat(t, pad=2):
     """``t`` as a strided view into a NaN-filled buffer with ``pad`` extra entries on both sides of every dimension.
 
