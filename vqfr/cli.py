@@ -533,7 +533,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, signals: _Si
     if ignored:
         notes.append(f"{ignored} non-image files ignored")
     print(f"vqfr: {job.images} images, {job.faces} faces restored, {job.failed} failed"
-          f"{', ' + ', '.join(notes) if notes else ''} in {wall:.1f} s ({rate:.2f} faces/s) "
+          f"{', ' + ', '.join(notes) if notes else ''} in {wall:.1f} s ({job.faces / max(wall, 1e-9):.2f} faces/s; "
+          f"the model alone {rate:.2f}) "
           f"on {rt.entry.label}; outputs in {out}/")
     if rt.random_weights:
         print("vqfr: WARNING: these outputs come from RANDOM weights and are meaningless (see the message above)",
