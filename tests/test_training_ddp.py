@@ -117,3 +117,24 @@ def before_codebook(tmp_path: Path) -> torch.Tensor:
     """The initial stage-1 codebook (the trainer seeds its initialisation with manual_seed)."""
     trainer = Trainer(_configs(batch_per_rank=4)["stage1"], tmp_path / "init", device="cpu")
     return trainer.recipe.generator.quantizer.quantize_dict["Level_4"].embedding.weight.detach().clone()
+
+
+def test_discriminator_wrappers_skip_buffer_syncs_without_a_deprecation_warning():
+    # torch 2.13 deprecated DDP's broadcast_buffers (a FutureWarning on every rank of every run) for
+    # forward_sync_buffers; the wrappers use whichever this torch has.
+    import warnings
+
+    from torch import nn
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        trainer = Trainer.__new__(Trainer)  # only what _wrap reads
+        trainer.world, trainer.device, trainer.cfg = 2, torch.device("cpu"), {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            d = trainer._wrap_discriminator(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+            g = trainer._wrap(nn.Linear(2, 2))
+        assert isinstance(d, DDP) and not d.broadcast_buffers
+        assert isinstance(g, DDP) and g.broadcast_buffers
+    finally:
+        dist.destroy_process_group()

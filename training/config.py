@@ -8,12 +8,16 @@ stage-2 yml uses names that no longer exist at the official HEAD; they are repor
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import yaml
 
+from training.degradations import DegradationParams
+from training.losses import GAN_TYPES, PerceptualLoss
 from training.metrics import psnr, ssim
 from vqfr.errors import ConfigError
 
@@ -28,9 +32,12 @@ _STAGE1_OF = {"VQFRv1Model": "VQGANv1", "VQFRv2Model": "VQGANv2"}
 
 #: Whole-number options and their least value. A number or a numeric string is accepted: YAML reads ``5e3`` (no
 #: dot) as a string, which is why the official files write ``!!float 5e3``.
+#: A start iteration of -1 (the official v1 texture GAN) starts at once.
 _WHOLE_NUMBERS = {("train", "total_iter"): 1, ("logger", "print_freq"): 1, ("logger", "save_checkpoint_freq"): 1,
                   ("val", "val_freq"): 1, ("datasets", "train", "batch_size_per_gpu"): 1,
-                  ("datasets", "train", "num_worker_per_gpu"): 0, ("datasets", "train", "out_size"): 1}
+                  ("datasets", "train", "num_worker_per_gpu"): 0, ("datasets", "train", "out_size"): 1,
+                  ("train", "gan_start_iter"): -1, ("train", "main_gan_start_iter"): -1,
+                  ("train", "net_d_reg_every"): 1, ("train", "kmeans_iters"): 1}
 
 #: basicsr's validation metric types (``val.metrics.<name>.type``) -> their functions in ``training.metrics``.
 VAL_METRIC_TYPES: dict[str, Callable[..., float]] = {"calculate_psnr": psnr, "calculate_ssim": ssim}
@@ -39,6 +46,39 @@ _DEFAULT_VAL_METRICS = {"psnr": {"type": "calculate_psnr"}, "ssim": {"type": "ca
 # Names in the official ymls that the official code itself no longer accepts, with their fixes.
 _STALE_MODEL_TYPES = {"VQFRModel": "VQFRv1Model"}
 _STALE_ARCHS = {"VQGAN": "VQGANv1"}
+
+#: The network blocks each model_type reads; another ``network_*`` block (a misspelt discriminator) is refused.
+_NETWORKS_OF = {"VQGANModel": ("network_g", "network_d"),
+                "VQFRv1Model": ("network_sr", "network_g", "network_d_global", "network_d_local",
+                                "network_d_main_global", "network_d_main_local"),
+                "VQFRv2Model": ("network_sr", "network_g", "network_d", "network_d_local")}
+
+#: The loss blocks of ``train`` and the official loss type of each (a block may leave ``type`` out).
+_LOSS_TYPES = {"pixel_opt": "L1Loss", "pixel_main_opt": "L1Loss", "latent_opt": "MultiQuantMatchLoss",
+               "quant_feature_opt": "MSELoss", "quant_index_opt": "CrossEntropyLoss", "perceptual_opt": "LPIPS",
+               "gan_opt": "GANLoss", "global_gan_opt": "GANLoss", "patch_gan_opt": "GANLoss"}
+
+#: The options each loss type takes (``reduction`` is refused later unless ``mean``; basicsr's GANLoss label values
+#: do not change the wgan_softplus and hinge losses). LPIPS: the arguments of PerceptualLoss; MultiQuantMatchLoss:
+#: one MSELoss block per level besides ``type``.
+_LOSS_OPTIONS = {"L1Loss": {"type", "loss_weight", "reduction"}, "MSELoss": {"type", "loss_weight", "reduction"},
+                 "CrossEntropyLoss": {"type", "loss_weight", "reduction"},
+                 "GANLoss": {"type", "gan_type", "loss_weight", "real_label_val", "fake_label_val"},
+                 "LPIPS": {"type", *list(inspect.signature(PerceptualLoss).parameters)}}
+
+#: Every option of ``train`` that a recipe or the trainer reads; another one (a misspelt name) is refused.
+_TRAIN_KEYS = frozenset({
+    "total_iter", "warmup_iter", "scheduler", "optim_g", "optim_sr", "optim_sr_enc", "optim_sr_maindec", "optim_d",
+    "ema_decay", "fidelity_ratio", "codebook_loss_weight", "kmeans_iters", "generator_d_global_weight",
+    "generator_d_local_weight", "d_local_loss_weight", "r1_reg_weight", "net_d_reg_every", "gan_start_iter",
+    "main_gan_start_iter", *_LOSS_TYPES})
+
+_TEST_WHICH = ("main_branch", "texture_branch")
+
+#: Options of the official datasets (FFHQDegradationDataset, basicsr's samplers) that are not implemented here,
+#: with the value that means "off"; any other value is refused.
+_UNIMPLEMENTED_DATA = {"color_jitter_prob": None, "color_jitter_pt_prob": None, "gray_prob": None,
+                       "recon_prob": None, "crop_components": False, "dataset_enlarge_ratio": 1}
 
 
 def network_key(cfg: dict) -> str:
@@ -119,6 +159,54 @@ def val_metrics(cfg: dict, source: str = "config") -> dict[str, tuple[Callable[.
     return out
 
 
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_names(cfg: dict, source: str) -> None:
+    """Refuse what a misspelt name would otherwise switch off or change silently: an unknown ``train`` option or
+    ``network_*`` block, a loss block of another type, an unknown ``gan_type`` or ``val.test_which``."""
+    model_type = cfg["model_type"]
+    networks = _NETWORKS_OF[model_type]
+    for key in cfg:
+        if str(key).startswith("network_") and key not in networks:
+            raise ConfigError(f"{key} is not a network block of {model_type}{_did_you_mean(str(key), networks)}",
+                              path=source, fix=f"use the blocks {list(networks)}, or remove it")
+    train = cfg["train"]
+    for key in train:
+        if key not in _TRAIN_KEYS:
+            raise ConfigError(f"train.{key} is not an option{_did_you_mean(str(key), _TRAIN_KEYS)}", path=source,
+                              fix="correct or remove it (the options are those of training/configs/*.yml)")
+    for key, kind in _LOSS_TYPES.items():
+        block = train.get(key)
+        if block is None:
+            continue
+        if not isinstance(block, dict):
+            raise ConfigError(f"train.{key} is not a mapping", path=source, fix=f"write it as {{type: {kind}, ...}}")
+        if block.get("type", kind) != kind:
+            raise ConfigError(f"train.{key}.type is {block['type']!r}, but {key} takes type {kind}", path=source,
+                              fix=f"use type: {kind}")
+        if kind == "GANLoss" and block.get("gan_type", "wgan_softplus") not in GAN_TYPES:
+            raise ConfigError(f"train.{key}.gan_type is {block['gan_type']!r}", path=source,
+                              fix=f"use one of {sorted(GAN_TYPES)}")
+        levels = {name: opt for name, opt in block.items() if name != "type"} if kind == "MultiQuantMatchLoss" else {}
+        for name, opts, allowed in [(f"train.{key}", block, _LOSS_OPTIONS.get(kind, {"type", *levels}))] + [
+                (f"train.{key}.{level}", opt, _LOSS_OPTIONS["MSELoss"]) for level, opt in levels.items()]:
+            if not isinstance(opts, dict):
+                raise ConfigError(f"{name} is not a mapping", path=source, fix="write it as {type: MSELoss, ...}")
+            for option in opts:
+                if option not in allowed:
+                    raise ConfigError(f"{name}.{option} is not an option{_did_you_mean(str(option), allowed)}",
+                                      path=source, fix=f"use {sorted(allowed)}")
+            if opts is not block and opts.get("type", "MSELoss") != "MSELoss":
+                raise ConfigError(f"{name}.type is {opts['type']!r}", path=source, fix="use type: MSELoss")
+    val = cfg.get("val")
+    which = val.get("test_which", _TEST_WHICH[0]) if isinstance(val, dict) else _TEST_WHICH[0]
+    if model_type != "VQGANModel" and which not in _TEST_WHICH:
+        raise ConfigError(f"val.test_which is {which!r}", path=source, fix=f"use one of {list(_TEST_WHICH)}")
+
+
 def check_config(cfg: dict, source: str = "config") -> dict:
     """Validate the parts every recipe needs (whole-number options become ints); raise ConfigError naming the key
     and the fix."""
@@ -161,6 +249,20 @@ def check_config(cfg: dict, source: str = "config") -> dict:
     if not isinstance(cfg.get("train"), dict) or "total_iter" not in cfg["train"]:
         raise ConfigError("needs train.total_iter", path=source)
     _check_whole_numbers(cfg, source)
+    _check_names(cfg, source)
+    for key, off in _UNIMPLEMENTED_DATA.items():
+        value = train_ds.get(key, off)
+        if value != off and not (off is None and value == 0):
+            raise ConfigError(f"datasets.train.{key} is {value!r}: this option of the official datasets is not "
+                              "implemented", path=source, fix=f"remove it or set it to {off if off is not None else 0}")
+    if model_type in _STAGE1_OF:  # the degradations of stage 2, refused now rather than when the data loads
+        for name in ("train", "val"):
+            opts = datasets.get(name)
+            if isinstance(opts, dict) and (name == "train" or "degradation" in opts):
+                try:
+                    DegradationParams.from_options(opts, f"datasets.{name}")
+                except ConfigError as exc:
+                    raise ConfigError(exc.reason, path=source, fix=exc.fix) from exc
     val_metrics(cfg, source)
     return cfg
 

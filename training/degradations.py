@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from vqfr.errors import ConfigError
+
 __all__ = ["DegradationParams", "PRESETS", "sample_rng", "gaussian_kernel", "sample_blur_kernel", "degrade"]
 
 
@@ -49,18 +51,30 @@ class DegradationParams:
             raise ValueError(f"kernel_prob {list(self.kernel_prob)} must match kernel_list and sum to 1")
         for name in ("blur_sigma", "downsample_range", "noise_range", "jpeg_range"):
             rng = getattr(self, name)
-            if rng is not None and (len(rng) != 2 or rng[0] > rng[1]):
+            if rng is not None and (not isinstance(rng, (tuple, list)) or len(rng) != 2 or rng[0] > rng[1]):
                 raise ValueError(f"{name} must be [low, high] with low <= high, got {rng}")
         if self.blur_sigma[0] <= 0 or self.downsample_range[0] <= 0:
             raise ValueError("blur_sigma and downsample_range must be positive")
 
     @classmethod
-    def from_options(cls, opt: dict) -> DegradationParams:
-        """Build from official dataset option names; ``degradation: v1|v2`` starts from a preset."""
-        base = PRESETS[opt["degradation"]] if "degradation" in opt else cls()
+    def from_options(cls, opt: dict, where: str = "datasets.train") -> DegradationParams:
+        """Build from official dataset option names; ``degradation: v1|v2`` starts from a preset.
+
+        Raises:
+            ConfigError: an unknown preset or a value the parameter set refuses, named as ``where.<option>``.
+        """
+        preset = opt.get("degradation")
+        if preset is not None and preset not in PRESETS:
+            raise ConfigError(f"{where}.degradation is {preset!r}",
+                              fix=f"use one of {sorted(PRESETS)}, or leave it out and give every range")
+        base = cls() if preset is None else PRESETS[preset]
         names = {f.name for f in dataclasses.fields(cls)}
         updates: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in opt.items() if k in names}
-        return dataclasses.replace(base, **updates)
+        try:
+            return dataclasses.replace(base, **updates)
+        except (TypeError, ValueError) as exc:  # __post_init__ names the option
+            fix = "write it as the official ymls do (kernel_list: [iso, aniso], ranges as [low, high])"
+            raise ConfigError(f"{where}: {exc}", fix=fix) from exc
 
 
 #: The two official parameter sets (train_vqfr_v1_B16_200K.yml and train_vqfr_v2_B16_200K.yml).

@@ -184,12 +184,23 @@ def niqe(img: np.ndarray, crop_border: int = 0, block: int = 96) -> float:
 
 
 def _pairs(restored: Path, gt: Path) -> list[tuple[Path, Path]]:
+    """Each restored image with the reference of the same name; ``<name>_00``, as ``python -m vqfr --aligned``
+    names the face it restores from ``<name>``, pairs with ``<name>`` too. Unpaired files are reported on stderr."""
     from training.data import list_images
 
     refs = {p.stem: p for p in list_images(gt)}
-    pairs = [(p, refs[p.stem]) for p in list_images(restored) if p.stem in refs]
+    pairs, unpaired = [], []
+    for p in list_images(restored):
+        stem = p.stem if p.stem in refs else p.stem.removesuffix("_00")
+        if stem in refs:
+            pairs.append((p, refs[stem]))
+        else:
+            unpaired.append(p.name)
     if not pairs:
-        raise SystemExit(f"error: no file in {restored} has a namesake in {gt}")
+        raise SystemExit(f"error: no file in {restored} has a namesake in {gt} (as <name> or <name>_00)")
+    if unpaired:
+        print(f"note: {len(unpaired)} files in {restored} have no namesake in {gt} and are left out (e.g. "
+              f"{unpaired[:3]})", file=sys.stderr)
     return pairs
 
 
@@ -198,16 +209,21 @@ def main(argv: list[str] | None = None) -> int:
     from vqfr.errors import VQFRError
     from vqfr.imaging import load_image
 
+    json_help = "print one JSON object instead of a table"
     parser = argparse.ArgumentParser(prog="python -m training.metrics", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help=json_help)
+    # --json after the command too; SUPPRESS keeps a --json given before it (a default would overwrite it).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=json_help)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("psnr-ssim", help="PSNR and SSIM of restored images against references of the same name")
+    p = sub.add_parser("psnr-ssim", parents=[common], help="PSNR and SSIM of restored images against references of "
+                       "the same name (or <name>_00, as python -m vqfr --aligned names them)")
     p.add_argument("--restored", type=Path, required=True)
     p.add_argument("--gt", type=Path, required=True)
     p.add_argument("--crop-border", type=int, default=0)
-    n = sub.add_parser("niqe", help="NIQE (no reference) of every image in a folder")
+    n = sub.add_parser("niqe", parents=[common], help="NIQE (no reference) of every image in a folder")
     n.add_argument("folder", type=Path)
     n.add_argument("--crop-border", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
 
     rows: list[dict] = []

@@ -18,7 +18,16 @@ from torch import Tensor, nn
 
 import vqfr
 from training.discriminators import build_discriminator
-from training.losses import PerceptualLoss, adaptive_weight, code_index_loss, gan_loss, l1_loss, mse_loss, r1_penalty
+from training.losses import (
+    GAN_TYPES,
+    PerceptualLoss,
+    adaptive_weight,
+    code_index_loss,
+    gan_loss,
+    l1_loss,
+    mse_loss,
+    r1_penalty,
+)
 from vqfr.errors import ConfigError
 from vqfr.models import Network
 
@@ -77,6 +86,9 @@ class AdversarialBranch:
         self.global_type, self.global_lw = global_gan.get("gan_type", "wgan_softplus"), _loss_weight(global_gan)
         self.local_type = (local_gan or {}).get("gan_type", "hinge")
         self.local_lw = _loss_weight(local_gan) if local_gan else 1.0
+        for kind in (self.global_type, self.local_type):  # refused now, not when the GAN starts
+            if kind not in GAN_TYPES:
+                raise ConfigError(f"unknown gan_type {kind!r}", fix=f"use one of {sorted(GAN_TYPES)}")
         self.global_weight, self.local_weight = float(global_weight), float(local_weight)
         self.d_local_loss_weight = float(d_local_loss_weight)
         self.r1_weight, self.r1_every = float(r1_weight), int(r1_every)
@@ -166,7 +178,10 @@ def build_perceptual(train_opt: dict) -> PerceptualLoss | None:
     if opt.get("random_vgg"):
         log.warning("perceptual_opt.random_vgg is set: the perceptual and style losses use a RANDOMLY initialised "
                     "VGG16, not ImageNet features. This is for smoke tests only.")
-    return PerceptualLoss(**opt)
+    try:
+        return PerceptualLoss(**opt)
+    except TypeError as exc:  # an option PerceptualLoss does not take (load_config names it with the file)
+        raise ConfigError(f"train.perceptual_opt: {exc}", fix="use the options of training/configs/*.yml") from exc
 
 
 class Recipe:

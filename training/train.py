@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from training.config import load_config
-from training.trainer import Trainer
+from training.trainer import Trainer, saved_states
 from vqfr.errors import VQFRError
 
 
@@ -41,9 +41,21 @@ def resumed_run_folder(resume: Path) -> Path | None:
     return None
 
 
+def error_message(exc: BaseException) -> str:
+    """The message of an error; for one re-raised from a DataLoader worker (torch writes the worker's traceback into
+    the message), the worker's original message only."""
+    text = str(exc)
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    if text.startswith(f"Caught {type(exc).__name__} in DataLoader worker") and name in text:
+        return text[text.rindex(name) + len(name):].strip()
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.train", description="Train VQGAN (stage 1) or VQFR "
-                                     "(stage 2) from an official-style yml.")
+                                     "(stage 2) from an official-style yml.", epilog="Exit codes: 0 done, 2 an error "
+                                     "in the command, config, data or a file (named, with the fix), 130 interrupted "
+                                     "(Ctrl-C; the message says how to go on).")
     parser.add_argument("--config", required=True, type=Path, help="training yml (training/configs/*.yml)")
     parser.add_argument("--max-iters", type=_positive_int, help="stop after this many iterations (overrides "
                         "train.total_iter)")
@@ -52,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", type=Path, help="a training_states/<iter>.state file, or an output folder to "
                         "resume from its latest state; the run goes on in its folder unless --out says otherwise")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (torch.set_num_threads)")
+    parser.add_argument("--threads", type=_positive_int, help="CPU threads for torch (torch.set_num_threads)")
     return parser
 
 
@@ -63,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
     if args.threads:
         torch.set_num_threads(args.threads)
+    out: Path | None = None
+    trainer: Trainer | None = None
     try:
         overrides = {"train": {"total_iter": args.max_iters}} if args.max_iters else {}
         cfg = load_config(args.config, overrides)
@@ -75,8 +89,17 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, out, device=args.device, resume=args.resume)
         trainer.train()
     except (VQFRError, ImportError) as exc:  # ImportError: a missing optional package, named with its extra
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {error_message(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: say where the run can go on from instead of a traceback
+        if trainer is not None:
+            trainer.close()
+        states = saved_states(out) if out is not None else []
+        more = f" --max-iters {args.max_iters}" if args.max_iters else ""
+        where = (f"the latest state is iteration {states[-1].stem}; go on with: python -m training.train --config "
+                 f"{args.config} --resume {out}{more}" if states else "no training state was saved yet")
+        print(f"interrupted: {where}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import logging
 import math
@@ -45,7 +46,7 @@ from training.kmeans import CodebookReestimator
 from training.recipes import RECIPES, Recipe, unwrap
 from vqfr._optional import require
 from vqfr.atomic import atomic_path, atomic_write_bytes, fsync_path
-from vqfr.errors import BackendUnavailable, CheckpointError, ConfigError
+from vqfr.errors import BackendUnavailable, CheckpointError, ConfigError, OutputError
 
 __all__ = ["Trainer", "EMA", "init_distributed", "latest_state", "saved_states"]
 
@@ -193,6 +194,10 @@ class Trainer:
         if resume is None and saved_states(self.out):
             raise ConfigError("already holds a training run (its checkpoints would be overwritten)", path=self.out,
                               fix=f"continue it with --resume {self.out}, or choose another --out")
+        state_path, state = None, None
+        if resume is not None:  # read first: a wrong path or file is refused before anything is written
+            state_path = latest_state(resume)
+            state = self._read_state(state_path)
         self._setup_output()
         torch.manual_seed(self.seed)  # identical initialisation on every rank
 
@@ -234,8 +239,8 @@ class Trainer:
         self.reestimators = self._build_reestimators(generator)
         self._setup_data()
         self.start_iter = 0
-        if resume is not None:
-            self._resume(latest_state(resume))
+        if state_path is not None and state is not None:
+            self._resume(state_path, state)
         if self.is_main:  # only now: a resume that does not fit leaves the run's config.yml and logs as they were
             if resume is not None:
                 for name in ("metrics.jsonl", "val_metrics.jsonl"):
@@ -251,8 +256,15 @@ class Trainer:
     def _setup_output(self) -> None:
         self._log_handler: logging.FileHandler | None = None
         if self.is_main:
-            for sub in ("models", "training_states"):
-                (self.out / sub).mkdir(parents=True, exist_ok=True)
+            fix = "choose a folder for --out (it is created when missing)"
+            if self.out.exists() and not self.out.is_dir():
+                raise OutputError("is a file, not an output folder", path=self.out, fix=fix)
+            try:
+                for sub in ("models", "training_states"):
+                    (self.out / sub).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a parent that is a file, no permission, a read-only disk ...
+                raise OutputError(f"cannot create the output folder ({exc.strerror or exc})", path=self.out,
+                                  fix=fix) from exc
             self._log_handler = logging.FileHandler(self.out / "train.log")
             self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             log.addHandler(self._log_handler)
@@ -261,12 +273,16 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
 
-    def _wrap(self, module: nn.Module, find_unused: bool = False, broadcast_buffers: bool = True) -> nn.Module:
+    def _wrap(self, module: nn.Module, find_unused: bool = False, sync_buffers: bool = True) -> nn.Module:
         if self.world == 1:
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
+        kwargs: dict[str, Any] = {}
+        if not sync_buffers:  # torch 2.13 renamed broadcast_buffers (deprecated there, with a FutureWarning)
+            renamed = "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+            kwargs["forward_sync_buffers" if renamed else "broadcast_buffers"] = False
         return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused,
-                                                   broadcast_buffers=broadcast_buffers)
+                                                   **kwargs)
 
     def _wrap_discriminator(self, d: nn.Module) -> nn.Module:
         """DDP without buffer broadcasts: a discriminator runs on fake, then on real, then one backward. DDP's
@@ -276,7 +292,7 @@ class Trainer:
         running statistics (per process without SyncBatchNorm) serve only eval mode, which training never uses."""
         if self.world > 1 and self.device.type == "cuda" and self.cfg.get("syncbn", True):
             d = nn.SyncBatchNorm.convert_sync_batchnorm(d)
-        return self._wrap(d.to(self.device).train(), broadcast_buffers=False)
+        return self._wrap(d.to(self.device).train(), sync_buffers=False)
 
     def _build_reestimators(self, generator: nn.Module) -> dict[str, CodebookReestimator]:
         quantizer: Any = getattr(generator, "quantizer", None)
@@ -316,7 +332,7 @@ class Trainer:
         if val and self.is_main:
             val_deg = None
             if self.cfg["model_type"] != "VQGANModel" and not val.get("dataroot_lq"):
-                val_deg = DegradationParams.from_options(val) if "degradation" in val else degradation
+                val_deg = DegradationParams.from_options(val, "datasets.val") if "degradation" in val else degradation
             self.val_set = PairedDataset(val["dataroot_gt"], int(val.get("out_size", size)), val.get("dataroot_lq"),
                                          val_deg, int(val.get("seed", 1234)), val.get("max_images"))
 
@@ -535,7 +551,8 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
 
-    def _resume(self, path: Path) -> None:
+    def _read_state(self, path: Path) -> dict:
+        """The training state saved at ``path``, or CheckpointError when the file is not one."""
         where = "pass a training_states/<iter>.state file, or the output folder to resume from its latest state"
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
@@ -544,6 +561,10 @@ class Trainer:
             raise CheckpointError(f"cannot be read as a training state ({reason})", path=path, fix=where) from exc
         if not isinstance(state, dict) or "nets" not in state:
             raise CheckpointError("is not a training state (a models/*.pth checkpoint?)", path=path, fix=where)
+        return state
+
+    def _resume(self, path: Path, state: dict) -> None:
+        """Load ``state`` (read from ``path`` by :meth:`_read_state`) into the networks, optimisers and scalers."""
         fix = "resume with the config the run was started with"
         nets = {self.recipe.generator_name, *self._discriminators()}
         if set(state["nets"]) != nets:
