@@ -7,7 +7,9 @@ own figure: faces per second of restoration time).
 
 With ``--identity`` the model is replaced by one that returns its crops, so the table shows what reading and
 writing alone sustain: the ceiling of a folder run however fast the model (a GPU restores a v2 face in under 10 ms,
-while PNG-encoding its three outputs takes tens of milliseconds on one core). Without it, the model is what the CLI
+while PNG-encoding its three outputs takes tens of milliseconds on one core). ``--identity-ms`` makes it wait that
+long per face, as the CPU does while a GPU computes: a CPU-only machine then shows what a folder run on a GPU of that
+speed would sustain. Without it, the model is what the CLI
 would load (``--weights``/``--engine``, else random weights of the official architecture: slow on a CPU).
 """
 
@@ -46,12 +48,19 @@ def make_faces(folder: Path, count: int) -> list[Path]:
 
 
 @contextlib.contextmanager
-def _identity_model() -> Iterator[None]:
-    """The runtime's model step returns its crops (for this process, until the block ends)."""
+def _identity_model(ms_per_face: float = 0.0) -> Iterator[None]:
+    """The runtime's model step returns its crops, after sleeping ``ms_per_face`` per face (a GPU's forward: the
+    CPU is free meanwhile), for this process until the block ends."""
+    import time
+
     from vqfr.runtime import Runtime
 
+    def restore(self, crops, fidelity):
+        time.sleep(ms_per_face * len(crops) / 1e3)
+        return crops.copy()
+
     real = Runtime._restore_crops
-    Runtime._restore_crops = lambda self, crops, fidelity: crops.copy()  # type: ignore[method-assign]
+    Runtime._restore_crops = restore  # type: ignore[method-assign]
     try:
         yield
     finally:
@@ -80,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--io-threads", default="1,8", help="comma-separated --io-threads values (default: 1,8)")
     p.add_argument("--batch", type=int, default=8, help="CLI --batch (default: 8)")
     p.add_argument("--identity", action="store_true", help="replace the model by one that returns its input")
+    p.add_argument("--identity-ms", type=float, default=0.0,
+                   help="with --identity, wait this many ms per face, as for a GPU forward (H100, v2, batch 8: 8.6)")
     p.add_argument("--repeat", type=int, default=2, help="runs per setting; the fastest is kept (default: 2)")
     p.add_argument("--work", type=Path, help="folder for the inputs and outputs (default: a temporary one)")
     args, cli_args = p.parse_known_args(argv)  # the rest goes to the CLI: --weights, --engine, --device, ...
@@ -88,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vqfr_bench_folder_")))
         make_faces(work / "inputs", args.count)
         if args.identity:
-            stack.enter_context(_identity_model())
+            stack.enter_context(_identity_model(args.identity_ms))
         rows = []
         for n in threads:
             runs = [time_run(work / "inputs", work / "results", [*cli_args, "--batch", str(args.batch),
@@ -97,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             best = max(runs, key=lambda r: r["faces_per_s"])
             rows.append((n, best["faces_per_s"], best["model_faces_per_s"], best["faces"] / best["faces_per_s"]))
     print(f"{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}; {args.count} faces of "
-          f"512x512, --batch {args.batch}; model: {'identity (I/O only)' if args.identity else 'as loaded'}")
+          f"512x512, --batch {args.batch}; model: "
+          f"{(f'identity, {args.identity_ms:g} ms a face' if args.identity else 'as loaded')}")
     print("| --io-threads | faces/s, whole run | faces/s, model alone | run (s) |")
     print("|---|---|---|---|")
     for n, whole, model, wall in rows:
