@@ -446,3 +446,98 @@ def test_onnx_export_command_without_a_usable_onnxscript_prints_one_line(install
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 1 and len(lines) == 1, res.stderr
     assert lines[0].startswith("error: onnxscript") and "pip install" in lines[0] and "vqfr-deploy[onnx]" in lines[0]
+
+
+# --------------------------------------------------------------------------------------------- signals and threads
+def test_signal_while_a_chunk_is_read_waits_for_its_reads(weights, tmp_path, monkeypatch, capfd):
+    """Ctrl-C while the reader threads decode: the run stops, but only once the chunk's reads are over, so no reader
+    thread outlives main() (tests and callers run it many times in one process) and no decoder chatter reaches
+    stderr after the CLI stopped silencing it."""
+    import threading
+
+    import vqfr.runtime
+
+    inputs = _faces(tmp_path / "in", 4)
+    real_read, returned = vqfr.runtime.Runtime.read, threading.Event()
+
+    def read(self, img):
+        if "face0001" in str(img):
+            os.kill(os.getpid(), signal.SIGINT)
+            returned.wait(timeout=2)  # still decoding when main() returns, unless main() waits for it
+            os.write(2, b"libpng warning: chatter from a read\n")
+        return real_read(self, img)
+
+    monkeypatch.setattr(vqfr.runtime.Runtime, "read", read)
+    try:
+        code, stdout, stderr = _run_cli(["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--weights",
+                                         str(weights), "--aligned", "-q", "--batch", "2", "--io-threads", "2"])
+        alive = [t.name for t in threading.enumerate() if t.name.startswith("vqfr-")]
+    finally:
+        returned.set()
+    assert code == EXIT_INTERRUPTED and "interrupted; every output written so far is complete" in stderr, stderr
+    assert alive == [], alive
+    assert "chatter" not in capfd.readouterr().err
+    assert "0 images" in stdout and _complete_sets(tmp_path / "out", inputs) == (0, [])
+
+
+def test_a_second_signal_never_raises_inside_the_first_ones_clean_up(sigint_handler):
+    """Only the first signal becomes a KeyboardInterrupt; a second one (Ctrl-C pressed twice) waits like it. Raised
+    again while the first unwinds, it escaped the clean-up (the summary and the wait for the writes were skipped),
+    or landed inside ``threading``'s own clean-up and broke a lock (``RuntimeError: release unlocked lock``)."""
+    from vqfr.cli import _Signals
+
+    signals = _Signals()
+    signals.install()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)
+            time.sleep(0)
+        try:
+            signal.raise_signal(signal.SIGINT)  # the second: recorded, not raised
+            time.sleep(0)
+            with signals.protect():
+                signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pytest.fail("a second signal raised KeyboardInterrupt again")
+        assert signals.received == signal.SIGTERM  # the first one decides the exit code
+    finally:
+        signals.restore()
+
+
+def test_a_signal_while_the_run_reports_is_ignored(weights, tmp_path, monkeypatch):
+    """Every input written, Ctrl-C while the engine is released: the run was not cut short, so it is reported as
+    done, not as 'interrupted before any input was restored' without a summary."""
+    import vqfr.runtime
+
+    inputs = _faces(tmp_path / "in", 2)
+    real_close = vqfr.runtime.Runtime.close
+
+    def close(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        real_close(self)
+
+    monkeypatch.setattr(vqfr.runtime.Runtime, "close", close)
+    code, stdout, stderr = _run_cli(["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--weights",
+                                     str(weights), "--aligned", "-q", "--batch", "2"])
+    assert code == EXIT_OK and "2 images, 2 faces restored, 0 failed" in stdout, stderr
+    assert "interrupted" not in stderr and _complete_sets(tmp_path / "out", inputs) == (2, [])
+
+
+def test_a_full_disk_met_by_several_inputs_of_a_chunk_is_one_stop(weights, tmp_path, monkeypatch):
+    """A chunk's outputs are written side by side, so a disk that fills up fails several of its inputs at once: the
+    run stops once (exit 1), without one FAILED line per input that met the same full disk."""
+    import vqfr.atomic
+
+    _faces(tmp_path / "in", 4)
+    real = vqfr.atomic.atomic_write_bytes
+
+    def full(path, data):
+        if "face0001" in Path(path).name or "face0002" in Path(path).name:
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(vqfr.atomic, "atomic_write_bytes", lambda p, d: _raise_as_output(full, p, d))
+    code, stdout, stderr = _run_cli(["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--weights",
+                                     str(weights), "--aligned", "-q", "--batch", "4", "--io-threads", "4"])
+    assert code == 1 and "stopped:" in stderr and "No space left on device" in stderr
+    assert "FAILED" not in stderr and "0 failed" in stdout, stderr

@@ -139,11 +139,17 @@ def _output_stems(files: list[Path]) -> dict[Path, str]:
 class _Signals:
     """SIGINT and SIGTERM become KeyboardInterrupt, except inside :meth:`protect`, where they wait until its end
     (so the outputs of one input are written all together or not at all). If the protected block raised, the
-    interrupt raised at its end has that error as its ``__cause__``, for the caller to report."""
+    interrupt raised at its end has that error as its ``__cause__``, for the caller to report.
+
+    Only the first signal is raised; later ones (a second Ctrl-C) wait like it, so an interrupt is never raised
+    inside the clean-up of the first. After :meth:`hold` (the run is reporting) signals are ignored. Code that waits
+    on threads (futures, executors) runs protected: an interrupt raised inside ``threading``'s own clean-up (a
+    ``Condition`` re-acquiring its lock) breaks the lock (``RuntimeError: release unlocked lock``)."""
 
     def __init__(self):
         self.received: int | None = None
-        self._pending = False
+        self._raised = False
+        self._held = False
         self._depth = 0
         self._old: dict[int, Any] = {}
 
@@ -159,11 +165,16 @@ class _Signals:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
 
+    def hold(self) -> None:
+        """From now on signals are ignored: every input is settled and the run only reports."""
+        self._held = True
+
     def _handle(self, signum, frame) -> None:
+        if self._held or self.received is not None:
+            return  # reporting already, or already stopping: a second signal waits like the first
         self.received = signum
-        if self._depth:
-            self._pending = True
-        else:
+        if not self._depth:
+            self._raised = True
             raise KeyboardInterrupt
 
     @contextlib.contextmanager
@@ -177,8 +188,8 @@ class _Signals:
             raise
         finally:
             self._depth -= 1
-            if not self._depth and self._pending:
-                self._pending = False
+            if not self._depth and self.received is not None and not self._raised and not self._held:
+                self._raised = True
                 # the interrupt replaces the block's error (a failed write), which rides along as its cause
                 raise KeyboardInterrupt from error
 
@@ -326,48 +337,55 @@ class _Pipeline:
 
     def run(self, chunks: Iterable[list[tuple[Path, str]]]) -> None:
         """Restore and write every chunk; raises the folder's OutputError when it stops taking files (and
-        KeyboardInterrupt on a signal). Call :meth:`close` afterwards in any case."""
+        KeyboardInterrupt on a signal: at once while the model runs, else when the wait it came in is over). Call
+        :meth:`close` afterwards in any case."""
+        signals = self.job.signals
         for chunk in chunks:
             loaded = self._read(chunk)
             results = self._restore(loaded)
             self._settle()
             if self.stopped is not None:
                 raise self.stopped
-            for (src, stem, _), result in zip(loaded, results, strict=True):
-                if isinstance(result, Exception):
-                    self._report(src, None, result)
-                else:
-                    with self.job.signals.protect():  # a write started is a write settled
+            with signals.protect():  # a write started is a write settled; a report is never cut in half
+                for (src, stem, _), result in zip(loaded, results, strict=True):
+                    if isinstance(result, Exception):
+                        self._report(src, None, result)
+                    else:
                         self.writing.append((src, result, self.writers.submit(self.job.write, src, stem, result)))
         self._settle()
         if self.stopped is not None:
             raise self.stopped
 
-    def close(self, signals: _Signals) -> bool:
-        """Wait for the outputs being written and report them (a signal meanwhile waits too); True when a signal
-        arrived during the wait."""
-        interrupted = False
+    def close(self) -> None:
+        """Wait for the reads and the outputs being written, report the outputs and end the threads (a signal
+        meanwhile waits too; :attr:`_Signals.received` tells whether one came). Safe to call again."""
+        signals = self.job.signals
         try:
             with signals.protect():
-                self._settle()
+                try:
+                    with _quiet_native_stderr(not self.job.args.debug):  # reads still running may print
+                        self.readers.shutdown(wait=True, cancel_futures=True)
+                    self._settle()
+                finally:
+                    self.writers.shutdown(wait=True)
+                    signals.hold()
         except KeyboardInterrupt:
-            interrupted = True
-        self.readers.shutdown(wait=False, cancel_futures=True)
-        self.writers.shutdown(wait=True)
-        return interrupted
+            pass  # a signal during the wait: signals.received says so
 
     def _read(self, chunk: list[tuple[Path, str]]) -> list[tuple[Path, str, np.ndarray]]:
-        """The chunk's images, read side by side; an unreadable one is reported and left out."""
-        with _quiet_native_stderr(not self.job.args.debug):
-            futures = [self.readers.submit(self.rt.read, src) for src, _ in chunk]
-            wait(futures)
-        loaded = []
-        for (src, stem), future in zip(chunk, futures, strict=True):
-            error = future.exception()
-            if error is None:
-                loaded.append((src, stem, future.result()))
-            else:
-                self._report(src, None, error)
+        """The chunk's images, read side by side; an unreadable one is reported and left out. A signal waits until
+        the chunk is read (reads are bounded by --max-pixels), so no read outlives the run or prints after it."""
+        with self.job.signals.protect():
+            with _quiet_native_stderr(not self.job.args.debug):
+                futures = [self.readers.submit(self.rt.read, src) for src, _ in chunk]
+                wait(futures)
+            loaded = []
+            for (src, stem), future in zip(chunk, futures, strict=True):
+                error = future.exception()
+                if error is None:
+                    loaded.append((src, stem, future.result()))
+                else:
+                    self._report(src, None, error)
         return loaded
 
     def _restore(self, loaded: list[tuple[Path, str, np.ndarray]]) -> list[Any]:
@@ -389,12 +407,12 @@ class _Pipeline:
         return results
 
     def _settle(self) -> None:
-        """Wait for the chunk being written and report each input, in order. Waiting can be interrupted; reporting
-        one input cannot, so none is reported twice or lost."""
-        while self.writing:
-            src, result, future = self.writing[0]
-            wait([future])
-            with self.job.signals.protect():
+        """Wait for the chunk being written and report each input, in order. A signal meanwhile waits until all of
+        it is written and reported, so none is reported twice or lost."""
+        with self.job.signals.protect():
+            while self.writing:
+                src, result, future = self.writing[0]
+                wait([future])
                 self.writing.pop(0)
                 self._report(src, result, future.exception())
 
@@ -406,8 +424,11 @@ class _Pipeline:
             if not result.faces:
                 job.faceless += 1
                 self.bar.write(f"vqfr: no face found in {src} (the photo was upscaled only)", file=sys.stderr)
-        elif isinstance(error, OutputError) and error.errno in _FOLDER_ERRNOS and self.stopped is None:
-            self.stopped = error
+        elif isinstance(error, OutputError) and error.errno in _FOLDER_ERRNOS:
+            # the output folder stopped taking files: the run stops (exit 1), as it did for the first input of the
+            # chunk that met it; the others of the chunk, written side by side, met the same full disk
+            if self.stopped is None:
+                self.stopped = error
         else:
             _fail(job, src, error, self.bar)
         self.bar.update(1)
@@ -513,18 +534,19 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, signals: _Si
         else:
             todo.append((f, stems[f]))
     started = time.perf_counter()
-    interrupted = False
     with rt, tqdm(total=len(todo), unit="img", disable=args.quiet or None, file=sys.stderr) as bar:
         pipeline = _Pipeline(rt, job, bar, args.io_threads)
         try:
             pipeline.run(todo[i:i + args.batch] for i in range(0, len(todo), args.batch))
-        except KeyboardInterrupt:
-            interrupted = True
-        except OutputError:
-            pass  # pipeline.stopped
+        except (KeyboardInterrupt, OutputError):
+            pass  # signals.received, pipeline.stopped
         finally:
-            interrupted = pipeline.close(signals) or interrupted
+            try:
+                pipeline.close()
+            except KeyboardInterrupt:  # the first signal, come just before close() took the signals over
+                pipeline.close()
         stopped = pipeline.stopped
+    interrupted = signals.received is not None
     wall = time.perf_counter() - started
     rate = job.faces / job.infer_s if job.infer_s > 0 else 0.0
     notes = [f"{job.faceless} without faces"] if job.faceless and not args.aligned else []
