@@ -159,75 +159,78 @@ def _warp_face_back(face: np.ndarray, local: np.ndarray, size: tuple[int, int]) 
 
 
 class _Piece(NamedTuple):
-    """One face ready to blend: its output rectangle, restored crop, warp into the rectangle and mask there."""
+    """One face ready to blend: its output rectangle, restored crop, warp into the rectangle, and there its mask and
+    its claim (:func:`_claim`)."""
 
     roi: tuple[int, int, int, int]
     face: np.ndarray
     local: np.ndarray
     mask: np.ndarray
+    claim: np.ndarray
 
 
-def _crop_distance(piece: _Piece, roi: tuple[int, int, int, int], face_size: int) -> np.ndarray:
-    """[h, w] float32: how far each pixel of the output rectangle ``roi`` lies from ``piece``'s face centre, in its
-    aligned frame and in units of the crop's side (so a large face claims proportionally more of the photo)."""
+def _claim(mask: np.ndarray, local: np.ndarray, face_size: int) -> np.ndarray:
+    """[h, w] float32 ``mask * exp(-d / OWNERSHIP_SOFTNESS)`` over the face's output rectangle, ``d`` the distance of
+    each pixel from the face's centre (the template's mean) in its aligned frame, in units of the crop's side (so a
+    large face claims proportionally more of the photo). The mask is 0 beyond about 0.78 crop sides, where the
+    exponential (e^-39) is still a normal float32."""
     import cv2
 
-    x0, y0, x1, y1 = roi
-    px0, py0 = piece.roi[:2]
-    to_crop = cv2.invertAffineTransform(piece.local)
-    xs = np.arange(x0 - px0, x1 - px0, dtype=np.float64)[None, :]
-    ys = np.arange(y0 - py0, y1 - py0, dtype=np.float64)[:, None]
+    to_crop = cv2.invertAffineTransform(local)
+    xs = np.arange(mask.shape[1], dtype=np.float64)[None, :]
+    ys = np.arange(mask.shape[0], dtype=np.float64)[:, None]
     centre = template(face_size).astype(np.float64).mean(0)
     cx = to_crop[0, 0] * xs + to_crop[0, 1] * ys + to_crop[0, 2] - centre[0]
     cy = to_crop[1, 0] * xs + to_crop[1, 1] * ys + to_crop[1, 2] - centre[1]
-    return (np.hypot(cx, cy) / face_size).astype(np.float32)
+    d = np.hypot(cx, cy) / face_size
+    return (mask * np.exp(-np.minimum(d / OWNERSHIP_SOFTNESS, 80.0))).astype(np.float32)
 
 
-def _overlap(piece: _Piece, roi: tuple[int, int, int, int]) -> tuple[slice, slice, np.ndarray] | None:
-    """Where ``piece``'s mask reaches into the output rectangle ``roi``: (rows, columns) of ``roi`` and the mask
-    there, or None when it does not (rectangles apart, or the mask 0 where they meet)."""
+def _overlap(piece: _Piece, roi: tuple[int, int, int, int]) -> tuple[tuple[slice, slice], tuple[slice, slice]] | None:
+    """Where ``piece``'s mask reaches into the output rectangle ``roi``: the (rows, columns) slices of ``roi`` and of
+    ``piece``'s own rectangle there, or None when it does not (rectangles apart, or the mask 0 where they meet)."""
     x0, y0, x1, y1 = roi
     px0, py0, px1, py1 = piece.roi
     ix0, iy0, ix1, iy1 = max(x0, px0), max(y0, py0), min(x1, px1), min(y1, py1)
     if ix1 <= ix0 or iy1 <= iy0:
         return None
-    mask = piece.mask[iy0 - py0:iy1 - py0, ix0 - px0:ix1 - px0]
-    return (slice(iy0 - y0, iy1 - y0), slice(ix0 - x0, ix1 - x0), mask) if mask.any() else None
+    own = (slice(iy0 - py0, iy1 - py0), slice(ix0 - px0, ix1 - px0))
+    if not piece.mask[own].any():
+        return None
+    return (slice(iy0 - y0, iy1 - y0), slice(ix0 - x0, ix1 - x0)), own
 
 
-def _in_roi(piece: _Piece, roi: tuple[int, int, int, int]) -> np.ndarray:
-    """``piece``'s mask over the output rectangle ``roi`` (0 where it does not reach)."""
-    out = np.zeros((roi[3] - roi[1], roi[2] - roi[0]), np.float32)
-    overlap = _overlap(piece, roi)
-    if overlap is not None:
-        rows, cols, mask = overlap
-        out[rows, cols] = mask
-    return out
-
-
-def _weight(pieces: list[_Piece], k: int, face_size: int) -> np.ndarray:
+def _weight(pieces: list[_Piece], k: int) -> np.ndarray:
     """[h, w] blending weight of face ``k`` over its rectangle, for the back-to-front "over" blend of all faces.
 
     Alone, a face's weight is its mask. Where masks overlap, each pixel goes to the faces that own it: the final
     output there is ``alpha * F + (1 - alpha) * photo``, with ``alpha = 1 - prod(1 - m_j)`` (the masks' union) and
-    ``F`` the faces' average weighted by ``m_j * exp(-d_j / OWNERSHIP_SOFTNESS)``, ``d_j`` the pixel's distance from
-    face j's centre (:func:`_crop_distance`). So a face's square never covers a nearer face, whatever their order;
-    the seam is soft over a few hundredths of a face. The weight returned is face k's share of that, divided by
-    what the later faces leave of it (``1 - their shares``), so blending the faces in order gives the same result.
+    ``F`` the faces' average weighted by their claims ``c_j = m_j * exp(-d_j / OWNERSHIP_SOFTNESS)`` (:func:`_claim`).
+    So a face's square never covers a nearer face, whatever their order; the seam is soft over a few hundredths of a
+    face. Face k's share of the output is ``alpha * c_k / C`` (C the sum of the claims); the weight returned divides
+    it by what the faces blended after it leave, ``1 - alpha * C_later / C``, so that blending the faces in order
+    gives that output: ``alpha * c_k / (C - alpha * C_later)``. Where no other mask reaches, it is the mask itself,
+    bit for bit. Each overlap costs a few sums over it.
     """
     piece = pieces[k]
-    others = [j for j, other in enumerate(pieces) if j != k and _overlap(other, piece.roi) is not None]
-    if not others:
+    overlaps = [(j, ov) for j, other in enumerate(pieces) if j != k and (ov := _overlap(other, piece.roi)) is not None]
+    if not overlaps:
         return piece.mask
-    group = [k, *others]
-    masks = np.stack([piece.mask if j == k else _in_roi(pieces[j], piece.roi) for j in group])
-    dist = np.stack([_crop_distance(pieces[j], piece.roi, face_size) for j in group])
-    claim = masks * np.exp(-(dist - dist.min(0)) / OWNERSHIP_SOFTNESS)
-    total = claim.sum(0)
-    alpha = 1 - np.prod(1 - masks, axis=0)
-    share = np.divide(alpha * claim, total, out=np.zeros_like(claim), where=total > 0)
-    later = share[[i for i, j in enumerate(group) if j > k]].sum(0)
-    return np.clip(np.divide(share[0], 1 - later, out=np.zeros_like(later), where=later < 1 - 1e-6), 0, 1)
+    total = piece.claim.copy()
+    keep = 1 - piece.mask  # prod(1 - m_j): what the union leaves of the photo
+    later = np.zeros_like(total)
+    reached = np.zeros(total.shape, bool)
+    for j, (here, own) in overlaps:
+        other = pieces[j]
+        total[here] += other.claim[own]
+        keep[here] *= 1 - other.mask[own]
+        reached[here] |= other.mask[own] > 0
+        if j > k:
+            later[here] += other.claim[own]
+    alpha = 1 - keep
+    rest = total - alpha * later
+    weight = np.divide(alpha * piece.claim, rest, out=np.zeros_like(rest), where=rest > 1e-6 * total)
+    return np.where(reached, np.clip(weight, 0, 1), piece.mask)
 
 
 def paste_faces(background: np.ndarray, faces: np.ndarray, affines: np.ndarray, upscale: float = 1.0,
@@ -283,11 +286,11 @@ def paste_faces(background: np.ndarray, faces: np.ndarray, affines: np.ndarray, 
         else:
             mask = cv2.warpAffine(parse_mask(region), local, size, flags=cv2.INTER_LINEAR,
                                   borderMode=cv2.BORDER_CONSTANT)
-        pieces.append(_Piece(roi, face, local, mask))
+        pieces.append(_Piece(roi, face, local, mask, _claim(mask, local, face_size)))
     for k, piece in enumerate(pieces):
         x0, y0, x1, y1 = piece.roi
         warped = _warp_face_back(piece.face, piece.local, (x1 - x0, y1 - y0))
-        m = _weight(pieces, k, face_size)[:, :, None]
+        m = _weight(pieces, k)[:, :, None]
         patch = out[y0:y1, x0:x1].astype(np.float32)
         out[y0:y1, x0:x1] = np.clip(np.rint(m * warped.astype(np.float32) + (1 - m) * patch), 0, 255).astype(np.uint8)
     return out
