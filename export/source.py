@@ -88,6 +88,8 @@ def check_output(output: str | Path, backend: str, *inputs: str | Path | None) -
 
     output = Path(output)
     refuse_overwriting_inputs(output, *inputs)
+    if output.is_dir():  # before the suffix: "name it results.onnx" would misread what was meant
+        raise OutputError("is a folder", path=output, fix="give the path of the file to write (-o)")
     suffixes = tuple(dict.fromkeys(s for e in BACKENDS if e.name == backend for s in e.suffixes))
     if output.suffix not in suffixes:  # as the table spells them (torch wants a lower-case .pt2)
         raise ConfigError(f"the runtime runs {backend} engines from {' or '.join(suffixes)} files (it picks the "
@@ -96,8 +98,6 @@ def check_output(output: str | Path, backend: str, *inputs: str | Path | None) -
     if not output.parent.is_dir():
         raise OutputError(f"the output folder {output.parent} does not exist", path=output,
                           fix="create it first, or choose another output path (-o)")
-    if output.is_dir():
-        raise OutputError("is a folder", path=output, fix="give the path of the file to write (-o)")
     return output
 
 

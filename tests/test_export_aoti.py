@@ -248,3 +248,47 @@ def test_aoti_isolating_package_loads_and_matches(name, device, tmp_path):
         assert torch.equal(result, expected)
     else:
         torch.testing.assert_close(result, expected, atol=1e-4, rtol=1e-4)
+
+
+class _CodeSnap(torch.nn.Module):
+    """An engine-shaped module ([1, 3, 16, 16] -> [1, 3, 16, 16]) whose only custom op is the code search: each pixel
+    snaps to its nearest codebook colour."""
+
+    def __init__(self):
+        super().__init__()
+        self.codebook = torch.nn.Parameter(torch.rand(8, 3, generator=torch.Generator().manual_seed(4)) * 2 - 1)
+
+    def forward(self, input):  # noqa: A002 - the engine's input name
+        z = input.permute(0, 2, 3, 1).reshape(-1, 3)
+        idx = torch.ops.vqfr.nearest_code(z, self.codebook)[0]
+        return self.codebook[idx].reshape(input.shape[0], 16, 16, 3).permute(0, 3, 1, 2)
+
+
+def test_runtime_loads_a_cpu_package_in_a_fresh_process(tmp_path):
+    """``vqfr.Runtime("model.pt2")`` in a process that had not imported kernels.ops failed: "is not a loadable
+    AOTInductor package (Could not find schema for vqfr::nearest_code ...)". The backend registers the ops first."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from vqfr.sidecar import EngineMeta, TensorSpec, write_sidecar
+
+    module = _CodeSnap().eval()
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    with torch.no_grad():
+        expected = module(x)
+        program = torch.export.export(module, (x,), strict=False)
+        path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "snap.pt2"))
+    write_sidecar(path, EngineMeta(arch="VQFRv1", options={"type": "VQFRv1"}, face_size=16, precision="fp32",
+                                   inputs=(TensorSpec("input", (1, 3, 16, 16)),),
+                                   outputs=(TensorSpec("output", (1, 3, 16, 16)),),
+                                   built_with={"torch": torch.__version__, "device": "cpu"}))
+    torch.save({"x": x, "expected": expected}, tmp_path / "io.pt")
+    script = ("import sys, torch, vqfr\n"
+              "assert 'kernels.ops' not in sys.modules\n"
+              "io = torch.load(sys.argv[2])\n"
+              "out = vqfr.Runtime(sys.argv[1], backend='aoti', device='cpu').infer(io['x'])\n"
+              "assert torch.equal(out, io['expected']), (out - io['expected']).abs().max()\n")
+    done = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "io.pt")], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

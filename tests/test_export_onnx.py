@@ -588,3 +588,49 @@ def test_fp16_keeps_the_opset_23_attention_op_in_fp32(tmp_path):
     y = run_onnxruntime(path, (q, k, v), ["q", "k", "v"])
     expected = torch.nn.functional.scaled_dot_product_attention(q * q, k, v).relu()
     np.testing.assert_allclose(y, expected.numpy(), atol=1e-2, rtol=0)
+
+
+def test_runtime_refuses_a_sidecar_whose_shapes_are_not_the_graphs(v2_fp32, tmp_path):
+    """A sidecar edited (or copied from another export) to another face size loaded, reported that size, and
+    failed only on the first batch with onnxruntime's "Got invalid dimensions for input"; the graph's input shapes
+    are now compared with the sidecar's when the engine loads."""
+    import dataclasses
+    import shutil
+
+    import vqfr
+    from vqfr.errors import EngineError
+    from vqfr.sidecar import TensorSpec, write_sidecar
+
+    engine = tmp_path / "edited.onnx"
+    shutil.copyfile(v2_fp32["path"], engine)
+    meta = read_sidecar(v2_fp32["path"])
+    other = 2 * meta.face_size
+
+    def resized(t: TensorSpec) -> TensorSpec:
+        return dataclasses.replace(t, shape=(t.shape[0], 3, other, other) if len(t.shape) == 4 else t.shape)
+
+    write_sidecar(engine, dataclasses.replace(meta, face_size=other, inputs=tuple(map(resized, meta.inputs)),
+                                              outputs=tuple(map(resized, meta.outputs))))
+    size = meta.face_size
+    with pytest.raises(EngineError, match=rf"edited.onnx: graph input 'input' has shape \[-1, 3, {size}, {size}\], "
+                                          rf"its sidecar says \[-1, 3, {other}, {other}\]"):
+        vqfr.Runtime(engine, device="cpu")
+    assert vqfr.Runtime(v2_fp32["path"], device="cpu").face_size == size  # the exporter's own pair loads
+
+
+def test_export_to_an_existing_folder_says_it_is_a_folder(tmp_path, monkeypatch):
+    """``-o results`` (an existing folder) was refused for its missing suffix, "Fix: name it results.onnx", which
+    writes a file next to the folder instead of into it; it is refused as a folder, before tracing, as documented."""
+    from export.trt import BuildOptions, build_engine
+    from vqfr.errors import OutputError
+
+    _no_trace(monkeypatch)
+    folder = tmp_path / "results"
+    folder.mkdir()
+    with pytest.raises(OutputError, match=r"results: is a folder. Fix: give the path of the file to write"):
+        export_onnx(None, folder, config=TINY_V2, random_weights=0)
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"graph")
+    with pytest.raises(OutputError, match=r"results: is a folder"):  # before TensorRT is needed
+        build_engine(onnx, folder, BuildOptions())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "results"] and not list(folder.iterdir())

@@ -443,3 +443,66 @@ def test_restore_of_a_truncated_png_prints_nothing_from_opencv(rt_v2, tmp_path, 
     with pytest.raises(InputError, match="trunc.png: is a truncated PNG file"):
         rt_v2.restore(path, aligned=True)
     assert capfd.readouterr().err == ""
+
+
+def test_runtime_shared_between_threads_runs_one_batch_at_a_time_and_close_waits(tiny_v2):
+    """A thread closing the runtime while another infers: the batch in flight finishes, the next reloads; batches of
+    several threads never overlap (a TensorRT context or CUDA graph serves one caller at a time)."""
+    import threading
+    import time
+
+    rt = Runtime(tiny_v2, device="cpu")
+    x = torch.from_numpy(_faces(1, seed=3)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    expected = rt.infer(x, fidelity=0.5)
+    backend, in_flight, most, errors, outputs = rt.backend, [0], [0], [], []
+    original, entered = backend.infer, threading.Event()
+
+    def slow_infer(*args):
+        in_flight[0] += 1
+        most[0] = max(most[0], in_flight[0])
+        entered.set()
+        time.sleep(0.2)  # a close() or a second batch from another thread lands here
+        try:
+            return original(*args)
+        finally:
+            in_flight[0] -= 1
+
+    backend.infer = slow_infer
+
+    def user():
+        try:
+            outputs.append(rt.infer(x, fidelity=0.5))
+        except Exception as exc:  # noqa: BLE001 - any failure is the bug
+            errors.append(exc)
+
+    threads = [threading.Thread(target=user) for _ in range(2)]
+    for t in threads:
+        t.start()
+    assert entered.wait(10)
+    rt.close()
+    for t in threads:
+        t.join()
+    assert errors == [] and most[0] == 1
+    assert len(outputs) == 2 and all(torch.equal(o, expected) for o in outputs)
+    rt.close()
+
+
+def test_a_sidecar_whose_face_size_contradicts_its_input_shape_is_refused(tmp_path):
+    """The runtime serves an engine at the sidecar's face_size: an edited face_size that the input shape contradicts
+    (a fixed 64x64 input) is refused when the sidecar is read, not on the first batch."""
+    engine = tmp_path / "model.onnx"
+    engine.write_bytes(b"graph")
+    write_sidecar(engine, dataclass_replace(_meta(), face_size=128))
+    with pytest.raises(EngineError, match=r"model.onnx.json: sidecar face_size 128 does not fit its input shape "
+                                          r"\[-1, 3, 64, 64\]"):
+        Runtime(engine, device="cpu")
+
+
+def test_a_face_size_the_engine_does_not_take_names_the_engine(tmp_path, tiny_v2):
+    """The error named neither the file nor the CLI flag to drop."""
+    import vqfr
+
+    weights = vqfr.save_safetensors(tiny_v2, tmp_path / "v2.safetensors")
+    with pytest.raises(ConfigError, match=r"v2.safetensors: face_size 128 asked, but this VQFRv2 engine works at 64. "
+                                          r"Fix: leave face_size unset \(CLI: drop --face-size\)"):
+        Runtime(weights, device="cpu", face_size=128)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,10 @@ class Runtime:
         aligned: default of :meth:`restore`'s ``aligned`` when a call passes None.
         max_pixels: larger input images are refused (InputError).
         eye_dist_threshold: faces whose eyes are closer than this many pixels are skipped (official: 5).
+
+    A runtime may be shared between threads: its inference calls run one batch at a time (a TensorRT execution
+    context, CUDA graphs and the backends' buffers serve one caller at a time), and :meth:`close` waits for the batch
+    in flight; the next call loads the engine again.
     """
 
     def __init__(self, engine: str | Path | nn.Module | None = None, *, backend: str = "auto", device: str = "auto",
@@ -157,6 +162,8 @@ class Runtime:
         self.max_batch, self.aligned, self.max_pixels = int(max_batch), aligned, max_pixels
         self.eye_dist_threshold = eye_dist_threshold
         self.random_weights = False
+        # Held while the backend loads, runs a batch or closes: threads sharing the runtime take turns.
+        self._lock = threading.RLock()
         source, meta = self._resolve_engine(engine, config)
         self.engine = source
         self.backend: Backend = self._load_backend(source, meta, backend, device, precision, config)
@@ -240,7 +247,8 @@ class Runtime:
         if fixed is not None:
             if requested is not None and requested != fixed:
                 raise ConfigError(f"face_size {requested} asked, but this {self.arch} engine works at {fixed}",
-                                  fix="leave face_size unset")
+                                  path=None if isinstance(self.engine, nn.Module) else self.engine,
+                                  fix="leave face_size unset (CLI: drop --face-size)")
             return int(fixed)
         size = 512 if requested is None else int(requested)
         if size <= 0 or size % 32:
@@ -283,8 +291,9 @@ class Runtime:
                 f"{self.precision})")
 
     def close(self) -> None:
-        """Release the engine (the next restore or ``with`` loads it again)."""
-        self.backend.close()
+        """Release the engine (the next restore or ``with`` loads it again); waits for a batch in flight."""
+        with self._lock:
+            self.backend.close()
 
     def _ensure_loaded(self) -> None:
         # closed by close() or the end of an earlier `with`; a runner swapped in (deploy.bench) manages itself
@@ -292,7 +301,8 @@ class Runtime:
             self.backend.load()
 
     def __enter__(self) -> Runtime:
-        self._ensure_loaded()
+        with self._lock:
+            self._ensure_loaded()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -334,7 +344,6 @@ class Runtime:
     def _infer(self, x: Tensor | np.ndarray, fidelity: float | Tensor | np.ndarray | None, on_host: bool) -> Tensor:
         """:meth:`infer`; with ``on_host=False`` the outputs stay where the backend produced them (the GPU for GPU
         backends), for callers that convert them there."""
-        self._ensure_loaded()
         x = _as_float_batch(x)
         if x.dim() != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != (self.face_size, self.face_size):
             raise InputError(f"infer takes [B, 3, {self.face_size}, {self.face_size}], got {tuple(x.shape)}",
@@ -355,7 +364,9 @@ class Runtime:
             _check_fidelity(v)
         outs = []
         for i in range(0, x.shape[0], self.batch_size):
-            out = self.backend.infer(x[i:i + self.batch_size], fid[i:i + self.batch_size]).float()
+            with self._lock:  # another thread may have closed the engine, or be running a batch
+                self._ensure_loaded()
+                out = self.backend.infer(x[i:i + self.batch_size], fid[i:i + self.batch_size]).float()
             if not torch.isfinite(out).all():
                 where = "in-memory model" if isinstance(self.engine, nn.Module) else str(self.engine)
                 raise EngineError(f"the model returned NaN or inf for faces {i}..{i + out.shape[0] - 1} of the batch",

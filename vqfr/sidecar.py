@@ -120,6 +120,11 @@ class EngineMeta:
             raise EngineError(f"sidecar is missing or has a malformed field ({exc!r})", path=path, fix=fix) from exc
         if meta.precision not in PRECISIONS:
             raise EngineError(f"sidecar precision {meta.precision!r} is not one of {PRECISIONS}", path=path, fix=fix)
+        image = meta.inputs[0].shape if meta.inputs else ()
+        # The runtime serves the engine at face_size; a fixed input size says what that must be.
+        if len(image) != 4 or any(0 <= d != meta.face_size for d in image[2:]):
+            raise EngineError(f"sidecar face_size {meta.face_size} does not fit its input shape {list(image)} (an "
+                              "engine input is [B, 3, face_size, face_size], -1 where dynamic)", path=path, fix=fix)
         return meta
 
 

@@ -63,6 +63,10 @@ class AOTIBackend(Backend):
     def load(self) -> None:
         import torch._inductor
 
+        # A package calls our opaque custom ops through the dispatcher: they must be registered before it loads
+        # ("Could not find schema for vqfr::nearest_code" otherwise; export/aoti.py).
+        import kernels.ops  # noqa: F401
+
         path = Path(self.engine)
         if self.requested_precision not in ("auto", self.precision):
             raise EngineError(f"was compiled in {self.precision}; precision {self.requested_precision} was asked",

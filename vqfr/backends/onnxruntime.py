@@ -90,6 +90,9 @@ class OnnxRuntimeBackend(Backend):
         if sorted(names) != sorted(expected):
             raise EngineError(f"graph inputs {names} differ from its sidecar's {expected}", path=path,
                               fix="keep each engine with the sidecar written beside it")
+        if self.meta is not None and (wrong := _shape_mismatch(self.session.get_inputs(), self.meta)):
+            raise EngineError(f"{wrong}: the sidecar does not describe this graph (edited, or another engine's)",
+                              path=path, fix="keep each engine with the sidecar written beside it, or re-export it")
         self.input_names = expected
         self.output_name = self.meta.outputs[0].name if self.meta else self.session.get_outputs()[0].name
         self.in_dtype = self.session.get_inputs()[0].type.removeprefix("tensor(").removesuffix(")")
@@ -156,6 +159,18 @@ class OnnxRuntimeBackend(Backend):
     def close(self) -> None:
         self.session = None
         super().close()
+
+
+def _shape_mismatch(graph_inputs: list, meta: EngineMeta) -> str | None:
+    """How the graph's input shapes differ from the sidecar's (-1 there, a named or unknown dimension in the graph:
+    dynamic), or None. The runtime takes the face size and the batch from the sidecar, so they must be the graph's."""
+    declared = {t.name: t.shape for t in meta.inputs}
+    for node in graph_inputs:
+        graph = tuple(d if isinstance(d, int) else -1 for d in node.shape)
+        side = declared.get(node.name)
+        if side is not None and (len(graph) != len(side) or any(g != s for g, s in zip(graph, side, strict=True))):
+            return f"graph input {node.name!r} has shape {list(graph)}, its sidecar says {list(side)}"
+    return None
 
 
 def provider_note() -> str:
