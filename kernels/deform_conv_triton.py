@@ -382,9 +382,18 @@ def _pruner(fp32_tile: Callable[[dict], int]) -> Callable:
         kept = [c for c in configs
                 if c.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(c_out))
                 and c.kwargs["BLOCK_C"] <= max(16, triton.next_power_of_2(cg))]
-        if kwargs.get("DOT_PRECISION") == "ieee":
-            kept = [c for c in kept if fp32_tile(c.kwargs) <= 32 * 32 * c.num_warps]
-        return kept or configs[:1]
+        exact = kwargs.get("DOT_PRECISION") == "ieee"
+
+        def spills(c: triton.Config) -> bool:
+            return exact and fp32_tile(c.kwargs) > 32 * 32 * c.num_warps
+
+        kept = [c for c in kept if not spills(c)]
+        if kept:
+            return kept
+        # Every tile is wider than the problem (a few channels): the narrowest one that does not spill. (The first
+        # of the list, taken before, was the widest: 128x128, which spills in exact fp32.)
+        fits = [c for c in configs if not spills(c)] or list(configs)
+        return [min(fits, key=lambda c: (c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_C"], fp32_tile(c.kwargs) / c.num_warps))]
 
     return prune
 

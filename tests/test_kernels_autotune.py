@@ -80,6 +80,26 @@ def test_the_input_gradient_kernel_tunes_each_set_of_gradients_asked_for(monkeyp
         assert tuner.best_config is expected, f"NEED_X={need_x}: ran {tuner.best_config}, expected {expected}"
 
 
+@pytest.mark.parametrize("name", LAUNCHES[:3])
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_a_problem_narrower_than_every_tile_gets_the_narrowest_tile_that_does_not_spill(name, precision, monkeypatch):
+    """With a few channels every tile is too wide and the pruner keeps one config: it kept the first of the list,
+    the widest (128x128 for the forward), which spills in exact fp32."""
+    from kernels import aot_check
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    launch = dict(aot_check.vqfr_launches(torch.float32))[name]
+    tuner = launch.kernel
+    named = {**dict(zip(tuner.arg_names, launch.args, strict=False)), "C_OUT": 4, "CG": 2}
+    kept = tuner.early_config_prune(tuner.configs, named, **{**launch.constexprs, "DOT_PRECISION": precision})
+    area = [c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_C"] for c in tuner.configs]
+    assert len(kept) == 1 and kept[0].kwargs["BLOCK_N"] * kept[0].kwargs["BLOCK_C"] == min(area), str(kept)
+    if precision == "ieee":  # and it is one the pruner keeps for exact fp32 when every tile fits the problem
+        wide = tuner.early_config_prune(tuner.configs, {**named, "C_OUT": 4096, "CG": 4096},
+                                        **{**launch.constexprs, "DOT_PRECISION": "ieee"})
+        assert kept[0] in wide, str(kept)
+
+
 def test_dcn_forward_exact_fp32_never_runs_a_tile_pruned_for_spilling(monkeypatch):
     """The case that matters: tuned under TF32 first, the exact-fp32 forward ran the 128x128 tile (64 fp32
     accumulators per thread), which ``python -m kernels.aot_check`` shows spilling on sm_90."""
