@@ -286,7 +286,7 @@ def test_runtime_loads_a_cpu_package_in_a_fresh_process(tmp_path):
     torch.save({"x": x, "expected": expected}, tmp_path / "io.pt")
     script = ("import sys, torch, vqfr\n"
               "assert 'kernels.ops' not in sys.modules\n"
-              "io = torch.load(sys.argv[2])\n"
+              "io = torch.load(sys.argv[2], weights_only=True)\n"
               "out = vqfr.Runtime(sys.argv[1], backend='aoti', device='cpu').infer(io['x'])\n"
               "assert torch.equal(out, io['expected']), (out - io['expected']).abs().max()\n")
     done = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "io.pt")], capture_output=True,

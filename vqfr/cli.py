@@ -138,8 +138,7 @@ def _output_stems(files: list[Path]) -> dict[Path, str]:
 
 class _Signals:
     """SIGINT and SIGTERM become KeyboardInterrupt, except inside :meth:`protect`, where they wait until its end
-    (so the outputs of one input are written all together or not at all). If the protected block raised, the
-    interrupt raised at its end has that error as its ``__cause__``, for the caller to report.
+    (so a chunk's outputs are written and reported all together, and no wait on a thread is cut short).
 
     Only the first signal is raised; later ones (a second Ctrl-C) wait like it, so an interrupt is never raised
     inside the clean-up of the first. After :meth:`hold` (the run is reporting) signals are ignored. Code that waits
@@ -180,18 +179,13 @@ class _Signals:
     @contextlib.contextmanager
     def protect(self) -> Iterator[None]:
         self._depth += 1
-        error: BaseException | None = None
         try:
             yield
-        except BaseException as exc:
-            error = exc
-            raise
         finally:
             self._depth -= 1
             if not self._depth and self.received is not None and not self._raised and not self._held:
                 self._raised = True
-                # the interrupt replaces the block's error (a failed write), which rides along as its cause
-                raise KeyboardInterrupt from error
+                raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
