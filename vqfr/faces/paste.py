@@ -159,24 +159,23 @@ def _warp_face_back(face: np.ndarray, local: np.ndarray, size: tuple[int, int]) 
 
 
 class _Piece(NamedTuple):
-    """One face ready to blend: its output rectangle, restored crop, warp into the rectangle, and there its mask and
-    its claim (:func:`_claim`)."""
+    """One face ready to blend: its output rectangle, restored crop, warp into the rectangle and mask there."""
 
     roi: tuple[int, int, int, int]
     face: np.ndarray
     local: np.ndarray
     mask: np.ndarray
-    claim: np.ndarray
 
 
-def _claim(mask: np.ndarray, local: np.ndarray, face_size: int) -> np.ndarray:
+def _claim(piece: _Piece, face_size: int) -> np.ndarray:
     """[h, w] float32 ``mask * exp(-d / OWNERSHIP_SOFTNESS)`` over the face's output rectangle, ``d`` the distance of
     each pixel from the face's centre (the template's mean) in its aligned frame, in units of the crop's side (so a
     large face claims proportionally more of the photo). The mask is 0 beyond about 0.78 crop sides, where the
     exponential (e^-39) is still a normal float32."""
     import cv2
 
-    to_crop = cv2.invertAffineTransform(local)
+    mask = piece.mask
+    to_crop = cv2.invertAffineTransform(piece.local)
     xs = np.arange(mask.shape[1], dtype=np.float64)[None, :]
     ys = np.arange(mask.shape[0], dtype=np.float64)[:, None]
     centre = template(face_size).astype(np.float64).mean(0)
@@ -200,7 +199,7 @@ def _overlap(piece: _Piece, roi: tuple[int, int, int, int]) -> tuple[tuple[slice
     return (slice(iy0 - y0, iy1 - y0), slice(ix0 - x0, ix1 - x0)), own
 
 
-def _weight(pieces: list[_Piece], k: int) -> np.ndarray:
+def _weight(pieces: list[_Piece], k: int, claims: dict[int, np.ndarray], face_size: int) -> np.ndarray:
     """[h, w] blending weight of face ``k`` over its rectangle, for the back-to-front "over" blend of all faces.
 
     Alone, a face's weight is its mask. Where masks overlap, each pixel goes to the faces that own it: the final
@@ -210,26 +209,30 @@ def _weight(pieces: list[_Piece], k: int) -> np.ndarray:
     face. Face k's share of the output is ``alpha * c_k / C`` (C the sum of the claims); the weight returned divides
     it by what the faces blended after it leave, ``1 - alpha * C_later / C``, so that blending the faces in order
     gives that output: ``alpha * c_k / (C - alpha * C_later)``. Where no other mask reaches, it is the mask itself,
-    bit for bit. Each overlap costs a few sums over it.
+    bit for bit. The claims are computed once per face that overlaps another (``claims``, by index, filled as needed);
+    each overlap then costs a few sums over it.
     """
     piece = pieces[k]
     overlaps = [(j, ov) for j, other in enumerate(pieces) if j != k and (ov := _overlap(other, piece.roi)) is not None]
     if not overlaps:
         return piece.mask
-    total = piece.claim.copy()
+    for j in (k, *(j for j, _ in overlaps)):
+        if j not in claims:
+            claims[j] = _claim(pieces[j], face_size)
+    total = claims[k].copy()
     keep = 1 - piece.mask  # prod(1 - m_j): what the union leaves of the photo
     later = np.zeros_like(total)
     reached = np.zeros(total.shape, bool)
     for j, (here, own) in overlaps:
         other = pieces[j]
-        total[here] += other.claim[own]
+        total[here] += claims[j][own]
         keep[here] *= 1 - other.mask[own]
         reached[here] |= other.mask[own] > 0
         if j > k:
-            later[here] += other.claim[own]
+            later[here] += claims[j][own]
     alpha = 1 - keep
     rest = total - alpha * later
-    weight = np.divide(alpha * piece.claim, rest, out=np.zeros_like(rest), where=rest > 1e-6 * total)
+    weight = np.divide(alpha * claims[k], rest, out=np.zeros_like(rest), where=rest > 1e-6 * total)
     return np.where(reached, np.clip(weight, 0, 1), piece.mask)
 
 
@@ -286,11 +289,12 @@ def paste_faces(background: np.ndarray, faces: np.ndarray, affines: np.ndarray, 
         else:
             mask = cv2.warpAffine(parse_mask(region), local, size, flags=cv2.INTER_LINEAR,
                                   borderMode=cv2.BORDER_CONSTANT)
-        pieces.append(_Piece(roi, face, local, mask, _claim(mask, local, face_size)))
+        pieces.append(_Piece(roi, face, local, mask))
+    claims: dict[int, np.ndarray] = {}
     for k, piece in enumerate(pieces):
         x0, y0, x1, y1 = piece.roi
         warped = _warp_face_back(piece.face, piece.local, (x1 - x0, y1 - y0))
-        m = _weight(pieces, k)[:, :, None]
+        m = _weight(pieces, k, claims, face_size)[:, :, None]
         patch = out[y0:y1, x0:x1].astype(np.float32)
         out[y0:y1, x0:x1] = np.clip(np.rint(m * warped.astype(np.float32) + (1 - m) * patch), 0, 255).astype(np.uint8)
     return out
