@@ -153,6 +153,26 @@ def test_a_wrong_resume_path_leaves_no_folder_behind(tmp_path, capsys, monkeypat
     assert not (tmp_path / "experiments").exists() and not (tmp_path / "new").exists()
 
 
+def test_resuming_into_a_folder_that_holds_another_run_is_refused(tmp_path, capsys):
+    """``--resume A --out B`` wrote A's continuation over the checkpoints and states of the run in B."""
+    cfg = tiny_vqfr_v2()
+    cfg["train"]["total_iter"] = 2
+    cfg["logger"]["save_checkpoint_freq"] = 2
+    config = write_config(cfg, tmp_path / "c.yml")
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    for out in (run_a, run_b):
+        assert train_main(["--config", str(config), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in sorted((run_b / "training_states").iterdir())}
+    assert train_main(["--config", str(config), "--resume", str(run_a), "--out", str(run_b), "--max-iters", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds another training run" in err and str(run_b) in err
+    assert {p.name: p.read_bytes() for p in sorted((run_b / "training_states").iterdir())} == before
+    # its own folder, or a new one, still take the resume
+    assert train_main(["--config", str(config), "--resume", str(run_a), "--out", str(tmp_path / "c"),
+                       "--max-iters", "3"]) == 0
+    assert train_main(["--config", str(config), "--resume", str(run_b), "--max-iters", "3"]) == 0
+
+
 @pytest.mark.parametrize(("change", "message"), [
     # These used to end in a KeyError or ValueError traceback when the data loaded.
     ({"datasets": {"train": {"degradation": "v3"}}}, "datasets.train.degradation is 'v3'"),

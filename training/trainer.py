@@ -198,6 +198,12 @@ class Trainer:
         if resume is not None:  # read first: a wrong path or file is refused before anything is written
             state_path = latest_state(resume)
             state = self._read_state(state_path)
+            own = (self.out / "training_states").resolve()
+            if saved_states(self.out) and state_path.resolve().parent != own:
+                raise ConfigError(f"already holds another training run (resuming {state_path} here would overwrite "
+                                  "its checkpoints and states)", path=self.out,
+                                  fix=f"resume into {state_path.parent.parent} or a new --out"
+                                  if state_path.parent.name == "training_states" else "resume into a new --out")
         self._setup_output()
         torch.manual_seed(self.seed)  # identical initialisation on every rank
 
