@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from training.vgg import LPIPS_TAPS, VGG16Features, load_vgg16
 from vqfr.errors import CheckpointError, ConfigError
 
-__all__ = ["l1_loss", "mse_loss", "code_index_loss", "gan_loss", "GAN_TYPES", "r1_penalty", "adaptive_weight",
-           "gram_matrix", "PerceptualLoss", "LPIPS_CHANNELS"]
+__all__ = ["l1_loss", "mse_loss", "code_index_loss", "gan_loss", "GAN_TYPES", "check_gan_type", "r1_penalty",
+           "adaptive_weight", "gram_matrix", "PerceptualLoss", "LPIPS_CHANNELS"]
 
 LPIPS_CHANNELS = (64, 128, 256, 512, 512)
 # LPIPS input normalisation (the ImageNet statistics expressed for inputs in [-1, 1]).
@@ -58,14 +58,19 @@ def _hinge_loss(pred: Tensor, real: bool, is_disc: bool) -> Tensor:
 GAN_TYPES = {"wgan_softplus": _softplus_loss, "hinge": _hinge_loss}
 
 
+def check_gan_type(gan_type: str) -> None:
+    """Raise ConfigError unless ``gan_type`` is one of :data:`GAN_TYPES`."""
+    if gan_type not in GAN_TYPES:
+        raise ConfigError(f"unknown gan_type {gan_type!r}", fix=f"use one of {sorted(GAN_TYPES)}")
+
+
 def gan_loss(pred: Tensor, target_is_real: bool, is_disc: bool, gan_type: str) -> Tensor:
     """The adversarial loss of discriminator outputs ``pred`` (any shape; averaged).
 
     For the generator pass ``target_is_real=True, is_disc=False``: softplus(-D(G(z))) or -D(G(z)) for hinge.
     For the discriminator: softplus(-D(x)) + softplus(D(G(z))), or relu(1 - D(x)) + relu(1 + D(G(z))).
     """
-    if gan_type not in GAN_TYPES:
-        raise ConfigError(f"unknown gan_type {gan_type!r}", fix=f"use one of {sorted(GAN_TYPES)}")
+    check_gan_type(gan_type)
     return GAN_TYPES[gan_type](pred.float(), target_is_real, is_disc)
 
 

@@ -19,9 +19,9 @@ from torch import Tensor, nn
 import vqfr
 from training.discriminators import build_discriminator
 from training.losses import (
-    GAN_TYPES,
     PerceptualLoss,
     adaptive_weight,
+    check_gan_type,
     code_index_loss,
     gan_loss,
     l1_loss,
@@ -87,8 +87,7 @@ class AdversarialBranch:
         self.local_type = (local_gan or {}).get("gan_type", "hinge")
         self.local_lw = _loss_weight(local_gan) if local_gan else 1.0
         for kind in (self.global_type, self.local_type):  # refused now, not when the GAN starts
-            if kind not in GAN_TYPES:
-                raise ConfigError(f"unknown gan_type {kind!r}", fix=f"use one of {sorted(GAN_TYPES)}")
+            check_gan_type(kind)
         self.global_weight, self.local_weight = float(global_weight), float(local_weight)
         self.d_local_loss_weight = float(d_local_loss_weight)
         self.r1_weight, self.r1_every = float(r1_weight), int(r1_every)
