@@ -32,7 +32,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -321,8 +321,6 @@ class _Pipeline:
     """
 
     def __init__(self, rt, job: _Job, bar, threads: int):
-        from concurrent.futures import ThreadPoolExecutor
-
         self.rt, self.job, self.bar = rt, job, bar
         self.readers = ThreadPoolExecutor(threads, thread_name_prefix="vqfr-read")
         self.writers = ThreadPoolExecutor(threads, thread_name_prefix="vqfr-write")
