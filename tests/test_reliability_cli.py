@@ -332,6 +332,55 @@ def test_sigint_to_a_real_run_then_resume(weights, tmp_path):
         assert mine == written_there[f"{src.stem}_00.png"]
 
 
+def test_sigint_while_the_cli_starts_is_a_clean_exit(tmp_path):
+    """Ctrl-C during the seconds ``python -m vqfr`` spends importing torch: exit 130 with one line, no traceback,
+    nothing written. The signal is sent once the import of torch is under way (``-X importtime`` reports it)."""
+    out = tmp_path / "out"
+    argv = [sys.executable, "-X", "importtime", "-m", "vqfr", "-i", str(tmp_path), "-o", str(out)]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_as_in_a_terminal)
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:  # importtime reports each module as its import ends
+        lines.append(line)
+        if line.rstrip().endswith("torch._utils_internal"):
+            break
+    assert any("torch._utils_internal" in line for line in lines), "".join(lines[-5:])
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=120)
+    stderr = "".join(line for line in [*lines, *rest.splitlines(True)] if not line.startswith("import time:"))
+    assert proc.returncode == EXIT_INTERRUPTED, stderr
+    assert "Traceback" not in stderr and "interrupted" in stderr, stderr
+    assert not out.exists()
+
+
+def test_the_vqfr_command_runs_the_cli_through_the_guarded_entry(monkeypatch, capsys):
+    """The ``vqfr`` console script (pyproject) goes through ``vqfr.__main__.run``, which guards the start-up."""
+    import importlib
+    import tomllib
+
+    target = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["vqfr"]
+    module, _, name = target.partition(":")
+    entry = getattr(importlib.import_module(module), name)
+    assert target == "vqfr.__main__:run"
+    monkeypatch.setattr(sys, "argv", ["vqfr", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        entry()
+    assert exit_.value.code == 0 and "usage: vqfr" in capsys.readouterr().out
+
+
+def test_import_vqfr_leaves_torch_until_first_use():
+    """``import vqfr`` (and so ``python -m vqfr`` before its CLI loads) imports no torch; the public names still
+    resolve, and ``from vqfr import *`` gets them all."""
+    code = ("import sys, vqfr; print('torch' in sys.modules); from vqfr import *; "
+            "print('torch' in sys.modules, Runtime.__module__, load_model.__module__, sorted(set(vqfr.__all__) - "
+            "set(dir(vqfr))))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["False", "True vqfr.runtime vqfr.checkpoint []"]
+    with pytest.raises(AttributeError, match="no attribute 'Runtim'"):
+        vqfr.Runtim  # noqa: B018
+
+
 # --------------------------------------------------------------------------------------------- I/O threads
 def test_outputs_are_written_while_the_model_runs_on_the_next_chunk(weights, tmp_path, monkeypatch):
     """Encoding and writing PNGs takes longer than a GPU forward: a chunk's outputs must be written on other threads

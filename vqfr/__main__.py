@@ -1,5 +1,19 @@
-"""``python -m vqfr``: see :mod:`vqfr.cli`."""
+"""``python -m vqfr`` and the ``vqfr`` command: see :mod:`vqfr.cli`."""
 
-from vqfr.cli import main
+from __future__ import annotations
 
-raise SystemExit(main())
+import sys
+
+
+def run() -> int:
+    """Import the CLI (torch with it, a few seconds) and run it; Ctrl-C meanwhile exits 130 without a traceback."""
+    try:
+        from vqfr.cli import main
+    except KeyboardInterrupt:
+        print("vqfr: interrupted while starting; nothing was written", file=sys.stderr)
+        return 130
+    return main()
+
+
+if __name__ == "__main__":
+    raise SystemExit(run())
