@@ -4,6 +4,8 @@ naming a file, and the metrics CLI on the face files that ``python -m vqfr --ali
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import torch
 from tests.test_training_loop import tiny_vqfr_v1, tiny_vqfr_v2, write_config
 from training.config import load_config, merge
 from training.train import main as train_main
-from training.trainer import Trainer
+from training.trainer import Trainer, latest_state
 from vqfr.errors import ConfigError
 
 
@@ -228,24 +230,6 @@ def test_plot_refuses_a_window_below_one(tmp_path, capsys):
     assert "--window" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_a_corrupt_training_image_is_named_without_a_worker_traceback(tmp_path, capsys, workers):
-    import cv2
-
-    faces = tmp_path / "faces"
-    faces.mkdir()
-    for i in range(2):
-        cv2.imwrite(str(faces / f"{i}.png"), np.full((16, 16, 3), 60 * i, np.uint8))
-    (faces / "broken.png").write_bytes((faces / "0.png").read_bytes()[:40])  # cut off, as by an interrupted copy
-    cfg = merge(tiny_vqfr_v2(), {"datasets": {"train": {"dataroot_gt": str(faces), "batch_size_per_gpu": 3,
-                                                        "num_worker_per_gpu": workers}}})
-    config = write_config(cfg, tmp_path / "c.yml")
-    assert train_main(["--config", str(config), "--out", str(tmp_path / "o"), "--max-iters", "1"]) == 2
-    err = capsys.readouterr().err
-    # With workers, torch used to put the worker's whole traceback into the message.
-    assert err.startswith("error: ") and "broken.png" in err and "Traceback" not in err, err
-
-
 @pytest.mark.parametrize(("change", "message"), [
     # A misspelt loss_weight used to leave the default weight 1 (pixel_main_opt: {loss_wieght: 0} turned the loss on);
     # a misspelt perceptual option ended in a TypeError traceback.
@@ -259,3 +243,161 @@ def test_misspelt_loss_options_are_refused(tmp_path, change, message):
     with pytest.raises(ConfigError, match="loss.yml") as err:
         load_config(write_config(merge(tiny_vqfr_v1(), change), tmp_path / "loss.yml"))
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    # Each of these used to be ignored: the run trained with the default (or without the section) and said nothing.
+    ({"datasets": {"train": {"use_hfilp": False}}}, "datasets.train.use_hfilp is not an option (did you mean "
+                                                    "'use_hflip'?)"),
+    ({"datasets": {"train": {"batch_size": 8}}}, "did you mean 'batch_size_per_gpu'"),
+    ({"datasets": {"val": {"dataroot_gt": "synthetic:2", "max_image": 1}}}, "did you mean 'max_images'"),
+    ({"datasets": {"vall": {"dataroot_gt": "synthetic:2"}}}, "datasets.vall is not an option (did you mean 'val'?)"),
+    ({"logger": {"print_frq": 10}}, "logger.print_frq is not an option (did you mean 'print_freq'?)"),
+    ({"logger": {"save_checkpoint_frequency": 10}}, "did you mean 'save_checkpoint_freq'"),
+    ({"path": {"pretrain_network_s": "sr.pth"}}, "path.pretrain_network_s is not an option (did you mean "
+                                                 "'pretrain_network_sr'?)"),
+    ({"path": {"param_key": "params"}}, "path.param_key is not an option"),
+    ({"val": {"val_frequency": 2}}, "val.val_frequency is not an option (did you mean 'val_freq'?)"),
+    ({"val": {"fidelity": 0.5}}, "did you mean 'fidelity_ratio'"),
+    ({"loger": {"print_freq": 10}}, "loger is not an option (did you mean 'logger'?)"),
+    ({"logger": 100}, "logger is not a mapping"),
+    # official options that are not implemented, refused unless off
+    ({"path": {"resume_state": "run/training_states/5000.state"}}, "--resume"),
+    ({"path": {"pretrain_network_d": "d.pth"}}, "path.pretrain_network_d"),
+    ({"logger": {"wandb": {"project": "vqfr"}}}, "logger.wandb"),
+    ({"datasets": {"train": {"io_backend": {"type": "lmdb"}}}}, "datasets.train.io_backend"),
+    ({"datasets": {"train": {"mean": [0.485, 0.456, 0.406]}}}, "datasets.train.mean"),
+    ({"datasets": {"val": {"dataroot_gt": "synthetic:2", "scale": 4}}}, "datasets.val.scale"),
+])
+def test_misspelt_section_options_are_refused_when_the_config_is_read(tmp_path, change, message):
+    path = write_config(merge(tiny_vqfr_v2(), change), tmp_path / "keys.yml")
+    with pytest.raises(ConfigError, match="keys.yml") as err:
+        load_config(path)
+    assert message in str(err.value)
+
+
+def test_every_official_option_the_trainer_implements_or_leaves_off_is_accepted(tmp_path):
+    # The options of the official train_vqfr_v{1,2} / train_vqgan_v{1,2} ymls outside the network and train blocks,
+    # with the values the official files give them, and the options of ours.
+    official = {
+        "num_gpu": "auto", "scale": 1, "syncbn": True, "find_unused_parameters": True,
+        "dist_params": {"backend": "nccl", "port": 29500},
+        "datasets": {
+            "train": {"name": "FFHQ", "type": "FFHQDegradationDataset", "io_backend": {"type": "disk"},
+                      "use_hflip": True, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "out_size": 16,
+                      "blur_kernel_size": 41, "kernel_list": ["iso", "aniso"], "kernel_prob": [0.5, 0.5],
+                      "blur_sigma": [1, 15], "downsample_range": [1, 30], "noise_range": [0, 20],
+                      "jpeg_range": [30, 90], "use_shuffle": True, "num_worker_per_gpu": 0, "batch_size_per_gpu": 2,
+                      "dataset_enlarge_ratio": 1, "prefetch_mode": None},
+            "val": {"name": "validation", "type": "PairedImageDataset", "dataroot_gt": "synthetic:2",
+                    "io_backend": {"type": "disk"}, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "scale": 1,
+                    "out_size": 16, "max_images": 1, "seed": 7, "degradation": "v1", "jpeg_range": [60, 100]}},
+        "path": {"pretrain_network_g": None, "param_key_g": "params", "strict_load_g": None,
+                 "pretrain_network_d": None, "param_key_d": "params", "strict_load_d": None,
+                 "pretrain_network_sr": None, "param_key_sr": "params", "strict_load_sr": False,
+                 "pretrain_network_d_local": None, "resume_state": None, "ignore_resume_networks": ["network_g"]},
+        "val": {"val_freq": 5000.0, "save_img": True, "test_which": "main_branch", "fidelity_ratio": 1.0,
+                "metrics": {"psnr": {"type": "calculate_psnr", "crop_border": 0, "test_y_channel": False}}},
+        "logger": {"print_freq": 100, "save_checkpoint_freq": 5000.0, "use_tb_logger": False,
+                   "wandb": {"project": None, "resume_id": None}},
+    }
+    load_config(write_config(merge(tiny_vqfr_v2(), official), tmp_path / "official.yml"))
+    for path in sorted((Path(__file__).resolve().parents[1] / "training" / "configs").glob("*.yml")):
+        load_config(path)  # every shipped config
+
+
+@pytest.mark.parametrize("setup_error", ["missing data folder", "bad VGG weights"])
+def test_an_error_during_setup_is_written_to_train_log_once(tmp_path, capsys, caplog, setup_error):
+    cfg = tiny_vqfr_v2()
+    if setup_error == "missing data folder":
+        cfg["datasets"]["train"]["dataroot_gt"] = str(tmp_path / "ffhq_512")
+        culprit = "ffhq_512"
+    else:
+        (tmp_path / "vgg16.pth").write_bytes(b"not a checkpoint")
+        cfg["train"]["perceptual_opt"] = {"perceptual_weight": 1.0, "vgg_weights": str(tmp_path / "vgg16.pth")}
+        culprit = "vgg16.pth"
+    out = tmp_path / "run"
+    assert train_main(["--config", str(write_config(cfg, tmp_path / "c.yml")), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count(culprit) >= 1 and err.count("error: ") == 1, err
+    log = (out / "train.log").read_text()
+    stopped = [line for line in log.splitlines() if "ERROR" in line]
+    assert len(stopped) == 1 and culprit in stopped[0], log  # once, with the reason
+    # only into the file: the console has the stderr line already, not a second copy through the root logger
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def _write_faces(folder: Path, count: int, broken: int = 0) -> None:
+    import cv2
+
+    folder.mkdir()
+    for i in range(count):
+        cv2.imwrite(str(folder / f"{i:02d}.png"), np.full((16, 16, 3), 20 * i, np.uint8))
+    png = cv2.imencode(".png", np.zeros((16, 16, 3), np.uint8))[1].tobytes()
+    for i in range(broken):  # cut off, as by an interrupted copy
+        (folder / f"broken{i}.png").write_bytes(png[:40])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_training_image_is_skipped_with_a_warning(tmp_path, workers):
+    # It used to stop the run (exit 2) when the sampler first drew it, possibly days into a run.
+    faces = tmp_path / "faces"
+    _write_faces(faces, 4, broken=1)
+    cfg = merge(tiny_vqfr_v2(), {"datasets": {"train": {"dataroot_gt": str(faces), "batch_size_per_gpu": 2,
+                                                        "num_worker_per_gpu": workers}}})
+    out = tmp_path / "o"
+    assert train_main(["--config", str(write_config(cfg, tmp_path / "c.yml")), "--out", str(out),
+                       "--max-iters", "5"]) == 0  # 2 epochs of 2 batches and more: broken0.png drawn twice
+    assert [json.loads(line)["iter"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    warnings = [line for line in (out / "train.log").read_text().splitlines() if "broken0.png" in line]
+    assert len(warnings) == 1 and "WARNING" in warnings[0], warnings  # named once, not once per epoch
+    assert "another image" in warnings[0]
+
+
+def test_a_corrupt_image_is_replaced_by_a_readable_one_the_same_way_every_time(tmp_path):
+    from training.data import FaceDataset
+
+    _write_faces(tmp_path / "faces", 4, broken=1)
+    ds = FaceDataset(str(tmp_path / "faces"), 16, use_hflip=False)
+    bad = [p.name for p in ds.source.files].index("broken0.png")
+    item = ds[bad]
+    assert item["gt"].shape == (3, 16, 16) and "broken0.png" in item["skipped"]
+    assert torch.equal(ds[bad]["gt"], item["gt"])  # deterministic: an exact resume draws the same image
+    assert json.loads(ds[0]["skipped"]) == []  # a readable image: nothing skipped
+
+
+@pytest.mark.parametrize(("good", "broken", "workers"), [(0, 3, 1), (2, 12, 0)])
+def test_a_training_folder_of_mostly_corrupt_images_stops_with_a_clear_error(tmp_path, capsys, good, broken, workers):
+    faces = tmp_path / "faces"
+    _write_faces(faces, good, broken=broken)
+    cfg = merge(tiny_vqfr_v2(), {"datasets": {"train": {"dataroot_gt": str(faces), "batch_size_per_gpu": 2,
+                                                        "num_worker_per_gpu": workers}}})
+    out = tmp_path / "o"
+    assert train_main(["--config", str(write_config(cfg, tmp_path / "c.yml")), "--out", str(out),
+                       "--max-iters", "20"]) == 2
+    err = capsys.readouterr().err
+    # named, without the traceback that torch puts into the message of an error in a DataLoader worker
+    assert err.startswith("error: ") and "could not be read" in err and "broken" in err and "Traceback" not in err
+    assert "could not be read" in (out / "train.log").read_text()
+
+
+def test_resuming_an_older_state_sets_the_newer_states_and_checkpoints_aside(tmp_path):
+    cfg = tiny_vqfr_v2()
+    cfg["train"]["total_iter"] = 4
+    cfg["logger"]["save_checkpoint_freq"] = 2
+    config = write_config(cfg, tmp_path / "c.yml")
+    run = tmp_path / "run"
+    assert train_main(["--config", str(config), "--out", str(run)]) == 0
+    abandoned = {p.relative_to(run): p.read_bytes() for p in (run / "training_states" / "4.state",
+                                                              run / "models" / "net_sr_4.pth")}
+    # go back to iteration 2 and train another future up to 3
+    assert train_main(["--config", str(config), "--resume", str(run / "training_states" / "2.state"),
+                       "--max-iters", "3"]) == 0
+    assert [p.name for p in sorted((run / "training_states").iterdir())] == ["2.state", "3.state"]
+    assert sorted(p.name for p in (run / "models").iterdir()) == ["net_sr_2.pth", "net_sr_3.pth"]
+    (aside,) = (run / "superseded").iterdir()  # nothing deleted: the abandoned future is kept out of the way
+    assert {p: (aside / p).read_bytes() for p in abandoned} == abandoned
+    assert [json.loads(line)["iter"] for line in (aside / "metrics.jsonl").read_text().splitlines()] == [3, 4]
+    assert f"moved the training states and checkpoints after iteration 2 to {aside}" in (run / "train.log").read_text()
+    # the folder's latest state is the new future's
+    assert latest_state(run).name == "3.state"

@@ -8,6 +8,7 @@ stage-2 yml uses names that no longer exist at the official HEAD; they are repor
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import inspect
 import math
@@ -75,10 +76,55 @@ _TRAIN_KEYS = frozenset({
 
 _TEST_WHICH = ("main_branch", "texture_branch")
 
-#: Options of the official datasets (FFHQDegradationDataset, basicsr's samplers) that are not implemented here,
-#: with the value that means "off"; any other value is refused.
-_UNIMPLEMENTED_DATA = {"color_jitter_prob": None, "color_jitter_pt_prob": None, "gray_prob": None,
-                       "recon_prob": None, "crop_components": False, "dataset_enlarge_ratio": 1}
+#: The options of the sections other than ``train`` and the network blocks that the trainer reads; with
+#: :data:`_OFF_ONLY`, every other name (a misspelt one) is refused. ``()`` is the top level, where ``network_*``
+#: blocks are checked by :func:`_check_names`.
+_DEGRADATION_KEYS = frozenset({"degradation", *(f.name for f in dataclasses.fields(DegradationParams))})
+_SECTION_KEYS: dict[tuple[str, ...], frozenset[str]] = {
+    (): frozenset({"name", "model_type", "manual_seed", "amp", "syncbn", "find_unused_parameters", "dist_params",
+                   "datasets", "path", "train", "val", "logger"}),
+    ("datasets",): frozenset({"train", "val"}),
+    ("datasets", "train"): frozenset({"name", "type", "dataroot_gt", "out_size", "use_hflip", "use_shuffle",
+                                      "batch_size_per_gpu", "num_worker_per_gpu", *_DEGRADATION_KEYS}),
+    ("datasets", "val"): frozenset({"name", "type", "dataroot_gt", "dataroot_lq", "out_size", "max_images", "seed",
+                                    *_DEGRADATION_KEYS}),
+    # param_key_d / strict_load_d only qualify pretrain_network_d, which must stay unset
+    ("path",): frozenset({"pretrain_network_g", "param_key_g", "strict_load_g", "pretrain_network_sr",
+                          "param_key_sr", "strict_load_sr", "param_key_d", "strict_load_d"}),
+    ("val",): frozenset({"val_freq", "save_img", "test_which", "fidelity_ratio", "metrics"}),
+    ("logger",): frozenset({"print_freq", "save_checkpoint_freq", "use_tb_logger"}),
+}
+
+_NORMALISATION = [0.5, 0.5, 0.5]
+_DISK = ({"type": "disk"}, None)
+_DISK_FIX = "images are read from the folder dataroot_gt (LMDB is not supported): remove it or set it to {type: disk}"
+_NORM_FIX = ("the normalisation is fixed at (x - 0.5) / 0.5, as in the official files: "
+             "remove it or set it to [0.5, 0.5, 0.5]")
+_D_FIX = "remove it: the discriminators start from random weights (no official discriminator weights were released)"
+#: Options of the official ymls, FFHQDegradationDataset and basicsr that are not implemented here: accepted only
+#: with a value that means "off" (the first is the one suggested; in a mapping, a ``~`` entry counts as absent),
+#: each with its fix (None: remove it or set it to that value).
+_OFF_ONLY: dict[tuple[str, ...], dict[str, tuple[tuple, str | None]]] = {
+    (): {"num_gpu": (("auto", None), "remove it: one process per GPU, started with torchrun --nproc_per_node=N "
+                                     "(docs/TRAINING.md)"),
+         "scale": ((1, None), None)},
+    ("datasets", "train"): {
+        "color_jitter_prob": ((0, None), None), "color_jitter_pt_prob": ((0, None), None),
+        "gray_prob": ((0, None), None), "recon_prob": ((0, None), None), "crop_components": ((False,), None),
+        "dataset_enlarge_ratio": ((1,), None), "prefetch_mode": ((None,), None),
+        "io_backend": (_DISK, _DISK_FIX), "mean": ((_NORMALISATION, None), _NORM_FIX),
+        "std": ((_NORMALISATION, None), _NORM_FIX)},
+    ("datasets", "val"): {"scale": ((1, None), None), "io_backend": (_DISK, _DISK_FIX),
+                          "mean": ((_NORMALISATION, None), _NORM_FIX), "std": ((_NORMALISATION, None), _NORM_FIX)},
+    ("path",): {"resume_state": ((None,), "remove it and resume with --resume <run>/training_states/<iter>.state "
+                                          "(or --resume <run> for its latest state)"),
+                "ignore_resume_networks": ((None, [], ["network_g"]), "remove it: --resume restores every trained "
+                                                                      "network, never the frozen stage-1 network_g"),
+                **{f"pretrain_network_{d}": ((None,), _D_FIX)
+                   for d in ("d", "d_global", "d_local", "d_main_global", "d_main_local")}},
+    ("logger",): {"wandb": (({}, None), "remove it or set project: ~ (Weights & Biases logging is not implemented; "
+                                        "logger.use_tb_logger writes TensorBoard events)")},
+}
 
 
 def network_key(cfg: dict) -> str:
@@ -162,6 +208,42 @@ def val_metrics(cfg: dict, source: str = "config") -> dict[str, tuple[Callable[.
 def _did_you_mean(name: str, known: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, sorted(known), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _off(value: object) -> object:
+    """``value`` with the ``~`` entries of a mapping left out (``wandb: {project: ~}`` is off)."""
+    return {k: v for k, v in value.items() if v is not None} if isinstance(value, dict) else value
+
+
+def _check_sections(cfg: dict, source: str) -> None:
+    """Refuse an unknown option of the sections of :data:`_SECTION_KEYS` (a misspelt name would be ignored), a
+    section that is not a mapping, and an official option of :data:`_OFF_ONLY` that is not off."""
+    for where, known in _SECTION_KEYS.items():
+        section: object = cfg
+        for key in where:
+            section = section.get(key) if isinstance(section, dict) else None
+        name = ".".join(where)
+        if section is None:  # absent, or `logger: ~`
+            continue
+        if not isinstance(section, dict):
+            raise ConfigError(f"{name} is not a mapping", path=source,
+                              fix=f"write it as the {name} block of training/configs/*.yml")
+        off_only = _OFF_ONLY.get(where, {})
+        allowed = known | set(off_only)
+        for key, value in section.items():
+            option = f"{name}.{key}" if name else str(key)
+            if str(key).startswith("network_") and not where:
+                continue
+            if key not in allowed:
+                fix = ("use datasets.train and one validation set, datasets.val" if where == ("datasets",) else
+                       f"correct or remove it (the options: {', '.join(sorted(allowed))})")
+                raise ConfigError(f"{option} is not an option{_did_you_mean(str(key), allowed)}", path=source,
+                                  fix=fix)
+            if key in off_only:
+                accepted, off_fix = off_only[key]
+                if all(_off(value) != _off(a) for a in accepted):
+                    raise ConfigError(f"{option} is {value!r}: this official option is not implemented",
+                                      path=source, fix=off_fix or f"remove it or set it to {accepted[0]!r}")
 
 
 def _check_names(cfg: dict, source: str) -> None:
@@ -248,13 +330,9 @@ def check_config(cfg: dict, source: str = "config") -> dict:
                           fix="point it at the validation HQ faces (LQ ones go in dataroot_lq), or remove datasets.val")
     if not isinstance(cfg.get("train"), dict) or "total_iter" not in cfg["train"]:
         raise ConfigError("needs train.total_iter", path=source)
+    _check_sections(cfg, source)
     _check_whole_numbers(cfg, source)
     _check_names(cfg, source)
-    for key, off in _UNIMPLEMENTED_DATA.items():
-        value = train_ds.get(key, off)
-        if value != off and not (off is None and value == 0):
-            raise ConfigError(f"datasets.train.{key} is {value!r}: this option of the official datasets is not "
-                              "implemented", path=source, fix=f"remove it or set it to {off if off is not None else 0}")
     if model_type in _STAGE1_OF:  # the degradations of stage 2, refused now rather than when the data loads
         for name in ("train", "val"):
             opts = datasets.get(name)

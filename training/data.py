@@ -1,8 +1,9 @@
 """Training and validation data: a folder of high-quality faces (FFHQ layout) and paired LQ/HQ sets.
 
 Samples are dicts of tensors in the model's convention: RGB, [3, H, W], float32 in [-1, 1] (``lq``, ``gt``), plus
-``index``. Every random choice of a sample (flip, degradation) comes from :func:`training.degradations.sample_rng`
-with (seed, epoch, index), so the data stream is the same for any number of workers, processes or resumes.
+``index`` (and, for training, ``skipped``: the unreadable files a sample replaced). Every random choice of a sample
+(flip, degradation) comes from :func:`training.degradations.sample_rng` with (seed, epoch, index), so the data
+stream is the same for any number of workers, processes or resumes.
 
 A root is a folder, ``"synthetic"`` / ``"synthetic:N"`` (N procedural faces, for smoke tests), or a list of such
 candidates of which the first that exists is used.
@@ -10,6 +11,7 @@ candidates of which the first that exists is used.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -21,11 +23,14 @@ from torch.utils.data import Dataset, Sampler
 from training.degradations import DegradationParams, degrade, sample_rng
 from vqfr.errors import ConfigError, InputError
 
-__all__ = ["IMAGE_SUFFIXES", "list_images", "resolve_root", "synthetic_face", "FaceDataset", "PairedDataset",
-           "EpochSampler", "to_model_tensor"]
+__all__ = ["IMAGE_SUFFIXES", "MAX_DRAWS", "list_images", "resolve_root", "synthetic_face", "FaceDataset",
+           "PairedDataset", "EpochSampler", "to_model_tensor"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 SYNTHETIC_DEFAULT_COUNT = 16
+#: Images one training sample tries: an unreadable file is replaced by another file drawn at random, up to this many
+#: in all, before the sample fails.
+MAX_DRAWS = 10
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -143,7 +148,13 @@ class FaceDataset(Dataset):
         degradation: parameters of the LQ synthesis; None gives ``gt`` only (stage 1).
         seed: the data seed.
 
-    Items: ``{"gt": [3,S,S], "lq": [3,S,S] (with a degradation), "index": int}``, float32 in [-1, 1].
+    Items: ``{"gt": [3,S,S], "lq": [3,S,S] (with a degradation), "index": int, "skipped": str}``, float32 in
+    [-1, 1]. A file that cannot be read (corrupt, cut off, not square ...) is replaced by another one drawn at random
+    (the same one for the same seed, epoch and index); ``skipped`` is a JSON list of ``[file, reason]`` of the files
+    replaced, ``"[]"`` for most items, for the trainer to report and count. Good files cost nothing more.
+
+    Raises:
+        InputError: (on reading an item) none of :data:`MAX_DRAWS` files drawn for it could be read.
     """
 
     def __init__(self, root: str | Sequence[str], out_size: int, use_hflip: bool = True,
@@ -162,12 +173,33 @@ class FaceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
+    def _read_readable(self, index: int) -> tuple[np.ndarray, list[list[str]]]:
+        """The image ``index``, or when its file cannot be read one drawn in its place; with ``[file, reason]`` of
+        each file that could not be read."""
+        skipped: list[list[str]] = []
+        current, draws = index, None
+        for _ in range(MAX_DRAWS):
+            try:
+                return self.source.read(current), skipped
+            except InputError as exc:
+                skipped.append([str(exc.path or self.source.name(current)), exc.reason])
+            if draws is None:  # a stream of its own: the sample's flips and degradation stay as they were
+                draws = np.random.default_rng([self.seed, self.epoch, index, 1])
+            n = len(self.source)
+            current = (current + 1 + int(draws.integers(n - 1))) % n if n > 1 else current
+        files = {file: reason for file, reason in skipped}  # a small folder repeats files
+        named = "; ".join(f"{file}: {reason}" for file, reason in list(files.items())[:3])
+        raise InputError(f"{MAX_DRAWS} training images drawn in a row could not be read ({named}"
+                         f"{' ...' if len(files) > 3 else ''})",
+                         path=self.root, fix="check that dataroot_gt holds the aligned, square face images, and "
+                         "re-copy or remove the files that cannot be read")
+
     def __getitem__(self, index: int) -> dict:
         rng = sample_rng(self.seed, self.epoch, index)
-        gt = self.source.read(index)
+        gt, skipped = self._read_readable(index)
         if self.use_hflip and rng.random() < 0.5:
             gt = np.ascontiguousarray(gt[:, ::-1])
-        item = {"gt": to_model_tensor(gt), "index": index}
+        item = {"gt": to_model_tensor(gt), "index": index, "skipped": json.dumps(skipped)}
         if self.degradation is not None:
             lq, _ = degrade(gt, rng, self.degradation)
             item["lq"] = to_model_tensor(lq)

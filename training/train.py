@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from training.config import load_config
-from training.trainer import Trainer, saved_states
+from training.trainer import Trainer, error_message, saved_states
 from vqfr.errors import VQFRError
 
 
@@ -39,16 +39,6 @@ def resumed_run_folder(resume: Path) -> Path | None:
     if resume.parent.name == "training_states":
         return resume.parent.parent
     return None
-
-
-def error_message(exc: BaseException) -> str:
-    """The message of an error; for one re-raised from a DataLoader worker (torch writes the worker's traceback into
-    the message), the worker's original message only."""
-    text = str(exc)
-    name = f"{type(exc).__module__}.{type(exc).__qualname__}: "
-    if text.startswith(f"Caught {type(exc).__name__} in DataLoader worker") and name in text:
-        return text[text.rindex(name) + len(name):].strip()
-    return text
 
 
 def build_parser() -> argparse.ArgumentParser:

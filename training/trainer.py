@@ -46,13 +46,19 @@ from training.kmeans import CodebookReestimator
 from training.recipes import RECIPES, Recipe, unwrap
 from vqfr._optional import require
 from vqfr.atomic import atomic_path, atomic_write_bytes, fsync_path
-from vqfr.errors import BackendUnavailable, CheckpointError, ConfigError, OutputError
+from vqfr.errors import BackendUnavailable, CheckpointError, ConfigError, InputError, OutputError, VQFRError
 
-__all__ = ["Trainer", "EMA", "init_distributed", "latest_state", "saved_states"]
+__all__ = ["Trainer", "EMA", "init_distributed", "latest_state", "saved_states", "error_message"]
 
 log = logging.getLogger("training")
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: Unreadable training images are skipped (each named once in the log, another image drawn in its place) until they
+#: are more than this share of the images drawn and either at least UNREADABLE_LEAST files or most of those drawn;
+#: then the run stops.
+UNREADABLE_SHARE = 0.01
+UNREADABLE_LEAST = 10
 
 
 def init_distributed(backend: str | None = None) -> tuple[int, int, int, bool]:
@@ -93,6 +99,16 @@ class EMA:
         return self.model.state_dict()
 
 
+def error_message(exc: BaseException) -> str:
+    """The message of an error; for one re-raised from a DataLoader worker (torch writes the worker's traceback into
+    the message), the worker's original message only."""
+    text = str(exc)
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    if text.startswith(f"Caught {type(exc).__name__} in DataLoader worker") and name in text:
+        return text[text.rindex(name) + len(name):].strip()
+    return text
+
+
 def _brief(exc: BaseException, lines: int = 1) -> str:
     """The first ``lines`` lines of an exception's message, joined (load_state_dict lists every mismatch)."""
     return " ".join(line.strip() for line in str(exc).strip().splitlines()[:lines]) or type(exc).__name__
@@ -117,19 +133,22 @@ def latest_state(path: str | Path) -> Path:
     return states[-1]
 
 
-def _drop_records_after(path: Path, it: int) -> None:
+def _drop_records_after(path: Path, it: int, aside: Path | None = None) -> None:
     """Rewrite a ``*.jsonl`` log of the run without the records of iterations after ``it`` (and without lines cut
-    off by a killed run), so that a run resumed at ``it`` appends to one consistent history."""
+    off by a killed run), so that a run resumed at ``it`` appends to one consistent history. With ``aside`` (the
+    folder the later states were moved to), the records dropped are written there under the same name."""
     if not path.is_file():
         return
     lines = path.read_text().splitlines()
-    kept = []
+    kept: list[str] = []
+    later: list[str] = []
     for line in lines:
         try:
-            if int(json.loads(line)["iter"]) <= it:
-                kept.append(line + "\n")
+            (kept if int(json.loads(line)["iter"]) <= it else later).append(line + "\n")
         except (ValueError, KeyError, TypeError):  # not a record: a cut-off write or a blank line
             continue
+    if aside is not None and later:
+        atomic_write_bytes(aside / path.name, "".join(later).encode())
     atomic_write_bytes(path, "".join(kept).encode())
     if len(kept) < len(lines):
         log.info("%s: dropped %d lines after iteration %d (or cut off)", path, len(lines) - len(kept), it)
@@ -166,7 +185,8 @@ class Trainer:
     def __init__(self, cfg: dict, out_dir: str | Path, device: str | None = None, resume: str | Path | None = None):
         try:
             self._init(cfg, out_dir, device, resume)
-        except BaseException:
+        except BaseException as exc:
+            self._log_stop(exc)
             self.close()  # detach train.log: later runs in this process must not write into it
             raise
 
@@ -249,8 +269,9 @@ class Trainer:
             self._resume(state_path, state)
         if self.is_main:  # only now: a resume that does not fit leaves the run's config.yml and logs as they were
             if resume is not None:
+                aside = self._set_aside_after(self.start_iter)
                 for name in ("metrics.jsonl", "val_metrics.jsonl"):
-                    _drop_records_after(self.out / name, self.start_iter)
+                    _drop_records_after(self.out / name, self.start_iter, aside)
             with atomic_path(self.out / "config.yml") as tmp:
                 Path(tmp).write_text(yaml.safe_dump(self.cfg, sort_keys=False))
         self.tb = None
@@ -331,6 +352,8 @@ class Trainer:
                                  pin_memory=self.device.type == "cuda", persistent_workers=False)
         log.info("training data: %s (%d images, %d batches of %d per GPU x %d GPUs per epoch)", self.train_set.root,
                  len(self.train_set), self.sampler.batches_per_epoch, batch, self.world)
+        self._unreadable: dict[str, str] = {}  # file -> reason, in the order found (this process, this session)
+        self._drawn = 0  # images this process tried to read, the replacements included
         self.val_set = None
         self.val_metrics = val_metrics(self.cfg)
         val = self.cfg["datasets"].get("val")
@@ -360,26 +383,38 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------------------------------
     def train(self) -> dict:
-        """Run until ``train.total_iter``. Returns the last logged metrics."""
-        logger_opt = self.cfg.get("logger") or {}
-        print_freq = int(logger_opt.get("print_freq", 100))
-        save_freq = int(float(logger_opt.get("save_checkpoint_freq", 5000)))
-        val_opt = self.cfg.get("val") or {}
-        val_freq = int(float(val_opt.get("val_freq", 5000)))
+        """Run until ``train.total_iter``. Returns the last logged metrics. The trainer is closed afterwards, also
+        when this raises (the reason is written to ``train.log`` first)."""
         it = self.start_iter
-        last: dict = {}
-        timer, timed = time.perf_counter(), 0
-        bpe = self.sampler.batches_per_epoch
         if it >= self.total_iter:
             log.warning("nothing to train: the run is at iteration %d and train.total_iter is %d; raise --max-iters "
                         "(or train.total_iter) to train further", it, self.total_iter)
         self.net.train()
+        try:
+            last = self._loop(it)
+        except BaseException as exc:
+            self._log_stop(exc)
+            self.close()
+            raise
+        self.close()
+        return last
+
+    def _loop(self, it: int) -> dict:
+        """The iterations from ``it`` to ``train.total_iter`` (the body of :meth:`train`)."""
+        logger_opt = self.cfg.get("logger") or {}
+        print_freq = int(logger_opt.get("print_freq", 100))
+        save_freq = int(float(logger_opt.get("save_checkpoint_freq", 5000)))
+        val_freq = int(float((self.cfg.get("val") or {}).get("val_freq", 5000)))
+        last: dict = {}
+        timer, timed = time.perf_counter(), 0
+        bpe = self.sampler.batches_per_epoch
         while it < self.total_iter:
             epoch = it // bpe
             self.train_set.set_epoch(epoch)
             self.sampler.set_epoch(epoch, it % bpe)
             for batch in self.loader:
                 it += 1
+                self._count_unreadable(batch, it)
                 terms = self.step(batch, it)
                 timed += 1
                 if it % print_freq == 0 or it == self.total_iter:
@@ -395,8 +430,25 @@ class Trainer:
                     self.validate(it)
                 if it >= self.total_iter:
                     break
-        self.close()
         return last
+
+    def _count_unreadable(self, batch: dict, it: int) -> None:
+        """Name each unreadable file that a sample of ``batch`` replaced (once per file) and stop the run when they
+        are too many (:data:`UNREADABLE_SHARE`)."""
+        skipped = [entry for text in batch.get("skipped", ()) for entry in json.loads(text)]
+        self._drawn += len(batch["gt"]) + len(skipped)
+        for file, reason in skipped:
+            if file not in self._unreadable:
+                self._unreadable[file] = reason
+                log.warning("iter %d: training image %s cannot be read (%s); another image was drawn in its place "
+                            "(unreadable files so far: %d)", it, file, reason, len(self._unreadable))
+        bad = len(self._unreadable)
+        drawn = min(self._drawn, math.ceil(len(self.train_set) / self.world))  # distinct files, at most
+        if skipped and bad > UNREADABLE_SHARE * drawn and (bad >= UNREADABLE_LEAST or 2 * bad > drawn):
+            named = ", ".join(list(self._unreadable)[:3]) + (" ..." if bad > 3 else "")
+            raise InputError(f"{bad} of the {drawn} training images drawn so far could not be read ({named})",
+                             path=self.train_set.root, fix="re-copy or remove the files named in train.log; up to "
+                             f"{UNREADABLE_SHARE:.0%} unreadable files are skipped with a warning")
 
     def step(self, batch: dict, it: int) -> dict[str, Tensor]:
         """One iteration: generator step, k-means, discriminator steps, EMA. Returns detached terms."""
@@ -557,6 +609,40 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
 
+    def _set_aside_after(self, it: int) -> Path | None:
+        """Move what the run saved after iteration ``it`` (training states, checkpoints of the generator,
+        validation images) to a new ``superseded/after_<it>_<time>/`` folder, under the same relative paths, so that
+        a run resumed from an older state cannot later be taken back to the future it abandoned (``--resume <run>``
+        picks the newest state). Nothing is deleted. Returns that folder, or None when nothing was newer."""
+        def iteration(text: str) -> int:
+            return int(text) if text.isdigit() else -1
+
+        prefix = f"{self.recipe.generator_name}_"
+        newer = [p for p in saved_states(self.out) if int(p.stem) > it]
+        newer += [p for p in sorted((self.out / "models").glob(f"{prefix}*.pth"))
+                  if iteration(p.stem[len(prefix):]) > it]
+        visuals = self.out / "visualization"
+        newer += [p for p in sorted(visuals.iterdir()) if p.is_dir() and iteration(p.name) > it] \
+            if visuals.is_dir() else []
+        if not newer:
+            return None
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = self.out / "superseded" / f"after_{it}_{stamp}"
+        n = 1
+        while aside.exists():  # two resumes within one second
+            n += 1
+            aside = self.out / "superseded" / f"after_{it}_{stamp}_{n}"
+        for path in newer:
+            target = aside / path.relative_to(self.out)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+        moved_into = {aside / p.relative_to(self.out).parent for p in newer}
+        for folder in moved_into | {p.parent for p in newer} | {aside, aside.parent}:
+            fsync_path(folder)  # a crash must not bring the abandoned states back
+        log.warning("moved the training states and checkpoints after iteration %d to %s: this resume abandons them "
+                    "(%d files and folders, nothing deleted)", it, aside, len(newer))
+        return aside
+
     def _read_state(self, path: Path) -> dict:
         """The training state saved at ``path``, or CheckpointError when the file is not one."""
         where = "pass a training_states/<iter>.state file, or the output folder to resume from its latest state"
@@ -597,6 +683,25 @@ class Trainer:
             log.warning("resuming with a global batch of %d instead of %s: the data order differs from the original "
                         "run", self.sampler.batch_size * self.world, state.get("global_batch"))
         log.info("resumed from %s at iteration %d", path, self.start_iter)
+
+    def _log_stop(self, exc: BaseException) -> None:
+        """Write why the run stopped into ``train.log``, and only there: the console has it already (``main``
+        prints the error on stderr, Python an unexpected error's traceback), so it does not go through the root
+        logger a second time."""
+        handler: logging.Handler | None = getattr(self, "_log_handler", None)  # absent if __init__ failed early
+        if handler is None:
+            return
+        level, exc_info = logging.ERROR, None
+        if isinstance(exc, KeyboardInterrupt):
+            states = saved_states(self.out)
+            level, message = logging.WARNING, "interrupted (Ctrl-C); " + (
+                f"the latest saved state is {states[-1]}" if states else "no training state was saved yet")
+        elif isinstance(exc, (VQFRError, ImportError)):  # named with the fix
+            message = f"stopped: {error_message(exc)}"
+        else:  # a bug: its traceback belongs in the log too
+            message = f"stopped by an unexpected {type(exc).__name__}: {exc}"
+            exc_info = (type(exc), exc, exc.__traceback__)
+        handler.handle(log.makeRecord(log.name, level, __file__, 0, message, (), exc_info))
 
     def close(self) -> None:
         """Flush logs and leave the process group this trainer created."""
