@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.dispatch import check_same_device
+from kernels.dispatch import check_floating, check_same_device
 
 __all__ = [
     "deform_conv2d_reference", "deform_conv2d_backward_reference", "modulated_deform_conv2d",
@@ -56,9 +56,11 @@ def check_deform_args(
 
     Raises:
         ValueError: with the offending shape (or device) and what it should be.
+        TypeError: when a tensor is not floating point (torchvision refuses those too).
     """
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     check_same_device(x=x, offset=offset, mask=mask, weight=weight, bias=bias)
+    check_floating("modulated_deform_conv2d", x=x, offset=offset, mask=mask, weight=weight, bias=bias)
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:  # torchvision's rule; stride 0 would divide by 0
         raise ValueError(f"stride and dilation must be >= 1 and padding >= 0; got stride {stride}, padding "
                          f"{padding}, dilation {dilation}")
@@ -418,11 +420,16 @@ def modulated_deform_conv2d(
         bias: [C_out] or None.
         stride, padding, dilation: int or (h, w) pair.
 
+        offset, mask, weight and bias may have other floating dtypes than ``x`` (an fp32 weight beside fp16
+        activations under autocast): every path computes in the dtype of ``x``. A float64 tensor among them takes
+        the reference.
+
     Returns:
         [B, C_out, H_out, W_out] in the dtype of ``x``.
 
     Raises:
         ValueError: on inconsistent shapes (the message names the tensor and the expected shape).
+        TypeError: when a tensor is not floating point (an integer x or mask, say).
     """
     from kernels import ops
 

@@ -33,7 +33,7 @@ from torch import Tensor
 from kernels import dispatch
 from kernels.dispatch import Launch
 
-__all__ = ["forward", "backward", "forward_launch", "backward_launches"]
+__all__ = ["forward", "backward", "forward_launch", "backward_launches", "untuned"]
 
 # The kernels call triton.language builtins only: tl.full rather than tl.zeros, and tl.reduce with triton's own
 # combine functions rather than tl.sum / tl.argmin. Those helpers are themselves @triton.jit functions, compiled or
@@ -408,6 +408,7 @@ _fwd = triton.autotune(
 )(_fwd_kernel)
 # The input-gradient kernel also keys on the gradients asked for: without grad_x it does no atomics, without the
 # offset and mask gradients no corner reads, so the best tile differs (a frozen input is common in fine-tuning).
+# reset_to_zero holds for eager launches only: traced ones run one config, untuned (see `untuned`).
 _bwd_input = triton.autotune(
     BWD_INPUT_CONFIGS, key=[*_KEY, "NEED_X", "NEED_OFFSET", "NEED_MASK"], reset_to_zero=["gx_ptr"],
     prune_configs_by={"early_config_prune": _pruner(lambda k: 4 * k["BLOCK_M"] * k["BLOCK_C"])},
@@ -436,10 +437,26 @@ _SIZES = ("C_IN", "H", "W", "C_OUT", "H_OUT", "W_OUT", "G", "CG", "M")
 _CONV = ("STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W", "DIL_H", "DIL_W")
 
 
+def _contiguous_as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` contiguous in ``dtype``, in one copy at most. ``t.to(dtype).contiguous()`` copied twice when both
+    change (the cast keeps the strides of a permuted tensor), and ``t.to(dtype, memory_format=contiguous_format)``
+    alone returns a permuted ``t`` of that dtype as it is, not contiguous."""
+    return t.contiguous() if t.dtype == dtype else t.to(dtype, memory_format=torch.contiguous_format)
+
+
 def _packed_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """[C_OUT, C_IN, KH, KW] -> [KH*KW, C_IN, C_OUT] contiguous in ``dtype`` (output channels contiguous)."""
+    """[C_OUT, C_IN, KH, KW] -> [KH*KW, C_IN, C_OUT] contiguous in ``dtype`` (output channels contiguous), in one copy
+    (two when casting first, as for an fp32 weight beside fp16 activations under autocast); none for a weight whose
+    memory already has this layout and dtype."""
     c_out, c_in, kh, kw = weight.shape
-    return weight.to(dtype).permute(2, 3, 1, 0).reshape(kh * kw, c_in, c_out).contiguous()
+    return _contiguous_as(weight.permute(2, 3, 1, 0), dtype).view(kh * kw, c_in, c_out)
+
+
+def _unpacked_weight_grad(grad_w: Tensor, weight: Tensor) -> Tensor:
+    """The fp32 [KH*KW, C_IN, C_OUT] weight-gradient buffer -> [C_OUT, C_IN, KH, KW] contiguous in the dtype of
+    ``weight``, in one copy."""
+    c_out, c_in, kh, kw = weight.shape
+    return _contiguous_as(grad_w.view(kh, kw, c_in, c_out).permute(3, 2, 0, 1), weight.dtype)
 
 
 def forward_launch(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None,
@@ -539,6 +556,28 @@ def backward_launches(grad_out: Tensor, x: Tensor, offset: Tensor, mask: Tensor,
     return (grad_x, grad_offset, grad_mask, grad_w), launches
 
 
+def untuned(launch: Launch) -> Launch:
+    """``launch`` with its autotuner replaced by the bare kernel and one config: the first that the autotuner's pruner
+    keeps for it.
+
+    For the backward kernels while they are traced (torch.compile, torch.export; the ops are ``triton_op``s and the
+    launches go through ``torch.library.wrap_triton``). Both kernels accumulate into a zero-filled buffer with
+    atomics, and their autotuners reset it between trials (``reset_to_zero``). The tracer drops that: it runs an
+    autotuner's ``early_config_prune`` at trace time and wraps the kept configs in a new ``triton.autotune(configs,
+    key=[])``, without ``reset_to_zero`` or ``restore_value`` (``torch/_higher_order_ops/triton_kernel_wrap.py``,
+    torch 2.11 to 2.14). Inductor (or, with another backend, that new autotuner) then benchmarks every kept config
+    on the real buffers, each trial adding into them, so the first call of each shape would return a multiple of the
+    gradient (read from torch's sources; not run on a GPU). With one config there is no trial: the buffer is zeroed
+    once, by the launcher, and written once.
+    """
+    tuner = launch.kernel
+    named = dict(zip(tuner.arg_names, launch.args, strict=False))
+    config = tuner.early_config_prune(tuner.configs, named, **launch.constexprs)[0]
+    return Launch(tuner.fn, launch.grid, launch.args, {**launch.constexprs, **config.kwargs,
+                                                        "num_warps": config.num_warps,
+                                                        "num_stages": config.num_stages})
+
+
 def backward(grad_out: Tensor, x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor,
              stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
              output_mask: Sequence[bool] = (True, True, True, True),
@@ -556,11 +595,11 @@ def backward(grad_out: Tensor, x: Tensor, offset: Tensor, mask: Tensor, weight: 
         grad_out, x, offset, mask, weight, stride, padding, dilation, output_mask
     )
     if grad_out.numel() > 0 and x.shape[1] > 0:
+        if dispatch.is_traced(x):  # launched through wrap_triton's tracer: one config, no autotuning (see untuned)
+            launches = [untuned(launch) for launch in launches]
         for launch in launches:
             dispatch.launchable(launch.kernel)[launch.grid](*launch.args, **launch.constexprs)
-    c_out, c_in, kh, kw = weight.shape
-    grad_weight = None if grad_w is None else \
-        grad_w.view(kh, kw, c_in, c_out).permute(3, 2, 0, 1).to(weight.dtype).contiguous()
+    grad_weight = None if grad_w is None else _unpacked_weight_grad(grad_w, weight)
     if grad_x is not None:
         grad_x = grad_x.to(dtype=x.dtype, memory_format=torch.channels_last if _channels_last(x)
                            else torch.contiguous_format)

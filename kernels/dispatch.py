@@ -8,7 +8,9 @@ The choice is made per call, from the tensors and one switch:
   faster ``grid_sample`` forward (within about 1e-5 of the reference). ``triton`` raises where Triton cannot run.
 - Triton can run on CUDA tensors of dtype float16, bfloat16 or float32 when the ``triton`` package is installed, and on
   CPU tensors too while ``TRITON_INTERPRET=1`` is set (Triton's interpreter; this is how CI tests the kernels).
-  float64, other devices and tensors being traced by torch.compile on the CPU always take the reference.
+  float64 (in any tensor of the call, not only x), other devices and tensors being traced by torch.compile on the
+  CPU always take the reference. The first tensor (x, z) sets the dtype the kernels compute in, as in the
+  references, so mixed supported dtypes (an fp32 weight beside fp16 activations under autocast) run on Triton.
 
 Triton is imported lazily, on the first call that runs a kernel. ``TRITON_INTERPRET`` only matters when a kernel is
 decorated, so each Triton module is loaded once per mode (compiled and interpreted) and both copies can live in one
@@ -35,7 +37,7 @@ from torch import Tensor
 
 __all__ = ["MODES", "LAUNCHES", "use", "active_mode", "interpreting", "interpreter_problem", "triton_installed",
            "why_not_triton", "use_triton", "use_grid_sample", "dot_precision", "Launch", "launchable", "triton_module",
-           "release", "check_same_device"]
+           "release", "check_same_device", "check_floating", "is_traced"]
 
 #: Valid values of ``VQFR_KERNELS`` and of :func:`use`.
 MODES = ("auto", "triton", "reference")
@@ -117,22 +119,31 @@ def interpreter_problem() -> str | None:
     return None
 
 
-def _is_traced(t: Tensor) -> bool:
+def is_traced(t: Tensor) -> bool:
     """True for fake (or functionalized fake) tensors and inside torch.compile: nothing real to launch on."""
     from torch._subclasses.fake_tensor import is_fake
 
     return is_fake(t) or torch.compiler.is_compiling()
 
 
-def why_not_triton(*tensors: Tensor | None) -> str | None:
-    """Why the Triton kernels cannot take these tensors (None when they can). The first tensor sets dtype/device."""
-    present = [t for t in tensors if t is not None]
-    lead = present[0]
+def why_not_triton(*tensors: Tensor | None, **named: Tensor | None) -> str | None:
+    """Why the Triton kernels cannot take these tensors (None when they can).
+
+    Every tensor is checked, not only the first: each must be float16, bfloat16 or float32 (a float64 or integer
+    tensor anywhere, say a float64 codebook beside fp32 tokens, takes the reference) and all must be on one device.
+    The first tensor (x, z) sets the device and the dtype the kernels compute in, as in the references: mixed
+    supported dtypes, such as an fp32 weight beside fp16 activations under autocast, run on Triton with the others
+    converted. Tensors passed by keyword are named in the reason; None is skipped.
+    """
+    present = [(name, t) for name, t in [*((f"tensor {i}", t) for i, t in enumerate(tensors)), *named.items()]
+               if t is not None]
+    lead_name, lead = present[0]
     if not triton_installed():
         return "the triton package is not installed (pip install 'vqfr-deploy[gpu]')"
-    if lead.dtype not in TRITON_DTYPES:
-        return f"dtype {lead.dtype} is not one of float16, bfloat16, float32"
-    devices = {t.device for t in present}
+    for name, t in present:
+        if t.dtype not in TRITON_DTYPES:
+            return f"{name} has dtype {t.dtype}, not one of float16, bfloat16, float32"
+    devices = {t.device for _, t in present}
     if len(devices) != 1:
         return f"tensors are on several devices: {sorted(map(str, devices))}"
     if lead.device.type == "cuda":
@@ -140,10 +151,10 @@ def why_not_triton(*tensors: Tensor | None) -> str | None:
     if lead.device.type == "cpu":
         if not interpreting():
             return "CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)"
-        if _is_traced(lead):
+        if is_traced(lead):
             return "the interpreter only runs eagerly, not under torch.compile/export tracing"
-        if lead.dtype == torch.bfloat16:
-            return "the interpreter has no bfloat16 (numpy lacks it)"
+        if lead.dtype == torch.bfloat16:  # the others are converted to the dtype of the first one
+            return f"{lead_name} is bfloat16 and the interpreter has no bfloat16 (numpy lacks it)"
         return interpreter_problem()
     return f"device {lead.device} is not supported by the Triton kernels"
 
@@ -162,6 +173,18 @@ def check_same_device(**tensors: Tensor | None) -> None:
                              f"{lead.device}")
 
 
+def check_floating(op: str, **tensors: Tensor | None) -> None:
+    """Raise TypeError naming the first tensor that is not floating point (None is skipped).
+
+    Like torchvision, the ops take float16, bfloat16, float32 or float64 only: an integer x, mask or codebook used to
+    be computed with (integer arithmetic in the reference, a silent conversion in the Triton kernels).
+    """
+    for name, t in tensors.items():
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{op}: {name} has dtype {t.dtype}, but only floating-point tensors are taken (float16, "
+                            f"bfloat16, float32, float64); convert it first, e.g. {name}.float()")
+
+
 def use_grid_sample(x: Tensor) -> bool:
     """True when a deformable conv that does not run on Triton should take the ``grid_sample`` forward
     (:func:`kernels.deform_conv.deform_conv2d_grid_sample`) rather than the reference: mode ``auto`` and float32.
@@ -170,15 +193,15 @@ def use_grid_sample(x: Tensor) -> bool:
     return active_mode() == "auto" and x.dtype == torch.float32
 
 
-def use_triton(op: str, *tensors: Tensor | None, fallback: str = "reference") -> bool:
+def use_triton(op: str, *tensors: Tensor | None, fallback: str = "reference", **named: Tensor | None) -> bool:
     """Decide the implementation of one call of ``op`` and count it in :data:`LAUNCHES` (as ``"<op>:triton"``, or
-    ``"<op>:<fallback>"`` when the caller will run its fallback).
+    ``"<op>:<fallback>"`` when the caller will run its fallback). The tensors are those of :func:`why_not_triton`.
 
     Raises:
         RuntimeError: in mode ``triton`` when the kernels cannot take these tensors (says why and the fix).
     """
     mode = active_mode()
-    reason = "mode is 'reference'" if mode == "reference" else why_not_triton(*tensors)
+    reason = "mode is 'reference'" if mode == "reference" else why_not_triton(*tensors, **named)
     if mode == "triton" and reason is not None:
         raise RuntimeError(f"{op}: the Triton kernel was forced ({ENV_VAR}=triton or kernels.use('triton')) but "
                            f"cannot run: {reason}. Fix: run on a CUDA GPU, set TRITON_INTERPRET=1 for CPU tensors, "

@@ -13,14 +13,16 @@ from typing import Literal, overload
 import torch
 from torch import Tensor
 
-from kernels.dispatch import check_same_device
+from kernels.dispatch import check_floating, check_same_device
 
 __all__ = ["nearest_code_reference", "nearest_code", "check_nearest_args"]
 
 
 def check_nearest_args(z: Tensor, codebook: Tensor) -> None:
-    """Raise ValueError unless ``z`` is [N, D] and ``codebook`` is [K, D] with K >= 1, both on one device."""
+    """Raise ValueError unless ``z`` is [N, D] and ``codebook`` is [K, D] with K >= 1, both on one device, and
+    TypeError unless both are floating point."""
     check_same_device(z=z, codebook=codebook)
+    check_floating("nearest_code", z=z, codebook=codebook)
     if z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1] or codebook.shape[0] == 0:
         raise ValueError(
             f"z must be [N, D] and codebook [K, D] with K >= 1; got {tuple(z.shape)} and {tuple(codebook.shape)}"
@@ -65,8 +67,9 @@ def nearest_code(z: Tensor, codebook: Tensor, return_distance: bool = False) -> 
     ``vqfr::nearest_code`` custom op.
 
     Args:
-        z: [N, D] tokens.
-        codebook: [K, D] code vectors.
+        z: [N, D] tokens, floating point.
+        codebook: [K, D] code vectors, floating point; its dtype may differ from that of ``z`` (the distances are
+            accumulated in fp32 either way, fp64 when ``z`` is fp64; a float64 codebook takes the reference).
         return_distance: also return the squared distance to the chosen code.
 
     Returns:
@@ -74,6 +77,7 @@ def nearest_code(z: Tensor, codebook: Tensor, return_distance: bool = False) -> 
 
     Raises:
         ValueError: when the shapes do not fit.
+        TypeError: when ``z`` or ``codebook`` is not floating point.
     """
     from kernels import ops
 

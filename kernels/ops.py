@@ -96,7 +96,7 @@ def _deform_conv2d(
     # The op is public (torch.ops.vqfr.*): the Triton launchers trust their shapes, so check them on every path.
     check_deform_args(x, offset, mask, weight, bias, *conv)
     fast = dispatch.use_grid_sample(x)
-    if dispatch.use_triton("modulated_deform_conv2d", x, offset, mask, weight, bias,
+    if dispatch.use_triton("modulated_deform_conv2d", x=x, offset=offset, mask=mask, weight=weight, bias=bias,
                            fallback="grid_sample" if fast else "reference"):
         return dispatch.triton_module("deform_conv_triton").forward(x, offset, mask, weight, bias, *conv)
     impl = deform_conv2d_grid_sample if fast else deform_conv2d_reference
@@ -114,6 +114,7 @@ deform_conv2d_op = _define("vqfr::modulated_deform_conv2d", _deform_conv2d)
 @deform_conv2d_op.register_fake
 def _(x, offset, mask, weight, bias, stride, padding, dilation):
     dispatch.check_same_device(x=x, offset=offset, mask=mask, weight=weight, bias=bias)
+    dispatch.check_floating("modulated_deform_conv2d", x=x, offset=offset, mask=mask, weight=weight, bias=bias)
     _check_pairs(stride, padding, dilation)
     h_out, w_out = _out_hw(x, weight, stride, padding, dilation)
     return torch.empty(x.shape[0], weight.shape[0], h_out, w_out, dtype=x.dtype, device=x.device,
@@ -147,11 +148,13 @@ def _deform_conv2d_backward(
     conv = _conv_args(stride, padding, dilation)
     need = _output_mask(output_mask)
     dispatch.check_same_device(x=x, grad_out=grad_out)
+    dispatch.check_floating("modulated_deform_conv2d_backward", grad_out=grad_out)
     *_, h_out, w_out = check_deform_args(x, offset, mask, weight, None, *conv)
     if tuple(grad_out.shape) != (x.shape[0], weight.shape[0], h_out, w_out):
         raise ValueError(f"grad_out shape {tuple(grad_out.shape)} != expected "
                          f"{(x.shape[0], weight.shape[0], h_out, w_out)}")
-    if dispatch.use_triton("modulated_deform_conv2d_backward", x, offset, mask, weight, grad_out):
+    if dispatch.use_triton("modulated_deform_conv2d_backward", x=x, offset=offset, mask=mask, weight=weight,
+                           grad_out=grad_out):
         grads = dispatch.triton_module("deform_conv_triton").backward(grad_out, x, offset, mask, weight, *conv,
                                                                       output_mask=need)
     else:
@@ -175,6 +178,8 @@ deform_conv2d_backward_op = _define("vqfr::modulated_deform_conv2d_backward", _d
 @deform_conv2d_backward_op.register_fake
 def _(grad_out, x, offset, mask, weight, stride, padding, dilation, output_mask=None):
     dispatch.check_same_device(x=x, grad_out=grad_out, offset=offset, mask=mask, weight=weight)
+    dispatch.check_floating("modulated_deform_conv2d_backward", x=x, grad_out=grad_out, offset=offset, mask=mask,
+                            weight=weight)
     _check_pairs(stride, padding, dilation)
     # Not empty_like, which would copy the strides of a channels-last x, offset, mask or weight: Inductor allocates
     # and checks the real outputs by these layouts.
@@ -197,7 +202,9 @@ def _deform_backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
     need = [bool(n) for n in ctx.needs_input_grad[:4]]
     grads: list[Tensor | None] = [None] * 4
     if any(need):
-        computed = deform_conv2d_backward_op(grad_out.contiguous(), x, offset, mask, weight, *ctx.conv_args, need)
+        # grad_out as autograd hands it over: both implementations take any strides, and a contiguous() copy here
+        # cost a full read and write of it for a channels-last model (or an expanded gradient, as from .sum()).
+        computed = deform_conv2d_backward_op(grad_out, x, offset, mask, weight, *ctx.conv_args, need)
         grads = [g if n else None for g, n in zip(computed, need, strict=True)]
     grad_bias = grad_out.sum((0, 2, 3)).to(bias.dtype) if bias is not None and ctx.needs_input_grad[4] else None
     return *grads, grad_bias, None, None, None
@@ -209,7 +216,7 @@ deform_conv2d_op.register_autograd(_deform_backward, setup_context=_deform_setup
 def _nearest_code(z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
     """Nearest codebook row: ([N] int64 index, [N] squared distance, fp32 (fp64 for fp64 inputs))."""
     check_nearest_args(z, codebook)  # the kernel would read past a codebook narrower than the tokens
-    if dispatch.use_triton("nearest_code", z, codebook):
+    if dispatch.use_triton("nearest_code", z=z, codebook=codebook):
         return dispatch.triton_module("nearest_code_triton").nearest_code(z, codebook)
     idx, dist = nearest_code_reference(z, codebook, return_distance=True)
     return idx, dist
@@ -221,5 +228,6 @@ nearest_code_op = _define("vqfr::nearest_code", _nearest_code)
 @nearest_code_op.register_fake
 def _(z, codebook):
     dispatch.check_same_device(z=z, codebook=codebook)
+    dispatch.check_floating("nearest_code", z=z, codebook=codebook)
     dist_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     return z.new_empty(z.shape[0], dtype=torch.long), z.new_empty(z.shape[0], dtype=dist_dtype)

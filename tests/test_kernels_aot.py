@@ -30,9 +30,10 @@ def test_every_kernel_compiles_for_sm90_without_spills(monkeypatch):
 
 
 def test_nearest_code_with_a_float64_codebook_compiles(monkeypatch):
-    """fp32 tokens against a float64 codebook reach the kernel (the dispatch looks at the tokens' dtype). Promoted
-    to float64, the kernel's tl.dot did not compile for its fp32 accumulators; the launcher now stops at fp32, which is
-    what the reference computes in."""
+    """fp32 tokens against a float64 codebook reached the kernel (the dispatch looked at the tokens' dtype only; it
+    now sends a float64 codebook to the reference, but the launcher is public). Promoted to float64, the kernel's
+    tl.dot did not compile for its fp32 accumulators; the launcher stops at fp32, which is what the reference computes
+    in."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

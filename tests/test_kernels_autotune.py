@@ -146,3 +146,37 @@ def test_dot_precision_follows_torchs_matmul_setting_through_either_api(setting,
                          env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split("\n")[:2] == [f"['{expected}']", "['None']"], res.stdout
+
+
+def test_traced_backward_launches_run_one_config_so_no_trial_adds_into_the_gradients(monkeypatch):
+    """The backward kernels add into zero-filled gradient buffers with atomics; their autotuners zero the buffers
+    between benchmark trials (reset_to_zero). Traced through ``torch.library.wrap_triton`` (torch.compile of a model
+    on a GPU, where the ops are triton_ops), torch runs the pruner at trace time and records a new autotuner with the
+    kept configs and no reset_to_zero, so Inductor benchmarked several configs into the real buffers and the first
+    compiled call of each shape returned a multiple of the gradient. Traced launches now carry one config: nothing to
+    benchmark. (The trace is made here on the CPU with fake tensors; the GPU run itself is not tested.)"""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table, triton_kernel_wrapper_mutation
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(dispatch, "TRACEABLE_LAUNCHES", True)  # the launches as the GPU flavour of the ops makes them
+    deform = dispatch.triton_module("deform_conv_triton")
+    conv = ((1, 1), (1, 1), (1, 1))
+    args = (torch.randn(1, 128, 8, 8), torch.randn(1, 128, 8, 8), torch.randn(1, 72, 8, 8), torch.rand(1, 36, 8, 8),
+            torch.randn(128, 128, 3, 3))
+    _, launches = deform.backward_launches(*args, *conv)
+    for launch in launches:  # eagerly, a real choice, and the buffer reset between trials
+        tuner = launch.kernel
+        kept = tuner.early_config_prune(tuner.configs, dict(zip(tuner.arg_names, launch.args, strict=False)),
+                                        **launch.constexprs)
+        assert len(kept) > 1 and tuner.reset_to_zero
+    graph = make_fx(lambda *a: deform.backward(*a, *conv), tracing_mode="fake")(*args).graph
+    nodes = [n for n in graph.nodes if n.target is triton_kernel_wrapper_mutation]
+    traced = [kernel_side_table.get_kernel(n.kwargs["kernel_idx"]) for n in nodes]
+    assert [k.fn.__name__ for k in traced] == ["_bwd_input_kernel", "_bwd_weight_kernel"]
+    for node, kernel, launch in zip(nodes, traced, launches, strict=True):
+        assert len(kernel.configs) == 1, kernel.configs
+        expected = deform.untuned(launch).constexprs  # the first config the pruner keeps
+        assert (kernel.configs[0].num_warps, kernel.configs[0].num_stages) == (expected["num_warps"],
+                                                                               expected["num_stages"])
+        assert all(node.kwargs["kwargs"][k] == expected[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_C"))

@@ -455,3 +455,123 @@ def test_ops_take_pairs_only(bad):
                 torch.ops.vqfr.modulated_deform_conv2d(*fakes[1:], *conv)
             with pytest.raises(ValueError, match=f"{name} must be a pair"):
                 torch.ops.vqfr.modulated_deform_conv2d_backward(*fakes[:5], *conv)
+
+
+DCN_NAMES = ("x", "offset", "mask", "weight", "bias")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool], ids=str)
+@pytest.mark.parametrize("name", DCN_NAMES)
+def test_a_non_floating_dcn_input_is_refused_on_every_path(name, dtype):
+    """torchvision refuses integer tensors; the references and the ops computed with them (an integer x gave an int64
+    output, an integer offset or weight was converted silently). Every entry point now raises TypeError naming the
+    tensor, whatever implementation would run; the Triton path is checked in tests/test_kernels_triton.py."""
+    args = dict(zip(DCN_NAMES, small_dcn(), strict=True))
+    args[name] = args[name].to(dtype)
+    pattern = f"{name} has dtype {dtype}.*floating-point.*{name}.float\\(\\)"
+    conv = ([1, 1], [1, 1], [1, 1])
+    for mode in ("auto", "reference"):  # auto: the grid_sample forward for float32
+        with kernels.use(mode), pytest.raises(TypeError, match=pattern):
+            kernels.modulated_deform_conv2d(*args.values(), 1, 1, 1)
+    with pytest.raises(TypeError, match=pattern):
+        deform_conv2d_reference(*args.values(), 1, 1, 1)
+    with pytest.raises(TypeError, match=pattern):
+        torch.ops.vqfr.modulated_deform_conv2d(*args.values(), *conv)
+    backward_args = (torch.randn(1, 4, 6, 7), args["x"], args["offset"], args["mask"], args["weight"], *conv)
+    if name != "bias":
+        with pytest.raises(TypeError, match=pattern):
+            torch.ops.vqfr.modulated_deform_conv2d_backward(*backward_args)
+        with pytest.raises(TypeError, match=pattern):
+            deform_conv2d_backward_reference(*backward_args[:5], 1, 1, 1)
+    with FakeTensorMode() as fake_mode, pytest.raises(TypeError, match=pattern):  # tracing refuses too
+        torch.ops.vqfr.modulated_deform_conv2d(*(fake_mode.from_tensor(t) for t in args.values()), *conv)
+    assert not dispatch.LAUNCHES
+
+
+def test_a_non_floating_grad_out_or_code_search_input_is_refused():
+    """The same for the backward op's grad_out, and for nearest_code's tokens and codebook (the reference and the
+    kernel converted an integer codebook and searched it)."""
+    x, offset, mask, weight, _ = small_dcn()
+    with pytest.raises(TypeError, match="grad_out has dtype torch.int64"):
+        torch.ops.vqfr.modulated_deform_conv2d_backward(torch.ones(1, 4, 6, 7, dtype=torch.long), x, offset, mask,
+                                                        weight, [1, 1], [1, 1], [1, 1])
+    z, codebook = torch.randn(5, 8), torch.randn(6, 8)
+    for name, args in (("z", (z.long(), codebook)), ("codebook", (z, codebook.int()))):
+        pattern = f"nearest_code: {name} has dtype .*{name}.float\\(\\)"
+        for mode in ("auto", "reference"):
+            with kernels.use(mode), pytest.raises(TypeError, match=pattern):
+                kernels.nearest_code(*args)
+        with pytest.raises(TypeError, match=pattern):
+            nearest_code_reference(*args)
+        with pytest.raises(TypeError, match=pattern):
+            torch.ops.vqfr.nearest_code(*args)
+        with FakeTensorMode() as fake_mode, pytest.raises(TypeError, match=pattern):
+            torch.ops.vqfr.nearest_code(*(fake_mode.from_tensor(t) for t in args))
+    assert not dispatch.LAUNCHES
+
+
+@pytest.mark.skipif(not dispatch.triton_installed(), reason="why_not_triton stops at 'not installed' first")
+def test_why_not_triton_checks_every_tensor_not_only_the_first(monkeypatch):
+    """It looked at the dtype of x (or z) only: a float64 offset, weight or codebook beside fp32 inputs was sent to
+    the kernels, and an integer one too, when called directly. Every tensor is checked now and the reason names it;
+    auto mode falls back (the reference computes in the dtype of x, as before), forced mode says why. Mixed dtypes
+    the kernels support (an fp32 weight beside fp16 activations, as under autocast) stay on Triton."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if dispatch.interpreter_problem():
+        pytest.skip(dispatch.interpreter_problem())
+    x, offset, mask, weight, bias = small_dcn()
+    assert kernels.why_not_triton(x=x, offset=offset, mask=mask, weight=weight, bias=bias) is None
+    assert kernels.why_not_triton(x=x.half(), offset=offset, mask=mask.half(), weight=weight, bias=bias) is None
+    assert kernels.why_not_triton(x, offset) is None  # positional tensors still work
+    for name in ("offset", "mask", "weight", "bias"):
+        args = {"x": x, "offset": offset, "mask": mask, "weight": weight, "bias": bias}
+        args[name] = args[name].double()
+        assert kernels.why_not_triton(**args) == f"{name} has dtype torch.float64, not one of float16, bfloat16, " \
+                                                 "float32"
+    assert kernels.why_not_triton(x, offset.long()) == "tensor 1 has dtype torch.int64, not one of float16, " \
+                                                       "bfloat16, float32"
+    assert "x is bfloat16" in kernels.why_not_triton(x=x.bfloat16(), weight=weight)
+
+    out = kernels.modulated_deform_conv2d(x, offset.double(), mask, weight, bias, 1, 1, 1)  # auto: falls back
+    torch.testing.assert_close(out, deform_conv2d_reference(x, offset, mask, weight, bias, 1, 1, 1), atol=1e-5,
+                               rtol=0)
+    z, codebook = torch.randn(10, 8), torch.randn(6, 8)
+    assert torch.equal(kernels.nearest_code(z, codebook.double()), nearest_code_reference(z, codebook))
+    assert dispatch.LAUNCHES == {"modulated_deform_conv2d:grid_sample": 1, "nearest_code:reference": 1}
+    with kernels.use("triton"):
+        with pytest.raises(RuntimeError, match="cannot run: offset has dtype torch.float64"):
+            kernels.modulated_deform_conv2d(x, offset.double(), mask, weight, bias, 1, 1, 1)
+        with pytest.raises(RuntimeError, match="cannot run: grad_out has dtype torch.float64"):
+            torch.ops.vqfr.modulated_deform_conv2d_backward(torch.randn(1, 4, 6, 7, dtype=torch.float64), x, offset,
+                                                            mask, weight, [1, 1], [1, 1], [1, 1])
+        with pytest.raises(RuntimeError, match="cannot run: codebook has dtype torch.float64"):
+            kernels.nearest_code(z, codebook.double())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_backward_op_gets_grad_out_as_autograd_hands_it_over(channels_last, monkeypatch):
+    """The autograd formula passed ``grad_out.contiguous()``: a copy of the whole output gradient for a model run
+    channels-last (whose gradients are channels-last). Both backward implementations take any strides, so it now
+    passes the tensor itself; the gradients and their layouts are those of a contiguous grad_out."""
+    seen = []
+    backward_op = kernels.ops.deform_conv2d_backward_op
+
+    def spy(grad_out, *args):
+        seen.append(grad_out)
+        return backward_op(grad_out, *args)
+
+    monkeypatch.setattr(kernels.ops, "deform_conv2d_backward_op", spy)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    args = [t.contiguous(memory_format=fmt) if t.dim() == 4 else t for t in small_dcn(torch.float64)]
+    grad_out = torch.randn(1, 4, 6, 7, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    results = []
+    for g in (grad_out.contiguous(memory_format=fmt), grad_out.contiguous()):
+        leaves = [t.clone().requires_grad_(True) for t in args]
+        out = kernels.modulated_deform_conv2d(*leaves, 1, 1, 1)
+        out.backward(g)
+        assert seen[-1].data_ptr() == g.data_ptr() and seen[-1].stride() == g.stride()
+        results.append([t.grad for t in leaves])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+        assert got.stride() == want.stride()
+    assert results[0][0].is_contiguous(memory_format=fmt)  # grad_x in the layout of x

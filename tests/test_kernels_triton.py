@@ -313,6 +313,88 @@ def test_deform_fp16_error_within_twice_plain_torch_fp16():
     assert_close_scaled(kernels.modulated_deform_conv2d(*args, 1, 1, 1), truth, TOLERANCE[torch.float16])
 
 
+def test_deform_mixed_dtypes_run_on_triton_in_the_dtype_of_x():
+    """Under autocast the op gets fp16 activations beside the fp32 weight and bias (it has no autocast rule). The
+    dispatch now checks every tensor, and these dtypes are all ones the kernels take: the call stays on Triton and
+    computes in the dtype of x, as the reference does with the same inputs, forward and backward."""
+    x, offset, mask, weight, bias = deform_case(12, 9, 11, 2, 3, 1, 1, 1, spread=2.0, seed=17, c_out=5, b=1)
+    args = [x.half(), offset, mask.half(), weight, bias]
+    ours = [t.clone().requires_grad_(True) for t in args]
+    out = kernels.modulated_deform_conv2d(*ours, 1, 1, 1)
+    assert out.dtype == torch.float16 and dispatch.LAUNCHES["modulated_deform_conv2d:triton"] == 1
+    truth = deform_conv2d_reference(*as_double(args), 1, 1, 1)
+    assert_close_scaled(out, truth, TOLERANCE[torch.float16])
+    out.float().square().sum().backward()
+    assert dispatch.LAUNCHES["modulated_deform_conv2d_backward:triton"] == 1
+    ref = [t.double().requires_grad_(True) for t in args]
+    deform_conv2d_reference(*ref, 1, 1, 1).half().double().square().sum().backward()
+    for name, a, b in zip(("x", "offset", "mask", "weight", "bias"), ours, ref, strict=True):
+        assert a.grad.dtype == a.dtype, name
+        assert_close_scaled(a.grad, b.grad, 1e-2, f"grad_{name}")
+
+
+@pytest.mark.parametrize("name", ["x", "offset", "mask", "weight", "bias"])
+def test_deform_non_floating_input_is_refused_before_any_launch(name):
+    """An integer offset, mask, weight or bias beside a float x reached the kernels, which converted it silently
+    (an integer x was refused only as 'dtype not supported', with the fix 'run on a CUDA GPU'): TypeError now."""
+    args = dict(zip(("x", "offset", "mask", "weight", "bias"),
+                    deform_case(12, 9, 11, 2, 3, 1, 1, 1, spread=1.0, c_out=5), strict=True))
+    args[name] = args[name].round().long()
+    with pytest.raises(TypeError, match=f"{name} has dtype torch.int64"):
+        kernels.modulated_deform_conv2d(*args.values(), 1, 1, 1)
+    assert not dispatch.LAUNCHES
+
+
+def test_nearest_code_non_floating_input_is_refused_before_any_launch():
+    """An integer codebook beside float tokens was promoted and searched by the kernel: TypeError now."""
+    with pytest.raises(TypeError, match="codebook has dtype torch.int64"):
+        kernels.nearest_code(torch.randn(5, 8, device=DEVICE), torch.randint(0, 3, (6, 8), device=DEVICE))
+    assert not dispatch.LAUNCHES
+
+
+class Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that return a tensor with storage of its own (a copy), not a view of one of their inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_leaves
+
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        self.ops += [func.__name__ for t in tree_leaves(out)
+                     if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_deform_weight_is_repacked_and_its_gradient_unpacked_in_one_copy(dtype):
+    """The launchers cast the weight to the dtype of x and then repacked it ([C_out, C_in, KH, KW] -> [KH*KW, C_in,
+    C_out] contiguous): two copies whenever the dtypes differ (an fp32 weight beside fp16 x under autocast). The fp32
+    weight gradient went back the same way, cast then made contiguous: two copies for an fp16 weight. One each now,
+    with the same values and layouts, and none for a weight already stored in the packed layout."""
+    deform = dispatch.triton_module("deform_conv_triton")
+    weight = torch.randn(5, 6, 3, 2, device=DEVICE).to(dtype)
+    for to in (torch.float32, torch.float16):
+        with Allocations() as log:
+            packed = deform._packed_weight(weight, to)
+        assert len(log.ops) == 1, log.ops
+        assert packed.is_contiguous() and packed.dtype == to
+        assert torch.equal(packed, weight.to(to).permute(2, 3, 1, 0).reshape(6, 6, 5))
+    stored = weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)  # a weight whose memory is already packed
+    with Allocations() as log:
+        packed = deform._packed_weight(stored, dtype)
+    assert not log.ops and packed.data_ptr() == stored.data_ptr() and packed.is_contiguous()
+    grad_w = torch.randn(6, 6, 5, device=DEVICE)  # the kernel's fp32 [KH*KW, C_in, C_out] buffer
+    with Allocations() as log:
+        grad = deform._unpacked_weight_grad(grad_w, weight)
+    assert len(log.ops) == 1, log.ops
+    assert grad.is_contiguous() and grad.dtype == dtype and grad.shape == weight.shape
+    assert torch.equal(grad, grad_w.view(3, 2, 6, 5).permute(3, 2, 0, 1).to(dtype))
+
+
 # --- nearest code -------------------------------------------------------------------------------------------------
 
 
