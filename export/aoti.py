@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,8 @@ from vqfr.sidecar import write_sidecar
 __all__ = ["export_aoti", "trace_engine", "custom_op_problems", "fp16_model", "main"]
 
 PRECISIONS = ("fp32", "fp16")
+#: The FutureWarning torch 2.11-2.13 give on every compilation (see :func:`export_aoti`), as a filter's regex.
+_LEAFSPEC_WARNING = re.escape("`isinstance(treespec, LeafSpec)` is deprecated")
 #: Modules kept in fp32 by ``--precision fp16``, per architecture: the last convolution and the code predictor.
 FP32_MODULES = {"VQFRv1": ("main_decoder.conv_out.0",), "VQFRv2": ("decoder.conv_out.2", "feat2index")}
 
@@ -175,7 +179,8 @@ def export_aoti(
     Raises:
         ConfigError: bad options, or an ``output`` not named ``.pt2``. BackendUnavailable: no CUDA for
         ``device="cuda"``. EngineError: a custom op's fake kernel disagrees with its real output, or the compilation
-        failed. OutputError: ``output`` would overwrite ``weights``, or its folder does not exist.
+        failed. OutputError: ``output`` would overwrite ``weights`` or the ``config`` file, or its folder does not
+        exist.
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}", fix="pass fp32 or fp16")
@@ -184,7 +189,7 @@ def export_aoti(
     if device == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailable("AOTInductor export for CUDA needs a CUDA GPU, and torch sees none",
                                  fix="run on a GPU machine, or pass --device cpu")
-    output = source.check_output(output, "aoti", weights)
+    output = source.check_output(output, "aoti", weights, source.config_file(config))
     problems = custom_op_problems(device)
     if problems:
         raise EngineError("a custom op's real output disagrees with its fake kernel, so AOTInductor would compute "
@@ -194,7 +199,11 @@ def export_aoti(
     spec = source.export_spec(model, batch, size, dynamic_size)
     try:
         program = trace_engine(model, spec, precision, device)
-        with atomic_path(output) as tmp:
+        with atomic_path(output) as tmp, warnings.catch_warnings():
+            # torch 2.11-2.13 deep-copy the graph while compiling (torch._dynamo.repro.after_aot), and copying the
+            # pytree LeafSpec its codegen holds warns that LeafSpec is deprecated: torch's own use, not a call of
+            # ours, and no other API compiles a package. torch 2.14 copies it without the warning.
+            warnings.filterwarnings("ignore", message=_LEAFSPEC_WARNING, category=FutureWarning)
             torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
                                                      inductor_configs=inductor_configs or {})
     except VQFRError:

@@ -284,7 +284,8 @@ def export_onnx(
     Raises:
         ConfigError: bad options or shapes, an ``output`` not named ``.onnx``, or an opset torch.onnx cannot
         convert the graph to. CheckpointError: unreadable weights. EngineError: export or check failed.
-        OutputError: ``output`` would overwrite ``weights``, its folder does not exist, or it cannot be written.
+        OutputError: ``output`` would overwrite ``weights`` or the ``config`` file, its folder does not exist, or it
+        cannot be written.
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}", fix="pass fp32 or fp16")
@@ -293,7 +294,7 @@ def export_onnx(
     if opset > _max_opset():
         raise ConfigError(f"opset {opset} is newer than the installed onnx knows (it defines opsets up to "
                           f"{_max_opset()})", fix=f"pass --opset {DEFAULT_OPSET} (the default)")
-    output = source.check_output(output, "onnxruntime", weights)
+    output = source.check_output(output, "onnxruntime", weights, source.config_file(config))
     model = source.load_source_model(weights, config, random_weights)
     spec = source.export_spec(model, batch, size, dynamic_size)
     graph_model = _trace(model, spec, opset)

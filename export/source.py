@@ -22,7 +22,8 @@ from vqfr.models import Network
 from vqfr.sidecar import TensorSpec, sidecar_path
 
 __all__ = ["EXPORTABLE", "ExportSpec", "load_source_model", "randomize_", "engine_module", "export_spec",
-           "check_inputs", "add_model_arguments", "refuse_overwriting_inputs", "check_output", "check_v1_side"]
+           "check_inputs", "add_model_arguments", "refuse_overwriting_inputs", "config_file", "check_output",
+           "check_v1_side"]
 
 #: Architectures that export (the VQGAN codebook models are training-stage models, not restorers).
 EXPORTABLE = ("VQFRv1", "VQFRv2")
@@ -70,6 +71,16 @@ def refuse_overwriting_inputs(output: str | Path, *inputs: str | Path | None) ->
                 if same:
                     raise OutputError(f"the output would overwrite the input {existing}", path=target,
                                       fix="choose another output path (-o)")
+
+
+def config_file(config: Any) -> Path | None:
+    """The file that a ``--config`` (``config=``) value names, an input of the export like the weights; None for a
+    version alias (``"v2"``) or a dict."""
+    from vqfr.models import ALIASES
+
+    if isinstance(config, Path) or (isinstance(config, str) and config not in ALIASES):
+        return Path(config)
+    return None
 
 
 def check_output(output: str | Path, backend: str, *inputs: str | Path | None) -> Path:

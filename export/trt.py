@@ -442,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                            dcn_fp16=args.dcn_fp16, tf32=args.tf32)
 
     def build() -> str:
+        check_output(args.output, "tensorrt", *args.samples)  # the samples are inputs too; build_engine has arrays
         samples = load_samples(args.samples, args.size or read_sidecar(args.onnx).face_size) if args.samples else []
         return "wrote " + str(build_engine(args.onnx, args.output, options, check=args.check,
                                            reference_onnx=args.reference_onnx, samples=samples))

@@ -91,6 +91,22 @@ def test_whole_photo_run(tmp_path, weights, capsys):
     assert "1 images, 2 faces restored, 0 failed" in capsys.readouterr().out
 
 
+def test_detector_max_pixels_reaches_the_detector(tmp_path, weights, capsys, monkeypatch):
+    """--detector-max-pixels caps the photo the detector's network sees (MTCNN: its pyramid's largest level)."""
+    import vqfr.faces.detector
+
+    built = []
+    real = vqfr.faces.detector.load_detector
+    monkeypatch.setattr(vqfr.faces.detector, "load_detector", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    cv2.imwrite(str(tmp_path / "photo.png"), _face(5, size=96))
+    code = main(["-i", str(tmp_path / "photo.png"), "-o", str(tmp_path / "out"), "--weights", str(weights), "-q",
+                 "--detector-max-pixels", "5000"])
+    assert code == EXIT_OK and [d.max_level_pixels for d in built] == [5000]
+    with pytest.raises(SystemExit) as exit_:
+        main(["-i", str(tmp_path / "photo.png"), "-o", str(tmp_path / "out"), "--detector-max-pixels", "0"])
+    assert exit_.value.code == EXIT_USAGE and "--detector-max-pixels must be positive" in capsys.readouterr().err
+
+
 def test_output_never_overwrites_an_input(tmp_path, weights, capsys):
     out = tmp_path / "out"
     (out / "restored_imgs").mkdir(parents=True)

@@ -349,6 +349,28 @@ def test_export_refuses_to_overwrite_its_weights(tmp_path):
     assert weights.read_bytes() == before and not (tmp_path / "w.safetensors.json").exists()
 
 
+def test_export_refuses_to_overwrite_its_config_file(tmp_path, monkeypatch, capsys):
+    """``--config`` is an input too: ``--config tiny.onnx.json -o tiny.onnx`` traced the model, then wrote the
+    sidecar over the config. Refused before tracing, from the CLI and the function."""
+    from vqfr.errors import OutputError
+
+    def trace(*args, **kwargs):
+        raise AssertionError("traced before the request was refused")
+
+    monkeypatch.setattr("export.onnx._trace", trace)
+    config = tmp_path / "tiny.onnx.json"
+    config.write_text(json.dumps(TINY_V2))
+    assert main(["--random-weights", "0", "--config", str(config), "-o", str(tmp_path / "tiny.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert f"the output would overwrite the input {config}" in err and "Fix: choose another output path" in err
+    named_onnx = tmp_path / "options.onnx"  # a yml, oddly named: the output itself would replace it
+    named_onnx.write_text(yaml.safe_dump(TINY_V2))
+    with pytest.raises(OutputError, match=r"options.onnx: the output would overwrite the input"):
+        export_onnx(None, named_onnx, config=named_onnx, random_weights=0)
+    assert json.loads(config.read_text()) == TINY_V2 and yaml.safe_load(named_onnx.read_text()) == TINY_V2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["options.onnx", "tiny.onnx.json"]
+
+
 # --- TensorRT static checks: the parser's documented op list and restrictions -------------------------------------
 
 _TRT_TYPES = {ir.DataType.FLOAT: "FP32", ir.DataType.FLOAT16: "FP16", ir.DataType.INT64: "INT64",

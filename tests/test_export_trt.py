@@ -307,6 +307,17 @@ def test_build_refuses_to_overwrite_its_onnx(tmp_path):
     assert onnx_path.read_bytes() == b"onnx"
 
 
+def test_cli_refuses_an_output_over_a_check_sample(tmp_path, capsys):
+    """``--samples`` are inputs of the build too: an output over one is refused before anything is read."""
+    onnx_path = tmp_path / "m.onnx"
+    onnx_path.write_bytes(b"onnx")
+    sample = tmp_path / "face.engine"  # not an image: reading it first would give another error
+    sample.write_bytes(b"sample")
+    assert main([str(onnx_path), "-o", str(sample), "--check", "--size", "16", "--samples", str(sample)]) == 1
+    assert f"the output would overwrite the input {sample}" in capsys.readouterr().err
+    assert sample.read_bytes() == b"sample"
+
+
 def test_version_compatible_engines_run_on_later_tensorrt_only():
     from vqfr.backends.tensorrt import compatibility_problem
 

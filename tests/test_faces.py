@@ -489,6 +489,26 @@ def test_load_detector_by_name_path_and_object(tmp_path):
         load_detector("retinaface")
 
 
+def test_load_detector_caps_the_pixels_mtcnn_sees(tmp_path):
+    """``max_pixels`` (``Runtime(detector_max_pixels=)``) is the largest image a detector's network sees: MTCNN's
+    first pyramid level. A detector object was built by the caller, who sets it there: refused, not ignored."""
+    from vqfr.runtime import Runtime
+
+    assert load_detector("mtcnn").max_level_pixels == 4_000_000
+    assert load_detector(None, max_pixels=1_000_000).max_level_pixels == 1_000_000
+    assert load_detector("mtcnn", max_pixels=1_000_000).max_level_pixels == 1_000_000
+
+    class Fixed:
+        def detect(self, img):
+            return []
+
+    with pytest.raises(ConfigError, match=r"max_pixels=1000000 .*detector object.*Fix: set the limit on the"):
+        load_detector(Fixed(), max_pixels=1_000_000)
+    assert Runtime(_Identity(), device="cpu", detector=Fixed(), detector_max_pixels=None).detector is not None
+    with pytest.raises(ConfigError, match=r"detector_max_pixels=1000000 cannot be applied to a detector object"):
+        Runtime(_Identity(), device="cpu", detector=Fixed(), detector_max_pixels=1_000_000)
+
+
 def test_parser_by_path(tmp_path):
     from vqfr.faces.parsing import FACE_CLASSES, load_parser
 

@@ -149,3 +149,33 @@ def test_a_large_photo_is_detected_on_a_bounded_copy(weights):
     small.net = Fixed()
     small.detect(np.zeros((128, 192, 3), np.uint8))
     assert seen[-1] == (1, 3, 64, 96)
+
+
+def test_runtime_and_load_detector_set_the_detectors_pixel_cap(weights):
+    """RetinaFace's ``max_pixels`` could be set only by building the detector yourself: ``Runtime(detector=
+    "retinaface:PATH")`` and the CLI always got 16 MP. ``Runtime(detector_max_pixels=N)`` and ``load_detector(...,
+    max_pixels=N)`` set it; the photo the network sees is bounded by it."""
+    from tests.conftest import TINY_V2, seeded_model
+    from vqfr import Runtime
+
+    assert load_detector(f"retinaface:{weights}", max_pixels=1000).max_pixels == 1000
+    assert load_detector(str(weights), max_pixels=1000).max_pixels == 1000  # kind read from the file
+    assert load_detector(str(weights)).max_pixels == 16_000_000  # None: the detector's own default
+    rt = Runtime(seeded_model(TINY_V2), device="cpu", detector=f"retinaface:{weights}",
+                 detector_max_pixels=64 * 96)
+    seen = []
+
+    class NoFaces(torch.nn.Module):
+        def forward(self, x):
+            seen.append(tuple(x.shape))
+            n = len(prior_boxes(x.shape[2], x.shape[3]))
+            return torch.zeros(1, n, 4), torch.zeros(1, n), torch.zeros(1, n, 10)
+
+    rt.detector.net = NoFaces()
+    assert rt.restore(np.zeros((128, 192, 3), np.uint8), upscale=1).shape == (128, 192, 3)
+    assert seen == [(1, 3, 64, 96)]
+    for bad in (0, -5, 2.5):
+        with pytest.raises(ConfigError, match=rf"detector_max_pixels must be a positive integer, got {bad}"):
+            Runtime(seeded_model(TINY_V2), device="cpu", detector=f"retinaface:{weights}", detector_max_pixels=bad)
+        with pytest.raises(ConfigError, match=rf"max_pixels must be a positive integer, got {bad}"):
+            load_detector(f"retinaface:{weights}", max_pixels=bad)

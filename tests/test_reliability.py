@@ -477,7 +477,7 @@ def test_sidecar_tool_records_a_deliberate_change(tmp_path, capsys):
 
     engine = _engine(tmp_path, "m.onnx", bytes(100), lambda d: d + b"more")
     assert sidecar_main([str(engine)]) == 1
-    assert "has changed since export" in capsys.readouterr().out
+    assert "has changed since export" in capsys.readouterr().err
     assert sidecar_main([str(engine), "--update"]) == 0
     assert sidecar_main([str(engine)]) == 0
     assert "ok: the engine matches its sidecar" in capsys.readouterr().out

@@ -84,13 +84,43 @@ def test_available_narrows_to_the_device_and_checks_its_name():
 
 def test_wrong_backend_for_engine_is_refused(tmp_path, tiny_v2):
     ckpt = vqfr.save_safetensors(tiny_v2, tmp_path / "tiny.safetensors")
-    with pytest.raises(BackendUnavailable, match=r"loads \.safetensors.*tensorrt \(\.engine, \.plan\)"):
+    with pytest.raises(BackendUnavailable, match=r"tiny.safetensors: backend=tensorrt on device=auto cannot load "
+                                                 r"\.safetensors files.*load \.safetensors files: torch \(cuda, cpu\)"):
         Runtime(ckpt, backend="tensorrt")
     with pytest.raises(BackendUnavailable, match="unknown backend 'tensorrtx'.*auto, tensorrt, onnxruntime"):
         Runtime(ckpt, backend="tensorrtx")
     if not torch.cuda.is_available():
         with pytest.raises(BackendUnavailable, match=r"torch\[cuda\]: no CUDA"):
             Runtime(ckpt, device="cuda")
+
+
+def test_a_backend_that_cannot_load_the_file_names_the_file_and_the_backends_that_can(tmp_path):
+    """``Runtime("model.onnx", backend="torch")`` said "no torch backend on device auto loads .onnx engines", naming
+    neither the file nor the backends that load it. It is refused on the suffix, before the sidecar is read."""
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"not read")
+    for sidecar in (False, True):  # without a sidecar the backend is still the error reported
+        if sidecar:
+            write_sidecar(onnx, _meta())
+        with pytest.raises(BackendUnavailable) as err:
+            Runtime(onnx, backend="torch")
+        assert err.value.path == onnx and str(err.value).startswith(f"{onnx}: ")
+        assert "backend=torch" in err.value.reason and ".onnx" in err.value.reason
+        assert "onnxruntime (cuda, cpu)" in err.value.fix and "tensorrt" not in err.value.fix
+    with pytest.raises(BackendUnavailable, match=r"model\.onnx: .*backend=torch"):
+        Runtime.available(onnx, backend="torch")
+    # a backend that loads the suffix, on a device it does not run on
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"not read")
+    with pytest.raises(BackendUnavailable) as err:
+        Runtime(engine, device="cpu")
+    assert err.value.path == engine and "device=cpu" in err.value.reason and "tensorrt (cuda)" in err.value.fix
+    # a suffix no backend loads
+    weights = tmp_path / "model.bin"
+    weights.write_bytes(b"not read")
+    with pytest.raises(BackendUnavailable) as err:
+        Runtime(weights, backend="torch")
+    assert err.value.path == weights and "no backend loads .bin files" in err.value.fix
 
 
 def test_auto_picks_first_usable_row(rt_v2):

@@ -61,8 +61,33 @@ def test_binary_sidecar_and_missing_engine_are_engine_errors(tmp_path, capsys):
     before = sidecar_path(engine).read_bytes()
     for argv in ([str(engine)], [str(engine), "--update"]):
         assert main(argv) == 1
-        assert "m.onnx: cannot read the engine" in capsys.readouterr().out
+        assert "m.onnx: cannot read the engine" in capsys.readouterr().err
     assert sidecar_path(engine).read_bytes() == before, "--update must not drop the recorded hash"
+
+
+def test_inspect_engine_prints_errors_on_stderr_and_its_report_on_stdout(tmp_path, capsys):
+    """Errors went to stdout with exit status 1, so ``inspect_engine m.onnx > report.json`` hid them in the
+    report. They go to stderr (exit 1); the sidecar and the verdict stay on stdout."""
+    from vqfr.inspect_engine import main
+
+    engine = tmp_path / "m.onnx"
+    assert main([str(engine)]) == 1  # no sidecar
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and "m.onnx.json" in err and "Fix:" in err
+    engine.write_bytes(b"engine bytes")
+    write_sidecar(engine, _meta())
+    assert main([str(engine)]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and out.endswith("}\nok: the engine matches its sidecar\n")
+    assert json.loads(out.rsplit("\n", 2)[0])["arch"] == "VQFRv2"
+    engine.write_bytes(b"engine bytes, changed")
+    assert main([str(engine)]) == 1
+    out, err = capsys.readouterr()
+    assert err.startswith("error: ") and "has changed since export" in err
+    assert json.loads(out)["arch"] == "VQFRv2"  # the report alone
+    assert main([str(engine), "--update"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("updated ") and err == ""
 
 
 def test_the_command_the_error_names_runs_without_a_warning(tmp_path):

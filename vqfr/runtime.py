@@ -141,6 +141,10 @@ class Runtime:
         max_batch: most faces per inference call.
         detector: face detector: None/"mtcnn" (embedded), "retinaface:PATH", a weights path, or an object with
             ``detect(img)`` (see :mod:`vqfr.faces.detector`).
+        detector_max_pixels: the most pixels of a photo the detector's network sees; a larger photo is searched on
+            an area-downscaled copy (bounds the detector's memory; faces that become too small there are missed).
+            None: the detector's own limit (RetinaFace 16 MP; MTCNN 4 MP for its largest pyramid level). For a
+            detector object, set it on the object (``RetinaFace(path, max_pixels=N)``).
         parser: optional face-parsing network (path or object) for the paste-back mask; None: feathered square.
         upsampler: background upsampler ``(img, scale) -> img``; None: Lanczos.
         aligned: default of :meth:`restore`'s ``aligned`` when a call passes None.
@@ -155,8 +159,12 @@ class Runtime:
     def __init__(self, engine: str | Path | nn.Module | None = None, *, backend: str = "auto", device: str = "auto",
                  precision: str = "auto", fidelity: float = 0.0, config: Any = None, face_size: int | None = None,
                  max_batch: int = 4, detector: Any = None, parser: Any = None, upsampler: Upsampler | None = None,
-                 aligned: bool = False, max_pixels: int = MAX_PIXELS, eye_dist_threshold: float = 5.0):
+                 aligned: bool = False, max_pixels: int = MAX_PIXELS, eye_dist_threshold: float = 5.0,
+                 detector_max_pixels: int | None = None):
+        from vqfr.faces.detector import check_max_pixels
+
         self.fidelity = _check_fidelity(fidelity)
+        self.detector_max_pixels = check_max_pixels(detector_max_pixels, detector, name="detector_max_pixels")
         if max_batch < 1:
             raise ConfigError(f"max_batch must be at least 1, got {max_batch}")
         self.max_batch, self.aligned, self.max_pixels = int(max_batch), aligned, max_pixels
@@ -164,7 +172,7 @@ class Runtime:
         self.random_weights = False
         # Held while the backend loads, runs a batch or closes: threads sharing the runtime take turns.
         self._lock = threading.RLock()
-        source, meta = self._resolve_engine(engine, config)
+        source, meta = self._resolve_engine(engine, config, backend, device)
         self.engine = source
         self.backend: Backend = self._load_backend(source, meta, backend, device, precision, config)
         self.arch: str = self.backend.arch or ""
@@ -182,7 +190,7 @@ class Runtime:
         self.upsampler: Upsampler = upsampler or upscale_lanczos
 
     # ------------------------------------------------------------------ engine and backend
-    def _resolve_engine(self, engine: Any, config: Any) -> tuple[Any, EngineMeta | None]:
+    def _resolve_engine(self, engine: Any, config: Any, backend: str, device: str) -> tuple[Any, EngineMeta | None]:
         if isinstance(engine, nn.Module):
             return engine, None
         if engine is None:
@@ -202,6 +210,7 @@ class Runtime:
             error = EngineError if kind in _ENGINE_SUFFIXES else CheckpointError
             raise error("is not a file" if path.exists() else "does not exist", path=path,
                         fix="check the path of the engine or weights file")
+        candidates(kind, backend, device, path=path)  # a backend that cannot load the file: said before it is read
         if kind in _ENGINE_SUFFIXES:
             meta = read_sidecar(path)
             if meta.arch not in _RESTORERS:
@@ -215,7 +224,7 @@ class Runtime:
                       config: Any) -> Backend:
         kind = engine_kind(source)
         tried, mismatches = [], []
-        for entry in candidates(kind, backend, device):
+        for entry in candidates(kind, backend, device, path=None if isinstance(source, nn.Module) else source):
             cls = entry.backend_class()
             reason, _ = cls.check(entry, meta)
             mismatch = None if reason else cls.engine_problem(entry, meta)
@@ -316,7 +325,7 @@ class Runtime:
             from vqfr.faces.detector import load_detector
 
             self._detector = load_detector(self._detector_spec, device=str(self.device) if self.device.type == "cuda"
-                                           else "cpu")
+                                           else "cpu", max_pixels=self.detector_max_pixels)
         return self._detector
 
     @property

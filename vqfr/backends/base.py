@@ -132,11 +132,19 @@ def cuda_missing() -> str | None:
     return "no CUDA GPU visible (torch.cuda.is_available() is False)"
 
 
-def candidates(kind: str | None, backend: str = "auto", device: str = "auto") -> list[BackendEntry]:
+def candidates(kind: str | None, backend: str = "auto", device: str = "auto", *,
+               path: str | Path | None = None) -> list[BackendEntry]:
     """Table rows matching ``backend`` and ``device`` that load ``kind`` (None: any kind), in table order.
 
+    Args:
+        kind: an :func:`engine_kind`, or None.
+        backend: a name of :data:`BACKEND_NAMES`.
+        device: ``auto``, ``cuda``, ``cuda:N`` or ``cpu``.
+        path: the engine file, which the error names (None: an in-memory module, or no engine).
+
     Raises:
-        BackendUnavailable: unknown backend or device name, or no row loads this kind of engine.
+        BackendUnavailable: unknown backend or device name, or no row loads this kind of engine (the error names
+            the backends that do, with their devices).
     """
     if backend not in BACKEND_NAMES:
         raise BackendUnavailable(f"unknown backend {backend!r}", fix=f"use one of {', '.join(BACKEND_NAMES)}")
@@ -147,13 +155,26 @@ def candidates(kind: str | None, backend: str = "auto", device: str = "auto") ->
     if kind is not None:
         rows_for_kind = [e for e in rows if kind in e.suffixes]
         if not rows_for_kind:
-            loaders = sorted({f"{e.name} ({', '.join(e.suffixes)})" for e in BACKENDS})
-            raise BackendUnavailable(
-                f"no {backend if backend != 'auto' else ''} backend on device {device} loads {kind} engines".replace(
-                    "no  ", "no "),
-                fix=f"backends and what they load: {'; '.join(loaders)}")
+            reason, fix = _cannot_load(kind, backend, device)
+            raise BackendUnavailable(reason, path=path, fix=fix)
         rows = rows_for_kind
     return rows
+
+
+def _cannot_load(kind: str, backend: str, device: str) -> tuple[str, str]:
+    """(reason, fix) for an engine kind that no row of ``backend`` on ``device`` loads."""
+    what = "an in-memory nn.Module" if kind == MODULE else f"{kind} files"
+    reason = f"backend={backend} on device={device} cannot load {what}"
+    devices: dict[str, dict[str, None]] = {}
+    for e in BACKENDS:
+        if kind in e.suffixes:
+            devices.setdefault(e.name, {})[e.device] = None
+    if not devices:
+        loaders = "; ".join(sorted({f"{e.name} ({', '.join(e.suffixes)})" for e in BACKENDS}))
+        return reason, f"no backend loads {what}; backends and what they load: {loaders}"
+    loaders = "; ".join(f"{name} ({', '.join(devs)})" for name, devs in devices.items())
+    return reason, (f"backends that load {what}: {loaders}; pass one of them or auto, with a device it runs on "
+                    "(CLI: --backend, --device)")
 
 
 def pad_batch(x: Tensor, fidelity: Tensor, batch: int) -> tuple[Tensor, Tensor]:
@@ -179,8 +200,9 @@ def availability(engine: Any = None, meta: EngineMeta | None = None, backend: st
                  device: str = "auto") -> list[Availability]:
     """Check every matching row of the table (all rows when ``engine`` is None)."""
     kind = None if engine is None else engine_kind(engine)
+    path = None if engine is None or isinstance(engine, nn.Module) else engine
     out = []
-    for entry in candidates(kind, backend, device):
+    for entry in candidates(kind, backend, device, path=path):
         reason, note = entry.backend_class().status(entry, meta)
         out.append(Availability(entry, reason is None, reason or "", note))
     return out

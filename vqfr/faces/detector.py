@@ -10,19 +10,23 @@ Detectors available by name or path (one table, :data:`DETECTORS`):
 - a path to facexlib's ``detection_Resnet50_Final.pth`` (RetinaFace-R50, the detector of the official demo) or
   ``"retinaface:PATH"`` (:mod:`vqfr.faces.retinaface`).
 - any object with a ``detect(img) -> list[Detection]`` method.
+
+``load_detector(..., max_pixels=N)`` (``Runtime(detector_max_pixels=N)``) caps the photo a detector built from a name
+or path runs on; None keeps each detector's own limit.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from vqfr.errors import ConfigError
 
-__all__ = ["Detection", "Detector", "DETECTORS", "load_detector", "nms", "square_boxes"]
+__all__ = ["Detection", "Detector", "DETECTORS", "check_max_pixels", "load_detector", "nms", "square_boxes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,47 +97,86 @@ def square_boxes(boxes: np.ndarray) -> np.ndarray:
     return out
 
 
-def _mtcnn(path: str | None, device: str) -> Detector:
+def _mtcnn(path: str | None, device: str, max_pixels: int | None) -> Detector:
     from vqfr.faces.mtcnn import MTCNN
 
-    return MTCNN(path, device=device)
+    if max_pixels is None:
+        return MTCNN(path, device=device)
+    return MTCNN(path, device=device, max_level_pixels=max_pixels)
 
 
-def _retinaface(path: str | None, device: str) -> Detector:
+def _retinaface(path: str | None, device: str, max_pixels: int | None) -> Detector:
     from vqfr.faces.retinaface import RetinaFace
 
     if path is None:
         raise ConfigError("the RetinaFace detector needs its weights file",
                           fix="pass --detector retinaface:/path/to/detection_Resnet50_Final.pth (facexlib's file)")
-    return RetinaFace(path, device=device)
+    if max_pixels is None:
+        return RetinaFace(path, device=device)
+    return RetinaFace(path, device=device, max_pixels=max_pixels)
 
 
-#: name -> factory(weights path or None, device). The CLI's --detector choices come from here.
+#: name -> factory(weights path or None, device, max_pixels or None). The CLI's --detector choices come from here.
 DETECTORS = {"mtcnn": _mtcnn, "retinaface": _retinaface}
 
 
-def load_detector(spec: str | Path | Detector | None = None, device: str = "cpu") -> Detector:
+def check_max_pixels(max_pixels: Any, spec: Any = None, *, name: str = "max_pixels") -> int | None:
+    """``max_pixels`` of :func:`load_detector`, checked against ``spec``: None, or a positive integer for a detector
+    built here from a name or path (a detector object was built by the caller, who sets its own limit).
+
+    Args:
+        max_pixels: the value given.
+        spec: the detector spec it goes with.
+        name: the argument's name in the error (``Runtime`` calls it ``detector_max_pixels``).
+
+    Raises:
+        ConfigError: not a positive integer, or given with a detector object.
+    """
+    if max_pixels is None:
+        return None
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, numbers.Integral) or max_pixels < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {max_pixels!r}",
+                          fix="pass the most pixels of a photo the detector's network may see (e.g. 16000000), or "
+                              "None for the detector's own limit")
+    if isinstance(spec, Detector) and not isinstance(spec, (str, Path)):
+        raise ConfigError(f"{name}={max_pixels} cannot be applied to a detector object ({type(spec).__name__}): "
+                          "it was built by the caller",
+                          fix=f"set the limit on the object (e.g. RetinaFace(path, max_pixels=N)), or drop {name}")
+    return int(max_pixels)
+
+
+def load_detector(spec: str | Path | Detector | None = None, device: str = "cpu", *,
+                  max_pixels: int | None = None) -> Detector:
     """Resolve a detector.
 
     Args:
         spec: None or ``"mtcnn"`` (the embedded default), ``"NAME:PATH"`` for a detector in :data:`DETECTORS` with
             weights at PATH, a bare weights path (the kind is read from the file's keys), or a Detector object.
         device: torch device for the detector's networks.
+        max_pixels: the most pixels of a photo the detector's network sees; a larger photo is searched on a
+            downscaled copy (this bounds the detector's memory; faces that become too small there are missed).
+            RetinaFace: its ``max_pixels`` (default 16 MP, the photo it runs on); MTCNN: its ``max_level_pixels``
+            (default 4 MP, its largest pyramid level). None: the detector's default. Not for a Detector object.
+
+    Raises:
+        ConfigError: an unknown name, a file that is no detector's weights, or a bad ``max_pixels`` (see
+            :func:`check_max_pixels`).
     """
+    max_pixels = check_max_pixels(max_pixels, spec)
     if spec is None:
-        return _mtcnn(None, device)
+        return _mtcnn(None, device, max_pixels)
     if isinstance(spec, Detector) and not isinstance(spec, (str, Path)):
         return spec
     text = str(spec)
     name, _, path = text.partition(":") if text.split(":", 1)[0] in DETECTORS else ("", "", text)
     if name:
-        return DETECTORS[name](path or None, device)
+        return DETECTORS[name](path or None, device, max_pixels)
     file = Path(path)
     if not file.is_file():
         raise ConfigError("is neither a detector name nor an existing weights file", path=text,
                           fix=f"use one of {sorted(DETECTORS)} or NAME:PATH, "
                               "e.g. retinaface:detection_Resnet50_Final.pth")
-    return DETECTORS[_guess_kind(file)](str(file), device)
+    return DETECTORS[_guess_kind(file)](str(file), device, max_pixels)
 
 
 def _guess_kind(path: Path) -> str:
