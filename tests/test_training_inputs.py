@@ -327,6 +327,24 @@ def test_an_error_during_setup_is_written_to_train_log_once(tmp_path, capsys, ca
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+@pytest.mark.parametrize("key", ["datasets.train.dataroot_gt", "datasets.val.dataroot_gt",
+                                 "datasets.val.dataroot_lq"])
+def test_a_missing_data_folder_is_named_by_its_option_before_the_networks_are_built(tmp_path, monkeypatch, key):
+    import training.recipes
+
+    cfg = tiny_vqfr_v2()
+    cfg["datasets"]["val"] = {"name": "val", "dataroot_gt": "synthetic:2", "out_size": 32}
+    section, option = key.split(".")[1:]
+    cfg["datasets"][section][option] = str(tmp_path / "nowhere")
+    built = []
+    recipe = training.recipes.RECIPES[cfg["model_type"]]
+    assert "build_generator" in vars(recipe)  # patch the method the trainer calls, not an overridden one
+    monkeypatch.setattr(recipe, "build_generator", lambda self: built.append(self) or 1 / 0)
+    with pytest.raises(ConfigError, match=key) as exc:
+        Trainer(load_config(write_config(cfg, tmp_path / "c.yml")), tmp_path / "run", device="cpu").close()
+    assert "nowhere" in str(exc.value) and built == []
+
+
 def _write_faces(folder: Path, count: int, broken: int = 0) -> None:
     import cv2
 

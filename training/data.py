@@ -46,15 +46,16 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
-def resolve_root(spec: str | Sequence[str]) -> str:
-    """The first usable entry of ``spec``: an existing folder, or ``synthetic[:N]``."""
+def resolve_root(spec: str | Sequence[str], key: str = "dataroot_gt") -> str:
+    """The first usable entry of ``spec``: an existing folder, or ``synthetic[:N]``. ``key`` is the config option
+    that gave ``spec``, for the error."""
     candidates = [spec] if isinstance(spec, (str, Path)) else list(spec)
     for c in candidates:
         c = str(c)
         if c.startswith("synthetic") or Path(c).is_dir():
             return c
-    raise ConfigError(f"none of the data roots {candidates} exists", fix="point dataroot_gt at a folder of faces, "
-                      "or add 'synthetic' as a last candidate for a smoke test")
+    raise ConfigError(f"{key}: none of the data roots {[str(c) for c in candidates]} exists",
+                      fix=f"point {key} at a folder of faces, or add 'synthetic' as a last candidate for a smoke test")
 
 
 def synthetic_face(index: int, size: int, seed: int = 0) -> np.ndarray:

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from training.config import val_metrics
-from training.data import EpochSampler, FaceDataset, PairedDataset
+from training.data import EpochSampler, FaceDataset, PairedDataset, resolve_root
 from training.degradations import DegradationParams
 from training.kmeans import CodebookReestimator
 from training.recipes import RECIPES, Recipe, unwrap
@@ -225,6 +225,7 @@ class Trainer:
                                   fix=f"resume into {state_path.parent.parent} or a new --out"
                                   if state_path.parent.name == "training_states" else "resume into a new --out")
         self._setup_output()
+        self._check_data_roots()
         torch.manual_seed(self.seed)  # identical initialisation on every rank
 
         self.recipe: Recipe = RECIPES[cfg["model_type"]](cfg)
@@ -336,6 +337,18 @@ class Trainer:
             if r.active:
                 out[level] = r
         return out
+
+    def _check_data_roots(self) -> None:
+        """Refuse a missing data folder now, before the networks are built (which takes a while at full size)."""
+        datasets = self.cfg["datasets"]
+        resolve_root(datasets["train"]["dataroot_gt"], "datasets.train.dataroot_gt")
+        val = datasets.get("val") or {}
+        if val and self.is_main:  # only rank 0 validates
+            resolve_root(val["dataroot_gt"], "datasets.val.dataroot_gt")
+            lq = val.get("dataroot_lq")
+            if lq and not Path(lq).is_dir():
+                raise ConfigError(f"datasets.val.dataroot_lq: {lq} is not a folder", fix="point it at the LQ "
+                                  "validation images (named as their HQ ones), or remove it to degrade the HQ images")
 
     def _setup_data(self) -> None:
         ds = self.cfg["datasets"]["train"]
