@@ -30,7 +30,7 @@ def time_model(model, x: torch.Tensor, kwargs: dict, iters: int, warmup: int) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m deploy.cpu_latency", description=__doc__.splitlines()[0])
     parser.add_argument("--version", default="v2", choices=["v1", "v2"])
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)

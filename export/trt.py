@@ -397,9 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", type=Path, required=True, help="the .engine (or .plan) file to write")
     parser.add_argument("--fp16", action="store_true",
                         help="fp16 kernels for an fp32 ONNX (TensorRT 10); an fp16 ONNX is fp16 anyway")
-    parser.add_argument("--min-batch", type=int, default=1)
-    parser.add_argument("--opt-batch", type=int, default=1)
-    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--min-batch", type=int, default=1, help="smallest batch of the profile (default: 1)")
+    parser.add_argument("--opt-batch", type=int, default=1, help="batch TensorRT tunes for (default: 1)")
+    parser.add_argument("--max-batch", type=int, default=8, help="largest batch of the profile (default: 8)")
     parser.add_argument("--size", type=int, help="H and W for a v1 ONNX with dynamic size (default: face size)")
     parser.add_argument("--timing-cache", type=Path, help="load (if present) and save the timing cache here")
     parser.add_argument("--workspace", type=float, metavar="GB", help="builder workspace limit in GiB")

@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("execution")
     run.add_argument("--backend", choices=BACKEND_NAMES, default="auto", help="default: auto (fastest usable)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    run.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
+    run.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                     help="auto: fp32 for weights (exact), an exported engine's own precision (default: auto)")
     run.add_argument("--batch", type=int, default=4, help="most faces per inference call (default: 4)")
     run.add_argument("--io-threads", type=int, default=min(8, os.cpu_count() or 1),
                      help="threads that read and write images while the model runs (default: CPU count, at most 8)")
