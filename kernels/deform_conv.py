@@ -421,8 +421,8 @@ def modulated_deform_conv2d(
         stride, padding, dilation: int or (h, w) pair.
 
         offset, mask, weight and bias may have other floating dtypes than ``x`` (an fp32 weight beside fp16
-        activations under autocast): every path computes in the dtype of ``x``. A float64 tensor among them takes
-        the reference.
+        activations under autocast): every path computes in the dtype of ``x``. A float64 tensor among them keeps
+        the call off the Triton kernels (the grid_sample or reference path runs it).
 
     Returns:
         [B, C_out, H_out, W_out] in the dtype of ``x``.

@@ -153,7 +153,7 @@ def why_not_triton(*tensors: Tensor | None, **named: Tensor | None) -> str | Non
             return "CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)"
         if is_traced(lead):
             return "the interpreter only runs eagerly, not under torch.compile/export tracing"
-        if lead.dtype == torch.bfloat16:  # the others are converted to the dtype of the first one
+        if lead.dtype == torch.bfloat16:  # the kernels compute in the first one's dtype (the others load as they are)
             return f"{lead_name} is bfloat16 and the interpreter has no bfloat16 (numpy lacks it)"
         return interpreter_problem()
     return f"device {lead.device} is not supported by the Triton kernels"

@@ -381,6 +381,18 @@ def test_import_vqfr_leaves_torch_until_first_use():
         vqfr.Runtim  # noqa: B018
 
 
+def test_import_vqfr_still_gives_its_submodules_as_attributes():
+    """``import vqfr`` used to import vqfr.models, vqfr.runtime, vqfr.checkpoint (and what they import), so
+    ``vqfr.models.official_options(...)`` worked after a bare ``import vqfr`` (deploy.roofline does this). The lazy
+    package loads a submodule on first access too; an unknown name is still an AttributeError."""
+    code = ("import sys, vqfr; print('torch' in sys.modules); "
+            "print(vqfr.models.official_options('v2')['type'], vqfr.runtime.Runtime is vqfr.Runtime, "
+            "vqfr.checkpoint.load_model is vqfr.load_model, bool(vqfr.backends.BACKENDS)); "
+            "print(hasattr(vqfr, 'nonexistent'), hasattr(vqfr, 'a.b'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.split("\n")[:3] == ["False", "VQFRv2 True True True", "False False"], out.stderr[-2000:]
+
+
 # --------------------------------------------------------------------------------------------- I/O threads
 def test_outputs_are_written_while_the_model_runs_on_the_next_chunk(weights, tmp_path, monkeypatch):
     """Encoding and writing PNGs takes longer than a GPU forward: a chunk's outputs must be written on other threads

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_training_loop import tiny_vqfr_v1, tiny_vqfr_v2, write_config
+from tests.test_training_loop import tiny_vqfr_v1, tiny_vqfr_v2, tiny_vqgan_v2, write_config
 from training.config import load_config, merge
 from training.train import main as train_main
 from training.trainer import Trainer, latest_state
@@ -419,3 +419,50 @@ def test_resuming_an_older_state_sets_the_newer_states_and_checkpoints_aside(tmp
     assert f"moved the training states and checkpoints after iteration 2 to {aside}" in (run / "train.log").read_text()
     # the folder's latest state is the new future's
     assert latest_state(run).name == "3.state"
+
+
+def test_unreadable_images_are_a_share_of_the_folder_on_every_rank_of_a_multi_gpu_run():
+    # Under torchrun each rank draws another slice of the folder every epoch, so over the epochs it meets every
+    # unreadable file. 0.5% of the files unreadable (under the 1% that is skipped) used to stop an 8-GPU run after a
+    # few epochs: the share was taken of one epoch's slice (1/8 of the folder) rather than of the folder.
+    from training.data import EpochSampler
+    from vqfr.errors import InputError
+
+    files, world, batch = 8000, 8, 4
+
+    def run(bad: set[int], epochs: int) -> Trainer:
+        trainer = Trainer.__new__(Trainer)  # only what _count_unreadable reads
+        trainer.train_set = type("Folder", (), {"root": "faces", "__len__": lambda self: files})()
+        trainer.world, trainer._unreadable, trainer._drawn = world, {}, 0
+        sampler, it = EpochSampler(files, batch, world, rank=3), 0
+        for epoch in range(epochs):
+            sampler.set_epoch(epoch)
+            for indices in sampler:
+                it += 1
+                skipped = [json.dumps([[f"{i}.png", "truncated"]] if i in bad else []) for i in indices]
+                trainer._count_unreadable({"gt": torch.zeros(len(indices), 1), "skipped": skipped}, it)
+        return trainer
+
+    trainer = run(set(range(0, files, 200)), epochs=12)  # 40 files, 0.5%
+    assert len(trainer._unreadable) > 20  # this rank met most of them, and went on
+    with pytest.raises(InputError, match="could not be read"):
+        run(set(range(0, files, 50)), epochs=12)  # 160 files, 2%: stopped
+
+
+def test_a_resume_that_fails_to_start_leaves_the_later_states_in_place(tmp_path, capsys, monkeypatch):
+    # Resuming from an older state sets the later states aside, but only once the run can start: a setup error
+    # (here TensorBoard missing, checked last) used to come after the move, so a run that never trained had
+    # already abandoned the later states, and `--resume <run>` then took the older one.
+    import sys
+
+    cfg = tiny_vqgan_v2()
+    cfg["train"]["total_iter"] = 4
+    cfg["logger"].update({"save_checkpoint_freq": 2, "use_tb_logger": True})
+    config = write_config(cfg, tmp_path / "c.yml")
+    run = tmp_path / "run"
+    assert train_main(["--config", str(config), "--out", str(run)]) == 0
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    assert train_main(["--config", str(config), "--resume", str(run / "training_states" / "2.state")]) == 2
+    assert "pip install" in capsys.readouterr().err
+    assert latest_state(run).name == "4.state" and not (run / "superseded").exists()
+    assert [json.loads(line)["iter"] for line in (run / "metrics.jsonl").read_text().splitlines()][-1] == 4

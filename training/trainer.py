@@ -268,6 +268,9 @@ class Trainer:
         self.start_iter = 0
         if state_path is not None and state is not None:
             self._resume(state_path, state)
+        tensorboard = None  # checked before the resume below moves anything: a run that cannot start changes nothing
+        if self.is_main and (cfg.get("logger") or {}).get("use_tb_logger", False):
+            tensorboard = require("torch.utils.tensorboard", "TensorBoard logging (logger.use_tb_logger)")
         if self.is_main:  # only now: a resume that does not fit leaves the run's config.yml and logs as they were
             if resume is not None:
                 aside = self._set_aside_after(self.start_iter)
@@ -275,10 +278,7 @@ class Trainer:
                     _drop_records_after(self.out / name, self.start_iter, aside)
             with atomic_path(self.out / "config.yml") as tmp:
                 Path(tmp).write_text(yaml.safe_dump(self.cfg, sort_keys=False))
-        self.tb = None
-        if self.is_main and (cfg.get("logger") or {}).get("use_tb_logger", False):
-            tensorboard = require("torch.utils.tensorboard", "TensorBoard logging (logger.use_tb_logger)")
-            self.tb = tensorboard.SummaryWriter(str(self.out / "tb"))
+        self.tb = None if tensorboard is None else tensorboard.SummaryWriter(str(self.out / "tb"))
 
     # --- setup ----------------------------------------------------------------------------------------------------
     def _setup_output(self) -> None:
@@ -456,7 +456,8 @@ class Trainer:
                 log.warning("iter %d: training image %s cannot be read (%s); another image was drawn in its place "
                             "(unreadable files so far: %d)", it, file, reason, len(self._unreadable))
         bad = len(self._unreadable)
-        drawn = min(self._drawn, math.ceil(len(self.train_set) / self.world))  # distinct files, at most
+        # distinct files, at most: the whole folder, also under torchrun (each epoch deals each rank another slice)
+        drawn = min(self._drawn, len(self.train_set))
         if skipped and bad > UNREADABLE_SHARE * drawn and (bad >= UNREADABLE_LEAST or 2 * bad > drawn):
             named = ", ".join(list(self._unreadable)[:3]) + (" ..." if bad > 3 else "")
             raise InputError(f"{bad} of the {drawn} training images drawn so far could not be read ({named})",

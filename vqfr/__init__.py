@@ -11,6 +11,7 @@ never imports onnx, onnxruntime, tensorrt, triton nor cv2.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from vqfr.errors import (
@@ -39,6 +40,9 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> Any:
     if name not in _LAZY:
+        # a submodule (`import vqfr; vqfr.models.official_options(...)`, as when this file imported them eagerly)
+        if name.isidentifier() and not name.startswith("_") and importlib.util.find_spec(f"vqfr.{name}"):
+            return importlib.import_module(f"vqfr.{name}")
         raise AttributeError(f"module 'vqfr' has no attribute {name!r}")
     value = getattr(importlib.import_module(_LAZY[name]), name)
     globals()[name] = value  # later accesses skip this function
