@@ -104,7 +104,7 @@ def as_bgr_uint8(img: np.ndarray, name: str | Path | None = None) -> np.ndarray:
         if not np.isfinite(values).all():
             raise InputError("float image contains NaN or inf", path=name,
                              fix="replace the NaN/inf values (e.g. np.nan_to_num) before restoring")
-        low, high = values.min(), values.max()
+        low, high = np.min(values), np.max(values)
         if low < 0 or high > 1:
             raise InputError(f"float image values span [{low:.3g}, {high:.3g}], expected [0, 1]", path=name,
                              fix="scale float images to [0, 1], or pass uint8")

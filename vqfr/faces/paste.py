@@ -97,7 +97,7 @@ def _extend_from_inside(img: np.ndarray, outside: np.ndarray) -> np.ndarray:
     _, labels = cv2.distanceTransformWithLabels(outside.astype(np.uint8), cv2.DIST_L2, 5,
                                                 labelType=cv2.DIST_LABEL_PIXEL)
     ys, xs = np.nonzero(~outside)
-    lut = np.zeros((labels.max() + 1, 2), np.intp)
+    lut = np.zeros((int(np.max(labels)) + 1, 2), np.intp)
     lut[labels[ys, xs]] = np.stack([ys, xs], 1)
     src = lut[labels]
     return img[src[..., 0], src[..., 1]]
