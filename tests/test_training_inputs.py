@@ -372,6 +372,25 @@ def test_a_corrupt_training_image_is_skipped_with_a_warning(tmp_path, workers):
     assert "another image" in warnings[0]
 
 
+def test_unreadable_images_stay_counted_across_a_resume(tmp_path):
+    """A run resumed again and again (a preemptible cluster) must not start its count of unreadable files at zero
+    each time, or the 1% limit could never be reached."""
+    faces = tmp_path / "faces"
+    _write_faces(faces, 4, broken=1)
+    cfg = merge(tiny_vqfr_v2(), {"datasets": {"train": {"dataroot_gt": str(faces), "batch_size_per_gpu": 2}},
+                                 "logger": {"save_checkpoint_freq": 5}})
+    config, out = write_config(cfg, tmp_path / "c.yml"), tmp_path / "o"
+    assert train_main(["--config", str(config), "--out", str(out), "--max-iters", "5"]) == 0
+    state = torch.load(out / "training_states" / "5.state", weights_only=True)
+    assert list(state["unreadable"]["files"]) == [str(faces / "broken0.png")] and state["unreadable"]["drawn"] >= 10
+    trainer = Trainer(load_config(config, {"train": {"total_iter": 6}}), out, device="cpu", resume=out)
+    try:
+        assert trainer._unreadable == state["unreadable"]["files"] and trainer._drawn == state["unreadable"]["drawn"]
+    finally:
+        trainer.close()
+    assert "met 1 unreadable training images so far" in (out / "train.log").read_text()
+
+
 def test_a_corrupt_image_is_replaced_by_a_readable_one_the_same_way_every_time(tmp_path):
     from training.data import FaceDataset
 

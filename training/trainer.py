@@ -614,6 +614,8 @@ class Trainer:
                 "optimizers": {k: o.state_dict() for k, o in self._all_optimizers().items()},
                 "scalers": {"g": self.scaler_g.state_dict(), "d": self.scaler_d.state_dict()},
                 "kmeans": {k: r.state_dict() for k, r in self.reestimators.items()},
+                # so that a resumed run goes on counting towards UNREADABLE_SHARE (rank 0's record)
+                "unreadable": {"files": dict(self._unreadable), "drawn": self._drawn},
             }
             with atomic_path(self.out / "training_states" / f"{it}.state") as tmp:
                 torch.save(state, tmp)
@@ -693,6 +695,13 @@ class Trainer:
         except (KeyError, RuntimeError, ValueError) as exc:  # other shapes, optimiser groups or k-means levels
             raise ConfigError(f"does not match this config ({_brief(exc, 2)})", path=path, fix=fix) from exc
         self.start_iter = int(state["iter"])
+        unreadable = state.get("unreadable") or {}  # absent from states saved before it was recorded
+        self._unreadable = {str(k): str(v) for k, v in (unreadable.get("files") or {}).items()}
+        self._drawn = int(unreadable.get("drawn", 0))
+        if self._unreadable:
+            log.warning("the run has met %d unreadable training images so far (%s): they are skipped, and counted "
+                        "towards the limit", len(self._unreadable), ", ".join(list(self._unreadable)[:3]) +
+                        (" ..." if len(self._unreadable) > 3 else ""))
         if state.get("global_batch") != self.sampler.batch_size * self.world:
             log.warning("resuming with a global batch of %d instead of %s: the data order differs from the original "
                         "run", self.sampler.batch_size * self.world, state.get("global_batch"))
