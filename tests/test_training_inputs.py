@@ -268,6 +268,7 @@ def test_misspelt_loss_options_are_refused(tmp_path, change, message):
     ({"datasets": {"train": {"io_backend": {"type": "lmdb"}}}}, "datasets.train.io_backend"),
     ({"datasets": {"train": {"mean": [0.485, 0.456, 0.406]}}}, "datasets.train.mean"),
     ({"datasets": {"val": {"dataroot_gt": "synthetic:2", "scale": 4}}}, "datasets.val.scale"),
+    ({"scale": True}, "scale is True"),  # YAML true is not the off value 1, though Python says True == 1
 ])
 def test_misspelt_section_options_are_refused_when_the_config_is_read(tmp_path, change, message):
     path = write_config(merge(tiny_vqfr_v2(), change), tmp_path / "keys.yml")

@@ -215,6 +215,13 @@ def _off(value: object) -> object:
     return {k: v for k, v in value.items() if v is not None} if isinstance(value, dict) else value
 
 
+def _is_off(value: object, off: object) -> bool:
+    """Whether ``value`` is the "off" value ``off``; a YAML ``true``/``false`` is not 1/0 (Python says it is)."""
+    if isinstance(value, bool) != isinstance(off, bool):
+        return False
+    return _off(value) == _off(off)
+
+
 def _check_sections(cfg: dict, source: str) -> None:
     """Refuse an unknown option of the sections of :data:`_SECTION_KEYS` (a misspelt name would be ignored), a
     section that is not a mapping, and an official option of :data:`_OFF_ONLY` that is not off."""
@@ -241,7 +248,7 @@ def _check_sections(cfg: dict, source: str) -> None:
                                   fix=fix)
             if key in off_only:
                 accepted, off_fix = off_only[key]
-                if all(_off(value) != _off(a) for a in accepted):
+                if not any(_is_off(value, a) for a in accepted):
                     raise ConfigError(f"{option} is {value!r}: this official option is not implemented",
                                       path=source, fix=off_fix or f"remove it or set it to {accepted[0]!r}")
 
