@@ -178,6 +178,25 @@ def test_deform_channels_last_in_channels_last_out():
     assert_close_scaled(x_cl.grad, ref_x.grad, 1e-5)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="torch.compile runs the Triton kernels compiled only (no CUDA GPU here)")
+def test_deform_compiled_backward_gives_the_gradients_on_its_first_call():
+    """Under torch.compile (Inductor) the backward kernels, which add into zero-filled buffers with atomics, run with
+    one config: torch's tracer drops the autotuner's reset_to_zero, so benchmarking several configs on the real
+    buffers would return a multiple of the gradient on the first call of each shape (kernels.deform_conv_triton.
+    untuned). A shape no other test uses, so that nothing is cached."""
+    x, offset, mask, weight, bias = deform_case(20, 17, 13, 4, 3, 1, 1, 1, spread=3.0, seed=21, c_out=7, b=2)
+
+    def loss(x, offset, mask, weight, bias):
+        return kernels.modulated_deform_conv2d(x, offset, mask, weight, bias, 1, 1, 1).square().sum()
+
+    leaves = [t.clone().requires_grad_(True) for t in (x, offset, mask, weight, bias)]
+    torch.compile(loss, fullgraph=True)(*leaves).backward()
+    refs = [t.detach().double().cpu().requires_grad_(True) for t in (x, offset, mask, weight, bias)]
+    deform_conv2d_reference(*refs, 1, 1, 1).square().sum().backward()
+    for name, got, ref in zip(("x", "offset", "mask", "weight", "bias"), leaves, refs, strict=True):
+        assert_close_scaled(got.grad.cpu(), ref.grad, 1e-5, f"grad_{name}")
+
+
 # Batch 1 for the 4-group case: the interpreter's cost grows with groups x taps x pixel tiles.
 BACKWARD_CASES = [(*COVERING[0], 1), (*COVERING[1], 2), (*COVERING[3], 2)]
 
