@@ -16,7 +16,7 @@ from vqfr.backends.tensorrt import compatibility_problem
 from vqfr.errors import BackendUnavailable, CheckpointError, ConfigError, EngineError, InputError
 from vqfr.imaging import to_images, to_tensor
 from vqfr.runtime import WEIGHTS_ENV, Runtime, find_weights
-from vqfr.sidecar import EngineMeta, TensorSpec, write_sidecar
+from vqfr.sidecar import EngineMeta, TensorSpec, sidecar_path, write_sidecar
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -107,6 +107,9 @@ def test_a_backend_that_cannot_load_the_file_names_the_file_and_the_backends_tha
         assert err.value.path == onnx and str(err.value).startswith(f"{onnx}: ")
         assert "backend=torch" in err.value.reason and ".onnx" in err.value.reason
         assert "onnxruntime (cuda, cpu)" in err.value.fix and "tensorrt" not in err.value.fix
+    with pytest.raises(BackendUnavailable, match=r"model\.onnx: .*backend=torch"):
+        Runtime.available(onnx, backend="torch")
+    sidecar_path(onnx).unlink()  # Runtime.available too reports the backend, not the missing sidecar
     with pytest.raises(BackendUnavailable, match=r"model\.onnx: .*backend=torch"):
         Runtime.available(onnx, backend="torch")
     # a backend that loads the suffix, on a device it does not run on

@@ -273,8 +273,11 @@ class Runtime:
         with the reason. ``print(*Runtime.available(), sep="\\n")`` gives a table.
         """
         meta = None
-        if engine is not None and not isinstance(engine, nn.Module) and Path(engine).suffix.lower() in _ENGINE_SUFFIXES:
-            meta = read_sidecar(engine)
+        if engine is not None and not isinstance(engine, nn.Module):
+            # a backend or device that cannot load the file is the error, whatever its sidecar (as in __init__)
+            candidates(engine_kind(engine), backend, device, path=engine)
+            if Path(engine).suffix.lower() in _ENGINE_SUFFIXES:
+                meta = read_sidecar(engine)
         return availability(engine, meta, backend, device)
 
     @property
