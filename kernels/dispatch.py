@@ -132,8 +132,8 @@ def why_not_triton(*tensors: Tensor | None, **named: Tensor | None) -> str | Non
     Every tensor is checked, not only the first: each must be float16, bfloat16 or float32 (a float64 or integer
     tensor anywhere, say a float64 codebook beside fp32 tokens, takes the reference) and all must be on one device.
     The first tensor (x, z) sets the device and the dtype the kernels compute in, as in the references: mixed
-    supported dtypes, such as an fp32 weight beside fp16 activations under autocast, run on Triton with the others
-    converted. Tensors passed by keyword are named in the reason; None is skipped.
+    supported dtypes, such as an fp32 weight beside fp16 activations under autocast, run on Triton (the others are
+    read in their own dtype). Tensors passed by keyword are named in the reason; None is skipped.
     """
     present = [(name, t) for name, t in [*((f"tensor {i}", t) for i, t in enumerate(tensors)), *named.items()]
                if t is not None]
