@@ -419,6 +419,41 @@ def test_a_training_folder_of_mostly_corrupt_images_stops_with_a_clear_error(tmp
     assert "could not be read" in (out / "train.log").read_text()
 
 
+def test_a_corrupt_validation_image_is_named_at_the_start_and_left_out_of_every_validation(tmp_path):
+    # It used to stop the run at its first validation, hours in, after that iteration's checkpoint.
+    val = tmp_path / "val"
+    _write_faces(val, 3, broken=1)
+    cfg = merge(tiny_vqgan_v2(), {"datasets": {"val": {"dataroot_gt": str(val)}}, "train": {"total_iter": 2},
+                                  "val": {"val_freq": 1}})
+    out = tmp_path / "o"
+    trainer = Trainer(cfg, out, device="cpu")
+    named = [line for line in (out / "train.log").read_text().splitlines() if "broken0.png" in line]
+    assert len(named) == 1 and "WARNING" in named[0] and "left out" in named[0], named  # before any iteration
+    trainer.train()
+    scored = [json.loads(line) for line in (out / "val_metrics.jsonl").read_text().splitlines()]
+    assert [(r["iter"], r["images"]) for r in scored] == [(1, 3), (2, 3)]
+    assert all(np.isfinite(r["psnr"]) for r in scored)
+    assert sum("broken0.png" in line for line in (out / "train.log").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("bad", ["corrupt", "not square"])
+def test_a_validation_set_of_mostly_bad_images_is_refused_before_training(tmp_path, capsys, bad):
+    import cv2
+
+    val = tmp_path / "val"
+    _write_faces(val, 1, broken=2 if bad == "corrupt" else 0)
+    if bad == "not square":
+        for name in ("wide0.png", "wide1.png"):
+            cv2.imwrite(str(val / name), np.zeros((16, 24, 3), np.uint8))
+    cfg = merge(tiny_vqgan_v2(), {"datasets": {"val": {"dataroot_gt": str(val)}}})
+    out = tmp_path / "o"
+    assert train_main(["--config", str(write_config(cfg, tmp_path / "c.yml")), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "2 of the 3 validation images could not be read" in err, err
+    assert ("broken0.png" if bad == "corrupt" else "wide0.png") in err
+    assert not (out / "metrics.jsonl").exists() and not list((out / "training_states").glob("*.state"))
+
+
 def test_resuming_an_older_state_sets_the_newer_states_and_checkpoints_aside(tmp_path):
     cfg = tiny_vqfr_v2()
     cfg["train"]["total_iter"] = 4

@@ -320,13 +320,15 @@ def test_a_failing_validation_does_not_cost_the_checkpoint_of_its_iteration(tmp_
 
     val = tmp_path / "val"
     val.mkdir()
-    cv2.imwrite(str(val / "wide.png"), np.zeros((16, 24, 3), np.uint8))  # read only when validation runs
+    cv2.imwrite(str(val / "face.png"), np.zeros((16, 16, 3), np.uint8))
     cfg = tiny_vqgan_v2()
     cfg["train"]["total_iter"] = 1
     cfg["datasets"]["val"] = {"dataroot_gt": str(val)}
     cfg["logger"]["save_checkpoint_freq"] = 1
-    with pytest.raises(InputError, match="wide.png"):
-        Trainer(cfg, tmp_path / "run").train()
+    trainer = Trainer(cfg, tmp_path / "run")
+    (val / "face.png").unlink()  # gone after the start-up check: validation fails
+    with pytest.raises(InputError, match="face.png"):
+        trainer.train()
     assert latest_state(tmp_path / "run").name == "1.state"  # saved first, as basicsr does
 
 

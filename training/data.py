@@ -233,15 +233,39 @@ class PairedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def drop_unreadable(self) -> dict[str, str]:
+        """Read every pair once and leave out of the set those with a file that cannot be read (corrupt, cut off,
+        not square ...), so that a bad file shows at the start of a run, not at its first validation hours later,
+        and every validation scores the same images.
+
+        Returns:
+            ``{file: reason}`` of the files left out, in file order.
+        """
+        dropped: dict[str, str] = {}
+        kept = []
+        for index in self.indices:
+            try:
+                self._read_pair(index)
+            except InputError as exc:
+                dropped[str(exc.path or self.gt.name(index))] = exc.reason
+            else:
+                kept.append(index)
+        self.indices = kept
+        return dropped
+
+    def _read_pair(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(HQ, LQ read from ``dataroot_lq`` or None) of the image ``index``."""
+        gt = self.gt.read(index)
+        lq = None if self.lq_files is None else _load_square(self.lq_files[self.gt.name(index)], self.size)
+        return gt, lq
+
     def __getitem__(self, i: int) -> dict:
         index = self.indices[i]
         name = self.gt.name(index)
-        gt = self.gt.read(index)
-        if self.lq_files is not None:
-            lq = _load_square(self.lq_files[name], self.size)
-        elif self.degradation is not None:
+        gt, lq = self._read_pair(index)
+        if lq is None and self.degradation is not None:
             lq, _ = degrade(gt, sample_rng(self.seed, 0, index), self.degradation)
-        else:
+        elif lq is None:
             lq = gt
         return {"lq": to_model_tensor(lq), "gt": to_model_tensor(gt), "name": name}
 

@@ -61,6 +61,11 @@ UNREADABLE_SHARE = 0.01
 UNREADABLE_LEAST = 10
 
 
+def too_many_unreadable(bad: int, total: int) -> bool:
+    """Whether ``bad`` unreadable files of ``total`` are too many to skip (see :data:`UNREADABLE_SHARE`)."""
+    return bad > UNREADABLE_SHARE * total and (bad >= UNREADABLE_LEAST or 2 * bad > total)
+
+
 def init_distributed(backend: str | None = None) -> tuple[int, int, int, bool]:
     """Join the process group described by torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*).
 
@@ -377,6 +382,22 @@ class Trainer:
                 val_deg = DegradationParams.from_options(val, "datasets.val") if "degradation" in val else degradation
             self.val_set = PairedDataset(val["dataroot_gt"], int(val.get("out_size", size)), val.get("dataroot_lq"),
                                          val_deg, int(val.get("seed", 1234)), val.get("max_images"))
+            self._drop_unreadable_validation_images()
+
+    def _drop_unreadable_validation_images(self) -> None:
+        """Read the validation set once, now: its unreadable files are named in the log and left out of every
+        validation, under the training set's limit (:data:`UNREADABLE_SHARE`); beyond it the run does not start."""
+        assert self.val_set is not None
+        total = len(self.val_set)
+        dropped = self.val_set.drop_unreadable()
+        for file, reason in dropped.items():
+            log.warning("validation image %s cannot be read (%s); it is left out of every validation", file, reason)
+        log.info("validation data: %s (%d of %d images readable)", self.val_set.gt.root, len(self.val_set), total)
+        if dropped and too_many_unreadable(len(dropped), total):
+            named = ", ".join(list(dropped)[:3]) + (" ..." if len(dropped) > 3 else "")
+            raise InputError(f"{len(dropped)} of the {total} validation images could not be read ({named})",
+                             path=self.val_set.gt.root, fix="re-copy or remove the files named in train.log; up to "
+                             f"{UNREADABLE_SHARE:.0%} unreadable files are skipped with a warning")
 
     def _all_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         opts = dict(self.g_optimizers)
@@ -458,7 +479,7 @@ class Trainer:
         bad = len(self._unreadable)
         # distinct files, at most: the whole folder, also under torchrun (each epoch deals each rank another slice)
         drawn = min(self._drawn, len(self.train_set))
-        if skipped and bad > UNREADABLE_SHARE * drawn and (bad >= UNREADABLE_LEAST or 2 * bad > drawn):
+        if skipped and too_many_unreadable(bad, drawn):
             named = ", ".join(list(self._unreadable)[:3]) + (" ..." if bad > 3 else "")
             raise InputError(f"{bad} of the {drawn} training images drawn so far could not be read ({named})",
                              path=self.train_set.root, fix="re-copy or remove the files named in train.log; up to "
