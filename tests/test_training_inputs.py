@@ -261,6 +261,8 @@ def test_misspelt_loss_options_are_refused(tmp_path, change, message):
     ({"val": {"fidelity": 0.5}}, "did you mean 'fidelity_ratio'"),
     ({"loger": {"print_freq": 10}}, "loger is not an option (did you mean 'logger'?)"),
     ({"logger": 100}, "logger is not a mapping"),
+    ({"dist_params": {"backnd": "gloo"}}, "dist_params.backnd is not an option (did you mean 'backend'?)"),
+    ({"dist_params": "gloo"}, "dist_params is not a mapping"),
     # official options that are not implemented, refused unless off
     ({"path": {"resume_state": "run/training_states/5000.state"}}, "--resume"),
     ({"path": {"pretrain_network_d": "d.pth"}}, "path.pretrain_network_d"),

@@ -93,6 +93,8 @@ _SECTION_KEYS: dict[tuple[str, ...], frozenset[str]] = {
                           "param_key_sr", "strict_load_sr", "param_key_d", "strict_load_d"}),
     ("val",): frozenset({"val_freq", "save_img", "test_which", "fidelity_ratio", "metrics"}),
     ("logger",): frozenset({"print_freq", "save_checkpoint_freq", "use_tb_logger"}),
+    # torchrun's --master_port sets the port; the official ymls' ``port`` is accepted and unused, as under torchrun
+    ("dist_params",): frozenset({"backend", "port"}),
 }
 
 _NORMALISATION = [0.5, 0.5, 0.5]
