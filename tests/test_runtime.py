@@ -87,8 +87,11 @@ def test_wrong_backend_for_engine_is_refused(tmp_path, tiny_v2):
     with pytest.raises(BackendUnavailable, match=r"tiny.safetensors: backend=tensorrt on device=auto cannot load "
                                                  r"\.safetensors files.*load \.safetensors files: torch \(cuda, cpu\)"):
         Runtime(ckpt, backend="tensorrt")
-    with pytest.raises(BackendUnavailable, match="unknown backend 'tensorrtx'.*auto, tensorrt, onnxruntime"):
+    with pytest.raises(BackendUnavailable, match="tiny.safetensors: unknown backend 'tensorrtx'.*auto, tensorrt, "
+                                                 "onnxruntime"):
         Runtime(ckpt, backend="tensorrtx")
+    with pytest.raises(BackendUnavailable, match="tiny.safetensors: unknown device 'gpu'.*cuda:N"):
+        Runtime(ckpt, device="gpu")
     if not torch.cuda.is_available():
         with pytest.raises(BackendUnavailable, match=r"torch\[cuda\]: no CUDA"):
             Runtime(ckpt, device="cuda")

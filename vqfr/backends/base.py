@@ -147,9 +147,11 @@ def candidates(kind: str | None, backend: str = "auto", device: str = "auto", *,
             the backends that do, with their devices).
     """
     if backend not in BACKEND_NAMES:
-        raise BackendUnavailable(f"unknown backend {backend!r}", fix=f"use one of {', '.join(BACKEND_NAMES)}")
+        raise BackendUnavailable(f"unknown backend {backend!r}", path=path,
+                                 fix=f"use one of {', '.join(BACKEND_NAMES)}")
     if device not in DEVICES and not device.startswith("cuda:"):
-        raise BackendUnavailable(f"unknown device {device!r}", fix=f"use one of {', '.join(DEVICES)} or cuda:N")
+        raise BackendUnavailable(f"unknown device {device!r}", path=path,
+                                 fix=f"use one of {', '.join(DEVICES)} or cuda:N")
     dev = device.split(":")[0]
     rows = [e for e in BACKENDS if backend in ("auto", e.name) and dev in ("auto", e.device)]
     if kind is not None:
