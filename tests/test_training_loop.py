@@ -227,6 +227,26 @@ def test_stage1_vqgan_v2_with_bf16_autocast_and_tensorboard(tmp_path):
     assert vqfr.load_model(tmp_path / "run" / "models" / "net_g_3.pth", tmp_path / "run" / "config.yml")
 
 
+def test_tensorboard_shows_one_run_after_resuming_an_older_state(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_vqgan_v2()
+    cfg["train"]["total_iter"] = 4
+    cfg["logger"].update(save_checkpoint_freq=2, use_tb_logger=True)
+    run = tmp_path / "run"
+    Trainer(cfg, run).train()
+    resumed = Trainer(load_config(write_config(cfg, tmp_path / "c.yml"), {"train": {"total_iter": 3}}), run,
+                      resume=run / "training_states" / "2.state")
+    resumed.train()
+    events = EventAccumulator(str(run / "tb"))  # reads both sessions' files, as TensorBoard does
+    events.Reload()
+    steps = [(e.step, e.value) for e in events.Scalars("train/loss_total")]
+    # The abandoned iterations 3 and 4 are hidden; they used to show beside the new iteration 3.
+    assert [step for step, _ in steps] == [1, 2, 3]
+    assert steps[2][1] == pytest.approx(records(run)[-1]["loss_total"])
+
+
 def test_stage2_v1_both_branches(tmp_path):
     cfg = tiny_vqfr_v1()
     trainer = Trainer(cfg, tmp_path / "run")

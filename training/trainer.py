@@ -283,7 +283,10 @@ class Trainer:
                     _drop_records_after(self.out / name, self.start_iter, aside)
             with atomic_path(self.out / "config.yml") as tmp:
                 Path(tmp).write_text(yaml.safe_dump(self.cfg, sort_keys=False))
-        self.tb = None if tensorboard is None else tensorboard.SummaryWriter(str(self.out / "tb"))
+        # purge_step: TensorBoard hides the events of earlier sessions from the first iteration trained again on
+        # (an abandoned future, or the iterations after the state that a killed run had logged)
+        self.tb = None if tensorboard is None else tensorboard.SummaryWriter(
+            str(self.out / "tb"), purge_step=self.start_iter + 1 if resume is not None else None)
 
     # --- setup ----------------------------------------------------------------------------------------------------
     def _setup_output(self) -> None:
