@@ -166,6 +166,31 @@ def test_long_file_names_and_home_globs(tmp_path, weights, capsys, monkeypatch):
     assert written == [f"cmp/{fits}_00.png", f"cropped_faces/{fits}_00.png", f"restored_faces/{fits}_00_v2.png"]
 
 
+def test_output_folder_given_with_a_tilde_is_in_the_home_folder(tmp_path, weights, capsys, monkeypatch):
+    """``--output=~/restored`` reaches the CLI unexpanded (the shell expands ~ only at the start of a word): the
+    outputs go to the home folder, as for -i and --weights, not to a folder named "~" in the working directory."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    cv2.imwrite(str(tmp_path / "face.png"), _face(8))
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert main(["-i", str(tmp_path / "face.png"), "--output=~/restored", "--weights", str(weights), "--aligned",
+                 "-q"]) == EXIT_OK
+    assert (home / "restored" / "restored_faces" / "face_00.png").is_file()
+    assert list(work.iterdir()) == []
+    assert f"outputs in {home / 'restored'}/" in capsys.readouterr().out
+
+
+def test_an_input_path_that_cannot_be_looked_at_is_a_usage_error(tmp_path, capsys):
+    """-i naming a path the system refuses to look at (a name too long; a folder that may not be entered) is a usage
+    error naming it, not a traceback."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["-i", str(tmp_path / f"{'x' * 300}.png"), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == EXIT_USAGE and f"{'x' * 300}.png" in err and "Traceback" not in err, err
+
+
 def test_an_output_that_cannot_be_encoded_leaves_no_file_of_its_input(tmp_path, weights, capsys, monkeypatch):
     """The restored photo is the last output encoded: its encoder failing (as JPEG does past 65,500 pixels) must not
     leave the face, crop and comparison files of a FAILED input behind."""

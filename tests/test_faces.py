@@ -509,6 +509,22 @@ def test_load_detector_caps_the_pixels_mtcnn_sees(tmp_path):
         Runtime(_Identity(), device="cpu", detector=Fixed(), detector_max_pixels=1_000_000)
 
 
+def test_detector_and_parser_paths_starting_with_a_tilde_are_in_the_home_folder(tmp_path, monkeypatch):
+    """``--detector=mtcnn:~/m.safetensors`` and ``--parser=~/p.pt`` reach vqfr unexpanded (the shell expands ~ only
+    at the start of a word): they name files in the home folder, as ``--weights=~/...`` does."""
+    import shutil
+
+    from vqfr.faces.mtcnn import default_weights
+    from vqfr.faces.parsing import load_parser
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copy(default_weights(), tmp_path / "m.safetensors")
+    torch.jit.save(torch.jit.script(torch.nn.Conv2d(3, 19, 1)), str(tmp_path / "p.pt"))
+    for spec in ("mtcnn:~/m.safetensors", "~/m.safetensors"):
+        assert isinstance(load_detector(spec), MTCNN), spec
+    assert load_parser("~/p.pt").regions(np.zeros((1, 64, 64, 3), np.uint8)).shape == (1, 64, 64)
+
+
 def test_parser_by_path(tmp_path):
     from vqfr.faces.parsing import FACE_CLASSES, load_parser
 

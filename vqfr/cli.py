@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from vqfr.backends.base import BACKEND_NAMES
-from vqfr.errors import ConfigError, OutputError, VQFRError
+from vqfr.errors import ConfigError, InputError, OutputError, VQFRError
 from vqfr.imaging import IMAGE_SUFFIXES, MAX_PIXELS
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_SOME_FAILED", "EXIT_INTERRUPTED",
@@ -109,14 +109,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _collect_inputs(spec: str) -> tuple[list[Path], int]:
-    """(image files, number of non-image files skipped in a folder)."""
+    """(image files, number of non-image files skipped in a folder).
+
+    Raises:
+        InputError: ``spec`` cannot be looked at (a name too long, a folder that may not be entered or listed).
+    """
     path = Path(spec).expanduser()
-    if path.is_file():
-        return [path], 0
-    if path.is_dir():
-        files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
-        images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
-        return images, len(files) - len(images)
+    try:
+        if path.is_file():
+            return [path], 0
+        if path.is_dir():
+            files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
+            images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+            return images, len(files) - len(images)
+    except OSError as exc:
+        raise InputError(f"cannot be read ({exc.strerror})", path=path, fix="check the path (-i) and its permissions"
+                         ) from exc
     pattern = os.path.expanduser(spec)  # a quoted '~/photos/*.jpg' reaches us unexpanded
     return sorted(Path(f) for f in glob.glob(pattern, recursive=True) if Path(f).is_file()), 0
 
@@ -488,12 +496,15 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, signals: _Si
         if args.input is None:
             parser.error("-i/--input is required (an image, a folder or a glob)")
         print(f"vqfr: no -i given; restoring {args.input}", file=sys.stderr)
-    files, ignored = _collect_inputs(args.input)
+    try:
+        files, ignored = _collect_inputs(args.input)
+    except InputError as exc:
+        parser.error(str(exc))
     if not files:
         parser.error(f"no input images found at {args.input!r} (looked for {', '.join(IMAGE_SUFFIXES)})")
 
     version = args.version[0] if args.version else None
-    out = Path(args.output)
+    out = Path(args.output).expanduser()  # the shell leaves the ~ of --output=~/restored to us
     job = _Job(args, out, files, signals)
     try:
         job.make_folders()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -169,6 +170,7 @@ def load_detector(spec: str | Path | Detector | None = None, device: str = "cpu"
         return spec
     text = str(spec)
     name, _, path = text.partition(":") if text.split(":", 1)[0] in DETECTORS else ("", "", text)
+    path = os.path.expanduser(path)  # the shell leaves the ~ of --detector=retinaface:~/x.pth to us
     if name:
         return DETECTORS[name](path or None, device, max_pixels)
     file = Path(path)

@@ -47,7 +47,7 @@ class NetworkParser:
     """
 
     def __init__(self, path: str | Path, device: str = "cpu", size: int = 512):
-        self.path, self.size, self.device = Path(path), size, device
+        self.path, self.size, self.device = Path(path).expanduser(), size, device
         if not self.path.is_file():
             raise ConfigError("parsing network file not found", path=self.path,
                               fix="pass the path of a parser exported to .onnx or TorchScript (see vqfr.faces.parsing)")
