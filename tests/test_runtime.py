@@ -197,6 +197,25 @@ def test_batches_match_single_calls(tiny_v2):
         assert np.abs(out.astype(int) - rt.restore(face, aligned=True)).max() <= 1
 
 
+def test_restore_batch_takes_an_iterator_of_paths(rt_v2, tmp_path):
+    """``rt.restore_batch(folder.glob("*.png"))``: a generator is read once, like a list (it was read twice, and the
+    second pass found it empty: ``ValueError: zip() argument 2 is shorter than argument 1``)."""
+    import cv2
+
+    faces = _faces(2, seed=8)
+    for i, face in enumerate(faces):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), face)
+    expected = rt_v2.restore_batch(sorted(tmp_path.glob("*.png")), aligned=True)
+    for aligned in (True, False):
+        got = rt_v2.restore_batch(iter(sorted(tmp_path.glob("*.png"))), aligned=aligned)
+        assert len(got) == 2
+    assert all(np.array_equal(a, b) for a, b in zip(
+        rt_v2.restore_batch((p for p in sorted(tmp_path.glob("*.png"))), aligned=True), expected, strict=True))
+    assert rt_v2.restore_faces_batch(iter([])) == []
+    with pytest.raises(InputError, match="0.png: restore_batch takes several images, got one path"):
+        rt_v2.restore_batch(str(tmp_path / "0.png"))  # used to read "/", "t", "m", "p" ... as files
+
+
 def test_infer_takes_one_fidelity_per_face(rt_v2, tiny_v2):
     x = to_tensor(_faces(2, seed=7))
     f = torch.tensor([0.0, 1.0])

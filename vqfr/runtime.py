@@ -16,7 +16,7 @@ import dataclasses
 import os
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -429,17 +429,22 @@ class Runtime:
         return self.restore_faces_batch([img], aligned=aligned, fidelity=fidelity, upscale=upscale,
                                         only_center_face=only_center_face)[0]
 
-    def restore_batch(self, images: Sequence[str | Path | np.ndarray], *, aligned: bool | None = None,
+    def restore_batch(self, images: Iterable[str | Path | np.ndarray], *, aligned: bool | None = None,
                       fidelity: float | None = None, upscale: float = 1,
                       only_center_face: bool = False) -> list[np.ndarray]:
-        """Restore several images, batching their faces together. Returns one image per input."""
+        """Restore several images (a list, or any iterable such as ``folder.glob("*.png")``), batching their faces
+        together. Returns one image per input."""
         return [r.image for r in self.restore_faces_batch(images, aligned=aligned, fidelity=fidelity,
                                                           upscale=upscale, only_center_face=only_center_face)]
 
-    def restore_faces_batch(self, images: Sequence[str | Path | np.ndarray], *, aligned: bool | None = None,
+    def restore_faces_batch(self, images: Iterable[str | Path | np.ndarray], *, aligned: bool | None = None,
                             fidelity: float | None = None, upscale: float = 1,
                             only_center_face: bool = False) -> list[Restoration]:
         """:meth:`restore_faces` for several images; all their faces go through the model in shared batches."""
+        if isinstance(images, (str, Path)):  # iterating it would read its characters as files
+            raise InputError("restore_batch takes several images, got one path", path=images,
+                             fix="pass a list of paths (restore_batch([path])), or call restore(path)")
+        images = list(images)  # an iterator (Path.glob) is read twice below
         aligned = self.aligned if aligned is None else aligned
         if fidelity is not None:
             _check_fidelity(fidelity)
