@@ -75,6 +75,18 @@ def test_bad_arrays_raise_input_error(arr, match):
         as_bgr_uint8(arr, name="arr")
 
 
+def test_a_pil_image_is_refused_not_taken_for_bgr():
+    """``np.asarray`` of a PIL image is RGB (a palette image: its indices): taken for BGR, the faces were restored
+    with red and blue swapped, without a word. It is refused with the conversion to make; its array is converted."""
+    pil = pytest.importorskip("PIL.Image")
+    bgr = _img(8, 8)
+    img = pil.fromarray(np.ascontiguousarray(bgr[:, :, ::-1]))
+    for refused in (img, img.convert("P")):
+        with pytest.raises(InputError, match=r"got a PIL image \(mode (RGB|P)\).*Fix: pass the file's path"):
+            as_bgr_uint8(refused)
+    assert np.array_equal(as_bgr_uint8(np.asarray(img.convert("RGB"))[:, :, ::-1]), bgr)  # the fix it gives
+
+
 def test_save_and_load_round_trip(tmp_path):
     img = _img(16, 20)
     path = save_image(tmp_path / "x.png", img)

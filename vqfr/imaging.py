@@ -121,6 +121,11 @@ def as_bgr_uint8(img: np.ndarray, name: str | Path | None = None) -> np.ndarray:
 
 def _as_array(img, name: str | Path | None) -> np.ndarray:
     """A non-ndarray image (a list, a torch tensor ...) as an array, or InputError."""
+    if any(cls.__module__.startswith("PIL.") for cls in type(img).__mro__):
+        # np.asarray gives its RGB channels (or a palette's indices), which would be taken for BGR without a word
+        raise InputError(f"expected an OpenCV BGR array, got a PIL image (mode {getattr(img, 'mode', '?')}), whose "
+                         "channels are in RGB order", path=name,
+                         fix="pass the file's path, or np.asarray(img.convert('RGB'))[:, :, ::-1] (RGB -> BGR)")
     try:
         arr = np.asarray(img)
     except (TypeError, ValueError, RuntimeError) as exc:  # ragged lists, tensors that need .cpu() or .detach()
