@@ -92,8 +92,8 @@ def check_output(output: str | Path, backend: str, *inputs: str | Path | None) -
         ``output`` as a Path.
 
     Raises:
-        ConfigError: the suffix is not one the runtime loads with ``backend``. OutputError: the folder is missing,
-            the output is a folder, or it would overwrite an input.
+        ConfigError: the suffix is not one the runtime loads with ``backend``. OutputError: the folder is missing
+            or is a file, the output is a folder, or it would overwrite an input.
     """
     from vqfr.backends import BACKENDS
 
@@ -107,6 +107,9 @@ def check_output(output: str | Path, backend: str, *inputs: str | Path | None) -
                           f"backend by the suffix), not {output.suffix or 'a name without a suffix'}", path=output,
                           fix=f"name it {output.stem if output.suffix else output.name}{suffixes[0]}")
     if not output.parent.is_dir():
+        if output.parent.exists():  # "does not exist, create it" would send the user to make a folder over a file
+            raise OutputError(f"the output folder {output.parent} is not a folder", path=output,
+                              fix="choose another output path (-o)")
         raise OutputError(f"the output folder {output.parent} does not exist", path=output,
                           fix="create it first, or choose another output path (-o)")
     return output

@@ -656,3 +656,17 @@ def test_export_to_an_existing_folder_says_it_is_a_folder(tmp_path, monkeypatch)
     with pytest.raises(OutputError, match=r"results: is a folder"):  # before TensorRT is needed
         build_engine(onnx, folder, BuildOptions())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "results"] and not list(folder.iterdir())
+
+
+def test_output_under_a_file_says_the_folder_is_a_file(tmp_path, monkeypatch):
+    """``-o notes.txt/x.onnx`` (the "folder" is a file) said "the output folder notes.txt does not exist. Fix: create
+    it first", which cannot be done while the file is there; it is refused as not a folder, before tracing."""
+    from vqfr.errors import OutputError
+
+    _no_trace(monkeypatch)
+    (tmp_path / "notes.txt").write_text("notes")
+    with pytest.raises(OutputError, match=r"x.onnx: the output folder .*notes.txt is not a folder. Fix: choose "
+                                          r"another output path") as info:
+        export_onnx(None, tmp_path / "notes.txt" / "x.onnx", config=TINY_V2, random_weights=0)
+    assert "create it" not in str(info.value)
+    assert (tmp_path / "notes.txt").read_text() == "notes" and [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
