@@ -35,7 +35,7 @@ from export.compare import Agreement, agreement
 from export.source import check_output, check_v1_side, refuse_overwriting_inputs
 from vqfr._optional import require
 from vqfr.atomic import atomic_write_bytes
-from vqfr.errors import ConfigError, EngineError, run_command
+from vqfr.errors import ConfigError, EngineError, OutputError, run_command
 from vqfr.sidecar import EngineMeta, TensorSpec, read_sidecar, sidecar_path, verify_engine_file, write_sidecar
 
 if TYPE_CHECKING:
@@ -209,12 +209,31 @@ def _pin_fp32_islands(network: trt.INetworkDefinition, fp32_nodes: set[str], dcn
     return pinned
 
 
+def _check_timing_cache_path(path: Path) -> None:
+    """Refuse, before the build, a timing cache that could not be saved after it (the save comes before the engine is
+    written, so a build of minutes would be lost).
+
+    Raises:
+        OutputError: ``path`` is a folder, or its folder is missing or is a file.
+    """
+    if path.is_dir():
+        raise OutputError("is a folder", path=path, fix="give --timing-cache the path of a file, e.g. trt.cache")
+    if not path.parent.is_dir():
+        what = "is not a folder" if path.parent.exists() else "does not exist"
+        raise OutputError(f"the timing cache's folder {path.parent} {what}", path=path,
+                          fix="create the folder first, or choose another --timing-cache path")
+
+
 def _load_timing_cache(config: trt.IBuilderConfig, path: Path | None) -> trt.ITimingCache:
     data = path.read_bytes() if path is not None and path.is_file() else b""
-    cache = config.create_timing_cache(data)
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
+    try:
+        # From a corrupt or foreign file TensorRT gives no cache (None) or raises; polygraphy guards both too.
+        cache = config.create_timing_cache(data)
+    except (RuntimeError, TypeError, ValueError):
+        cache = None
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
         raise EngineError("TensorRT rejected the timing cache", path=path,
-                          fix="delete it; it was written by another TensorRT version or GPU")
+                          fix="delete it; it is corrupt, or was written by another TensorRT version or GPU")
     return cache
 
 
@@ -237,7 +256,9 @@ def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOption
     Raises:
         ImportError: tensorrt is not installed (names the pip extra). ConfigError: bad options, or an ``output``
         not named ``.engine``/``.plan``. EngineError: parse, build or check failure. OutputError: ``output`` or the
-        timing cache would overwrite the ONNX file or its sidecar, or the output folder does not exist.
+        timing cache would overwrite the ONNX file or its sidecar, the output folder does not exist, or the timing
+        cache is a folder or its folder does not exist. With ``check``, a missing ``reference_onnx`` (EngineError) or
+        polygraphy or onnxruntime (ImportError). All of these are raised before the build.
     """
     options = options or BuildOptions()
     options.validate()
@@ -248,6 +269,14 @@ def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOption
         if Path(options.timing_cache).resolve() in (output.resolve(), sidecar_path(output).resolve()):
             raise ConfigError("the timing cache would be overwritten by the engine or its sidecar",
                               path=options.timing_cache, fix="give --timing-cache its own file, e.g. trt.cache")
+        _check_timing_cache_path(Path(options.timing_cache))
+    if check:  # what the check needs, known before the build rather than after it (the engine is then lost)
+        if reference_onnx is not None and not Path(reference_onnx).is_file():
+            raise EngineError("is not a file" if Path(reference_onnx).exists() else "does not exist",
+                              path=reference_onnx, fix="pass --reference-onnx an .onnx file written by python -m "
+                                                       "export.onnx")
+        require("polygraphy", "comparing TensorRT with onnxruntime")
+        require("onnxruntime", "comparing TensorRT with onnxruntime")
     trt_module = _tensorrt()
     import tensorrt as trt
 

@@ -511,3 +511,75 @@ def test_build_refuses_outputs_the_runtime_would_not_load_or_that_overwrite_inpu
         build_engine(onnx_path, tmp_path / "m.engine", BuildOptions(timing_cache=tmp_path / "m.engine"))
     assert onnx_path.read_bytes() == b"onnx" and sidecar_path(onnx_path).read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]
+
+
+def test_build_refuses_a_timing_cache_it_could_not_save_before_building(tmp_path):
+    """``--timing-cache caches/trt.cache`` (missing folder) or ``--timing-cache caches`` (a folder) was only found
+    out when the cache was saved after the build: OutputError after minutes of building, and no engine written.
+    Refused before TensorRT is touched (here: before the ImportError of the missing tensorrt)."""
+    from vqfr.sidecar import sidecar_path
+
+    onnx_path = tmp_path / "m.onnx"
+    onnx_path.write_bytes(b"onnx")
+    sidecar_path(onnx_path).write_text("{}")
+    (tmp_path / "caches").mkdir()
+    (tmp_path / "notes.txt").write_text("notes")
+    cases = {tmp_path / "missing" / "trt.cache": r"trt.cache: the timing cache's folder .*missing does not exist",
+             tmp_path / "caches": r"caches: is a folder. Fix: give --timing-cache the path of a file",
+             tmp_path / "notes.txt" / "trt.cache": r"trt.cache: the timing cache's folder .*notes.txt is not a folder"}
+    for cache, message in cases.items():
+        with pytest.raises(OutputError, match=message):
+            build_engine(onnx_path, tmp_path / "m.engine", BuildOptions(timing_cache=cache))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["caches", "m.onnx", "m.onnx.json", "notes.txt"]
+
+
+class _FakeBuilderConfig:
+    """``create_timing_cache`` as TensorRT answers a corrupt or foreign file: no cache (None), or an exception."""
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def create_timing_cache(self, data):
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        if cache is None:  # pybind11 refuses None for the ITimingCache reference
+            raise TypeError("set_timing_cache(): incompatible function arguments")
+        return True
+
+
+def test_a_corrupt_timing_cache_is_an_engine_error_naming_it(tmp_path):
+    """A truncated or foreign ``--timing-cache`` file gave no cache, which was passed on to set_timing_cache: a
+    TypeError traceback from the CLI instead of the EngineError that names the file and says to delete it."""
+    from export.trt import _load_timing_cache
+
+    cache = tmp_path / "trt.cache"
+    cache.write_bytes(b"not a timing cache")
+    for answer in (None, RuntimeError("Serialization assertion failed")):
+        with pytest.raises(EngineError, match=r"trt.cache: TensorRT rejected the timing cache. Fix: delete it"):
+            _load_timing_cache(_FakeBuilderConfig(answer), cache)
+    assert _load_timing_cache(_FakeBuilderConfig("cache"), cache) == "cache"
+
+
+def test_check_refuses_what_it_would_miss_before_building(tmp_path, monkeypatch, capsys):
+    """``--check --reference-onnx vqfr_v2.onx`` (a typo), or --check without polygraphy or onnxruntime, built the
+    engine for minutes, then failed in the comparison: a polygraphy traceback or an ImportError, and no engine.
+    Refused before TensorRT is touched (here: before the ImportError of the missing tensorrt)."""
+    from vqfr.sidecar import sidecar_path
+
+    onnx_path = tmp_path / "m.onnx"
+    onnx_path.write_bytes(b"onnx")
+    sidecar_path(onnx_path).write_text("{}")
+    missing = tmp_path / "m_fp32.onx"
+    with pytest.raises(EngineError, match=r"m_fp32.onx: does not exist. Fix: pass --reference-onnx an .onnx file"):
+        build_engine(onnx_path, tmp_path / "m.engine", check=True, reference_onnx=missing)
+    assert main([str(onnx_path), "-o", str(tmp_path / "m.engine"), "--check", "--reference-onnx", str(missing)]) == 1
+    assert "m_fp32.onx: does not exist" in capsys.readouterr().err
+    for module in ("polygraphy", "onnxruntime"):
+        with monkeypatch.context() as patch:
+            patch.setitem(sys.modules, module, None)  # import fails, as when it is not installed
+            with pytest.raises(ImportError, match=rf"{module} is needed for comparing TensorRT with onnxruntime"):
+                build_engine(onnx_path, tmp_path / "m.engine", check=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]
