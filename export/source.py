@@ -86,14 +86,15 @@ def config_file(config: Any) -> Path | None:
 def check_output(output: str | Path, backend: str, *inputs: str | Path | None) -> Path:
     """Refuse, before any work is done, an ``output`` that the runtime would not load with ``backend`` (it picks
     the backend by the file's suffix, from :data:`vqfr.backends.BACKENDS`), in a folder that does not exist, that is a
-    folder, or that would overwrite one of ``inputs`` (see :func:`refuse_overwriting_inputs`).
+    folder (or whose sidecar's path is one), or that would overwrite one of ``inputs`` (see
+    :func:`refuse_overwriting_inputs`).
 
     Returns:
         ``output`` as a Path.
 
     Raises:
         ConfigError: the suffix is not one the runtime loads with ``backend``. OutputError: the folder is missing
-            or is a file, the output is a folder, or it would overwrite an input.
+            or is a file, the output or its sidecar's path is a folder, or it would overwrite an input.
     """
     from vqfr.backends import BACKENDS
 
@@ -101,6 +102,9 @@ def check_output(output: str | Path, backend: str, *inputs: str | Path | None) -
     refuse_overwriting_inputs(output, *inputs)
     if output.is_dir():  # before the suffix: "name it results.onnx" would misread what was meant
         raise OutputError("is a folder", path=output, fix="give the path of the file to write (-o)")
+    if sidecar_path(output).is_dir():  # found only after the engine had replaced the previous one
+        raise OutputError(f"its sidecar {sidecar_path(output).name} would be written over a folder", path=output,
+                          fix="move that folder away, or choose another output path (-o)")
     suffixes = tuple(dict.fromkeys(s for e in BACKENDS if e.name == backend for s in e.suffixes))
     if output.suffix not in suffixes:  # as the table spells them (torch wants a lower-case .pt2)
         raise ConfigError(f"the runtime runs {backend} engines from {' or '.join(suffixes)} files (it picks the "

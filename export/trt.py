@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 import sys
 from collections.abc import Sequence
@@ -106,8 +107,9 @@ class BuildOptions:
             raise ConfigError(f"need 1 <= min-batch <= opt-batch <= max-batch, got {self.min_batch}, "
                               f"{self.opt_batch}, {self.max_batch}",
                               fix="e.g. --min-batch 1 --opt-batch 4 --max-batch 8")
-        if self.workspace_gb is not None and self.workspace_gb <= 0:
-            raise ConfigError(f"workspace must be positive, got {self.workspace_gb} GB", fix="e.g. --workspace 4")
+        if self.workspace_gb is not None and not 0 < self.workspace_gb < math.inf:  # nan fails both
+            raise ConfigError(f"workspace must be a positive number, got {self.workspace_gb} GB",
+                              fix="e.g. --workspace 4")
 
 
 def _major(trt_module: Any) -> int:
@@ -472,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def build() -> str:
         check_output(args.output, "tensorrt", *args.samples)  # the samples are inputs too; build_engine has arrays
+        if args.samples and not args.onnx.is_file():  # before its sidecar is read for the face size
+            raise EngineError("is not a file" if args.onnx.exists() else "does not exist", path=args.onnx,
+                              fix="pass the .onnx file written by python -m export.onnx")
         samples = load_samples(args.samples, args.size or read_sidecar(args.onnx).face_size) if args.samples else []
         return "wrote " + str(build_engine(args.onnx, args.output, options, check=args.check,
                                            reference_onnx=args.reference_onnx, samples=samples))

@@ -670,3 +670,16 @@ def test_output_under_a_file_says_the_folder_is_a_file(tmp_path, monkeypatch):
         export_onnx(None, tmp_path / "notes.txt" / "x.onnx", config=TINY_V2, random_weights=0)
     assert "create it" not in str(info.value)
     assert (tmp_path / "notes.txt").read_text() == "notes" and [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_a_sidecar_path_that_is_a_folder_is_refused_before_the_previous_export_is_replaced(tmp_path, monkeypatch):
+    """``-o x.onnx`` beside a folder named ``x.onnx.json``: the new graph replaced the old one, then the sidecar
+    write failed, leaving an ONNX without its sidecar (which the runtime refuses)."""
+    from vqfr.errors import OutputError
+
+    _no_trace(monkeypatch)
+    (tmp_path / "x.onnx").write_bytes(b"the previous export")
+    (tmp_path / "x.onnx.json").mkdir()
+    with pytest.raises(OutputError, match=r"x.onnx: its sidecar x.onnx.json would be written over a folder"):
+        export_onnx(None, tmp_path / "x.onnx", config=TINY_V2, random_weights=0)
+    assert (tmp_path / "x.onnx").read_bytes() == b"the previous export"

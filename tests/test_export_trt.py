@@ -103,8 +103,22 @@ def test_missing_tensorrt_names_the_extra(tmp_path, capsys):
 def test_build_options_are_checked_first(tmp_path):
     with pytest.raises(ConfigError, match="min-batch"):
         build_engine(tmp_path / "m.onnx", tmp_path / "m.engine", BuildOptions(min_batch=4, opt_batch=2))
-    with pytest.raises(ConfigError, match="workspace"):
-        build_engine(tmp_path / "m.onnx", tmp_path / "m.engine", BuildOptions(workspace_gb=0))
+    for workspace in (0, float("nan"), float("inf")):  # nan and inf used to pass, then fail in int() after the parse
+        with pytest.raises(ConfigError, match="workspace must be a positive number"):
+            build_engine(tmp_path / "m.onnx", tmp_path / "m.engine", BuildOptions(workspace_gb=workspace))
+
+
+def test_cli_with_samples_names_a_missing_onnx_as_missing(tmp_path, capsys):
+    """With --samples the face size was read from the ONNX's sidecar first, so a mistyped ONNX path was reported as
+    a missing sidecar."""
+    import cv2
+
+    face = tmp_path / "face.png"
+    cv2.imwrite(str(face), np.zeros((16, 16, 3), np.uint8))
+    assert main([str(tmp_path / "typo.onnx"), "-o", str(tmp_path / "m.engine"), "--check", "--samples",
+                 str(face)]) == 1
+    err = capsys.readouterr().err
+    assert "typo.onnx: does not exist" in err and "sidecar" not in err, err
 
 
 @pytest.mark.trt
