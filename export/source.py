@@ -79,7 +79,7 @@ def config_file(config: Any) -> Path | None:
     from vqfr.models import ALIASES
 
     if isinstance(config, Path) or (isinstance(config, str) and config not in ALIASES):
-        return Path(config)
+        return Path(config).expanduser()  # as vqfr.models reads it
     return None
 
 

@@ -169,6 +169,14 @@ def test_build_model_from_official_style_yml(tmp_path):
     assert isinstance(model, vqfr.models.VQFRv2) and model.options == TINY_V2
 
 
+def test_a_yml_path_starting_with_a_tilde_is_in_the_home_folder(tmp_path, monkeypatch):
+    """``--config=~/opt.yml`` reaches the tools unexpanded (the shell expands ~ only at the start of a word); it was
+    "neither a version alias nor an existing yml file"."""
+    (tmp_path / "opt.yml").write_text(yaml.safe_dump({"network_sr": TINY_V2}))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert vqfr.build_model("~/opt.yml").options == TINY_V2
+
+
 @pytest.mark.parametrize("bad,match", [({"type": "VQFRv3"}, "type"), ("v7", "v7"),
                                        ({**TINY_V2, "bogus": 1}, "bogus"),
                                        ({**TINY_V2, "align_opt": {"cond_channels": 32}}, "deformable_groups"),

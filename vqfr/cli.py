@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _collect_inputs(spec: str) -> tuple[list[Path], int]:
-    """(image files, number of non-image files skipped in a folder).
+    """(image files, number of non-image files skipped in a folder or among a glob's matches).
 
     Raises:
         InputError: ``spec`` cannot be looked at (a name too long, a folder that may not be entered or listed).
@@ -126,7 +126,9 @@ def _collect_inputs(spec: str) -> tuple[list[Path], int]:
         raise InputError(f"cannot be read ({exc.strerror})", path=path, fix="check the path (-i) and its permissions"
                          ) from exc
     pattern = os.path.expanduser(spec)  # a quoted '~/photos/*.jpg' reaches us unexpanded
-    return sorted(Path(f) for f in glob.glob(pattern, recursive=True) if Path(f).is_file()), 0
+    matched = sorted(Path(f) for f in glob.glob(pattern, recursive=True) if Path(f).is_file())
+    images = [f for f in matched if f.suffix.lower() in IMAGE_SUFFIXES]  # 'photos/*' as the folder photos/
+    return images, len(matched) - len(images)
 
 
 def _output_stems(files: list[Path]) -> dict[Path, str]:

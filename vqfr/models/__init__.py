@@ -78,10 +78,11 @@ def resolve_options(options: dict | str | Path) -> dict:
     elif isinstance(options, str) and options in ALIASES:
         opts = official_options(options)
     elif isinstance(options, (str, Path)):
-        if not Path(options).is_file():
+        path = Path(options).expanduser()  # the shell leaves the ~ of --config=~/vqfr.yml to us
+        if not path.is_file():
             raise ConfigError("is neither a version alias nor an existing yml file", path=options,
                               fix=f"pass one of {sorted(set(ALIASES))} or the path of a yml")
-        opts = read_yml(options)
+        opts = read_yml(path)
     else:
         raise ConfigError(f"options must be a dict, a version alias or a yml path, not {type(options).__name__}")
     if opts.get("type") not in ARCHS:
