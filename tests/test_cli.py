@@ -309,3 +309,18 @@ def test_golden_small_model_runs_from_its_own_json(tmp_path, capsys):
     assert len(err) < 700 and "--config FILE.yml" in err, err
     assert main([*args, "--config", str(GOLDEN / "vqfr_v2_small.json")]) == EXIT_OK, capsys.readouterr().err
     assert cv2.imread(str(tmp_path / "out" / "restored_faces" / "face_00.png")).shape == (128, 128, 3)
+
+
+def test_a_run_that_cannot_start_leaves_no_output_folders(tmp_path, weights, capsys):
+    """The output folders are made (and tried) before the model loads; a run that then cannot start (here an unknown
+    device) used to leave them behind, empty. Folders that were there before, and anything in them, stay."""
+    cv2.imwrite(str(tmp_path / "face.png"), _face(9))
+    args = ["-i", str(tmp_path / "face.png"), "--weights", str(weights), "--aligned", "-q", "--device", "gpu"]
+    assert main([*args, "-o", str(tmp_path / "new" / "out")]) == EXIT_ERROR
+    assert "unknown device 'gpu'" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    (kept / "cmp").mkdir(parents=True)
+    (kept / "notes.txt").write_text("mine")
+    assert main([*args, "-o", str(kept)]) == EXIT_ERROR
+    assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*")) == ["cmp", "notes.txt"]

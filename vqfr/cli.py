@@ -229,6 +229,7 @@ class _Job:
         self.args, self.out, self.signals = args, out, signals
         self.images = self.faces = self.failed = self.skipped = self.faceless = 0
         self.infer_s = 0.0
+        self.new_folders: list[Path] = []  # created by make_folders, outermost last
         # (device, inode) of every input: no output may replace one, whatever path (link, ../) leads to it.
         self.inputs = {}
         for f in inputs:
@@ -237,9 +238,12 @@ class _Job:
                 self.inputs[(st.st_dev, st.st_ino)] = f
 
     def make_folders(self) -> None:
+        """Create the output folders and check that they take files: before the model loads, which takes a while.
+        :meth:`remove_new_folders` takes them away again when the run cannot start."""
         groups = ("restored_faces", "cropped_faces", "cmp") + (() if self.args.aligned else ("restored_imgs",))
         for group in groups:
             folder = self.out / group
+            self.new_folders += [p for p in (folder, *folder.parents) if not p.exists() and p not in self.new_folders]
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -251,6 +255,13 @@ class _Job:
             except OSError as exc:
                 raise OutputError(f"cannot write into the output folder ({exc.strerror})", path=folder,
                                   fix="choose an output folder (-o) you can write to, or fix its permissions") from exc
+
+    def remove_new_folders(self) -> None:
+        """Remove the folders :meth:`make_folders` created that are still empty (a run that could not start leaves
+        nothing behind; a folder holding anything stays)."""
+        for folder in sorted(self.new_folders, key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):  # not empty (another process wrote there), or gone
+                folder.rmdir()
 
     def names(self, src: Path, stem: str, n_faces: int) -> dict[str, list[Path]]:
         sfx = f"_{self.args.suffix}" if self.args.suffix else ""
@@ -530,6 +541,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, signals: _Si
             rt.detector  # noqa: B018
             rt.parser  # noqa: B018
     except (VQFRError, ImportError, OSError) as exc:
+        job.remove_new_folders()
         print(f"vqfr: error: {exc}", file=sys.stderr)
         if args.debug:
             traceback.print_exc()
