@@ -214,6 +214,10 @@ def test_restore_batch_takes_an_iterator_of_paths(rt_v2, tmp_path):
     assert rt_v2.restore_faces_batch(iter([])) == []
     with pytest.raises(InputError, match="0.png: restore_batch takes several images, got one path"):
         rt_v2.restore_batch(str(tmp_path / "0.png"))  # used to read "/", "t", "m", "p" ... as files
+    with pytest.raises(InputError, match=r"got one image array of shape \(64, 64, 3\)"):
+        rt_v2.restore_batch(faces[0])  # its 64 rows of pixels were taken for 64 grey images
+    stacked = rt_v2.restore_batch(np.stack(faces), aligned=True)  # [N, H, W, 3]: a batch
+    assert all(np.array_equal(a, b) for a, b in zip(stacked, expected, strict=True))
 
 
 def test_infer_takes_one_fidelity_per_face(rt_v2, tiny_v2):

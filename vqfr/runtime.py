@@ -432,8 +432,8 @@ class Runtime:
     def restore_batch(self, images: Iterable[str | Path | np.ndarray], *, aligned: bool | None = None,
                       fidelity: float | None = None, upscale: float = 1,
                       only_center_face: bool = False) -> list[np.ndarray]:
-        """Restore several images (a list, or any iterable such as ``folder.glob("*.png")``), batching their faces
-        together. Returns one image per input."""
+        """Restore several images (a list, any iterable such as ``folder.glob("*.png")``, or an array of images
+        [N, H, W] or [N, H, W, C]), batching their faces together. Returns one image per input."""
         return [r.image for r in self.restore_faces_batch(images, aligned=aligned, fidelity=fidelity,
                                                           upscale=upscale, only_center_face=only_center_face)]
 
@@ -444,6 +444,10 @@ class Runtime:
         if isinstance(images, (str, Path)):  # iterating it would read its characters as files
             raise InputError("restore_batch takes several images, got one path", path=images,
                              fix="pass a list of paths (restore_batch([path])), or call restore(path)")
+        if isinstance(images, np.ndarray) and (images.ndim < 3 or (images.ndim == 3 and images.shape[-1] in (3, 4))):
+            # iterating it would take each row of pixels for an image; [N, H, W] (grey) and [N, H, W, C] are batches
+            raise InputError(f"restore_batch takes several images, got one image array of shape {images.shape}",
+                             fix="pass a list of images (restore_batch([img])), or call restore(img)")
         images = list(images)  # an iterator (Path.glob) is read twice below
         aligned = self.aligned if aligned is None else aligned
         if fidelity is not None:
