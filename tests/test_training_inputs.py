@@ -182,6 +182,12 @@ def test_resuming_into_a_folder_that_holds_another_run_is_refused(tmp_path, caps
     ({"datasets": {"train": {"kernel_list": ["iso", "generalized"]}}}, "kernel_list"),
     ({"datasets": {"train": {"noise_range": 20}}}, "datasets.train: noise_range must be [low, high]"),
     ({"datasets": {"val": {"dataroot_gt": "synthetic:2", "degradation": "V2"}}}, "datasets.val.degradation"),
+    # a ValueError traceback from numpy (probabilities) or OpenCV (kernel) when the first batch loaded
+    ({"datasets": {"train": {"kernel_prob": [1.5, -0.5]}}}, "datasets.train: kernel_prob [1.5, -0.5]"),
+    ({"datasets": {"train": {"blur_kernel_size": -1}}}, "datasets.train: blur_kernel_size"),
+    # trained on silently: OpenCV clamps a JPEG quality to [0, 100]; a negative noise sigma is meaningless
+    ({"datasets": {"train": {"jpeg_range": [30, 900]}}}, "datasets.train: jpeg_range must lie in [0, 100]"),
+    ({"datasets": {"train": {"noise_range": [-20, -10]}}}, "datasets.train: noise_range must be >= 0"),
 ])
 def test_bad_degradation_options_are_refused_when_the_config_is_read(tmp_path, capsys, change, message):
     config = write_config(merge(tiny_vqfr_v2(), change), tmp_path / "deg.yml")
@@ -197,6 +203,45 @@ def test_bad_degradation_options_are_refused_when_the_config_is_read(tmp_path, c
 def test_bad_gan_schedule_options_are_refused(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write_config(merge(tiny_vqfr_v2(), change), tmp_path / "gan.yml"))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    # torch's ValueError traceback once the networks were built
+    ({"train": {"optim_sr_enc": {"lr": -1e-4}}}, "train.optim_sr_enc: Invalid learning rate"),
+    ({"train": {"optim_d": {"type": "Adam", "lr": 1e-4, "betas": [0.9, 1.5]}}}, "train.optim_d: Invalid beta"),
+    ({"train": {"optim_sr_maindec": {"type": "Adam", "lr": 1e-4, "momentum": 0.9}}}, "train.optim_sr_maindec"),
+    # numpy's ValueError traceback when the first batch loaded
+    ({"manual_seed": -1}, "manual_seed is -1"),
+    # trained on silently: 1 kept the initial weights as params_ema (which load_model prefers), 1.5 diverged
+    ({"train": {"ema_decay": 1}}, "train.ema_decay is 1"),
+    ({"train": {"ema_decay": 1.5}}, "train.ema_decay is 1.5"),
+    # validated on all images but the last one
+    ({"datasets": {"val": {"dataroot_gt": "synthetic:3", "max_images": -1}}}, "datasets.val.max_images is -1"),
+    # "StyleGAN2Discriminator was built for 32x32 inputs" when the GAN started (official: 5000 iterations in)
+    ({"network_d": {"out_size": 32}}, "network_d.out_size is 32 but the training images are 16x16"),
+    # an unnamed ValueError at the first validation (val_freq iterations in), or TypeError/ValueError at the start
+    ({"datasets": {"val": {"dataroot_gt": "synthetic:2"}}, "val": {"fidelity_ratio": "high"}},
+     "val.fidelity_ratio is 'high'"),
+    ({"train": {"pixel_opt": {"loss_weight": "one"}}}, "train.pixel_opt.loss_weight is 'one'"),
+    ({"train": {"scheduler": {"type": "MultiStepLR", "milestones": 400000}}}, "train.scheduler.milestones is 400000"),
+    ({"train": {"scheduler": {"type": "MultiStepLR", "milestones": [10], "gamma": "half"}}},
+     "train.scheduler.gamma is 'half'"),
+])
+def test_values_that_cannot_train_are_refused_when_the_config_is_read(tmp_path, change, message):
+    path = write_config(merge(tiny_vqfr_v2(), change), tmp_path / "values.yml")
+    with pytest.raises(ConfigError, match="values.yml") as err:
+        load_config(path)
+    assert message in str(err.value) and err.value.fix
+
+
+def test_values_at_the_edge_of_their_range_are_accepted(tmp_path):
+    cfg = merge(tiny_vqfr_v2(), {"manual_seed": 0, "train": {"ema_decay": 0, "optim_d": {"lr": 0.0},
+                                                         "scheduler": {"milestones": ["5e5", 6.5e5], "gamma": "0.5"}},
+                                 "datasets": {"val": {"dataroot_gt": "synthetic:3", "max_images": "2", "seed": 0},
+                                              "train": {"jpeg_range": [0, 100], "noise_range": [0, 0],
+                                                        "kernel_prob": [1.0, 0.0]}}})
+    loaded = load_config(write_config(cfg, tmp_path / "edge.yml"))
+    assert loaded["datasets"]["val"]["max_images"] == 2  # was a TypeError (slice indices) as a string
 
 
 def test_gan_start_iterations_may_be_written_in_exponent_notation(tmp_path):

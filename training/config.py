@@ -15,14 +15,17 @@ import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import torch
 import yaml
+from torch import nn
 
 from training.degradations import DegradationParams
 from training.losses import GAN_TYPES, PerceptualLoss
 from training.metrics import psnr, ssim
 from vqfr.errors import ConfigError
 
-__all__ = ["MODEL_TYPES", "VAL_METRIC_TYPES", "load_config", "check_config", "network_key", "val_metrics"]
+__all__ = ["MODEL_TYPES", "VAL_METRIC_TYPES", "load_config", "check_config", "network_key", "val_metrics",
+           "build_optimizer"]
 
 #: model_type -> the block holding the trained generator.
 MODEL_TYPES = {"VQGANModel": "network_g", "VQFRv1Model": "network_sr", "VQFRv2Model": "network_sr"}
@@ -38,7 +41,16 @@ _WHOLE_NUMBERS = {("train", "total_iter"): 1, ("logger", "print_freq"): 1, ("log
                   ("val", "val_freq"): 1, ("datasets", "train", "batch_size_per_gpu"): 1,
                   ("datasets", "train", "num_worker_per_gpu"): 0, ("datasets", "train", "out_size"): 1,
                   ("train", "gan_start_iter"): -1, ("train", "main_gan_start_iter"): -1,
-                  ("train", "net_d_reg_every"): 1, ("train", "kmeans_iters"): 1}
+                  ("train", "net_d_reg_every"): 1, ("train", "kmeans_iters"): 1,
+                  # the data seeds (numpy refuses a negative one when the first batch loads)
+                  ("manual_seed",): 0, ("datasets", "val", "seed"): 0, ("datasets", "val", "max_images"): 1}
+
+#: Options that must be numbers (a numeric string such as ``1e-4`` too); the trainer reads them with float(), some
+#: only at the first validation. The loss blocks' weights are checked too (:func:`_check_numbers`).
+_NUMBERS = (("train", "r1_reg_weight"), ("train", "generator_d_global_weight"), ("train", "generator_d_local_weight"),
+            ("train", "d_local_loss_weight"), ("train", "fidelity_ratio"), ("train", "codebook_loss_weight"),
+            ("train", "scheduler", "gamma"), ("val", "fidelity_ratio"))
+_LOSS_WEIGHTS = ("loss_weight", "perceptual_weight", "style_weight")
 
 #: basicsr's validation metric types (``val.metrics.<name>.type``) -> their functions in ``training.metrics``.
 VAL_METRIC_TYPES: dict[str, Callable[..., float]] = {"calculate_psnr": psnr, "calculate_ssim": ssim}
@@ -160,6 +172,42 @@ def _check_whole_numbers(cfg: dict, source: str) -> None:
         block[keys[-1]] = int(number)
 
 
+def _is_number(value: object) -> bool:
+    try:
+        return not isinstance(value, bool) and math.isfinite(float(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_numbers(cfg: dict, source: str) -> None:
+    """Refuse an option of :data:`_NUMBERS`, a loss weight or a ``scheduler.milestones`` entry that is not a number
+    (a whole number >= 0 for the milestones), naming it; they used to fail as an unnamed ValueError or TypeError
+    once training started, ``val.fidelity_ratio`` only at the first validation."""
+    found: list[tuple[str, object]] = []
+    for keys in _NUMBERS:
+        block: object = cfg
+        for key in keys[:-1]:
+            block = block.get(key) if isinstance(block, dict) else None
+        if isinstance(block, dict) and block.get(keys[-1]) is not None:
+            found.append((".".join(keys), block[keys[-1]]))
+    train = cfg["train"]
+    for key in _LOSS_TYPES:
+        block = train.get(key)
+        levels = [(f"{key}.{k}", v) for k, v in block.items() if isinstance(v, dict)] if isinstance(block, dict) else []
+        for name, opts in [(key, block), *levels]:
+            if isinstance(opts, dict):
+                found += [(f"train.{name}.{w}", opts[w]) for w in _LOSS_WEIGHTS if opts.get(w) is not None]
+    for name, value in found:
+        if not _is_number(value):
+            raise ConfigError(f"{name} is {value!r}", path=source, fix="use a number")
+    scheduler = train.get("scheduler")
+    milestones = scheduler.get("milestones", []) if isinstance(scheduler, dict) else []
+    if not isinstance(milestones, list) or not all(_is_number(m) and float(m).is_integer() and float(m) >= 0
+                                                   for m in milestones):
+        raise ConfigError(f"train.scheduler.milestones is {milestones!r}", path=source,
+                          fix="use a list of iterations, e.g. milestones: [500000, 650000]")
+
+
 def val_metrics(cfg: dict, source: str = "config") -> dict[str, tuple[Callable[..., float], int]]:
     """The validation metrics: {logged name: (function of ``training.metrics``, crop_border)}; each function is
     called as ``function(img, ref, crop_border)`` on HxWx3 uint8 images.
@@ -205,6 +253,56 @@ def val_metrics(cfg: dict, source: str = "config") -> dict[str, tuple[Callable[.
                               fix=f"use a crop_border of at most {max(0, (size - least) // 2)}")
         out[str(name)] = (function, crop)
     return out
+
+
+def build_optimizer(params: list[nn.Parameter], opts: dict) -> torch.optim.Optimizer:
+    """The optimiser of a ``train.optim_*`` block (``type`` Adam, AdamW or SGD, and its arguments) over ``params``."""
+    opts = dict(opts)
+    kind = opts.pop("type", "Adam")
+    classes = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW, "SGD": torch.optim.SGD}
+    if kind not in classes:
+        raise ConfigError(f"optimiser type {kind!r} is not supported", fix=f"use one of {sorted(classes)}")
+    if "betas" in opts:
+        opts["betas"] = tuple(opts["betas"])
+    floats = ("lr", "weight_decay", "eps", "momentum")
+    return classes[kind](params, **{k: float(v) if k in floats else v for k, v in opts.items()})
+
+
+def _check_values(cfg: dict, source: str) -> None:
+    """Refuse what would otherwise fail only once the networks are built or the GAN starts, or would train on with
+    a broken result: an optimiser block torch refuses (a negative lr, betas outside [0, 1), a misspelt option), an
+    ``ema_decay`` outside [0, 1) (1 keeps the initial weights, which ``load_model`` prefers; above 1 diverges), and a
+    discriminator whose ``out_size`` is not that of the training images."""
+    train = cfg["train"]
+    for key, opts in train.items():
+        if not str(key).startswith("optim_") or opts is None:
+            continue
+        fix = "write it as training/configs/*.yml do, e.g. {type: Adam, lr: !!float 1e-4, betas: [0.9, 0.99]}"
+        if not isinstance(opts, dict):
+            raise ConfigError(f"train.{key} is not a mapping", path=source, fix=fix)
+        try:
+            build_optimizer([nn.Parameter(torch.zeros(1))], opts)
+        except ConfigError as exc:
+            raise ConfigError(f"train.{key}: {exc.reason}", path=source, fix=exc.fix) from exc
+        except (TypeError, ValueError) as exc:  # torch's own checks: "Invalid learning rate: -0.0001", ...
+            raise ConfigError(f"train.{key}: {exc}", path=source, fix=fix) from exc
+    decay = train.get("ema_decay")
+    if decay is not None:
+        try:
+            value = float(decay)
+        except (TypeError, ValueError):
+            value = math.nan
+        if isinstance(decay, bool) or not 0 <= value < 1:
+            raise ConfigError(f"train.ema_decay is {decay!r}", path=source,
+                              fix="use a decay in [0, 1): 0 trains without EMA (as the official run), 0.999 is ours")
+    size = cfg["datasets"]["train"].get("out_size", 512)
+    for name in _NETWORKS_OF[cfg["model_type"]]:
+        block = cfg.get(name)
+        if name.startswith("network_d") and isinstance(block, dict) and "out_size" in block \
+                and block["out_size"] != size:
+            raise ConfigError(f"{name}.out_size is {block['out_size']!r} but the training images are {size}x{size} "
+                              "(datasets.train.out_size): the discriminator would fail when the GAN starts",
+                              path=source, fix=f"set {name}.out_size: {size}")
 
 
 def _did_you_mean(name: str, known: Iterable[str]) -> str:
@@ -342,6 +440,8 @@ def check_config(cfg: dict, source: str = "config") -> dict:
     _check_sections(cfg, source)
     _check_whole_numbers(cfg, source)
     _check_names(cfg, source)
+    _check_numbers(cfg, source)
+    _check_values(cfg, source)
     if model_type in _STAGE1_OF:  # the degradations of stage 2, refused now rather than when the data loads
         for name in ("train", "val"):
             opts = datasets.get(name)

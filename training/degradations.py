@@ -43,18 +43,24 @@ class DegradationParams:
     jpeg_range: tuple[float, float] | None = (30.0, 90.0)
 
     def __post_init__(self):
-        if self.blur_kernel_size % 2 != 1:
-            raise ValueError(f"blur_kernel_size must be odd, got {self.blur_kernel_size}")
+        if self.blur_kernel_size % 2 != 1 or self.blur_kernel_size < 1:
+            raise ValueError(f"blur_kernel_size must be a positive odd number, got {self.blur_kernel_size}")
         if set(self.kernel_list) - {"iso", "aniso"}:
             raise ValueError(f"kernel_list may hold 'iso' and 'aniso' only, got {list(self.kernel_list)}")
-        if len(self.kernel_prob) != len(self.kernel_list) or not math.isclose(sum(self.kernel_prob), 1.0):
-            raise ValueError(f"kernel_prob {list(self.kernel_prob)} must match kernel_list and sum to 1")
+        if (len(self.kernel_prob) != len(self.kernel_list) or not math.isclose(sum(self.kernel_prob), 1.0)
+                or any(p < 0 for p in self.kernel_prob)):
+            raise ValueError(f"kernel_prob {list(self.kernel_prob)} must match kernel_list, be probabilities (>= 0) "
+                             "and sum to 1")
         for name in ("blur_sigma", "downsample_range", "noise_range", "jpeg_range"):
             rng = getattr(self, name)
             if rng is not None and (not isinstance(rng, (tuple, list)) or len(rng) != 2 or rng[0] > rng[1]):
                 raise ValueError(f"{name} must be [low, high] with low <= high, got {rng}")
         if self.blur_sigma[0] <= 0 or self.downsample_range[0] <= 0:
             raise ValueError("blur_sigma and downsample_range must be positive")
+        if self.noise_range is not None and self.noise_range[0] < 0:
+            raise ValueError(f"noise_range must be >= 0 (a standard deviation in 8-bit levels), got {self.noise_range}")
+        if self.jpeg_range is not None and not 0 <= self.jpeg_range[0] <= self.jpeg_range[1] <= 100:
+            raise ValueError(f"jpeg_range must lie in [0, 100] (JPEG qualities), got {self.jpeg_range}")
 
     @classmethod
     def from_options(cls, opt: dict, where: str = "datasets.train") -> DegradationParams:

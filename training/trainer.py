@@ -39,7 +39,7 @@ import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from training.config import val_metrics
+from training.config import build_optimizer, val_metrics
 from training.data import EpochSampler, FaceDataset, PairedDataset, resolve_root
 from training.degradations import DegradationParams
 from training.kmeans import CodebookReestimator
@@ -165,18 +165,6 @@ def _finite_mean(values: list[float]) -> float:
     return sum(finite) / max(1, len(finite))
 
 
-def _optimizer(params: list[nn.Parameter], opts: dict) -> torch.optim.Optimizer:
-    opts = dict(opts)
-    kind = opts.pop("type", "Adam")
-    classes = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW, "SGD": torch.optim.SGD}
-    if kind not in classes:
-        raise ConfigError(f"optimiser type {kind!r} is not supported", fix=f"use one of {sorted(classes)}")
-    if "betas" in opts:
-        opts["betas"] = tuple(opts["betas"])
-    floats = ("lr", "weight_decay", "eps", "momentum")
-    return classes[kind](params, **{k: float(v) if k in floats else v for k, v in opts.items()})
-
-
 class Trainer:
     """Train the network of ``cfg`` (a validated training config) into ``out_dir``.
 
@@ -242,7 +230,7 @@ class Trainer:
         self.net = self._wrap(generator, cfg.get("find_unused_parameters", False))
         self.recipe.build_branches(self._wrap_discriminator)
 
-        self.g_optimizers = {name: _optimizer(params, opts)
+        self.g_optimizers = {name: build_optimizer(params, opts)
                              for name, (params, opts) in self.recipe.param_groups().items()}
         trained = {id(p) for opt in self.g_optimizers.values() for g in opt.param_groups for p in g["params"]}
         # Frozen parameters that still need a gradient (v2's conv_out, for the adaptive weight): no optimiser zeroes
@@ -253,7 +241,7 @@ class Trainer:
                 opts = self.train_opt.get("optim_d")
                 if not opts:
                     raise ConfigError("train.optim_d is missing but discriminators are configured")
-                branch.optimizers[kind] = _optimizer(list(d.parameters()), opts)
+                branch.optimizers[kind] = build_optimizer(list(d.parameters()), opts)
         sched = self.train_opt.get("scheduler") or {"type": "MultiStepLR", "milestones": [], "gamma": 1.0}
         if sched.get("type", "MultiStepLR") != "MultiStepLR":
             raise ConfigError(f"scheduler type {sched.get('type')!r} is not supported", fix="use MultiStepLR")
