@@ -619,3 +619,31 @@ def test_resume_without_out_goes_on_in_the_resumed_run(tmp_path, monkeypatch, ca
     caplog.clear()
     assert train_main(["--config", str(config), "--max-iters", "3", "--resume", str(run)]) == 0
     assert "nothing to train: the run is at iteration 4 and train.total_iter is 3" in caplog.text
+
+
+def test_weights_that_are_no_longer_finite_stop_the_run_before_they_are_saved(tmp_path, capsys):
+    """A diverged run used to go on for days, saving NaN checkpoints and states, the newest of which ``--resume
+    <run>`` then took."""
+    from training.trainer import DivergedError
+
+    cfg = tiny_vqgan_v2()
+    cfg["train"]["total_iter"] = 4
+    cfg["logger"]["save_checkpoint_freq"] = 2
+    run = tmp_path / "run"
+    trainer = Trainer(cfg, run)
+    step = trainer.step
+
+    def diverging_step(batch, it):
+        terms = step(batch, it)
+        if it == 3:
+            with torch.no_grad():
+                next(unwrap(trainer.net).parameters()).fill_(math.nan)
+        return terms
+
+    trainer.step = diverging_step
+    with pytest.raises(DivergedError, match="at iteration 4 the generator's weights are not finite") as err:
+        trainer.train()
+    assert "2.state" in err.value.fix and "lower learning rate" in err.value.fix
+    assert [p.name for p in sorted((run / "training_states").iterdir())] == ["2.state"]
+    assert sorted(p.name for p in (run / "models").iterdir()) == ["net_g_2.pth"]
+    assert "weights are not finite" in (run / "train.log").read_text()

@@ -48,7 +48,7 @@ from vqfr._optional import require
 from vqfr.atomic import atomic_path, atomic_write_bytes, fsync_path
 from vqfr.errors import BackendUnavailable, CheckpointError, ConfigError, InputError, OutputError, VQFRError
 
-__all__ = ["Trainer", "EMA", "init_distributed", "latest_state", "saved_states", "error_message"]
+__all__ = ["Trainer", "EMA", "DivergedError", "init_distributed", "latest_state", "saved_states", "error_message"]
 
 log = logging.getLogger("training")
 
@@ -64,6 +64,10 @@ UNREADABLE_LEAST = 10
 def too_many_unreadable(bad: int, total: int) -> bool:
     """Whether ``bad`` unreadable files of ``total`` are too many to skip (see :data:`UNREADABLE_SHARE`)."""
     return bad > UNREADABLE_SHARE * total and (bad >= UNREADABLE_LEAST or 2 * bad > total)
+
+
+class DivergedError(VQFRError, RuntimeError):
+    """The generator's weights are no longer finite (the training diverged); nothing of that iteration is saved."""
 
 
 def init_distributed(backend: str | None = None) -> tuple[int, int, int, bool]:
@@ -609,12 +613,28 @@ class Trainer:
     def checkpoint_path(self, it: int) -> Path:
         return self.out / "models" / f"{self.recipe.generator_name}_{it}.pth"
 
+    def _refuse_non_finite(self, net: nn.Module, it: int) -> None:
+        """Stop before saving weights that are NaN or inf: a checkpoint of them is useless, and the state would be
+        the one ``--resume <run>`` takes."""
+        named = [("", net)] + ([] if self.ema is None else [("EMA ", self.ema.model)])
+        bad = [f"{what}{name}" for what, module in named for name, t in module.state_dict().items()
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            states = [p for p in saved_states(self.out) if int(p.stem) < it]
+            go_on = (f"resume from {states[-1]} with a lower learning rate" if states else
+                     "start again with a lower learning rate")
+            raise DivergedError(f"at iteration {it} the generator's weights are not finite ({len(bad)} tensors, e.g. "
+                                f"{bad[0]}): the training diverged, and this iteration was not saved", path=self.out,
+                                fix=f"{go_on} (or amp: bf16 / none instead of fp16); metrics.jsonl shows where the "
+                                    "losses left the finite range")
+
     def save(self, it: int) -> None:
         """Write the released-layout generator checkpoint and the full training state (rank 0)."""
         from vqfr.checkpoint import save_released
 
         if self.is_main:
             net = unwrap(self.net)
+            self._refuse_non_finite(net, it)
             save_released(self.checkpoint_path(it), net.state_dict(),
                           None if self.ema is None else self.ema.state_dict())
             state = {
