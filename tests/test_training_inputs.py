@@ -226,6 +226,11 @@ def test_bad_gan_schedule_options_are_refused(tmp_path, change, message):
     ({"train": {"scheduler": {"type": "MultiStepLR", "milestones": 400000}}}, "train.scheduler.milestones is 400000"),
     ({"train": {"scheduler": {"type": "MultiStepLR", "milestones": [10], "gamma": "half"}}},
      "train.scheduler.gamma is 'half'"),
+    # a quoted "false" is a non-empty string: bool() took it for true (flips on, TensorBoard on ...)
+    ({"datasets": {"train": {"use_hflip": "false"}}}, "datasets.train.use_hflip is 'false', not true or false"),
+    ({"logger": {"use_tb_logger": "no"}}, "logger.use_tb_logger is 'no'"),
+    ({"path": {"strict_load_g": 0}}, "path.strict_load_g is 0"),
+    ({"datasets": {"val": {"dataroot_gt": "synthetic:2"}}, "val": {"save_img": "false"}}, "val.save_img is 'false'"),
 ])
 def test_values_that_cannot_train_are_refused_when_the_config_is_read(tmp_path, change, message):
     path = write_config(merge(tiny_vqfr_v2(), change), tmp_path / "values.yml")

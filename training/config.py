@@ -154,6 +154,28 @@ def _stale_quantizer(block: dict) -> list[str]:
     return bad
 
 
+#: Options read as true/false: a quoted "false" is a non-empty string, which bool() takes for true.
+_BOOLEANS = (("syncbn",), ("find_unused_parameters",), ("datasets", "train", "use_hflip"),
+             ("datasets", "train", "use_shuffle"), ("logger", "use_tb_logger"), ("path", "strict_load_g"),
+             ("path", "strict_load_sr"), ("train", "perceptual_opt", "random_vgg"))
+
+
+def _check_booleans(cfg: dict, source: str) -> None:
+    """Refuse an option of :data:`_BOOLEANS` that is not a YAML boolean, and a ``val.save_img`` that is neither a
+    boolean nor a count of images (it failed at the first validation)."""
+    for keys in _BOOLEANS:
+        block: object = cfg
+        for key in keys[:-1]:
+            block = block.get(key) if isinstance(block, dict) else None
+        if isinstance(block, dict) and block.get(keys[-1]) is not None and not isinstance(block[keys[-1]], bool):
+            raise ConfigError(f"{'.'.join(keys)} is {block[keys[-1]]!r}, not true or false", path=source,
+                              fix="write true or false, without quotes")
+    save = (cfg.get("val") or {}).get("save_img")
+    if save is not None and not isinstance(save, bool) and not (isinstance(save, int) and save >= 0):
+        raise ConfigError(f"val.save_img is {save!r}", path=source,
+                          fix="write true (every validation image), false, or how many images to save")
+
+
 def _check_whole_numbers(cfg: dict, source: str) -> None:
     """Turn the options of :data:`_WHOLE_NUMBERS` into ints, or raise ConfigError naming the option."""
     for keys, least in _WHOLE_NUMBERS.items():
@@ -441,6 +463,7 @@ def check_config(cfg: dict, source: str = "config") -> dict:
     _check_whole_numbers(cfg, source)
     _check_names(cfg, source)
     _check_numbers(cfg, source)
+    _check_booleans(cfg, source)
     _check_values(cfg, source)
     if model_type in _STAGE1_OF:  # the degradations of stage 2, refused now rather than when the data loads
         for name in ("train", "val"):
