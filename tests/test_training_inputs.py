@@ -219,6 +219,8 @@ def test_bad_gan_schedule_options_are_refused(tmp_path, change, message):
     ({"datasets": {"val": {"dataroot_gt": "synthetic:3", "max_images": -1}}}, "datasets.val.max_images is -1"),
     # "StyleGAN2Discriminator was built for 32x32 inputs" when the GAN started (official: 5000 iterations in)
     ({"network_d": {"out_size": 32}}, "network_d.out_size is 32 but the training images are 16x16"),
+    ({"network_d": {"out_size": 24}, "datasets": {"train": {"out_size": 24}}},
+     "datasets.train.out_size is 24, but network_d (StyleGAN2Discriminator) takes square images whose side is a power"),
     # an unnamed ValueError at the first validation (val_freq iterations in), or TypeError/ValueError at the start
     ({"datasets": {"val": {"dataroot_gt": "synthetic:2"}}, "val": {"fidelity_ratio": "high"}},
      "val.fidelity_ratio is 'high'"),

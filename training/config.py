@@ -325,6 +325,11 @@ def _check_values(cfg: dict, source: str) -> None:
             raise ConfigError(f"{name}.out_size is {block['out_size']!r} but the training images are {size}x{size} "
                               "(datasets.train.out_size): the discriminator would fail when the GAN starts",
                               path=source, fix=f"set {name}.out_size: {size}")
+        if name.startswith("network_d") and isinstance(block, dict) and "out_size" in block \
+                and not (isinstance(size, int) and 8 <= size <= 1024 and size & (size - 1) == 0):
+            raise ConfigError(f"datasets.train.out_size is {size!r}, but {name} ({block.get('type')}) takes square "
+                              "images whose side is a power of two in [8, 1024]", path=source,
+                              fix="use 512 (the official size), or another power of two")
 
 
 def _did_you_mean(name: str, known: Iterable[str]) -> str:
