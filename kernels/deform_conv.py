@@ -23,7 +23,9 @@ Semantics (identical to ``torchvision.ops.deform_conv2d(x, offset, weight, bias,
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import numbers
+import operator
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from typing import NamedTuple
 
 import torch
@@ -38,12 +40,18 @@ __all__ = [
 ]
 
 
-def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    if len(v) != 2:
-        raise ValueError(f"expected an int or a pair of ints, got {v!r}")
-    return (int(v[0]), int(v[1]))
+def _pair(v: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
+    """``v`` as (h, w). Integers only (numpy's too, as torchvision takes them): int() used to run a stride of 1.5
+    as 1, and a string "11" as (1, 1)."""
+    pair = (v, v) if isinstance(v, numbers.Integral) else v
+    if isinstance(pair, (str, bytes)) or not isinstance(pair, Sized):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if len(pair) != 2:
+        raise ValueError(f"{name}: expected an int or a pair of ints, got {v!r}")
+    try:
+        return operator.index(pair[0]), operator.index(pair[1])  # type: ignore[index]
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}") from None
 
 
 def check_deform_args(
@@ -58,7 +66,7 @@ def check_deform_args(
         ValueError: with the offending shape (or device) and what it should be.
         TypeError: when a tensor is not floating point (torchvision refuses those too).
     """
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     check_same_device(x=x, offset=offset, mask=mask, weight=weight, bias=bias)
     check_floating("modulated_deform_conv2d", x=x, offset=offset, mask=mask, weight=weight, bias=bias)
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:  # torchvision's rule; stride 0 would divide by 0

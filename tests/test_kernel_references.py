@@ -143,3 +143,21 @@ def test_nearest_code_half_precision_accumulates_in_fp32():
     idx16, dist16 = nearest_code_reference(z.half(), e.half(), return_distance=True)
     assert dist16.dtype == torch.float32
     assert (idx16 == idx32).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("bad", [(1.5, 1), 1.0, "11", (1, None)], ids=["float in a pair", "float", "str", "None"])
+def test_geometry_that_is_not_integers_is_refused(bad):
+    """stride (1.5, 1) used to run silently as stride 1 (int() truncated it) and "11" as (1, 1)."""
+    x, offset, mask, weight, bias = random_case()
+    for path in ("auto", "reference"):
+        with kernels.use(path), pytest.raises(TypeError, match=r"stride must be an int or a pair of ints"):
+            modulated_deform_conv2d(x, offset, mask, weight, bias, bad, 1, 1)
+
+
+def test_numpy_integers_are_taken_like_ints():
+    """As torchvision takes them (stride read from a numpy config, say); they used to raise "has no len()"."""
+    np = pytest.importorskip("numpy")
+    x, offset, mask, weight, bias = random_case(stride=2, padding=1)
+    expected = modulated_deform_conv2d(x, offset, mask, weight, bias, 2, 1, 1)
+    out = modulated_deform_conv2d(x, offset, mask, weight, bias, np.int64(2), (np.int32(1), 1), 1)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
