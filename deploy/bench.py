@@ -642,9 +642,17 @@ def busy_cpu_note(device: torch.device, threads: int) -> str | None:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:  # torch's own message lists twenty device types: say what this tool takes
+        raise VQFRError(f"--device {name!r} is not a device", fix="use auto, cpu, cuda or cuda:N") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise VQFRError(f"--device {name!r} is not a device this benchmark times", fix="use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise VQFRError("--device cuda: torch sees no CUDA GPU", fix="use --device cpu, or a CUDA build of torch")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise VQFRError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPU(s)",
+                        fix="use cuda:0 up to the last one, or check CUDA_VISIBLE_DEVICES")
     return device
 
 
@@ -792,6 +800,15 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value, least in (("--iters", args.iters, 1), ("--restore-iters", args.restore_iters, 0)):
         if value is not None and value < least:  # a row with no timed call has no median to report
             build_parser().error(f"{flag} must be at least {least}, got {value}")
+    if any(b < 1 for b in args.batch or []):
+        build_parser().error(f"--batch sizes must be at least 1, got {','.join(map(str, args.batch))}")
+    if args.out.exists() and not args.out.is_dir():  # found before the model is built, not at the first save
+        build_parser().error(f"--out {args.out} is a file; pass a folder (new, or one of an earlier run)")
+    if not args.no_chart:
+        try:  # before the run: without matplotlib it used to fail after timing everything
+            report.check_chart()
+        except ImportError as exc:
+            build_parser().error(f"{exc}; or pass --no-chart")
     cfg = BenchConfig(
         weights=args.weights, config=args.config or args.version, backends=args.backends, precisions=args.precision,
         batches=args.batch, fidelities=args.fidelity, device=args.device, iters=args.iters, warmup=args.warmup,
@@ -801,9 +818,12 @@ def main(argv: list[str] | None = None) -> int:
         fast=FastOptions(compile=False if args.no_compile else None, compile_mode=args.compile_mode,
                          cuda_graphs=False if args.no_cuda_graphs else None, channels_last=not args.no_channels_last))
     def save_partial(meta: dict, rows: list[Row]) -> None:  # a run killed by a time limit keeps what it measured
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        report.write_json(Path(cfg.out) / "results.json", {**meta, "partial": True}, [r.as_dict() for r in rows])
+        report.write_all(cfg.out, {**meta, "partial": True}, [r.as_dict() for r in rows], chart=False)
+        stale_chart.unlink(missing_ok=True)
 
+    # An --out that holds an earlier run: its table is rewritten with the JSON, and its chart, which would
+    # contradict the new results until (or, with --no-chart, after) the end, is removed.
+    stale_chart = Path(cfg.out) / "results.png"
     try:
         meta, rows = run(cfg, on_subject=save_partial)
     except VQFRError as exc:
@@ -811,6 +831,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dicts = [r.as_dict() for r in rows]
     paths = report.write_all(cfg.out, meta, dicts, chart=cfg.chart)
+    if not cfg.chart:
+        stale_chart.unlink(missing_ok=True)
     print(report.markdown(meta, dicts))
     print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
     return 1 if any(r.status == "failed" for r in rows) else 0

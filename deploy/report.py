@@ -18,7 +18,8 @@ from typing import Any
 from vqfr._optional import require
 from vqfr.atomic import atomic_write_bytes, atomic_write_with
 
-__all__ = ["COLUMNS", "cell", "markdown_table", "markdown", "write_json", "write_chart", "write_all", "load", "main"]
+__all__ = ["COLUMNS", "cell", "markdown_table", "markdown", "write_json", "check_chart", "write_chart", "write_all",
+           "load", "main"]
 
 #: (row key, column title, format) of the Markdown table, in order.
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -73,7 +74,7 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]
 
 def _meta_lines(meta: dict) -> list[str]:
     keys = ("date", "command", "model", "weights", "input_size", "device_name", "host", "threads", "environment",
-            "load_average", "versions", "timing", "inputs", "wall_s", "notes")
+            "load_average", "versions", "timing", "inputs", "wall_s", "notes", "partial")
     lines = []
     for key in keys:
         value = meta.get(key)
@@ -138,6 +139,11 @@ def _label(row: dict) -> str:
     return f"{row['backend']} {row['precision']} b{row['batch']}{fid_text}"
 
 
+def check_chart() -> None:
+    """Raise ImportError naming the pip extra when :func:`write_chart` cannot run (call it before the work)."""
+    require("matplotlib", "the benchmark chart")
+
+
 def write_chart(path: str | Path, meta: dict, rows: Sequence[dict]) -> Path:
     """A horizontal bar chart of images/s per forward row (log scale), with the median latency on each bar."""
     matplotlib = require("matplotlib", "the benchmark chart")
@@ -191,7 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", type=Path, help="a results.json written by python -m deploy.bench")
     parser.add_argument("--no-chart", action="store_true", help="skip the PNG (no matplotlib needed)")
     args = parser.parse_args(argv)
-    meta, rows = load(args.results)
+    if not args.no_chart:
+        try:
+            check_chart()
+        except ImportError as exc:
+            parser.error(f"{exc}; or pass --no-chart")
+    try:
+        meta, rows = load(args.results)
+    except OSError as exc:
+        parser.error(f"{args.results}: cannot be read ({exc.strerror or exc})")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        parser.error(f"{args.results}: not a results.json of python -m deploy.bench ({type(exc).__name__}: {exc})")
     paths = write_all(args.results.parent, meta, rows, chart=not args.no_chart)
     print(paths["markdown"].read_text())
     return 0

@@ -24,6 +24,7 @@ from deploy.measure import compare_images, compare_outputs, time_calls
 from tests.conftest import TINY_V1, TINY_V2
 from vqfr.backends import BACKENDS
 from vqfr.backends.torch import TorchBackend
+from vqfr.errors import VQFRError
 
 REQUIRED = {"backend", "precision", "batch", "device", "median_ms", "p90_ms", "img_per_s", "peak_mem_mb",
             "max_abs_err"}
@@ -311,3 +312,95 @@ def test_a_busy_cpu_with_spinning_openmp_threads_is_noted(monkeypatch):
     assert bench.busy_cpu_note(torch.device("cuda"), threads=2) is None  # GPU timing: not this effect
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     assert bench.busy_cpu_note(cpu, threads=2) is None  # the user chose
+
+
+@pytest.mark.parametrize("name,reason", [("gpu", "is not a device"), ("meta", "is not a device this benchmark times"),
+                                         ("cuda:3", "torch sees 1 CUDA GPU")])
+def test_a_device_that_cannot_run_is_a_clear_error(name, reason, monkeypatch):
+    """A typo (``--device gpu``) raised torch's RuntimeError as a traceback; a device index past the last GPU or a
+    device type the benchmark does not time failed later, inside the rows."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a one-GPU machine, for cuda:3
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(VQFRError, match=reason):
+        bench.resolve_device(name)
+    assert bench.resolve_device("cuda:0") == torch.device("cuda:0")
+    assert bench.resolve_device("cpu:0") == torch.device("cpu:0")
+
+
+def test_a_bad_device_ends_the_cli_with_its_error_not_a_traceback(tmp_path, capsys):
+    args = ["--config", str(tiny_yml(tmp_path, SMALL_V1)), "--size", "32", "--device", "gpu", "--no-chart",
+            "--out", str(tmp_path / "out")]
+    assert bench.main(args) == 2
+    assert "--device 'gpu' is not a device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "1,-2"])
+def test_batch_sizes_below_one_are_refused(value, tmp_path, capsys):
+    """--batch 0 used to run: every row 'failed' with a reshape error from inside the model."""
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--config", str(tiny_yml(tmp_path, SMALL_V1)), "--size", "32", "--device", "cpu", "--batch", value,
+                    "--no-chart", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2 and "--batch sizes must be at least 1" in capsys.readouterr().err
+
+
+def test_an_out_path_that_is_a_file_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
+    """It used to end, after the model was built, in a FileExistsError traceback from the first partial save."""
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("the run started"))
+    out = tmp_path / "out.txt"
+    out.write_text("not a folder")
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--config", str(tiny_yml(tmp_path, SMALL_V1)), "--device", "cpu", "--no-chart", "--out", str(out)])
+    assert exc.value.code == 2 and f"--out {out} is a file" in capsys.readouterr().err
+
+
+def test_without_matplotlib_the_chart_is_refused_before_the_run_with_the_extra(tmp_path, capsys, monkeypatch):
+    """Without matplotlib the run used to time everything, then end in an ImportError traceback at the chart."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("the run started"))
+    args = ["--config", str(tiny_yml(tmp_path, SMALL_V1)), "--device", "cpu", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exc:
+        bench.main(args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "pip install 'vqfr-deploy[bench]'" in err and "--no-chart" in err
+    with pytest.raises(SystemExit) as exc:  # deploy.report the same way
+        report.main([str(tmp_path / "results.json")])
+    assert exc.value.code == 2 and "pip install 'vqfr-deploy[bench]'" in capsys.readouterr().err
+
+
+def test_an_out_folder_with_an_earlier_run_keeps_no_stale_table_or_chart(tmp_path, monkeypatch):
+    """Rerun into a folder that holds an earlier run's results: the Markdown table must follow results.json after
+    every saved row (a run killed midway used to leave the earlier run's table beside the new JSON), and a chart that
+    this run does not draw must not stay behind to contradict it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("results.md", "results.png"):
+        (out / name).write_text("an earlier run")
+    row = bench.Row("mine", "fp32", 1, "cpu", median_ms=2.0, img_per_s=500.0)
+
+    def killed(cfg, on_subject=None, **kw):
+        on_subject({"model": "m"}, [row])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run", killed)
+    args = ["--config", str(tiny_yml(tmp_path, SMALL_V1)), "--device", "cpu", "--no-chart", "--out", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(args)
+    assert json.loads((out / "results.json").read_text())["meta"]["partial"] is True
+    table = (out / "results.md").read_text()
+    assert "| mine | fp32 | 1 |" in table and "partial" in table
+    assert not (out / "results.png").exists()
+    (out / "results.png").write_text("an earlier run")
+    monkeypatch.setattr(bench, "run", lambda cfg, on_subject=None, **kw: ({"model": "m"}, [row]))
+    assert bench.main(args) == 0
+    assert not (out / "results.png").exists() and "partial" not in (out / "results.md").read_text()
+
+
+def test_report_refuses_a_file_that_is_not_a_results_json(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        report.main([str(tmp_path / "missing.json"), "--no-chart"])
+    assert exc.value.code == 2 and "missing.json" in capsys.readouterr().err
+    other = tmp_path / "other.json"
+    other.write_text('{"meta": {}}')
+    with pytest.raises(SystemExit) as exc:
+        report.main([str(other), "--no-chart"])
+    assert exc.value.code == 2 and "not a results.json" in capsys.readouterr().err

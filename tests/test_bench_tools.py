@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,3 +188,52 @@ def test_folder_benchmark_times_real_cli_runs_and_leaves_the_model_as_it_was(tmp
     assert Runtime._restore_crops is real
     with pytest.raises(RuntimeError, match="the CLI run failed"):  # a failing run is an error, not a fast row
         bench_folder.time_run(tmp_path / "work" / "inputs", tmp_path / "out", ["--weights", str(tmp_path / "none")])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--iters", "0"], "--iters must be at least 1"),  # used to print an empty table of 0 ms
+    (["--device", "cuda"], "torch sees no CUDA GPU"),  # used to end in "Torch not compiled with CUDA enabled"
+], ids=["iters 0", "cuda without a GPU"])
+def test_profile_refuses_what_it_cannot_profile(args, message, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(profile_model, "profile", lambda *a, **k: pytest.fail("profiled"))
+    with pytest.raises(SystemExit) as exc:
+        profile_model.main(["--config", "v2", "--device", "cpu", *args])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [(["--iters", "0"], "--iters must be at least 1"),
+                                          (["--threads", "0"], "--threads must be at least 1")])
+def test_cpu_latency_refuses_counts_below_one(args, message, capsys, monkeypatch):
+    from deploy import cpu_latency
+
+    monkeypatch.setattr(vqfr, "build_model", lambda *a, **k: pytest.fail("the model was built"))
+    with pytest.raises(SystemExit) as exc:
+        cpu_latency.main(args)  # --iters 0 used to end in statistics.StatisticsError after building the model
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [(["--bad-fraction", "-0.1"], "--bad-fraction must be between 0 and 1"),
+                                          (["--bad-fraction", "1.5"], "--bad-fraction must be between 0 and 1"),
+                                          (["--count", "0"], "--count must be at least 1")])
+def test_soak_refuses_a_folder_it_cannot_make(args, message, tmp_path, capsys, monkeypatch):
+    """A negative --bad-fraction ended in numpy's ValueError; 1.5 made every input bad without a word."""
+    from deploy import soak
+
+    monkeypatch.setattr(soak, "run_soak", lambda *a, **k: pytest.fail("the soak ran"))
+    with pytest.raises(SystemExit) as exc:
+        soak.main(["--count", "10", "--out", str(tmp_path), *args])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_gpu_check_times_without_matplotlib(monkeypatch):
+    """deploy.bench now refuses to start without matplotlib unless --no-chart: the GPU check must not lose its
+    timings on a machine without it."""
+    import importlib.util
+
+    from deploy import gpu_check
+
+    real = importlib.util.find_spec
+    assert "--no-chart" not in gpu_check._bench("v2", "1", "torch", Path("out"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert gpu_check._bench("v2", "1", "torch", Path("out"))[-1] == "--no-chart"
