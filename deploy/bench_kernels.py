@@ -333,14 +333,21 @@ def main(argv: Sequence[str] | None = None) -> list[Timing]:
     parser.add_argument("--json", type=Path, help="also write the timings and the environment here")
     args = parser.parse_args(argv)
 
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a device; use cuda, cuda:N or cpu")
     on_gpu = device.type == "cuda"
     if on_gpu and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA GPU; use --device cpu")
     if args.graphs and not on_gpu:
         parser.error("--graphs needs a CUDA device (CUDA graphs)")
+    if args.iters is not None and args.iters < 1:  # 0 used to mean the default, a negative count a crash
+        parser.error(f"--iters must be at least 1, got {args.iters}")
+    if len(args.codebook) != 2:
+        parser.error(f"--codebook must be KxD (codes x dimension), got {'x'.join(map(str, args.codebook))}")
     dtypes = args.dtypes or (["fp16", "fp32"] if on_gpu else ["fp32"])
-    iters = args.iters or (50 if on_gpu else 3)
+    iters = args.iters if args.iters is not None else (50 if on_gpu else 3)
     warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
     for level in args.levels:
         if len(level) != 3 or level[0] % 4:

@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args(argv)
+    for flag, value in (("--iters", args.iters), ("--threads", args.threads)):
+        if value < 1:  # no median of zero runs; torch refuses zero threads
+            parser.error(f"{flag} must be at least 1, got {value}")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

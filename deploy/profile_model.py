@@ -146,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
+    if args.iters < 1:  # the times are per profiled forward
+        parser.error(f"--iters must be at least 1, got {args.iters}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no CUDA GPU; use --device cpu (with a small --config)")
     precision = args.precision or ("fp16" if args.device.startswith("cuda") else "fp32")
     model = seeded_weights_(vqfr.build_model(args.config or args.version)).eval()
     size = _face_size(model.options) or args.size or 512

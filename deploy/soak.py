@@ -324,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rss-tolerance", type=float, default=0.10, help="allowed RSS growth after warm-up (0.10)")
     p.add_argument("--interval", type=float, default=0.1, help="RSS sampling period in seconds (default: 0.1)")
     args = p.parse_args(argv)
+    if args.count < 1:
+        p.error(f"--count must be at least 1, got {args.count}")
+    if not 0 <= args.bad_fraction <= 1:  # a negative one crashed in numpy, one above 1 was taken as 1
+        p.error(f"--bad-fraction must be between 0 and 1, got {args.bad_fraction}")
     result = run_soak(args.count, args.bad_fraction, args.out, batch=args.batch, warmup=args.warmup,
                       rss_tolerance=args.rss_tolerance, interval=args.interval)
     import torch

@@ -65,3 +65,15 @@ def test_a_capture_failure_becomes_a_row_note_not_a_crash(monkeypatch):
     row = bench_kernels._run("nearest_code", "4 tokens", "fp32", "impl", lambda *a: None, "", [[]],
                              torch.device("cpu"), 2, 1, graphs=5)
     assert row.median_ms is None and row.note.startswith("CUDA graph capture failed: operation not permitted")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--iters", "0"], "--iters must be at least 1"),  # used to time 3 calls (50 on a GPU) instead
+    (["--iters", "-1"], "--iters must be at least 1"),  # used to end in statistics.StatisticsError
+    (["--device", "gpu"], "--device 'gpu' is not a device"),  # used to end in torch's RuntimeError
+    (["--codebook", "1024"], "--codebook must be KxD"),  # used to end in a ValueError while unpacking
+], ids=["iters 0", "iters -1", "device typo", "codebook without D"])
+def test_bench_refuses_arguments_that_cannot_time_anything(args, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench_kernels.main(["--device", "cpu", "--ops", "nearest", "--tokens", "4", "--codebook", "8x4", *args])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
