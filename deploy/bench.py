@@ -199,8 +199,8 @@ def face_size(model: Network, requested: int | None) -> int:
                             fix="leave --size out")
         return fixed
     size = requested or 512
-    if size % 32:
-        raise VQFRError(f"--size must be a multiple of 32, got {size}")
+    if size < 32 or size % 32:
+        raise VQFRError(f"--size must be a positive multiple of 32, got {size}")
     return size
 
 
@@ -797,9 +797,17 @@ def main(argv: list[str] | None = None) -> int:
     for p in args.precision or []:
         if p not in PRECISIONS:
             build_parser().error(f"unknown precision {p!r}; use {', '.join(PRECISIONS)}")
-    for flag, value, least in (("--iters", args.iters, 1), ("--restore-iters", args.restore_iters, 0)):
-        if value is not None and value < least:  # a row with no timed call has no median to report
+    # a row with no timed call has no median; the first call (timed alone) is the least warm-up; zero input sets
+    # or threads were taken for the defaults without a word
+    for flag, value, least in (("--iters", args.iters, 1), ("--restore-iters", args.restore_iters, 0),
+                               ("--warmup", args.warmup, 1), ("--inputs", args.inputs, 1),
+                               ("--threads", args.threads, 1)):
+        if value is not None and value < least:
             build_parser().error(f"{flag} must be at least {least}, got {value}")
+    unknown = [name for name in args.backends if name != "auto" and name not in CANDIDATES]
+    if unknown:  # before the model is built
+        build_parser().error(f"unknown backend {unknown[0]!r} in --backends; use auto or a comma-separated list of "
+                             f"{', '.join(CANDIDATES)}")
     if any(b < 1 for b in args.batch or []):
         build_parser().error(f"--batch sizes must be at least 1, got {','.join(map(str, args.batch))}")
     if args.out.exists() and not args.out.is_dir():  # found before the model is built, not at the first save

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vqfr.atomic import atomic_write_bytes
+
 __all__ = ["MICRO_V2", "BAD_KINDS", "GOOD_KINDS", "SoakResult", "make_folder", "run_soak", "main"]
 
 #: A micro VQFRv2: 4 levels, no attention, 16 px faces. Same code paths as the released model, ~15 ms a face on a CPU.
@@ -335,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     record = dataclasses.asdict(result) | {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": f"{platform.node()} {platform.machine()}, "
         f"{os.cpu_count()} CPUs, {platform.python_version()}, torch {torch.__version__}", "ok": result.ok}
-    Path(args.out, "soak.json").write_text(json.dumps(record, indent=1) + "\n")
+    atomic_write_bytes(Path(args.out, "soak.json"), (json.dumps(record, indent=1) + "\n").encode())
     print(result.summary())
     print(f"details: {Path(args.out, 'soak.json')}")
     return 0 if result.ok else 1

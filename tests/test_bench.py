@@ -343,6 +343,27 @@ def test_batch_sizes_below_one_are_refused(value, tmp_path, capsys):
     assert exc.value.code == 2 and "--batch sizes must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--warmup", "0"], "--warmup must be at least 1, got 0"),  # silently became 1
+    (["--inputs", "0"], "--inputs must be at least 1, got 0"),  # silently became the default
+    (["--threads", "0"], "--threads must be at least 1, got 0"),  # silently ignored
+    (["--backends", "torch,tensorrtx"], "unknown backend 'tensorrtx' in --backends"),  # after the model was built
+])
+def test_counts_and_backends_that_cannot_be_timed_are_refused_before_the_run(flags, message, tmp_path, capsys,
+                                                                            monkeypatch):
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("the run started"))
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--version", "v2", "--device", "cpu", "--no-chart", "--out", str(tmp_path / "out"), *flags])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_negative_v1_size_is_refused(tmp_path):
+    """-64 passed the multiple-of-32 check and then failed inside make_faces."""
+    model = vqfr.build_model(str(tiny_yml(tmp_path, SMALL_V1)))
+    with pytest.raises(vqfr.VQFRError, match="--size must be a positive multiple of 32, got -64"):
+        bench.face_size(model, -64)
+
+
 def test_an_out_path_that_is_a_file_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
     """It used to end, after the model was built, in a FileExistsError traceback from the first partial save."""
     monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("the run started"))

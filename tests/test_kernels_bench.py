@@ -72,7 +72,10 @@ def test_a_capture_failure_becomes_a_row_note_not_a_crash(monkeypatch):
     (["--iters", "-1"], "--iters must be at least 1"),  # used to end in statistics.StatisticsError
     (["--device", "gpu"], "--device 'gpu' is not a device"),  # used to end in torch's RuntimeError
     (["--codebook", "1024"], "--codebook must be KxD"),  # used to end in a ValueError while unpacking
-], ids=["iters 0", "iters -1", "device typo", "codebook without D"])
+    (["--tokens", "0"], "--tokens must be at least 1, got 0"),  # used to time an empty search
+    (["--batches", "0"], "--batches must be at least 1, got 0"),
+    (["--warmup", "-1"], "--warmup must be at least 0, got -1"),
+], ids=["iters 0", "iters -1", "device typo", "codebook without D", "tokens 0", "batches 0", "warmup -1"])
 def test_bench_refuses_arguments_that_cannot_time_anything(args, message, capsys):
     with pytest.raises(SystemExit) as exc:
         bench_kernels.main(["--device", "cpu", "--ops", "nearest", "--tokens", "4", "--codebook", "8x4", *args])
