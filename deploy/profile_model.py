@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", choices=("v1", "v2"), default="v2")
     parser.add_argument("--config", help="model options (a yml path) instead of --version")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", default=None, help="default: fp16 on a GPU, fp32 on the CPU")
+    parser.add_argument("--precision", default=None, choices=("fp32", "fp16", "bf16"),
+                        help="default: fp16 on a GPU, fp32 on the CPU")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--size", type=int, default=None, help="v1 face size (default 512)")
     parser.add_argument("--fidelity", type=float, default=1.0)

@@ -193,7 +193,8 @@ def test_folder_benchmark_times_real_cli_runs_and_leaves_the_model_as_it_was(tmp
 @pytest.mark.parametrize("args,message", [
     (["--iters", "0"], "--iters must be at least 1"),  # used to print an empty table of 0 ms
     (["--device", "cuda"], "torch sees no CUDA GPU"),  # used to end in "Torch not compiled with CUDA enabled"
-], ids=["iters 0", "cuda without a GPU"])
+    (["--precision", "fp8"], "invalid choice: 'fp8'"),  # used to end in a ConfigError traceback, the model built
+], ids=["iters 0", "cuda without a GPU", "unknown precision"])
 def test_profile_refuses_what_it_cannot_profile(args, message, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(profile_model, "profile", lambda *a, **k: pytest.fail("profiled"))
