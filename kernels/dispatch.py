@@ -119,6 +119,25 @@ def interpreter_problem() -> str | None:
     return None
 
 
+#: The oldest triton the kernels are written and tested for: the floor of the ``[gpu]`` extra in pyproject.toml.
+TRITON_MINIMUM = "3.6"
+
+
+@functools.cache
+def triton_too_old() -> str | None:
+    """Why the installed triton is too old for the kernels (None when it is not, or its version is unknown)."""
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if release(version) < release(TRITON_MINIMUM):
+        return (f"triton {version} is older than {TRITON_MINIMUM}, the oldest these kernels support "
+                "(pip install -U 'vqfr-deploy[gpu]')")
+    return None
+
+
 def is_traced(t: Tensor) -> bool:
     """True for fake (or functionalized fake) tensors and inside torch.compile: nothing real to launch on."""
     from torch._subclasses.fake_tensor import is_fake
@@ -140,6 +159,8 @@ def why_not_triton(*tensors: Tensor | None, **named: Tensor | None) -> str | Non
     lead_name, lead = present[0]
     if not triton_installed():
         return "the triton package is not installed (pip install 'vqfr-deploy[gpu]')"
+    if triton_too_old():  # its language and autotuner APIs differ: failures deep inside a launch
+        return triton_too_old()
     for name, t in present:
         if t.dtype not in TRITON_DTYPES:
             return f"{name} has dtype {t.dtype}, not one of float16, bfloat16, float32"

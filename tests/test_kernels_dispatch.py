@@ -281,6 +281,30 @@ def test_an_interpreter_that_cannot_run_is_named_with_its_fix(monkeypatch):
         dispatch.interpreter_problem.cache_clear()
 
 
+def test_a_triton_older_than_the_floor_is_named_with_its_fix(monkeypatch):
+    """Triton < 3.6 (below the [gpu] extra's floor) has other language and autotuner APIs: the kernels failed deep
+    inside a launch. Auto mode now takes the fallback; forced mode says why and the upgrade."""
+    import importlib.metadata
+
+    versions = {"triton": "3.5.1", "numpy": "2.3.5"}
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: versions[name])
+    monkeypatch.setattr(dispatch, "triton_installed", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dispatch.triton_too_old.cache_clear()
+    try:
+        x = torch.ones(2, 2)
+        reason = dispatch.why_not_triton(x)
+        assert reason is not None and "triton 3.5.1 is older than 3.6" in reason and "pip install -U" in reason
+        assert not dispatch.use_triton("nearest_code", x)  # auto: the reference
+        with kernels.use("triton"), pytest.raises(RuntimeError, match="older than 3.6"):
+            dispatch.use_triton("nearest_code", x)
+        versions.update(triton="3.6.0")
+        dispatch.triton_too_old.cache_clear()
+        assert dispatch.triton_too_old() is None
+    finally:
+        dispatch.triton_too_old.cache_clear()
+
+
 # (x, offset, mask, weight, bias) requiring grad
 REQUIRES = {
     "only weight": (False, False, False, True, False),

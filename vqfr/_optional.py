@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from kernels.dispatch import release
+from kernels.dispatch import TRITON_MINIMUM, release
 
 #: module name -> (pip extra, what the user installs)
 _EXTRAS = {
@@ -25,7 +25,7 @@ _EXTRAS = {
 #: The oldest release of each optional package that the code works with: the floors of the extras in
 #: pyproject.toml (tests/test_optional.py keeps the two equal). onnxscript 0.5 lacks the API torch >= 2.11 calls.
 MINIMUM = {"onnx": "1.17", "onnxscript": "0.6", "onnxruntime": "1.25", "polygraphy": "0.49", "tensorrt": "10.1",
-           "matplotlib": "3.7"}
+           "matplotlib": "3.7", "triton": TRITON_MINIMUM, "scipy": "1.10"}
 
 
 def require(module: str, purpose: str) -> ModuleType:
