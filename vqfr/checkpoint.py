@@ -83,7 +83,7 @@ def read_state_dict(path: str | Path, param_key: str | None = None) -> tuple[dic
         raise CheckpointError(what, path=path, fix="pass the path of a VQFR .pth or .safetensors file")
     if path.stat().st_size == 0:
         raise CheckpointError("is empty (0 bytes)", path=path, fix="re-download the file")
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":  # as the backend table reads suffixes
         return _read_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -117,7 +117,8 @@ def _retinaface(path: str | None, device: str, max_pixels: int | None) -> Detect
     return RetinaFace(path, device=device, max_pixels=max_pixels)
 
 
-#: name -> factory(weights path or None, device, max_pixels or None). The CLI's --detector choices come from here.
+#: name -> factory(weights path or None, device, max_pixels or None): what ``load_detector`` and the CLI's
+#: ``--detector NAME[:PATH]`` accept.
 DETECTORS = {"mtcnn": _mtcnn, "retinaface": _retinaface}
 
 
