@@ -64,7 +64,8 @@ class TorchBackend(Backend):
                 return reason, ""
             kernels = "Triton kernels" if importlib.util.find_spec("triton") else "reference kernels (no triton)"
             return None, f"{torch.cuda.get_device_name()}, {kernels}"
-        return None, f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+        threads = torch.get_num_threads()
+        return None, f"torch {torch.__version__}, {threads} thread{'s' if threads != 1 else ''}"
 
     def _precision(self) -> str:
         if self.requested_precision == "auto":
