@@ -49,18 +49,30 @@ def test_conversions_never_modify_input():
     assert np.array_equal(img, before)
 
 
-@pytest.mark.parametrize("arr,expect_shape", [
-    (np.zeros((4, 6), np.uint8), (4, 6, 3)),
-    (np.zeros((4, 6, 1), np.uint8), (4, 6, 3)),
-    (np.zeros((4, 6, 4), np.uint8), (4, 6, 3)),
-    (np.full((4, 6, 3), 65535, np.uint16), (4, 6, 3)),
-    (np.full((4, 6, 3), 0.5, np.float32), (4, 6, 3)),
+_GREY = np.append(np.arange(23) * 10, 253).astype(np.uint8).reshape(4, 6)  # every pixel different
+_BGR = np.stack([_GREY, _GREY + 1, _GREY + 2], axis=2)  # and every channel, up to 255
+
+
+@pytest.mark.parametrize("arr,expect_shape,expected", [
+    (np.zeros((4, 6), np.uint8), (4, 6, 3), np.zeros((4, 6, 3), np.uint8)),
+    (np.zeros((4, 6, 1), np.uint8), (4, 6, 3), np.zeros((4, 6, 3), np.uint8)),
+    (np.zeros((4, 6, 4), np.uint8), (4, 6, 3), np.zeros((4, 6, 3), np.uint8)),
+    (np.full((4, 6, 3), 65535, np.uint16), (4, 6, 3), np.full((4, 6, 3), 255, np.uint8)),
+    (np.full((4, 6, 3), 0.5, np.float32), (4, 6, 3), np.full((4, 6, 3), 128, np.uint8)),  # 127.5 rounds to 128
+    # the values: grey repeated into B, G and R; BGRA loses its alpha, not a colour; uint16 is 257x uint8;
+    # floats in [0, 1] are scaled by 255 and rounded (not truncated)
+    (_GREY, (4, 6, 3), np.repeat(_GREY[:, :, None], 3, axis=2)),
+    (_GREY[:, :, None], (4, 6, 3), np.repeat(_GREY[:, :, None], 3, axis=2)),
+    (np.concatenate([_BGR, np.full((4, 6, 1), 7, np.uint8)], axis=2), (4, 6, 3), _BGR),
+    (_BGR.astype(np.uint16) * 257, (4, 6, 3), _BGR),
+    (_BGR.astype(np.float32) / 255, (4, 6, 3), _BGR),
 ])
-def test_odd_formats_are_converted(arr, expect_shape):
+def test_odd_formats_are_converted(arr, expect_shape, expected):
     out = as_bgr_uint8(arr)
     assert out.shape == expect_shape and out.dtype == np.uint8
     if arr.dtype == np.uint16:
         assert out.max() == 255
+    assert np.array_equal(out, expected)
 
 
 @pytest.mark.parametrize("arr,match", [

@@ -143,6 +143,11 @@ def test_nearest_code_half_precision_accumulates_in_fp32():
     idx16, dist16 = nearest_code_reference(z.half(), e.half(), return_distance=True)
     assert dist16.dtype == torch.float32
     assert (idx16 == idx32).float().mean() > 0.95
+    # Exact maths on the same fp16 inputs: distances near 400, where fp32 sums are off by ~1e-4 and fp16 ones by
+    # ~0.5 (more than the smallest best-to-second gap here, 0.23, so fp16 sums also pick a wrong code).
+    exact = ((z.half().double()[:, None, :] - e.half().double()[None]) ** 2).sum(-1)
+    assert torch.equal(idx16, exact.argmin(1))
+    torch.testing.assert_close(dist16.double(), exact.min(1).values, atol=1e-3, rtol=0)
 
 
 @pytest.mark.parametrize("bad", [(1.5, 1), 1.0, "11", (1, None)], ids=["float in a pair", "float", "str", "None"])

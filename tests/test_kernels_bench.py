@@ -41,18 +41,21 @@ def test_bench_times_the_triton_kernels_under_the_interpreter(monkeypatch):
     assert all(r.config == "" for r in rows if r.impl != "vqfr triton")
 
 
-def test_bench_rejects_bad_levels():
-    with pytest.raises(SystemExit):
+def test_bench_rejects_bad_levels(capsys):
+    with pytest.raises(SystemExit) as exc:
         bench_kernels.main(["--device", "cpu", "--levels", "6x8x8"])  # 6 channels do not split in 4 groups
+    assert exc.value.code == 2
+    assert "level 6x8x8: give CxHxW with C divisible by 4 (4 offset groups)" in capsys.readouterr().err
 
 
-def test_graph_timing_needs_cuda_and_says_so():
+def test_graph_timing_needs_cuda_and_says_so(capsys):
     import torch
 
     with pytest.raises(ValueError, match="CUDA"):
         bench_kernels.time_graph_replays(lambda i: None, torch.device("cpu"), iters=2, warmup=1, calls_per_graph=4)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:
         bench_kernels.main(["--device", "cpu", "--graphs", "10", "--ops", "nearest"])
+    assert exc.value.code == 2 and "--graphs needs a CUDA device" in capsys.readouterr().err
 
 
 def test_a_capture_failure_becomes_a_row_note_not_a_crash(monkeypatch):

@@ -71,11 +71,17 @@ def test_dispatch_runs_grid_sample_for_float32_only(monkeypatch):
     assert dispatch.LAUNCHES == {"modulated_deform_conv2d:grid_sample": 1, "modulated_deform_conv2d:reference": 3}
 
 
-def test_gradients_flow_through_the_grid_sample_forward():
+def test_gradients_flow_through_the_grid_sample_forward(monkeypatch):
     """Autograd still uses the reference backward; the forward it differentiates is the same function."""
+    monkeypatch.delenv("VQFR_KERNELS", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     args, conv = case(1, 8, 6, 7, 2, 1, 1, 1, 2.0)
     leaves = [t.float().requires_grad_() for t in args]
+    dispatch.LAUNCHES.clear()
     kernels.modulated_deform_conv2d(*leaves, *conv).square().sum().backward()
+    # the forward under autograd is the grid_sample one (else this compares the reference with itself)
+    assert dispatch.LAUNCHES == {"modulated_deform_conv2d:grid_sample": 1,
+                                 "modulated_deform_conv2d_backward:reference": 1}, dict(dispatch.LAUNCHES)
     ref_leaves = [t.float().requires_grad_() for t in args]
     with kernels.use("reference"):
         kernels.modulated_deform_conv2d(*ref_leaves, *conv).square().sum().backward()
