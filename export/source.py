@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import tempfile
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,7 +24,7 @@ from vqfr.sidecar import TensorSpec, sidecar_path
 
 __all__ = ["EXPORTABLE", "ExportSpec", "load_source_model", "randomize_", "engine_module", "export_spec",
            "check_inputs", "add_model_arguments", "refuse_overwriting_inputs", "config_file", "check_output",
-           "check_v1_side"]
+           "probe_folder", "check_v1_side"]
 
 #: Architectures that export (the VQGAN codebook models are training-stage models, not restorers).
 EXPORTABLE = ("VQFRv1", "VQFRv2")
@@ -116,7 +117,23 @@ def check_output(output: str | Path, backend: str, *inputs: str | Path | None) -
                               fix="choose another output path (-o)")
         raise OutputError(f"the output folder {output.parent} does not exist", path=output,
                           fix="create it first, or choose another output path (-o)")
+    probe_folder(output.parent, output, "-o")
     return output
+
+
+def probe_folder(folder: Path, output: Path, flag: str) -> None:
+    """Create and remove a temporary file in ``folder``: a folder that takes no files (read-only, no permission, a
+    full disk) is refused before the export's work, not after it, when the result would be lost.
+
+    Raises:
+        OutputError: naming ``output`` and ``flag``, the option that chose it.
+    """
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise OutputError(f"cannot write into {folder} ({exc.strerror or exc})", path=output,
+                          fix=f"choose a folder you can write to ({flag}), or fix its permissions") from exc
 
 
 def load_source_model(weights: str | Path | None, config: Any = None, random_weights: int | None = None) -> Network:

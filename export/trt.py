@@ -33,7 +33,7 @@ import numpy as np
 
 from export import metadata
 from export.compare import Agreement, agreement
-from export.source import check_output, check_v1_side, refuse_overwriting_inputs
+from export.source import check_output, check_v1_side, probe_folder, refuse_overwriting_inputs
 from vqfr._optional import require
 from vqfr.atomic import atomic_write_bytes
 from vqfr.errors import ConfigError, EngineError, OutputError, run_command
@@ -216,7 +216,7 @@ def _check_timing_cache_path(path: Path) -> None:
     written, so a build of minutes would be lost).
 
     Raises:
-        OutputError: ``path`` is a folder, or its folder is missing or is a file.
+        OutputError: ``path`` is a folder, or its folder is missing, is a file or takes no files.
     """
     if path.is_dir():
         raise OutputError("is a folder", path=path, fix="give --timing-cache the path of a file, e.g. trt.cache")
@@ -224,6 +224,7 @@ def _check_timing_cache_path(path: Path) -> None:
         what = "is not a folder" if path.parent.exists() else "does not exist"
         raise OutputError(f"the timing cache's folder {path.parent} {what}", path=path,
                           fix="create the folder first, or choose another --timing-cache path")
+    probe_folder(path.parent, path, "--timing-cache")
 
 
 def _load_timing_cache(config: trt.IBuilderConfig, path: Path | None) -> trt.ITimingCache:

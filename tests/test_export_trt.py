@@ -545,6 +545,21 @@ def test_build_refuses_a_timing_cache_it_could_not_save_before_building(tmp_path
         with pytest.raises(OutputError, match=message):
             build_engine(onnx_path, tmp_path / "m.engine", BuildOptions(timing_cache=cache))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["caches", "m.onnx", "m.onnx.json", "notes.txt"]
+    # a folder that takes no files (read-only; simulated at the probe, since root ignores permissions)
+    import tempfile
+
+    real = tempfile.TemporaryFile
+
+    def read_only(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == tmp_path / "caches":
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tempfile, "TemporaryFile", read_only)
+        with pytest.raises(OutputError, match=r"trt.cache: cannot write into .*caches \(Permission denied\)\. Fix: "
+                                              r"choose a folder you can write to \(--timing-cache\)"):
+            build_engine(onnx_path, tmp_path / "m.engine", BuildOptions(timing_cache=tmp_path / "caches" / "trt.cache"))
 
 
 class _FakeBuilderConfig:
