@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 import inspect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -154,6 +154,22 @@ def _stale_quantizer(block: dict) -> list[str]:
     return bad
 
 
+def _block(cfg: dict, keys: Iterable[str]) -> object:
+    """The value at the nested ``keys`` of ``cfg``; None where a level is missing or not a mapping."""
+    block: object = cfg
+    for key in keys:
+        block = block.get(key) if isinstance(block, dict) else None
+    return block
+
+
+def _present(cfg: dict, paths: Iterable[tuple[str, ...]]) -> Iterator[tuple[str, dict, str]]:
+    """(dotted name, the mapping holding it, its key) of each option of ``paths`` that ``cfg`` sets (not None)."""
+    for keys in paths:
+        parent = _block(cfg, keys[:-1])
+        if isinstance(parent, dict) and parent.get(keys[-1]) is not None:
+            yield ".".join(keys), parent, keys[-1]
+
+
 #: Options read as true/false: a quoted "false" is a non-empty string, which bool() takes for true.
 _BOOLEANS = (("syncbn",), ("find_unused_parameters",), ("datasets", "train", "use_hflip"),
              ("datasets", "train", "use_shuffle"), ("logger", "use_tb_logger"), ("path", "strict_load_g"),
@@ -163,12 +179,9 @@ _BOOLEANS = (("syncbn",), ("find_unused_parameters",), ("datasets", "train", "us
 def _check_booleans(cfg: dict, source: str) -> None:
     """Refuse an option of :data:`_BOOLEANS` that is not a YAML boolean, and a ``val.save_img`` that is neither a
     boolean nor a count of images (it failed at the first validation)."""
-    for keys in _BOOLEANS:
-        block: object = cfg
-        for key in keys[:-1]:
-            block = block.get(key) if isinstance(block, dict) else None
-        if isinstance(block, dict) and block.get(keys[-1]) is not None and not isinstance(block[keys[-1]], bool):
-            raise ConfigError(f"{'.'.join(keys)} is {block[keys[-1]]!r}, not true or false", path=source,
+    for name, parent, key in _present(cfg, _BOOLEANS):
+        if not isinstance(parent[key], bool):
+            raise ConfigError(f"{name} is {parent[key]!r}, not true or false", path=source,
                               fix="write true or false, without quotes")
     save = (cfg.get("val") or {}).get("save_img")
     if save is not None and not isinstance(save, bool) and not (isinstance(save, int) and save >= 0):
@@ -179,19 +192,15 @@ def _check_booleans(cfg: dict, source: str) -> None:
 def _check_whole_numbers(cfg: dict, source: str) -> None:
     """Turn the options of :data:`_WHOLE_NUMBERS` into ints, or raise ConfigError naming the option."""
     for keys, least in _WHOLE_NUMBERS.items():
-        block = cfg
-        for key in keys[:-1]:
-            block = block.get(key, {}) if isinstance(block, dict) else {}
-        value = block.get(keys[-1]) if isinstance(block, dict) else None
-        if value is None:
-            continue
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = math.nan
-        if isinstance(value, bool) or not number.is_integer() or number < least:
-            raise ConfigError(f"{'.'.join(keys)} is {value!r}", path=source, fix=f"use a whole number >= {least}")
-        block[keys[-1]] = int(number)
+        for name, parent, key in _present(cfg, [keys]):
+            value = parent[key]
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                number = math.nan
+            if isinstance(value, bool) or not number.is_integer() or number < least:
+                raise ConfigError(f"{name} is {value!r}", path=source, fix=f"use a whole number >= {least}")
+            parent[key] = int(number)
 
 
 def _is_number(value: object) -> bool:
@@ -205,13 +214,7 @@ def _check_numbers(cfg: dict, source: str) -> None:
     """Refuse an option of :data:`_NUMBERS`, a loss weight or a ``scheduler.milestones`` entry that is not a number
     (a whole number >= 0 for the milestones), naming it; they used to fail as an unnamed ValueError or TypeError
     once training started, ``val.fidelity_ratio`` only at the first validation."""
-    found: list[tuple[str, object]] = []
-    for keys in _NUMBERS:
-        block: object = cfg
-        for key in keys[:-1]:
-            block = block.get(key) if isinstance(block, dict) else None
-        if isinstance(block, dict) and block.get(keys[-1]) is not None:
-            found.append((".".join(keys), block[keys[-1]]))
+    found: list[tuple[str, object]] = [(name, parent[key]) for name, parent, key in _present(cfg, _NUMBERS)]
     train = cfg["train"]
     for key in _LOSS_TYPES:
         block = train.get(key)
@@ -353,9 +356,7 @@ def _check_sections(cfg: dict, source: str) -> None:
     """Refuse an unknown option of the sections of :data:`_SECTION_KEYS` (a misspelt name would be ignored), a
     section that is not a mapping, and an official option of :data:`_OFF_ONLY` that is not off."""
     for where, known in _SECTION_KEYS.items():
-        section: object = cfg
-        for key in where:
-            section = section.get(key) if isinstance(section, dict) else None
+        section = _block(cfg, where)
         name = ".".join(where)
         if section is None:  # absent, or `logger: ~`
             continue
