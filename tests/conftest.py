@@ -88,3 +88,22 @@ def _two_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def read_only_folder(monkeypatch):
+    """``read_only_folder(path)``: from now on a temporary file cannot be created in ``path`` (PermissionError), as
+    in a read-only folder; the write probes of the CLI and the exporters try one. Running as root ignores
+    permissions, so the refusal is simulated there."""
+    import tempfile
+
+    real = tempfile.TemporaryFile
+    folders: set[Path] = set()
+
+    def temporary_file(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) in folders:
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", temporary_file)
+    return lambda path: folders.add(Path(path))

@@ -685,24 +685,14 @@ def test_a_sidecar_path_that_is_a_folder_is_refused_before_the_previous_export_i
     assert (tmp_path / "x.onnx").read_bytes() == b"the previous export"
 
 
-def test_an_output_folder_that_takes_no_files_is_refused_before_tracing(tmp_path, monkeypatch):
+def test_an_output_folder_that_takes_no_files_is_refused_before_tracing(tmp_path, monkeypatch, read_only_folder):
     """A read-only folder (or one without permission, or a full disk) was found only by the final write, after the
-    trace; for export.trt, after a build of minutes. Running as root ignores permissions, so the refusal is
-    simulated at the probe."""
-    import tempfile
-
+    trace; for export.trt, after a build of minutes."""
     from vqfr.errors import OutputError
 
     _no_trace(monkeypatch)
-    real = tempfile.TemporaryFile
-
-    def read_only(*args, dir=None, **kwargs):
-        if dir is not None and Path(dir) == tmp_path / "ro":
-            raise PermissionError(13, "Permission denied")
-        return real(*args, dir=dir, **kwargs)
-
-    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
     (tmp_path / "ro").mkdir()
+    read_only_folder(tmp_path / "ro")
     with pytest.raises(OutputError, match=r"x.onnx: cannot write into .*ro \(Permission denied\). Fix: choose a "
                                           r"folder you can write to \(-o\)"):
         export_onnx(None, tmp_path / "ro" / "x.onnx", config=TINY_V2, random_weights=0)

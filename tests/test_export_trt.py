@@ -527,7 +527,7 @@ def test_build_refuses_outputs_the_runtime_would_not_load_or_that_overwrite_inpu
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]
 
 
-def test_build_refuses_a_timing_cache_it_could_not_save_before_building(tmp_path):
+def test_build_refuses_a_timing_cache_it_could_not_save_before_building(tmp_path, read_only_folder):
     """``--timing-cache caches/trt.cache`` (missing folder) or ``--timing-cache caches`` (a folder) was only found
     out when the cache was saved after the build: OutputError after minutes of building, and no engine written.
     Refused before TensorRT is touched (here: before the ImportError of the missing tensorrt)."""
@@ -545,21 +545,10 @@ def test_build_refuses_a_timing_cache_it_could_not_save_before_building(tmp_path
         with pytest.raises(OutputError, match=message):
             build_engine(onnx_path, tmp_path / "m.engine", BuildOptions(timing_cache=cache))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["caches", "m.onnx", "m.onnx.json", "notes.txt"]
-    # a folder that takes no files (read-only; simulated at the probe, since root ignores permissions)
-    import tempfile
-
-    real = tempfile.TemporaryFile
-
-    def read_only(*args, dir=None, **kwargs):
-        if dir is not None and Path(dir) == tmp_path / "caches":
-            raise PermissionError(13, "Permission denied")
-        return real(*args, dir=dir, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tempfile, "TemporaryFile", read_only)
-        with pytest.raises(OutputError, match=r"trt.cache: cannot write into .*caches \(Permission denied\)\. Fix: "
-                                              r"choose a folder you can write to \(--timing-cache\)"):
-            build_engine(onnx_path, tmp_path / "m.engine", BuildOptions(timing_cache=tmp_path / "caches" / "trt.cache"))
+    read_only_folder(tmp_path / "caches")  # a folder that takes no files
+    with pytest.raises(OutputError, match=r"trt.cache: cannot write into .*caches \(Permission denied\)\. Fix: "
+                                          r"choose a folder you can write to \(--timing-cache\)"):
+        build_engine(onnx_path, tmp_path / "m.engine", BuildOptions(timing_cache=tmp_path / "caches" / "trt.cache"))
 
 
 class _FakeBuilderConfig:
