@@ -24,7 +24,7 @@ from vqfr.sidecar import TensorSpec, sidecar_path
 
 __all__ = ["EXPORTABLE", "ExportSpec", "load_source_model", "randomize_", "engine_module", "export_spec",
            "check_inputs", "add_model_arguments", "refuse_overwriting_inputs", "config_file", "check_output",
-           "probe_folder", "check_v1_side"]
+           "check_writable_folder", "check_v1_side"]
 
 #: Architectures that export (the VQGAN codebook models are training-stage models, not restorers).
 EXPORTABLE = ("VQFRv1", "VQFRv2")
@@ -111,23 +111,30 @@ def check_output(output: str | Path, backend: str, *inputs: str | Path | None) -
         raise ConfigError(f"the runtime runs {backend} engines from {' or '.join(suffixes)} files (it picks the "
                           f"backend by the suffix), not {output.suffix or 'a name without a suffix'}", path=output,
                           fix=f"name it {output.stem if output.suffix else output.name}{suffixes[0]}")
-    if not output.parent.is_dir():
-        if output.parent.exists():  # "does not exist, create it" would send the user to make a folder over a file
-            raise OutputError(f"the output folder {output.parent} is not a folder", path=output,
-                              fix="choose another output path (-o)")
-        raise OutputError(f"the output folder {output.parent} does not exist", path=output,
-                          fix="create it first, or choose another output path (-o)")
-    probe_folder(output.parent, output, "-o")
+    check_writable_folder(output, "the output folder", "-o", "output path (-o)")
     return output
 
 
-def probe_folder(folder: Path, output: Path, flag: str) -> None:
-    """Create and remove a temporary file in ``folder``: a folder that takes no files (read-only, no permission, a
-    full disk) is refused before the export's work, not after it, when the result would be lost.
+def check_writable_folder(output: Path, folder_name: str, flag: str, choice: str) -> None:
+    """Refuse, before the export's work (when the result would otherwise be lost), an ``output`` whose folder is
+    missing, is a file, or takes no files (read-only, no permission, a full disk: a temporary file is tried there).
+
+    Args:
+        output: the file to be written.
+        folder_name: how the error calls its folder, e.g. ``"the output folder"``.
+        flag: the option that chose ``output``, e.g. ``"-o"``.
+        choice: what the fix asks to choose instead, e.g. ``"output path (-o)"``.
 
     Raises:
-        OutputError: naming ``output`` and ``flag``, the option that chose it.
+        OutputError: naming ``output`` and ``flag``.
     """
+    folder = output.parent
+    if not folder.is_dir():
+        if folder.exists():  # "does not exist, create it" would send the user to make a folder over a file
+            raise OutputError(f"{folder_name} {folder} is not a folder", path=output,
+                              fix=f"choose another {choice}")
+        raise OutputError(f"{folder_name} {folder} does not exist", path=output,
+                          fix=f"create it first, or choose another {choice}")
     try:
         with tempfile.TemporaryFile(dir=folder):
             pass

@@ -33,7 +33,7 @@ import numpy as np
 
 from export import metadata
 from export.compare import Agreement, agreement
-from export.source import check_output, check_v1_side, probe_folder, refuse_overwriting_inputs
+from export.source import check_output, check_v1_side, check_writable_folder, refuse_overwriting_inputs
 from vqfr._optional import require
 from vqfr.atomic import atomic_write_bytes
 from vqfr.errors import ConfigError, EngineError, OutputError, run_command
@@ -139,6 +139,13 @@ def _onnx_bytes(onnx_path: Path, meta: EngineMeta, options: BuildOptions) -> tup
     return ir.to_proto(model).SerializeToString(), names
 
 
+def _check_onnx_file(onnx_path: Path) -> None:
+    """Refuse a missing ONNX file before its sidecar is read (else the missing sidecar would be blamed)."""
+    if not onnx_path.is_file():
+        raise EngineError("is not a file" if onnx_path.exists() else "does not exist", path=onnx_path,
+                          fix="pass the .onnx file written by python -m export.onnx")
+
+
 def _engine_sidecar(onnx_path: Path, options: BuildOptions) -> EngineMeta:
     """The sidecar of the engine to build: the ONNX file's (checked against the file, as the runtime checks it), with
     the input size the engine is built for: a v1 graph with dynamic H and W is built for one size (``options.size``,
@@ -150,9 +157,7 @@ def _engine_sidecar(onnx_path: Path, options: BuildOptions) -> EngineMeta:
         ConfigError: ``options.size`` differs from the size of a graph without dynamic H and W, or is not a multiple
             of the v1 patch.
     """
-    if not onnx_path.is_file():  # else the missing sidecar would be blamed
-        raise EngineError("is not a file" if onnx_path.exists() else "does not exist", path=onnx_path,
-                          fix="pass the .onnx file written by python -m export.onnx")
+    _check_onnx_file(onnx_path)
     meta = read_sidecar(onnx_path)
     verify_engine_file(onnx_path, meta)
     if all(d >= 0 for d in meta.inputs[0].shape[2:]):
@@ -220,11 +225,7 @@ def _check_timing_cache_path(path: Path) -> None:
     """
     if path.is_dir():
         raise OutputError("is a folder", path=path, fix="give --timing-cache the path of a file, e.g. trt.cache")
-    if not path.parent.is_dir():
-        what = "is not a folder" if path.parent.exists() else "does not exist"
-        raise OutputError(f"the timing cache's folder {path.parent} {what}", path=path,
-                          fix="create the folder first, or choose another --timing-cache path")
-    probe_folder(path.parent, path, "--timing-cache")
+    check_writable_folder(path, "the timing cache's folder", "--timing-cache", "--timing-cache path")
 
 
 def _load_timing_cache(config: trt.IBuilderConfig, path: Path | None) -> trt.ITimingCache:
@@ -475,9 +476,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def build() -> str:
         check_output(args.output, "tensorrt", *args.samples)  # the samples are inputs too; build_engine has arrays
-        if args.samples and not args.onnx.is_file():  # before its sidecar is read for the face size
-            raise EngineError("is not a file" if args.onnx.exists() else "does not exist", path=args.onnx,
-                              fix="pass the .onnx file written by python -m export.onnx")
+        if args.samples:  # before its sidecar is read for the face size
+            _check_onnx_file(args.onnx)
         samples = load_samples(args.samples, args.size or read_sidecar(args.onnx).face_size) if args.samples else []
         return "wrote " + str(build_engine(args.onnx, args.output, options, check=args.check,
                                            reference_onnx=args.reference_onnx, samples=samples))
