@@ -285,20 +285,25 @@ def _engine_backend(built: tuple[Path, float | None], name: str, device: torch.d
 
 
 def expand_backends(names: Sequence[str], device: torch.device) -> list[str]:
-    """``auto`` -> what is worth timing on this device; other names are checked."""
+    """``auto`` -> what is worth timing on this device; other names are checked (:func:`check_backend_names`)."""
+    check_backend_names(names)
     out: list[str] = []
     for name in names:
         if name == "auto":
             auto = ["torch", "torch-max", "onnxruntime", "tensorrt"] if device.type == "cuda" else \
                 ["torch", "onnxruntime"]
             out += [n for n in auto if n not in out]
-        elif name in CANDIDATES:
-            if name not in out:
-                out.append(name)
-        else:
+        elif name not in out:
+            out.append(name)
+    return out
+
+
+def check_backend_names(names: Sequence[str]) -> None:
+    """Refuse a ``--backends`` name that is neither ``auto`` nor one of :data:`CANDIDATES` (VQFRError)."""
+    for name in names:
+        if name != "auto" and name not in CANDIDATES:
             raise VQFRError(f"unknown backend {name!r} in --backends",
                             fix=f"use auto or a comma-separated list of {', '.join(CANDIDATES)}")
-    return out
 
 
 def make_subjects(cfg: BenchConfig, model: Network, device: torch.device, engines: EngineCache) -> list[Subject]:
@@ -804,10 +809,10 @@ def main(argv: list[str] | None = None) -> int:
                                ("--threads", args.threads, 1)):
         if value is not None and value < least:
             build_parser().error(f"{flag} must be at least {least}, got {value}")
-    unknown = [name for name in args.backends if name != "auto" and name not in CANDIDATES]
-    if unknown:  # before the model is built
-        build_parser().error(f"unknown backend {unknown[0]!r} in --backends; use auto or a comma-separated list of "
-                             f"{', '.join(CANDIDATES)}")
+    try:
+        check_backend_names(args.backends)  # before the model is built
+    except VQFRError as exc:
+        build_parser().error(str(exc))
     if any(b < 1 for b in args.batch or []):
         build_parser().error(f"--batch sizes must be at least 1, got {','.join(map(str, args.batch))}")
     if args.out.exists() and not args.out.is_dir():  # found before the model is built, not at the first save

@@ -349,11 +349,10 @@ def main(argv: Sequence[str] | None = None) -> list[Timing]:
     dtypes = args.dtypes or (["fp16", "fp32"] if on_gpu else ["fp32"])
     iters = args.iters if args.iters is not None else (50 if on_gpu else 3)
     warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
-    for flag, values in (("--batches", args.batches), ("--tokens", args.tokens), ("--rotate", [args.rotate]),
-                         ("--warmup", [warmup])):
-        if min(values) < (0 if flag == "--warmup" else 1):  # an empty tensor times nothing
-            parser.error(f"{flag} must be at least {0 if flag == '--warmup' else 1}, got "
-                         f"{' '.join(map(str, values))}")
+    for flag, values, least in (("--batches", args.batches, 1), ("--tokens", args.tokens, 1),
+                                ("--rotate", [args.rotate], 1), ("--warmup", [warmup], 0)):
+        if min(values) < least:  # an empty tensor times nothing
+            parser.error(f"{flag} must be at least {least}, got {' '.join(map(str, values))}")
     for level in args.levels:
         if len(level) != 3 or level[0] % 4 or min(level) < 1:
             parser.error(f"level {'x'.join(map(str, level))}: give CxHxW with C divisible by 4 (4 offset groups)")
