@@ -159,8 +159,8 @@ def why_not_triton(*tensors: Tensor | None, **named: Tensor | None) -> str | Non
     lead_name, lead = present[0]
     if not triton_installed():
         return "the triton package is not installed (pip install 'vqfr-deploy[gpu]')"
-    if triton_too_old():  # its language and autotuner APIs differ: failures deep inside a launch
-        return triton_too_old()
+    if too_old := triton_too_old():  # its language and autotuner APIs differ: failures deep inside a launch
+        return too_old
     for name, t in present:
         if t.dtype not in TRITON_DTYPES:
             return f"{name} has dtype {t.dtype}, not one of float16, bfloat16, float32"

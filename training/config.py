@@ -312,14 +312,9 @@ def _check_values(cfg: dict, source: str) -> None:
         except (TypeError, ValueError) as exc:  # torch's own checks: "Invalid learning rate: -0.0001", ...
             raise ConfigError(f"train.{key}: {exc}", path=source, fix=fix) from exc
     decay = train.get("ema_decay")
-    if decay is not None:
-        try:
-            value = float(decay)
-        except (TypeError, ValueError):
-            value = math.nan
-        if isinstance(decay, bool) or not 0 <= value < 1:
-            raise ConfigError(f"train.ema_decay is {decay!r}", path=source,
-                              fix="use a decay in [0, 1): 0 trains without EMA (as the official run), 0.999 is ours")
+    if decay is not None and not (_is_number(decay) and 0 <= float(decay) < 1):  # type: ignore[arg-type]
+        raise ConfigError(f"train.ema_decay is {decay!r}", path=source,
+                          fix="use a decay in [0, 1): 0 trains without EMA (as the official run), 0.999 is ours")
     size = cfg["datasets"]["train"].get("out_size", 512)
     for name in _NETWORKS_OF[cfg["model_type"]]:
         block = cfg.get(name)
