@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -239,6 +240,45 @@ def test_values_that_cannot_train_are_refused_when_the_config_is_read(tmp_path, 
     with pytest.raises(ConfigError, match="values.yml") as err:
         load_config(path)
     assert message in str(err.value) and err.value.fix
+
+
+@pytest.mark.parametrize(("cfg", "change", "message"), [
+    # "Kernel size can't be greater than actual input size" when the GAN started (gan_start_iter in)
+    (tiny_vqfr_v2, {"network_d_local": {"n_layers": 3}},
+     "network_d_local (NLayerDiscriminator, n_layers 3) needs images of at least 24x24"),
+    # trained at 32 without complaint; load_model, the runtime and export then ran the network at 16
+    (tiny_vqfr_v2, {"datasets": {"train": {"out_size": 32}}, "network_d": {"out_size": 32}},
+     "network_sr (VQFRv2, Predict mode) restores 16x16 faces"),
+    # the network failed at the first iteration (GroupNorm over a 1x1 map)
+    (tiny_vqgan_v2, {"datasets": {"train": {"out_size": 8}}, "network_d": {"out_size": 8},
+                     "network_g": {"channel_multipliers": [1, 1, 1, 1, 2]}}, "network_g (VQGANv2) downsamples by 16"),
+    # the validation images failed the same way at the first validation
+    (tiny_vqgan_v2, {"datasets": {"val": {"dataroot_gt": "synthetic:2", "out_size": 18}}},
+     "datasets.val.out_size is 18, but network_g (VQGANv2) downsamples by 4"),
+    # "Output size is too small" in VGG16's fourth max-pool at the first iteration
+    (tiny_vqgan_v2, {"datasets": {"train": {"out_size": 8}}, "network_d": {"out_size": 8}},
+     "the perceptual loss's VGG16 needs images of at least 16x16"),
+])
+def test_image_sizes_a_network_cannot_take_are_refused_when_the_config_is_read(tmp_path, cfg, change, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        load_config(write_config(merge(cfg(), change), tmp_path / "sizes.yml"))
+    assert "out_size is" in str(err.value) and err.value.fix
+
+
+@pytest.mark.parametrize("n_layers", [1, 2, 3, 4])
+def test_the_patchgan_size_rule_matches_the_discriminator(n_layers):
+    from training.config import _patchgan_side
+    from training.discriminators import NLayerDiscriminator
+
+    d = NLayerDiscriminator(3, 4, n_layers).eval()
+    least = 3 * 2**n_layers
+    for size in (least - 1, least, least + 5):
+        if _patchgan_side(size, n_layers) < 1:
+            with pytest.raises(RuntimeError):
+                d(torch.zeros(1, 3, size, size))
+        else:
+            assert d(torch.zeros(1, 3, size, size)).shape[-1] == _patchgan_side(size, n_layers)
+    assert _patchgan_side(least - 1, n_layers) < 1 <= _patchgan_side(least, n_layers)
 
 
 def test_values_at_the_edge_of_their_range_are_accepted(tmp_path):

@@ -330,6 +330,72 @@ def _check_values(cfg: dict, source: str) -> None:
                               fix="use 512 (the official size), or another power of two")
 
 
+def _patchgan_side(size: int, n_layers: int) -> int:
+    """Side of :class:`~training.discriminators.NLayerDiscriminator`'s patch map for ``size`` x ``size`` images:
+    a 4x4/2 conv, ``n_layers - 1`` more, then two 4x4/1 convs, all padded by 1."""
+    side = size
+    for stride in [2] * n_layers + [1, 1]:
+        side = (side + 2 - 4) // stride + 1
+    return side
+
+
+def _check_sizes(cfg: dict, source: str) -> None:
+    """Refuse a training image size (``datasets.train.out_size``) that a network cannot take, which would otherwise
+    fail at the first iteration or, for a discriminator, only when the GAN starts:
+
+    - a generator needs a multiple of its patch (v1 ``proj_patch_size``; v2 2^(levels - 1); 32 when released);
+    - a v2 generator in Predict mode is run by ``vqfr.load_model``, the runtime and export at ``spatial_size`` x its
+      patch, so it must be trained at that size;
+    - a PatchGAN's patch map must keep at least one pixel;
+    - the perceptual loss's VGG16 pools four times before relu5_3.
+    """
+    size = cfg["datasets"]["train"].get("out_size", 512)
+    if not _is_number(size) or not float(size).is_integer():  # type: ignore[arg-type]
+        return  # refused by _check_whole_numbers
+    size = int(float(size))  # type: ignore[arg-type]
+    where = f"datasets.train.out_size is {size}"
+    for name in _NETWORKS_OF[cfg["model_type"]]:
+        block = cfg.get(name)
+        if not isinstance(block, dict):
+            continue
+        kind = block.get("type")
+        levels = block.get("channel_multipliers")
+        if isinstance(levels, list) and levels:
+            patch = block.get("proj_patch_size", 2 ** (len(levels) - 1))  # v1 names it, v2 has one level a factor 2
+            if not isinstance(patch, int) or patch < 1:
+                continue
+            for key, side in (("train", size), ("val", (cfg["datasets"].get("val") or {}).get("out_size"))):
+                if isinstance(side, int) and side % patch:
+                    raise ConfigError(f"datasets.{key}.out_size is {side}, but {name} ({kind}) downsamples by {patch}: "
+                                      f"the side must be a multiple of {patch}", path=source,
+                                      fix=f"use a multiple of {patch}, such as {max(patch, side // patch * patch)}")
+            grid = (block.get("quantizer_opt") or {}).get("spatial_size")
+            if kind == "VQFRv2" and block.get("code_selection_mode", "Predict") == "Predict" \
+                    and isinstance(grid, list) and grid and _is_number(grid[0]) and int(grid[0]) * patch != size:
+                face = int(grid[0]) * patch
+                raise ConfigError(f"{where}, but {name} (VQFRv2, Predict mode) restores {face}x{face} faces "
+                                  f"(quantizer_opt.spatial_size {grid} x {patch}): load_model, the runtime and export "
+                                  f"would run the trained network at {face}x{face}", path=source,
+                                  fix=f"set datasets.train.out_size: {face}, or spatial_size: [{size // patch}, "
+                                      f"{size // patch}] in the quantizer_opt of {name} and network_g")
+        if kind == "NLayerDiscriminator":
+            n_layers = block.get("n_layers", 3)
+            if isinstance(n_layers, int) and n_layers >= 1 and _patchgan_side(size, n_layers) < 1:
+                least = 3 * 2 ** n_layers
+                raise ConfigError(f"{where}, but {name} (NLayerDiscriminator, n_layers {n_layers}) needs images of "
+                                  f"at least {least}x{least}: it would fail when the GAN starts", path=source,
+                                  fix=f"use larger images, or fewer n_layers (n_layers {n_layers - 1} takes "
+                                      f"{3 * 2 ** (n_layers - 1)}x{3 * 2 ** (n_layers - 1)})"
+                                  if n_layers > 1 else "use larger images")
+    percep = cfg["train"].get("perceptual_opt")
+    if isinstance(percep, dict) and size < 16 and any(
+            _is_number(percep.get(k, d)) and float(percep.get(k, d)) > 0  # type: ignore[arg-type]
+            for k, d in (("perceptual_weight", 1.0), ("style_weight", 0.0))):
+        raise ConfigError(f"{where}, but the perceptual loss's VGG16 needs images of at least 16x16 (it pools four "
+                          "times before relu5_3)", path=source,
+                          fix="use larger images, or switch the loss off (perceptual_weight: 0, style_weight: 0)")
+
+
 def _did_you_mean(name: str, known: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, sorted(known), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -466,6 +532,7 @@ def check_config(cfg: dict, source: str = "config") -> dict:
     _check_numbers(cfg, source)
     _check_booleans(cfg, source)
     _check_values(cfg, source)
+    _check_sizes(cfg, source)
     if model_type in _STAGE1_OF:  # the degradations of stage 2, refused now rather than when the data loads
         for name in ("train", "val"):
             opts = datasets.get(name)
