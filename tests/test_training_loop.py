@@ -647,3 +647,33 @@ def test_weights_that_are_no_longer_finite_stop_the_run_before_they_are_saved(tm
     assert [p.name for p in sorted((run / "training_states").iterdir())] == ["2.state"]
     assert sorted(p.name for p in (run / "models").iterdir()) == ["net_g_2.pth"]
     assert "weights are not finite" in (run / "train.log").read_text()
+
+
+def test_a_non_finite_loss_stops_the_run_at_once_when_the_weights_diverged(tmp_path, caplog):
+    """A NaN loss used to be a warning only: the run trained on until its next save (5000 iterations in the
+    official configs). A non-finite loss whose weights are still finite (a step fp16 AMP's GradScaler skipped)
+    stays a warning."""
+    from training.trainer import DivergedError
+
+    cfg = tiny_vqgan_v2()
+    cfg["train"]["total_iter"] = 8
+    cfg["logger"]["save_checkpoint_freq"] = 1000
+    run = tmp_path / "run"
+    trainer = Trainer(cfg, run)
+    step = trainer.step
+
+    def diverging_step(batch, it):
+        terms = step(batch, it)
+        if it == 2:  # a skipped step: the loss is not finite, the weights are
+            terms = {**terms, "loss_total": torch.tensor(math.inf)}
+        if it == 3:
+            with torch.no_grad():
+                next(unwrap(trainer.net).parameters()).fill_(math.nan)
+        return terms
+
+    trainer.step = diverging_step
+    with pytest.raises(DivergedError, match="at iteration 4 the generator's weights are not finite"):
+        trainer.train()
+    assert [r["iter"] for r in records(run)] == [1, 2, 3, 4]  # the record that shows the divergence is kept
+    assert "iter 2: non-finite values" in caplog.text
+    assert not (run / "training_states").exists() or not any((run / "training_states").iterdir())

@@ -537,18 +537,22 @@ class Trainer:
         record.update({k: float(v) for k, v in zip(keys, values.tolist(), strict=True) if k != "loss_total"})
         record.update({f"lr_{n}": opt.param_groups[0]["lr"] for n, opt in self._all_optimizers().items()})
         record["seconds_per_iter"] = seconds_per_iter
-        if not self.is_main:
-            return record
-        if not all(math.isfinite(v) for k, v in record.items() if isinstance(v, float)):
-            log.warning("iter %d: non-finite values in %s", it, record)
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        shown = " ".join(f"{k} {record[k]:.4g}" for k in ["loss_total"] + [k for k in keys if k.startswith("l_")])
-        log.info("[iter %d/%d] %s (%.3f s/iter)", it, self.total_iter, shown, seconds_per_iter)
-        if self.tb is not None:
-            for k, v in record.items():
-                if k not in ("iter", "epoch"):
-                    self.tb.add_scalar(f"train/{k}", v, it)
+        finite = all(math.isfinite(v) for k, v in record.items() if isinstance(v, float))
+        if self.is_main:
+            if not finite:
+                log.warning("iter %d: non-finite values in %s", it, record)
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            shown = " ".join(f"{k} {record[k]:.4g}" for k in ["loss_total"] + [k for k in keys if k.startswith("l_")])
+            log.info("[iter %d/%d] %s (%.3f s/iter)", it, self.total_iter, shown, seconds_per_iter)
+            if self.tb is not None:
+                for k, v in record.items():
+                    if k not in ("iter", "epoch"):
+                        self.tb.add_scalar(f"train/{k}", v, it)
+        if not finite:
+            # Every rank sees the same reduced values, so every rank stops together. With fp16 AMP a non-finite
+            # loss is usually a step the GradScaler skipped, and the weights are still finite: then the warning only.
+            self._refuse_non_finite(unwrap(self.net), it)
         return record
 
     # --- validation ----------------------------------------------------------------------------------------------
@@ -614,8 +618,9 @@ class Trainer:
         return self.out / "models" / f"{self.recipe.generator_name}_{it}.pth"
 
     def _refuse_non_finite(self, net: nn.Module, it: int) -> None:
-        """Stop before saving weights that are NaN or inf: a checkpoint of them is useless, and the state would be
-        the one ``--resume <run>`` takes."""
+        """Stop on weights that are NaN or inf, checked before every save (a checkpoint of them is useless, and the
+        state would be the one ``--resume <run>`` takes) and whenever a logged loss is not finite (so a diverged run
+        does not train on until its next save)."""
         named = [("", net)] + ([] if self.ema is None else [("EMA ", self.ema.model)])
         bad = [f"{what}{name}" for what, module in named for name, t in module.state_dict().items()
                if t.is_floating_point() and not bool(torch.isfinite(t).all())]
