@@ -4,6 +4,7 @@ the runtime, engine and weight resolution, and clear errors."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,6 +219,19 @@ def test_restore_batch_takes_an_iterator_of_paths(rt_v2, tmp_path):
         rt_v2.restore_batch(faces[0])  # its 64 rows of pixels were taken for 64 grey images
     stacked = rt_v2.restore_batch(np.stack(faces), aligned=True)  # [N, H, W, 3]: a batch
     assert all(np.array_equal(a, b) for a, b in zip(stacked, expected, strict=True))
+
+
+def test_a_path_starting_with_a_tilde_is_read_from_the_home_folder(rt_v2, tmp_path, monkeypatch):
+    """``Runtime("~/VQFR_v2.pth")`` expands ``~``; ``restore("~/face.png")`` said the file did not exist."""
+    import cv2
+
+    face = _faces(1, seed=9)[0]
+    cv2.imwrite(str(tmp_path / "face.png"), face)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    expected = rt_v2.restore(face, aligned=True)
+    for path in ("~/face.png", Path("~/face.png")):
+        assert np.array_equal(rt_v2.restore(path, aligned=True), expected)
+    assert np.array_equal(rt_v2.restore_batch(["~/face.png"], aligned=True)[0], expected)
 
 
 def test_infer_takes_one_fidelity_per_face(rt_v2, tiny_v2):

@@ -485,9 +485,10 @@ class Runtime:
 
     # ------------------------------------------------------------------ steps
     def read(self, img: str | Path | np.ndarray) -> np.ndarray:
-        """A path or array -> BGR uint8 [H, W, 3] (a new array; the input is never modified)."""
+        """A path (``~`` expanded, as for the engine) or array -> BGR uint8 [H, W, 3] (a new array; the input is never
+        modified)."""
         if isinstance(img, (str, Path)):
-            return load_image(img, self.max_pixels)
+            return load_image(Path(img).expanduser(), self.max_pixels)
         arr = as_bgr_uint8(img)
         if arr.shape[0] * arr.shape[1] > self.max_pixels:
             raise InputError(f"image is {arr.shape[1]}x{arr.shape[0]} pixels, over the limit of {self.max_pixels}",
