@@ -521,8 +521,9 @@ class Runtime:
 
         side = photo.shape[0]
         scale = self.face_size / side
+        shift = (scale - 1) / 2  # cv2.resize aligns pixel centres: x_crop = scale * x + (scale - 1) / 2
         return RestoredFace(np.array([0, 0, side, side], np.float32), 1.0, template(side),
-                            np.array([[scale, 0, 0], [0, scale, 0]], np.float64), crop, restored)
+                            np.array([[scale, 0, shift], [0, scale, shift]], np.float64), crop, restored)
 
     def _detect(self, photo: np.ndarray, only_center_face: bool) -> list:
         dets = [d for d in self.detector.detect(photo) if d.eye_distance >= self.eye_dist_threshold]
