@@ -98,18 +98,21 @@ def compare_outputs(outputs: Sequence[Tensor], references: Sequence[Tensor]) -> 
     """(max abs error, PSNR dB) of model outputs against the fp32 reference outputs on the same inputs.
 
     The max abs error is taken on the raw outputs ([-1, 1] space, unclamped); the PSNR on the images they become
-    (clamped to [-1, 1], mapped to [0, 1], peak 1), over all sets together.
+    (clamped to [-1, 1], mapped to [0, 1], peak 1), over all sets together. An output holding NaN or inf gives
+    (inf, 0 dB).
     """
-    err, sq, count = 0.0, 0.0, 0
+    err, sq, count, finite = 0.0, 0.0, 0, True
     for out, ref in zip(outputs, references, strict=True):
         out, ref = out.double(), ref.double()
         if out.shape != ref.shape:
             raise VQFRError(f"output shape {tuple(out.shape)} differs from the reference's {tuple(ref.shape)}")
-        err = max(err, float((out - ref).abs().max()))
+        diff = float((out - ref).abs().max())
+        finite = finite and math.isfinite(diff)  # max(0.0, nan) is 0.0: a NaN would read as exact
+        err = max(err, diff)
         a, b = (out.clamp(-1, 1) + 1) / 2, (ref.clamp(-1, 1) + 1) / 2
         sq += float(((a - b) ** 2).sum())
         count += a.numel()
-    if not math.isfinite(err):
+    if not finite:
         return math.inf, 0.0
     return err, psnr(sq / count, 1.0)
 
