@@ -5,7 +5,8 @@ cut short keeps the rows it finished: the benchmark saves them after every row).
 
 ``checks`` runs three untimed jobs side by side, since none of them is a timing:
 
-- ``gpu_tests``: the Triton kernels against the references on the GPU (``tests/test_kernels_triton.py``) and the
+- ``gpu_tests``: the Triton kernels against the references on the GPU (``tests/test_kernels_triton.py``, and the
+  Triton cases of ``tests/test_kernels_export_behaviours.py``) and the
   golden parity of the whole v1/v2 models with the Triton kernels in fp32 (``VQFR_TEST_DEVICE=cuda``
   ``tests/test_golden.py``; needs ``VQFR_SHARED``);
 - ``aoti_tests``: the AOTInductor CUDA package of a small v2 against PyTorch, fp32 and fp16, after three packages
@@ -138,7 +139,8 @@ class Step:
 #: Untimed jobs that ``checks`` runs side by side.
 CHECKS = {
     "gpu_tests": Step(lambda work, out, a: [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                            "tests/test_kernels_triton.py", "tests/test_golden.py"],
+                                            "tests/test_kernels_triton.py", "tests/test_golden.py",
+                                            "tests/test_kernels_export_behaviours.py"],
                       150, {"VQFR_TEST_DEVICE": "cuda"}),
     "aoti_tests": Step(lambda work, out, a: _aoti_tests(), 150, {"PYTHONFAULTHANDLER": "1"}),
     "train": Step(lambda work, out, a: _train(work, out, a.train_iters, 130), 150),
