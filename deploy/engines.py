@@ -1,14 +1,17 @@
 """Engines for the benchmark: exported once with the ``export`` package, cached in ``<out>/engines``, reused.
 
 A cached engine is reused when its file name matches: architecture, the first 12 hex digits of the weights'
-sha256, precision, device and batch profile. The build time of a fresh engine is reported; a reused one reports
-None (``--rebuild`` rebuilds).
+sha256 (of the checkpoint file; for random weights, of their options and tensors, since a ``.safetensors`` file's
+header order differs from one save to the next), precision, device and batch profile. The build time of a fresh
+engine is reported; a reused one reports None (``--rebuild`` rebuilds).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,7 @@ class EngineCache:
         self.model, self.rebuild = model, rebuild
         self._weights = Path(weights) if weights is not None else None
         self.arch = model.options["type"]
+        self._digest: str | None = None
 
     def weights_file(self) -> Path:
         """The checkpoint the exporters read: the user's file, or the random weights saved once."""
@@ -53,9 +57,23 @@ class EngineCache:
             self._weights = save_safetensors(self.model, self.folder / f"random-{self.arch}.safetensors")
         return self._weights
 
+    def digest(self) -> str:
+        """The first 12 hex digits of the weights' sha256: of the user's file, or of the random weights' options and
+        tensors (the bytes of their saved file are not the same from one run to the next)."""
+        if self._digest is None:
+            if self._weights is not None:
+                self._digest = file_sha256(self._weights)[:12]
+            else:
+                h = hashlib.sha256(json.dumps(self.model.options, sort_keys=True).encode())
+                for name, t in sorted(self.model.state_dict().items()):
+                    t = t.detach().cpu().contiguous()
+                    h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+                    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+                self._digest = h.hexdigest()[:12]
+        return self._digest
+
     def _path(self, kind: str, precision: str, suffix: str, extra: str = "") -> Path:
-        digest = file_sha256(self.weights_file())[:12]
-        return self.folder / f"{self.arch}-{digest}-{kind}-{precision}{extra}{suffix}"
+        return self.folder / f"{self.arch}-{self.digest()}-{kind}-{precision}{extra}{suffix}"
 
     def _build(self, path: Path, build) -> tuple[Path, float | None]:
         if path.is_file() and Path(str(path) + ".json").is_file() and not self.rebuild:
