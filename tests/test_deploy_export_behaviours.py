@@ -612,3 +612,42 @@ def test_onnx_check_holds_fp32_to_its_tolerance_and_fp16_to_its_psnr(micro_check
     assert micro_check("fp16", lambda y: 1e-3 * rng.standard_normal(y.shape)).psnr_db >= FP16_MIN_PSNR
     with pytest.raises(EngineError, match="fp16 onnxruntime output is too far"):
         micro_check("fp16", lambda y: 0.05 * rng.standard_normal(y.shape))  # about 32 dB
+
+
+# ---------------------------------------------------------------------------------------------------- export.source
+def test_check_inputs_span_both_fidelity_branches_and_are_reproducible():
+    """The inputs every exporter's --check compares on: fidelities from 0 (texture branch alone) to 1 (the whole
+    network) across the batch, images in [-1, 1], the same for the same seed."""
+    import vqfr
+    from export import source
+
+    spec = source.export_spec(vqfr.build_model(copy.deepcopy(SMALL_V2)).eval())
+    x, fidelity = source.check_inputs(spec, batch=3)
+    assert x.shape == (3, 3, spec.height, spec.width) and float(x.abs().max()) <= 1
+    assert fidelity.tolist() == [0.0, 0.5, 1.0]
+    assert torch.equal(source.check_inputs(spec, batch=3)[0], x)
+    assert not torch.equal(source.check_inputs(spec, batch=3, seed=1)[0], x)
+
+
+def test_a_v2_size_other_than_its_grid_and_a_batch_below_one_are_refused():
+    """A v2 engine traced at another size would not be the model the checkpoint describes; --batch 0 would export
+    an engine that takes nothing."""
+    import argparse
+
+    import vqfr
+    from export import source
+    from vqfr.errors import ConfigError
+
+    model = vqfr.build_model(copy.deepcopy(SMALL_V2)).eval()  # spatial_size 4 x patch 4: 16x16
+    assert source.export_spec(model, size=16).height == 16
+    with pytest.raises(ConfigError, match=r"takes 16x16 inputs, not 32") as err:
+        source.export_spec(model, size=32)
+    assert "--size 16" in err.value.fix
+    with pytest.raises(ConfigError, match="batch must be a positive integer"):
+        source.export_spec(model, batch=0)
+    parser = argparse.ArgumentParser()
+    source.add_model_arguments(parser, ("fp32",))
+    assert parser.parse_args(["--batch", "dynamic"]).batch is None and parser.parse_args(["--batch", "4"]).batch == 4
+    for bad in ("0", "-2", "four"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--batch", bad])
