@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,8 +96,10 @@ class OnnxRuntimeBackend(Backend):
                               path=path, fix="keep each engine with the sidecar written beside it, or re-export it")
         self.input_names = expected
         self.output_name = self.meta.outputs[0].name if self.meta else self.session.get_outputs()[0].name
-        self.in_dtype = self.session.get_inputs()[0].type.removeprefix("tensor(").removesuffix(")")
-        self.in_dtype = {"float": "float32", "float16": "float16"}.get(self.in_dtype, "float32")
+        # The images' and the output's element types, by name (the graph may list fidelity first).
+        self.in_dtype = _element_type(next(i for i in self.session.get_inputs() if i.name != "fidelity"))
+        self.out_dtype = _element_type(next((o for o in self.session.get_outputs() if o.name == self.output_name),
+                                            self.session.get_outputs()[0]))
         self.loaded = True
 
     def _providers(self, path: Path) -> list:
@@ -145,8 +148,8 @@ class OnnxRuntimeBackend(Backend):
             t = t.detach().to(self.device, _TORCH[dtype]).contiguous()
             keep.append(t)
             binding.bind_input(name, "cuda", index, _NP[dtype], tuple(t.shape), t.data_ptr())
-        out = torch.empty(tuple(shape), device=self.device, dtype=_TORCH[self.in_dtype])
-        binding.bind_output(self.output_name, "cuda", index, _NP[self.in_dtype], tuple(out.shape), out.data_ptr())
+        out = torch.empty(tuple(shape), device=self.device, dtype=_TORCH[self.out_dtype])
+        binding.bind_output(self.output_name, "cuda", index, _NP[self.out_dtype], tuple(out.shape), out.data_ptr())
         torch.cuda.current_stream(self.device).synchronize()
         try:
             self.session.run_with_iobinding(binding)
@@ -159,6 +162,11 @@ class OnnxRuntimeBackend(Backend):
     def close(self) -> None:
         self.session = None
         super().close()
+
+
+def _element_type(arg: Any) -> str:
+    """``float32`` or ``float16``: the element type of a session input or output (``tensor(float16)`` ...)."""
+    return {"float": "float32", "float16": "float16"}.get(arg.type.removeprefix("tensor(").removesuffix(")"), "float32")
 
 
 def _shape_mismatch(graph_inputs: list, meta: EngineMeta) -> str | None:
