@@ -107,3 +107,43 @@ def read_only_folder(monkeypatch):
 
     monkeypatch.setattr(tempfile, "TemporaryFile", temporary_file)
     return lambda path: folders.add(Path(path))
+
+
+@pytest.fixture
+def triton_path(monkeypatch):
+    """Run the Triton kernels: natively on a GPU, else under the interpreter; never fall back silently."""
+    from kernels import dispatch
+
+    if not torch.cuda.is_available():
+        if dispatch.interpreter_problem():
+            pytest.skip(dispatch.interpreter_problem())
+        # triton.language's own @jit helpers (the combine functions our tl.reduce calls use) are frozen as compiled
+        # or interpreted when triton is first imported: import it before the interpreter is on, so that later
+        # compiled kernels in this process (kernels.aot_check's test) still find compiled helpers.
+        import triton.language  # noqa: F401
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("VQFR_KERNELS", "triton")
+    dispatch.LAUNCHES.clear()
+
+
+@pytest.fixture(scope="module")
+def v1():
+    """The tiny v1 model, seeded (one per test module)."""
+    return seeded_model(TINY_V1, seed=1)
+
+
+@pytest.fixture(scope="module")
+def v2():
+    """The tiny v2 model, seeded (one per test module)."""
+    return seeded_model(TINY_V2, seed=2)
+
+
+def export_onnx_program(module: torch.nn.Module, args: tuple, path: Path) -> Path:
+    """``module`` exported to ONNX at ``path`` with our custom-op translations (opset 19, dynamo)."""
+    from export.onnx import translation_table
+
+    with torch.no_grad():
+        program = torch.onnx.export(module, args, dynamo=True, opset_version=19, verbose=False,
+                                    custom_translation_table=translation_table())
+    program.save(str(path))
+    return path

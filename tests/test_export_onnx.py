@@ -29,7 +29,14 @@ import kernels  # noqa: E402
 from export import fp16, source  # noqa: E402
 from export.compare import psnr  # noqa: E402
 from export.onnx import export_onnx, main, run_onnxruntime  # noqa: E402
-from tests.conftest import TINY_V1, TINY_V2, golden, golden_available, needs_golden  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    TINY_V1,
+    TINY_V2,
+    export_onnx_program,
+    golden,
+    golden_available,
+    needs_golden,
+)
 from vqfr.checkpoint import file_sha256  # noqa: E402
 from vqfr.errors import ConfigError  # noqa: E402
 from vqfr.sidecar import read_sidecar  # noqa: E402
@@ -276,23 +283,13 @@ class _DcnProbe(torch.nn.Module):
         return kernels.modulated_deform_conv2d(x, offset, mask, self.weight, self.bias, 1, 1, 1)
 
 
-def _export_small(module, args, path):
-    from export.onnx import translation_table
-
-    with torch.no_grad():
-        program = torch.onnx.export(module, args, dynamo=True, opset_version=19, verbose=False,
-                                    custom_translation_table=translation_table())
-    program.save(str(path))
-    return path
-
-
 def test_deform_conv_translation_matches_the_reference_out_of_bounds(tmp_path):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 8, 5, 7, generator=gen)
     offset = torch.randn(2, 2 * 4 * 9, 5, 7, generator=gen) * 4  # many samples fall outside the 5x7 map
     mask = torch.rand(2, 4 * 9, 5, 7, generator=gen)
     probe = _DcnProbe().eval()
-    path = _export_small(probe, (x, offset, mask), tmp_path / "dcn.onnx")
+    path = export_onnx_program(probe, (x, offset, mask), tmp_path / "dcn.onnx")
     assert [n.op_type for n in ir.load(path).graph if n.op_type == "DeformConv"] == ["DeformConv"]
     with torch.no_grad():
         np.testing.assert_allclose(run_onnxruntime(path, (x, offset, mask), ["x", "offset", "mask"]),
@@ -306,7 +303,7 @@ def test_nearest_code_translation_keeps_the_first_of_tied_codes(tmp_path):
 
     codebook = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.5, 0.5]])  # rows 0 and 2 tie everywhere
     z = torch.tensor([[1.0, 0.1], [0.9, -0.2], [0.1, 1.0], [0.5, 0.4]])
-    path = _export_small(Probe().eval(), (z, codebook), tmp_path / "nearest.onnx")
+    path = export_onnx_program(Probe().eval(), (z, codebook), tmp_path / "nearest.onnx")
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

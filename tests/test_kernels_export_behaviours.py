@@ -26,6 +26,7 @@ from kernels.deform_conv import (
     deform_conv2d_reference,
 )
 from kernels.nearest_code import nearest_code_reference
+from tests.conftest import export_onnx_program
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -135,18 +136,6 @@ def test_exact_ties_go_to_the_lowest_index_on_the_reference(monkeypatch):
 needs_triton = pytest.mark.skipif(not dispatch.triton_installed(), reason="triton is not installed (extra 'gpu')")
 
 
-@pytest.fixture
-def triton_path(monkeypatch):
-    """As in tests/test_kernels_triton.py: the Triton kernels, never a silent fallback."""
-    if not ON_GPU:
-        if dispatch.interpreter_problem():
-            pytest.skip(dispatch.interpreter_problem())
-        import triton.language  # noqa: F401  (see tests/test_kernels_triton.py)
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("VQFR_KERNELS", "triton")
-    dispatch.LAUNCHES.clear()
-
-
 @needs_triton
 def test_triton_nearest_code_distances_span_several_dim_blocks(triton_path):
     """D = 80 spans several BLOCK_D tiles (32 under the interpreter): |z|^2 and |e|^2 must sum over all of them.
@@ -197,16 +186,6 @@ class _GeometryProbe(torch.nn.Module):
         return kernels.modulated_deform_conv2d(x, offset, mask, self.weight, self.bias, *self.conv)
 
 
-def _onnx_export(module, args, path):
-    from export.onnx import translation_table
-
-    with torch.no_grad():
-        program = torch.onnx.export(module, args, dynamo=True, opset_version=19, verbose=False,
-                                    custom_translation_table=translation_table())
-    program.save(str(path))
-    return path
-
-
 def test_deform_conv_translation_keeps_unequal_stride_padding_and_dilation(tmp_path):
     """VQFR's DCNs are stride 1, padding 1, dilation 1, but the translation is general: ONNX wants pads as
     [top, left, bottom, right] and (h, w) strides and dilations. Unequal h and w values tell each order apart."""
@@ -218,7 +197,7 @@ def test_deform_conv_translation_keeps_unequal_stride_padding_and_dilation(tmp_p
     x, offset, mask, _, _ = _case(6, 7, 8, 2, 3, stride=stride, padding=padding, dilation=dilation, spread=2.0,
                                   seed=4)
     probe = _GeometryProbe(stride, padding, dilation).eval()
-    path = _onnx_export(probe, (x, offset, mask), tmp_path / "dcn.onnx")
+    path = export_onnx_program(probe, (x, offset, mask), tmp_path / "dcn.onnx")
     with torch.no_grad():
         expected = probe(x, offset, mask).numpy()
     got = run_onnxruntime(path, (x, offset, mask), ["x", "offset", "mask"])
@@ -237,7 +216,7 @@ def test_nearest_code_translation_returns_the_distance_of_the_chosen_code(tmp_pa
 
     gen = torch.Generator().manual_seed(5)
     z, codebook = torch.randn(9, 6, generator=gen), torch.randn(12, 6, generator=gen)
-    path = _onnx_export(Probe().eval(), (z, codebook), tmp_path / "nearest.onnx")
+    path = export_onnx_program(Probe().eval(), (z, codebook), tmp_path / "nearest.onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     idx, dist = session.run(None, {"z": z.numpy(), "codebook": codebook.numpy()})
     ref_idx, ref_dist = nearest_code_reference(z, codebook, return_distance=True)

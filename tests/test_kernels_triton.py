@@ -24,25 +24,11 @@ from kernels.nearest_code import nearest_code_reference
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 
-pytestmark = pytest.mark.skipif(not dispatch.triton_installed(), reason="triton is not installed (extra 'gpu'/'dev')")
+pytestmark = [pytest.mark.skipif(not dispatch.triton_installed(), reason="triton is not installed (extra 'gpu'/'dev')"),
+              pytest.mark.usefixtures("triton_path")]  # tests/conftest.py: the Triton kernels, never a fallback
 
 #: Allowed error of the kernel against the float64 reference, as a fraction of the reference's largest magnitude.
 TOLERANCE = {torch.float32: 2e-6, torch.float16: 4e-3}
-
-
-@pytest.fixture(autouse=True)
-def triton_path(monkeypatch):
-    """Run the Triton kernels: natively on a GPU, else under the interpreter; never fall back silently."""
-    if not ON_GPU:
-        if dispatch.interpreter_problem():
-            pytest.skip(dispatch.interpreter_problem())
-        # triton.language's own @jit helpers (the combine functions our tl.reduce calls use) are frozen as compiled
-        # or interpreted when triton is first imported: import it before the interpreter is on, so that later
-        # compiled kernels in this process (kernels.aot_check's test) still find compiled helpers.
-        import triton.language  # noqa: F401
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("VQFR_KERNELS", "triton")
-    dispatch.LAUNCHES.clear()
 
 
 def deform_case(c, h, w, groups, k, stride, padding, dilation, *, spread, c_out=6, b=2, seed=0,

@@ -11,16 +11,6 @@ from tests.conftest import TINY_V1, TINY_V2, seeded_model
 from vqfr.models.v2 import fidelity_weights
 
 
-@pytest.fixture(scope="module")
-def v1():
-    return seeded_model(TINY_V1, seed=1)
-
-
-@pytest.fixture(scope="module")
-def v2():
-    return seeded_model(TINY_V2, seed=2)
-
-
 def _x(b=3, size=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(b, 3, size, size, generator=g) * 2 - 1

@@ -208,16 +208,6 @@ def _x(b=2, size=64, seed=0):
     return torch.rand(b, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-@pytest.fixture(scope="module")
-def v1():
-    return seeded_model(TINY_V1, seed=1)
-
-
-@pytest.fixture(scope="module")
-def v2():
-    return seeded_model(TINY_V2, seed=2)
-
-
 def test_v2_main_dec_is_the_shared_conv_out_of_texture_plus_fidelity_times_residual(v2):
     """main_dec = decoder.conv_out(dec_feat[Level_1] + f * main_branch(...)): the texture decoder's conv_out reused
     (GN, SiLU, 3x3), the residual scaled by f alone (§4)."""

@@ -621,26 +621,36 @@ def test_resume_without_out_goes_on_in_the_resumed_run(tmp_path, monkeypatch, ca
     assert "nothing to train: the run is at iteration 4 and train.total_iter is 3" in caplog.text
 
 
-def test_weights_that_are_no_longer_finite_stop_the_run_before_they_are_saved(tmp_path, capsys):
-    """A diverged run used to go on for days, saving NaN checkpoints and states, the newest of which ``--resume
-    <run>`` then took."""
-    from training.trainer import DivergedError
-
+def _diverging_trainer(run: Path, total_iter: int, save_every: int, nan_weights_at: int,
+                       inf_loss_at: int | None = None) -> Trainer:
+    """A tiny VQGANv2 trainer whose weights turn NaN after step ``nan_weights_at``, and whose loss reads inf at step
+    ``inf_loss_at`` with the weights left finite (a step fp16 AMP's GradScaler skipped)."""
     cfg = tiny_vqgan_v2()
-    cfg["train"]["total_iter"] = 4
-    cfg["logger"]["save_checkpoint_freq"] = 2
-    run = tmp_path / "run"
+    cfg["train"]["total_iter"] = total_iter
+    cfg["logger"]["save_checkpoint_freq"] = save_every
     trainer = Trainer(cfg, run)
     step = trainer.step
 
     def diverging_step(batch, it):
         terms = step(batch, it)
-        if it == 3:
+        if it == inf_loss_at:
+            terms = {**terms, "loss_total": torch.tensor(math.inf)}
+        if it == nan_weights_at:
             with torch.no_grad():
                 next(unwrap(trainer.net).parameters()).fill_(math.nan)
         return terms
 
     trainer.step = diverging_step
+    return trainer
+
+
+def test_weights_that_are_no_longer_finite_stop_the_run_before_they_are_saved(tmp_path, capsys):
+    """A diverged run used to go on for days, saving NaN checkpoints and states, the newest of which ``--resume
+    <run>`` then took."""
+    from training.trainer import DivergedError
+
+    run = tmp_path / "run"
+    trainer = _diverging_trainer(run, total_iter=4, save_every=2, nan_weights_at=3)
     with pytest.raises(DivergedError, match="at iteration 4 the generator's weights are not finite") as err:
         trainer.train()
     assert "2.state" in err.value.fix and "lower learning rate" in err.value.fix
@@ -655,23 +665,8 @@ def test_a_non_finite_loss_stops_the_run_at_once_when_the_weights_diverged(tmp_p
     stays a warning."""
     from training.trainer import DivergedError
 
-    cfg = tiny_vqgan_v2()
-    cfg["train"]["total_iter"] = 8
-    cfg["logger"]["save_checkpoint_freq"] = 1000
     run = tmp_path / "run"
-    trainer = Trainer(cfg, run)
-    step = trainer.step
-
-    def diverging_step(batch, it):
-        terms = step(batch, it)
-        if it == 2:  # a skipped step: the loss is not finite, the weights are
-            terms = {**terms, "loss_total": torch.tensor(math.inf)}
-        if it == 3:
-            with torch.no_grad():
-                next(unwrap(trainer.net).parameters()).fill_(math.nan)
-        return terms
-
-    trainer.step = diverging_step
+    trainer = _diverging_trainer(run, total_iter=8, save_every=1000, nan_weights_at=3, inf_loss_at=2)
     with pytest.raises(DivergedError, match="at iteration 4 the generator's weights are not finite"):
         trainer.train()
     assert [r["iter"] for r in records(run)] == [1, 2, 3, 4]  # the record that shows the divergence is kept
