@@ -147,3 +147,20 @@ def export_onnx_program(module: torch.nn.Module, args: tuple, path: Path) -> Pat
                                     custom_translation_table=translation_table())
     program.save(str(path))
     return path
+
+
+def deform_inputs(c: int, h: int, w: int, groups: int, k: int, stride=1, padding=1, dilation=1, *, spread: float,
+                  c_out: int, b: int, seed: int = 0) -> list[torch.Tensor]:
+    """Random CPU float32 inputs of a modulated deformable conv: [x, offset, mask, weight, bias]. ``stride``,
+    ``padding`` and ``dilation`` are ints or (h, w) pairs; ``spread`` is the largest offset in pixels (uniform in
+    [-spread, spread])."""
+    gen = torch.Generator().manual_seed(seed)
+    (sh, sw), (ph, pw), (dh, dw) = ((v, v) if isinstance(v, int) else v for v in (stride, padding, dilation))
+    ho = (h + 2 * ph - dh * (k - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (k - 1) - 1) // sw + 1
+    x = torch.randn(b, c, h, w, generator=gen)
+    offset = (torch.rand(b, 2 * groups * k * k, ho, wo, generator=gen) * 2 - 1) * spread
+    mask = torch.rand(b, groups * k * k, ho, wo, generator=gen)
+    weight = torch.randn(c_out, c, k, k, generator=gen) / (c * k * k) ** 0.5
+    bias = torch.randn(c_out, generator=gen)
+    return [x, offset, mask, weight, bias]

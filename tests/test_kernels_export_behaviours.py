@@ -26,23 +26,14 @@ from kernels.deform_conv import (
     deform_conv2d_reference,
 )
 from kernels.nearest_code import nearest_code_reference
-from tests.conftest import export_onnx_program
+from tests.conftest import deform_inputs, export_onnx_program
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 
 
 def _case(c, h, w, groups, k, *, stride=1, padding=1, dilation=1, spread=1.5, c_out=5, b=1, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    (sh, sw), (ph, pw), (dh, dw) = ((v, v) if isinstance(v, int) else v for v in (stride, padding, dilation))
-    ho = (h + 2 * ph - dh * (k - 1) - 1) // sh + 1
-    wo = (w + 2 * pw - dw * (k - 1) - 1) // sw + 1
-    x = torch.randn(b, c, h, w, generator=gen)
-    offset = (torch.rand(b, 2 * groups * k * k, ho, wo, generator=gen) * 2 - 1) * spread
-    mask = torch.rand(b, groups * k * k, ho, wo, generator=gen)
-    weight = torch.randn(c_out, c, k, k, generator=gen) / (c * k * k) ** 0.5
-    bias = torch.randn(c_out, generator=gen)
-    return x, offset, mask, weight, bias
+    return deform_inputs(c, h, w, groups, k, stride, padding, dilation, spread=spread, c_out=c_out, b=b, seed=seed)
 
 
 # --- the torch paths ----------------------------------------------------------------------------------------------

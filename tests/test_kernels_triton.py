@@ -20,6 +20,7 @@ import kernels.ops  # noqa: F401  (registers torch.ops.vqfr.*)
 from kernels import dispatch
 from kernels.deform_conv import deform_conv2d_backward_reference, deform_conv2d_reference
 from kernels.nearest_code import nearest_code_reference
+from tests.conftest import deform_inputs
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -33,16 +34,10 @@ TOLERANCE = {torch.float32: 2e-6, torch.float16: 4e-3}
 
 def deform_case(c, h, w, groups, k, stride, padding, dilation, *, spread, c_out=6, b=2, seed=0,
                 dtype=torch.float32):
-    """Random DCN inputs. ``spread`` is the largest offset in pixels (uniform in [-spread, spread])."""
-    gen = torch.Generator().manual_seed(seed)
-    ho = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-    wo = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-    x = torch.randn(b, c, h, w, generator=gen)
-    offset = (torch.rand(b, 2 * groups * k * k, ho, wo, generator=gen) * 2 - 1) * spread
-    mask = torch.rand(b, groups * k * k, ho, wo, generator=gen)
-    weight = torch.randn(c_out, c, k, k, generator=gen) / (c * k * k) ** 0.5
-    bias = torch.randn(c_out, generator=gen)
-    return [t.to(DEVICE, dtype) for t in (x, offset, mask, weight, bias)]
+    """Random DCN inputs on the test device. ``spread`` is the largest offset in pixels (uniform in [-spread,
+    spread])."""
+    tensors = deform_inputs(c, h, w, groups, k, stride, padding, dilation, spread=spread, c_out=c_out, b=b, seed=seed)
+    return [t.to(DEVICE, dtype) for t in tensors]
 
 
 def as_double(tensors):
