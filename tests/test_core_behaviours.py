@@ -85,6 +85,22 @@ def test_an_unchanged_face_on_a_flat_photo_changes_no_pixel(upscale):
         assert np.array_equal(out, background), level
 
 
+@pytest.mark.parametrize("face_size,upscale", [(32, 1), (64, 2), (512, 2)])
+def test_unchanged_faces_cut_by_the_photo_corner_or_overlapping_leave_a_flat_photo_as_it_was(face_size, upscale):
+    """Where a face's square is cut by the photo's edge (its mask there is not eroded: the face goes on beyond the
+    photo) or a neighbour's share reaches past its own mask, the warped-back face must not hold the warp's border
+    fill: blending unchanged faces leaves a flat photo exactly as it was. (The warp back filled with black beyond
+    the square, 6 levels off at a 512 px face in the photo's corner and up to 34 at 32 px.)"""
+    level, (h, w) = 30, (150, 170)
+    photo = np.full((h, w, 3), level, np.uint8)
+    lms = [_landmarks(160, 10, 0.6, 20.0),  # its square cut by the photo's top-right corner
+           _landmarks(80, 70, 0.3, 12.0), _landmarks(100, 85, 0.24, -20.0)]  # two overlapping, cut by the edges
+    crops, affines = align_faces(photo, lms, face_size)
+    background = np.full((h * upscale, w * upscale, 3), level, np.uint8)
+    out = paste_faces(background, crops, affines, upscale, photo_size=(w, h))
+    assert np.abs(out.astype(int) - level).max() == 0
+
+
 def test_the_feathered_mask_ramps_from_the_square_edge_to_one_inside():
     """The default mask fades in over the feather width (about 1/20 of the face's side), so the pasted square
     leaves no hard seam: 0 at the square's edge, 1 well inside, and no jump of more than a third between pixels."""
