@@ -59,6 +59,25 @@ def test_safetensors_round_trip_keeps_options(tmp_path):
     assert _same_weights(vqfr.load_model(upper), model)  # was read with torch.load: "not a readable checkpoint"
 
 
+def test_saving_the_same_weights_twice_gives_the_same_bytes(tmp_path):
+    """An export's sidecar records the weights' sha256, and the benchmark's engine cache keys on the weights: the
+    same model must save to the same file. safetensors writes its metadata in hash-map order, which varies from
+    one save to the next (3 entries: 6 orders), so several saves would differ without the sorting."""
+    from safetensors import safe_open
+
+    model = seeded_model(TINY_V2)
+    blobs = {vqfr.save_safetensors(model, tmp_path / f"w{i}.safetensors").read_bytes() for i in range(6)}
+    assert len(blobs) == 1
+    blob = blobs.pop()
+    n = int.from_bytes(blob[:8], "little")
+    assert n % 8 == 0
+    header = json.loads(blob[8:8 + n])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    with safe_open(str(tmp_path / "w0.safetensors"), "pt") as f:  # still a file safetensors reads
+        assert f.metadata() == header["__metadata__"]
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("change", ["unknown key", "missing nested key", "other architecture"])
 def test_safetensors_with_bad_stored_options_names_the_file(tmp_path, change):
     model = seeded_model(TINY_V2)

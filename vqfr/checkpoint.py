@@ -283,8 +283,24 @@ def save_safetensors(model: nn.Module, path: str | Path) -> Path:
         meta["arch"] = options["type"]
         meta["options"] = json.dumps(options)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, save(sd, metadata=meta))
+    atomic_write_bytes(path, _metadata_sorted(save(sd, metadata=meta)))
     return path
+
+
+def _metadata_sorted(blob: bytes) -> bytes:
+    """A safetensors file with its ``__metadata__`` entries in sorted order, so the same weights and options always
+    give the same bytes (and sha256): safetensors writes them in hash-map order, which varies from call to call.
+
+    The layout is an 8-byte little-endian header length, the JSON header padded with spaces to a multiple of 8
+    bytes, then the tensor data, which the header addresses by offset and so does not move.
+    """
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    if "__metadata__" in header:
+        header = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + blob[8 + n:]
 
 
 def save_released(path: str | Path, params: Mapping[str, Tensor],
