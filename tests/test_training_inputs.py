@@ -109,6 +109,86 @@ def test_psnr_ssim_cli_pairs_the_faces_that_vqfr_restored(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == result
 
 
+def _official_correction(img: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """The official evaluation script's arithmetic, written out: float32 images on [0, 1], each channel's mean
+    shifted and its deviation scaled to the reference's, twice; returned on the [0, 255] scale."""
+    out, gt = img.astype(np.float32) / 255, ref.astype(np.float32) / 255
+    for c in range(out.shape[2]):
+        for _ in range(2):
+            out[..., c] = out[..., c] - np.mean(out[..., c]) + np.mean(gt[..., c])
+            out[..., c] = out[..., c] / np.std(out[..., c]) * np.std(gt[..., c])
+    return out.astype(np.float64) * 255
+
+
+def _metrics_json(capsys, argv: list[str]) -> dict:
+    from training.metrics import main as metrics_main
+
+    code = metrics_main(["--json", *argv])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out)
+
+
+def test_psnr_ssim_cli_corrects_mean_and_variance_as_the_official_script(tmp_path, capsys):
+    """--correct-mean-var: the official calculate_psnr_ssim.py always matches each channel's mean and deviation to
+    the reference's first; numbers compared with the paper's need it. A restored image that differs from its
+    reference only by a gain and an offset per channel then scores as (all but) identical."""
+    import cv2
+
+    from training.metrics import correct_mean_var, psnr, ssim
+
+    rng = np.random.default_rng(1)
+    for sub in ("gt", "out"):
+        (tmp_path / sub).mkdir()
+    ref = rng.integers(40, 200, (48, 48, 3), dtype=np.uint8)
+    gained = np.clip(ref * np.array([0.5, 0.8, 1.2]) + np.array([60, -20, 5]), 0, 255).round().astype(np.uint8)
+    noisy = np.clip(ref.astype(int) + rng.integers(-30, 31, ref.shape) + 12, 0, 255).astype(np.uint8)
+    for name, img in (("gain", gained), ("noise", noisy)):
+        cv2.imwrite(str(tmp_path / "gt" / f"{name}.png"), ref)
+        cv2.imwrite(str(tmp_path / "out" / f"{name}.png"), img)
+    args = ["psnr-ssim", "--restored", str(tmp_path / "out"), "--gt", str(tmp_path / "gt")]
+    plain = {r["name"]: r for r in _metrics_json(capsys, args)["images"]}
+    corrected = {r["name"]: r for r in _metrics_json(capsys, [*args, "--correct-mean-var"])["images"]}
+    assert plain["gain"]["psnr"] < 20 and corrected["gain"]["psnr"] > 40  # only rounding to 8 bits is left
+    assert corrected["gain"]["ssim"] > 0.999
+    official = _official_correction(noisy, ref)
+    assert np.abs(correct_mean_var(noisy, ref) - official).max() < 1e-3
+    assert corrected["noise"]["psnr"] == pytest.approx(psnr(official, ref), abs=1e-4)
+    assert corrected["noise"]["ssim"] == pytest.approx(ssim(official, ref), abs=1e-6)
+    assert corrected["noise"]["psnr"] > plain["noise"]["psnr"]  # the +12 offset no longer counts
+    flat = np.full_like(ref, 90)  # no deviation to scale: shifted to the reference's mean, nothing divided by 0
+    assert np.allclose(correct_mean_var(flat, ref), ref.reshape(-1, 3).mean(0))
+
+
+def test_psnr_ssim_cli_on_the_y_channel_and_identical_images_in_strict_json(tmp_path, capsys):
+    """--test-y-channel scores BT.601 luma, as the official script's option; an image identical to its reference
+    has an infinite PSNR, written as null (strict JSON: Python wrote Infinity) and left out of the mean."""
+    import cv2
+
+    from training.metrics import bgr_to_y, psnr
+
+    rng = np.random.default_rng(2)
+    for sub in ("gt", "out"):
+        (tmp_path / sub).mkdir()
+    ref = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    out = np.clip(ref.astype(int) + rng.integers(-9, 10, ref.shape), 0, 255).astype(np.uint8)
+    for name, img in (("a", out), ("same", ref)):
+        cv2.imwrite(str(tmp_path / "gt" / f"{name}.png"), ref)
+        cv2.imwrite(str(tmp_path / "out" / f"{name}.png"), img)
+    args = ["psnr-ssim", "--restored", str(tmp_path / "out"), "--gt", str(tmp_path / "gt"), "--test-y-channel"]
+    result = _metrics_json(capsys, args)  # json.loads refuses nothing; check strictness on the text below
+    rows = {r["name"]: r for r in result["images"]}
+    y_err = bgr_to_y(out) - bgr_to_y(ref)
+    assert rows["a"]["psnr"] == pytest.approx(10 * np.log10(255**2 / np.mean(y_err**2)), abs=1e-9)
+    assert rows["a"]["psnr"] != pytest.approx(psnr(out, ref), abs=0.01)
+    assert rows["same"]["psnr"] is None and rows["same"]["ssim"] == pytest.approx(1.0)
+    assert result["mean"]["psnr"] == pytest.approx(rows["a"]["psnr"])
+    from training.metrics import main as metrics_main
+
+    metrics_main(["--json", *args])
+    assert "Infinity" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_cli_refuses_threads_below_one(tmp_path, capsys, value):
     # -1 used to end in a RuntimeError traceback from torch.set_num_threads, 0 was ignored.

@@ -554,10 +554,32 @@ def test_validation_crops_the_border_given_in_val_metrics(tmp_path):
     assert result["ssim"] == pytest.approx(c1 / (100 + c1), abs=1e-6)
 
 
+def test_validation_on_the_y_channel_when_val_metrics_asks(tmp_path):
+    # basicsr's test_y_channel: true. Prediction 10 levels above a reference of 0 in every channel: in BT.601 luma
+    # (16 + (24.966 B + 128.553 G + 65.481 R) / 255) the error is 10 * 219 / 255, the reference 16.
+    cfg = tiny_vqgan_v2()
+    cfg["datasets"]["val"] = {"dataroot_gt": "synthetic:1"}
+    cfg["val"] = {"metrics": {"psnr": {"type": "calculate_psnr", "test_y_channel": True},
+                              "ssim": {"type": "calculate_ssim", "test_y_channel": True},
+                              "psnr_rgb": {"type": "calculate_psnr", "test_y_channel": False}}}
+    trainer = Trainer(cfg, tmp_path / "run")
+    gt = torch.full((3, 16, 16), -1.0)
+    trainer.val_set = [{"lq": gt, "gt": gt, "name": "face"}]
+    trainer.restore = lambda model, lq, ref: torch.full((1, 3, 16, 16), -1 + 2 * 10 / 255)
+    result = trainer.validate(1)
+    trainer.close()
+    err, y_ref = 10 * 219 / 255, 16.0
+    c1 = (0.01 * 255) ** 2
+    assert result["psnr"] == pytest.approx(20 * math.log10(255 / err), abs=1e-9)
+    assert result["ssim"] == pytest.approx((2 * y_ref * (y_ref + err) + c1) / (y_ref**2 + (y_ref + err) ** 2 + c1),
+                                           abs=1e-9)
+    assert result["psnr_rgb"] == pytest.approx(20 * math.log10(255 / 10), abs=1e-9)
+
+
 @pytest.mark.parametrize(("metrics", "message"), [
     ({"psnr": {"type": "calculate_psnr", "crop_border": -1}}, "val.metrics.psnr.crop_border"),
     ({"psnr": {"type": "calculate_psnr", "crop_border": "four"}}, "val.metrics.psnr.crop_border"),
-    ({"psnr": {"type": "calculate_psnr", "test_y_channel": True}}, "test_y_channel"),
+    ({"psnr": {"type": "calculate_psnr", "test_y_channel": "yes"}}, "val.metrics.psnr.test_y_channel"),
     ({"niqe": {"type": "calculate_niqe"}}, "val.metrics.niqe.type"),
     ({"psnr": {"type": "calculate_psnr", "crop_border": 8}}, "leaves less than 1x1 pixels"),  # of 16x16 images
     ({"ssim": {"type": "calculate_ssim", "crop_border": 3}}, "leaves less than 11x11 pixels"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -239,11 +240,12 @@ def val_metrics(cfg: dict, source: str = "config") -> dict[str, tuple[Callable[.
 
     ``val.metrics`` uses basicsr's layout, as the official ymls do (``psnr: {type: calculate_psnr, crop_border: 4,
     test_y_channel: false}``): each listed metric is computed after cutting ``crop_border`` pixels from every side
-    of both images. Without it, PSNR and SSIM on the whole image.
+    of both images, on all three channels or, with ``test_y_channel: true``, on BT.601 luma. Without it, PSNR and
+    SSIM on the whole image.
 
     Raises:
         ConfigError: an unknown type or option, a crop_border that is not a whole number >= 0 or leaves too little
-            of the validation images (SSIM needs 11x11 pixels), or ``test_y_channel: true`` (not implemented).
+            of the validation images (SSIM needs 11x11 pixels), or a ``test_y_channel`` that is not true or false.
     """
     val = cfg.get("val") or {}
     if not isinstance(val, dict):
@@ -263,10 +265,11 @@ def val_metrics(cfg: dict, source: str = "config") -> dict[str, tuple[Callable[.
         unknown = sorted(set(opt) - {"type", "crop_border", "test_y_channel"})
         if unknown:
             raise ConfigError(f"{key} has options {unknown} that are not supported", path=source,
-                              fix="remove them (supported: type, crop_border, test_y_channel: false)")
-        if opt.get("test_y_channel"):
-            raise ConfigError(f"{key}.test_y_channel is true: metrics on the Y channel are not implemented",
-                              path=source, fix="set test_y_channel: false (all three channels, as the official ymls)")
+                              fix="remove them (supported: type, crop_border, test_y_channel)")
+        y_only = opt.get("test_y_channel", False)
+        if not isinstance(y_only, bool):
+            raise ConfigError(f"{key}.test_y_channel is {y_only!r}", path=source,
+                              fix="use true (luma only) or false (all three channels, as the official ymls)")
         crop = opt.get("crop_border", 0)
         if isinstance(crop, bool) or not isinstance(crop, int) or crop < 0:
             raise ConfigError(f"{key}.crop_border is {crop!r}", path=source, fix="use a whole number >= 0")
@@ -276,7 +279,7 @@ def val_metrics(cfg: dict, source: str = "config") -> dict[str, tuple[Callable[.
             raise ConfigError(f"{key}.crop_border is {crop}: it leaves less than {least}x{least} pixels of the "
                               f"{size}x{size} validation images", path=source,
                               fix=f"use a crop_border of at most {max(0, (size - least) // 2)}")
-        out[str(name)] = (function, crop)
+        out[str(name)] = (functools.partial(function, test_y_channel=True) if y_only else function, crop)
     return out
 
 

@@ -1,13 +1,16 @@
 """Image-quality metrics on 8-bit BGR images, computed as the official training/evaluation code does (basicsr).
 
-- :func:`psnr` and :func:`ssim` (validation during training): all channels, optional border crop; SSIM with an
-  11x11 Gaussian window (sigma 1.5) on the valid region, averaged over channels.
+- :func:`psnr` and :func:`ssim` (validation during training): all channels or the Y channel, optional border crop;
+  SSIM with an 11x11 Gaussian window (sigma 1.5) on the valid region, averaged over channels.
+- :func:`correct_mean_var`: the official evaluation script's correction of each channel's mean and standard
+  deviation to the reference's, applied before PSNR and SSIM (``--correct-mean-var``).
 - :func:`niqe` (offline, no reference): the Y channel (BT.601), 96x96 blocks, two scales (the second by MATLAB-style
   bicubic, antialiased halving), against the pristine-model parameters in ``training/weights`` (see its README).
 
 Command line::
 
-    python -m training.metrics psnr-ssim --restored results/ --gt hq/ [--crop-border 0]
+    python -m training.metrics psnr-ssim --restored results/ --gt hq/ [--crop-border 0] [--test-y-channel]
+                                         [--correct-mean-var]
     python -m training.metrics niqe results/ [--crop-border 0]
 """
 
@@ -23,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["psnr", "ssim", "niqe", "bgr_to_y", "imresize_half", "main"]
+__all__ = ["psnr", "ssim", "niqe", "bgr_to_y", "correct_mean_var", "imresize_half", "main"]
 
 
 def _check_pair(img: np.ndarray, ref: np.ndarray) -> None:
@@ -35,9 +38,17 @@ def _crop(img: np.ndarray, border: int) -> np.ndarray:
     return img[border:-border, border:-border] if border else img
 
 
-def psnr(img: np.ndarray, ref: np.ndarray, crop_border: int = 0) -> float:
-    """PSNR in dB of two uint8 (or [0, 255] float) images of equal shape; ``inf`` when identical."""
+def _channels(img: np.ndarray, test_y_channel: bool) -> np.ndarray:
+    """The image itself, or its Y channel (:func:`bgr_to_y`) for a BGR image when ``test_y_channel`` (as basicsr:
+    a grey image stays as it is)."""
+    return bgr_to_y(img) if test_y_channel and img.ndim == 3 and img.shape[2] == 3 else img
+
+
+def psnr(img: np.ndarray, ref: np.ndarray, crop_border: int = 0, test_y_channel: bool = False) -> float:
+    """PSNR in dB of two uint8 (or [0, 255] float) images of equal shape, on all channels or (``test_y_channel``)
+    on BT.601 luma; ``inf`` when identical."""
     _check_pair(img, ref)
+    img, ref = _channels(img, test_y_channel), _channels(ref, test_y_channel)
     a = _crop(img, crop_border).astype(np.float64)
     b = _crop(ref, crop_border).astype(np.float64)
     mse = float(np.mean((a - b) ** 2))
@@ -63,10 +74,11 @@ def _ssim_channel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(num / den))
 
 
-def ssim(img: np.ndarray, ref: np.ndarray, crop_border: int = 0) -> float:
-    """SSIM of two uint8 (or [0, 255] float) images [H, W] or [H, W, C], mean over channels. The images must hold
-    at least one 11x11 window (after the crop)."""
+def ssim(img: np.ndarray, ref: np.ndarray, crop_border: int = 0, test_y_channel: bool = False) -> float:
+    """SSIM of two uint8 (or [0, 255] float) images [H, W] or [H, W, C], mean over channels (or on BT.601 luma
+    with ``test_y_channel``). The images must hold at least one 11x11 window (after the crop)."""
     _check_pair(img, ref)
+    img, ref = _channels(img, test_y_channel), _channels(ref, test_y_channel)
     a = _crop(img, crop_border).astype(np.float64)
     b = _crop(ref, crop_border).astype(np.float64)
     if min(a.shape[:2]) < 11:
@@ -77,9 +89,38 @@ def ssim(img: np.ndarray, ref: np.ndarray, crop_border: int = 0) -> float:
 
 
 def bgr_to_y(img: np.ndarray) -> np.ndarray:
-    """BT.601 luma of a BGR uint8 image, as MATLAB's rgb2ycbcr: float64 [H, W] in [16, 235]."""
+    """BT.601 luma of a BGR uint8 (or [0, 255] float) image, as MATLAB's rgb2ycbcr: float64 [H, W] in [16, 235]."""
     x = img.astype(np.float64) / 255.0
     return (x @ np.array([24.966, 128.553, 65.481]) + 16.0)
+
+
+def correct_mean_var(img: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """``img`` with each channel's mean and standard deviation set to ``ref``'s, as the official evaluation script
+    (``scripts/metrics/calculate_psnr_ssim.py``, where it is always on) does before PSNR and SSIM.
+
+    Per channel, twice over: shift the mean to the reference's, then scale by the ratio of the standard deviations
+    (which moves the mean again, hence the second round). In float64 (the script: float32 on [0, 1], the same
+    arithmetic up to rounding); neither clipped nor rounded. A flat channel (deviation under 1e-6), which no scale
+    can give a spread, is only shifted (the script divides by its zero deviation).
+
+    Args:
+        img: [H, W] or [H, W, C] uint8 (or [0, 255] float), the restored image.
+        ref: the reference, of the same shape.
+
+    Returns:
+        float64 array of ``img``'s shape, on the [0, 255] scale.
+    """
+    _check_pair(img, ref)
+    out = img.astype(np.float64)
+    target = ref.astype(np.float64)
+    axes = (0, 1)
+    mean, std = target.mean(axes), target.std(axes)
+    for _ in range(2):
+        out = out - out.mean(axes) + mean
+        spread = out.std(axes)
+        flat = spread < 1e-6  # the shift leaves a rounding-level spread on a flat channel: do not blow it up
+        out = out * np.where(flat, 1, std / np.where(flat, 1, spread))
+    return out
 
 
 def _cubic(x: np.ndarray) -> np.ndarray:
@@ -204,6 +245,17 @@ def _pairs(restored: Path, gt: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def _finite_mean(values: list[float]) -> float:
+    """The mean of the finite values (an image identical to its reference has an infinite PSNR, which would make
+    any mean infinite); ``inf`` when every value is infinite."""
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.inf
+
+
+def _json_number(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def main(argv: list[str] | None = None) -> int:
     from training.data import list_images
     from vqfr.errors import VQFRError
@@ -221,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--restored", type=Path, required=True)
     p.add_argument("--gt", type=Path, required=True)
     p.add_argument("--crop-border", type=int, default=0)
+    p.add_argument("--test-y-channel", action="store_true", help="PSNR and SSIM on BT.601 luma (Y) only")
+    p.add_argument("--correct-mean-var", action="store_true",
+                   help="first match each channel's mean and standard deviation of the restored image to the "
+                        "reference's, as the official evaluation script always does")
     n = sub.add_parser("niqe", parents=[common], help="NIQE (no reference) of every image in a folder")
     n.add_argument("folder", type=Path)
     n.add_argument("--crop-border", type=int, default=0)
@@ -232,8 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "psnr-ssim":
             for a, b in _pairs(args.restored, args.gt):
                 img, ref = load_image(a), load_image(b)
-                rows.append({"name": a.stem, "psnr": psnr(img, ref, args.crop_border),
-                             "ssim": ssim(img, ref, args.crop_border)})
+                scored = correct_mean_var(img, ref) if args.correct_mean_var else img
+                rows.append({"name": a.stem, "psnr": psnr(scored, ref, args.crop_border, args.test_y_channel),
+                             "ssim": ssim(scored, ref, args.crop_border, args.test_y_channel)})
         else:
             for a in list_images(args.folder):
                 rows.append({"name": a.stem, "niqe": niqe(load_image(a), args.crop_border)})
@@ -242,9 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {where}{exc}", file=sys.stderr)
         return 1
     keys = [k for k in rows[0] if k != "name"]
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
-    if args.json:
-        print(json.dumps({"images": rows, "mean": mean}))
+    mean = {k: _finite_mean([r[k] for r in rows]) for k in keys}
+    if args.json:  # strict JSON: an infinite PSNR (an image identical to its reference) is written as null
+        print(json.dumps({"images": [{k: _json_number(v) for k, v in r.items()} for r in rows],
+                          "mean": {k: _json_number(v) for k, v in mean.items()}}, allow_nan=False))
         return 0
     for r in rows:
         print(f"{r['name']:40s} " + " ".join(f"{k} {r[k]:8.4f}" for k in keys))
