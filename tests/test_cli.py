@@ -324,3 +324,29 @@ def test_a_run_that_cannot_start_leaves_no_output_folders(tmp_path, weights, cap
     (kept / "notes.txt").write_text("mine")
     assert main([*args, "-o", str(kept)]) == EXIT_ERROR
     assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*")) == ["cmp", "notes.txt"]
+
+
+def test_a_failed_line_names_the_input_even_when_the_error_names_another_file(tmp_path, weights, capsys, monkeypatch):
+    """An error that names another file (the engine, when the model returns NaN for one photo's face) must still say
+    which input failed: the FAILED line starts with the input, then the engine's message and its fix."""
+    from vqfr.backends.torch import TorchBackend
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(inputs / f"f{i}.png"), np.full((64, 64, 3), 0 if i == 1 else 100 + i, np.uint8))
+    real = TorchBackend.infer
+
+    def nan_for_black_faces(self, x, fidelity):
+        out = real(self, x, fidelity).clone()
+        out[(x == -1).flatten(1).all(1)] = float("nan")
+        return out
+
+    monkeypatch.setattr(TorchBackend, "infer", nan_for_black_faces)
+    code = main(["-i", str(inputs), "-o", str(tmp_path / "out"), "--weights", str(weights), "--aligned", "-q",
+                 "--backend", "torch", "--device", "cpu"])
+    err = capsys.readouterr().err
+    failed = [line for line in err.splitlines() if line.startswith("vqfr: FAILED")]
+    assert code == EXIT_SOME_FAILED and len(failed) == 1, err
+    assert failed[0].startswith(f"vqfr: FAILED {inputs / 'f1.png'}: {weights}: the model returned NaN"), err
+    assert "Fix: " in failed[0]

@@ -324,7 +324,9 @@ def _fail(job: _Job, src: Path, exc: BaseException, bar) -> None:
     """One line on stderr for a failed input (and the traceback with --debug)."""
     job.failed += 1
     if isinstance(exc, VQFRError):
-        text = str(exc) if exc.path is not None else f"{src}: {exc}"
+        # an error naming another file (the engine whose output was NaN, an output that could not be written) still
+        # gets the input it cost first: the line must say which photo failed
+        text = str(exc) if exc.path == src else f"{src}: {exc}"
     elif isinstance(exc, MemoryError):
         text = f"{src}: out of memory. Fix: lower --batch or --max-pixels, or free memory"
     else:
