@@ -238,3 +238,15 @@ def test_gpu_check_times_without_matplotlib(monkeypatch):
     assert "--no-chart" not in gpu_check._bench("v2", "1", "torch", Path("out"))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     assert gpu_check._bench("v2", "1", "torch", Path("out"))[-1] == "--no-chart"
+
+
+def test_gpu_check_does_not_call_a_target_met_when_its_memory_was_not_measured():
+    """An onnxruntime/TensorRT row may have no peak memory (None): fast enough is not enough for "v2, batch 8" (500
+    img/s and 3 GB), so the verdict is undecided ("-"), and a miss on throughput is still a miss."""
+    v2_b8 = gpu_check.TARGETS[1]
+    assert gpu_check.evaluate(v2_b8, [row("tensorrt", 8, 10.0, mem=None)])["met"] is None
+    assert gpu_check.evaluate(v2_b8, [row("tensorrt", 8, 20.0, mem=None)])["met"] is False
+    assert gpu_check.evaluate(v2_b8, [row("tensorrt", 8, 10.0, mem=2000)])["met"] is True
+    assert gpu_check.evaluate(gpu_check.TARGETS[0], [row("tensorrt", 1, 3.0, mem=None)])["met"] is True
+    text = gpu_check.summary({"v2": ({}, [row("tensorrt", 8, 10.0, mem=None)])})
+    assert "800 img/s (tensorrt; max abs err 1.0e-03, PSNR 55.0 dB) | - | - |" in text
