@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
+from tests.test_training_inputs import interrupt_training_at
 from tests.test_training_loop import records, tiny_vqfr_v1, tiny_vqfr_v2, tiny_vqgan_v2, write_config
 from training.config import load_config, merge
 from training.train import main as train_main
-from training.trainer import Trainer
 from vqfr.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def _one_thread():
+    """Each test starts at one torch thread (``--threads`` changes it), and the count is put back after it."""
+    old = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 # --- python -m training.train ---------------------------------------------------------------------------------------
@@ -76,20 +80,13 @@ def test_ctrl_c_names_the_latest_state_and_its_command_goes_on_with_the_same_max
     cfg["logger"]["save_checkpoint_freq"] = 1
     config = write_config(cfg, tmp_path / "c.yml")
     out = tmp_path / "run"
-    step = Trainer.step
-
-    def interrupted_at_3(self, batch, it):
-        if it == 3:
-            raise KeyboardInterrupt
-        return step(self, batch, it)
-
-    monkeypatch.setattr(Trainer, "step", interrupted_at_3)
+    interrupt_training_at(monkeypatch, 3)
     assert train_main(["--config", str(config), "--out", str(out), "--max-iters", "4"]) == 130
     err = capsys.readouterr().err
     assert "the latest state is iteration 2;" in err  # states 1 and 2 were saved
     command = err.split("go on with: ", 1)[1].strip()
     assert command.startswith("python -m training.train ") and command.endswith("--max-iters 4")
-    monkeypatch.setattr(Trainer, "step", step)
+    monkeypatch.undo()  # the real step again
     assert train_main(command.split()[3:]) == 0
     assert [r["iter"] for r in records(out)] == [1, 2, 3, 4]
 

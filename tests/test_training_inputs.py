@@ -198,20 +198,25 @@ def test_cli_refuses_threads_below_one(tmp_path, capsys, value):
     assert "--threads" in capsys.readouterr().err
 
 
+def interrupt_training_at(monkeypatch, at: int) -> None:
+    """Make every Trainer raise KeyboardInterrupt (Ctrl-C) when it reaches iteration ``at``."""
+    step = Trainer.step
+
+    def interrupted(self, batch, it):
+        if it == at:
+            raise KeyboardInterrupt
+        return step(self, batch, it)
+
+    monkeypatch.setattr(Trainer, "step", interrupted)
+
+
 def test_ctrl_c_says_how_to_go_on_and_the_resume_continues(tmp_path, capsys, monkeypatch):
     cfg = tiny_vqfr_v2()
     cfg["train"]["total_iter"] = 4
     cfg["logger"]["save_checkpoint_freq"] = 2
     config = write_config(cfg, tmp_path / "c.yml")
     out = tmp_path / "run"
-    step = Trainer.step
-
-    def interrupted_at_3(self, batch, it):
-        if it == 3:
-            raise KeyboardInterrupt
-        return step(self, batch, it)
-
-    monkeypatch.setattr(Trainer, "step", interrupted_at_3)
+    interrupt_training_at(monkeypatch, 3)
     try:
         code = train_main(["--config", str(config), "--out", str(out)])
     except KeyboardInterrupt:  # caught here, or it would stop the whole pytest session
@@ -219,7 +224,7 @@ def test_ctrl_c_says_how_to_go_on_and_the_resume_continues(tmp_path, capsys, mon
     assert code == 130
     err = capsys.readouterr().err
     assert "iteration 2" in err and f"--resume {out}" in err and "Traceback" not in err
-    monkeypatch.setattr(Trainer, "step", step)
+    monkeypatch.undo()  # the real step again
     assert train_main(["--config", str(config), "--resume", str(out)]) == 0
     assert [json.loads(line)["iter"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
