@@ -30,12 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Each test starts at one torch thread (``--threads`` changes it), and the count is put back after it."""
-    old = torch.get_num_threads()
+def _one_thread(_two_threads):
+    """Each test starts at one torch thread (``--threads`` changes it); conftest's ``_two_threads`` puts the count
+    back after it."""
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # --- python -m training.train ---------------------------------------------------------------------------------------
