@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["psnr", "ssim", "niqe", "bgr_to_y", "correct_mean_var", "imresize_half", "main"]
+__all__ = ["psnr", "ssim", "niqe", "bgr_to_y", "correct_mean_var", "finite_mean", "imresize_half", "main"]
 
 
 def _check_pair(img: np.ndarray, ref: np.ndarray) -> None:
@@ -245,11 +245,11 @@ def _pairs(restored: Path, gt: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def _finite_mean(values: list[float]) -> float:
+def finite_mean(values: list[float], empty: float = math.inf) -> float:
     """The mean of the finite values (an image identical to its reference has an infinite PSNR, which would make
-    any mean infinite); ``inf`` when every value is infinite."""
+    any mean infinite); ``empty`` when there are none."""
     finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else math.inf
+    return sum(finite) / len(finite) if finite else empty
 
 
 def _json_number(value):
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {where}{exc}", file=sys.stderr)
         return 1
     keys = [k for k in rows[0] if k != "name"]
-    mean = {k: _finite_mean([r[k] for r in rows]) for k in keys}
+    mean = {k: finite_mean([r[k] for r in rows]) for k in keys}
     if args.json:  # strict JSON: an infinite PSNR (an image identical to its reference) is written as null
         print(json.dumps({"images": [{k: _json_number(v) for k, v in r.items()} for r in rows],
                           "mean": {k: _json_number(v) for k, v in mean.items()}}, allow_nan=False))

@@ -43,6 +43,7 @@ from training.config import build_optimizer, val_metrics
 from training.data import EpochSampler, FaceDataset, PairedDataset, resolve_root
 from training.degradations import DegradationParams
 from training.kmeans import CodebookReestimator
+from training.metrics import finite_mean
 from training.recipes import RECIPES, Recipe, unwrap
 from vqfr._optional import require
 from vqfr.atomic import atomic_path, atomic_write_bytes, fsync_path
@@ -161,12 +162,6 @@ def _drop_records_after(path: Path, it: int, aside: Path | None = None) -> None:
     atomic_write_bytes(path, "".join(kept).encode())
     if len(kept) < len(lines):
         log.info("%s: dropped %d lines after iteration %d (or cut off)", path, len(lines) - len(kept), it)
-
-
-def _finite_mean(values: list[float]) -> float:
-    """The mean of the finite values (PSNR is inf on an image identical to its reference); 0 when there are none."""
-    finite = [v for v in values if math.isfinite(v)]
-    return sum(finite) / max(1, len(finite))
 
 
 class Trainer:
@@ -601,7 +596,8 @@ class Trainer:
                 if i < limit:
                     save_image(self.out / "visualization" / str(it) / f"{item['name']}.png", img)
             model.train(was_training)
-            result = {"iter": it, **{name: _finite_mean(v) for name, v in scores.items()}, "images": len(self.val_set)}
+            means = {name: finite_mean(v, empty=0.0) for name, v in scores.items()}
+            result = {"iter": it, **means, "images": len(self.val_set)}
             with open(self.out / "val_metrics.jsonl", "a") as f:
                 f.write(json.dumps(result) + "\n")
             log.info("[iter %d] validation: %s (%d images)", it,
