@@ -50,7 +50,7 @@ class RestoredFace:
     Attributes:
         box: [4] float32 (x1, y1, x2, y2) in input pixels (the whole image for aligned inputs).
         score: detector confidence (1.0 for aligned inputs).
-        landmarks: [5, 2] float32 in input pixels (the template for aligned inputs).
+        landmarks: [5, 2] float32 in input pixels (for aligned inputs, the template carried back by ``affine``).
         affine: [2, 3] float64 input -> crop transform.
         cropped: [S, S, 3] uint8 BGR aligned crop fed to the model.
         restored: [S, S, 3] uint8 BGR model output.
@@ -522,7 +522,8 @@ class Runtime:
         side = photo.shape[0]
         scale = self.face_size / side
         shift = (scale - 1) / 2  # cv2.resize aligns pixel centres: x_crop = scale * x + (scale - 1) / 2
-        return RestoredFace(np.array([0, 0, side, side], np.float32), 1.0, template(side),
+        landmarks = ((template(self.face_size) - shift) / scale).astype(np.float32)  # the template, in input pixels
+        return RestoredFace(np.array([0, 0, side, side], np.float32), 1.0, landmarks,
                             np.array([[scale, 0, shift], [0, scale, shift]], np.float64), crop, restored)
 
     def _detect(self, photo: np.ndarray, only_center_face: bool) -> list:
