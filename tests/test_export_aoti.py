@@ -225,6 +225,41 @@ def test_aoti_backend_serves_a_package_with_a_fixed_batch(monkeypatch, tmp_path)
     assert package.calls == [[(torch.float32, (2, 3, 16, 16)), (torch.float32, (2,))]]
 
 
+def _cuda_package_on(monkeypatch, tmp_path, device: str, built_cc: str):
+    """An AOTIBackend on ``device`` of a machine whose cuda:0 is 9.0 and cuda:1 8.6, for a package compiled for
+    ``built_cc``; returns (backend, the keyword arguments aoti_load_package got)."""
+    from vqfr.backends.aoti import AOTIBackend
+    from vqfr.backends.base import BACKENDS
+    from vqfr.sidecar import EngineMeta, TensorSpec
+
+    got: dict = {}
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path, **kw: got.update(kw) or _StandInPackage())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda d=None: (8, 6) if torch.device(d if d is not None else "cuda:0").index == 1 else (9, 0))
+    meta = EngineMeta(arch="VQFRv2", options={}, face_size=16, precision="fp16",
+                      inputs=(TensorSpec("input", (-1, 3, 16, 16)),), outputs=(TensorSpec("output", (-1, 3, 16, 16)),),
+                      built_with={"compute_capability": built_cc}, extra={"device": "cuda"})
+    row = next(e for e in BACKENDS if e.name == "aoti" and e.device == "cuda")
+    return AOTIBackend(row, tmp_path / "m.pt2", meta=meta, device=device), got
+
+
+def test_aoti_backend_loads_onto_the_gpu_asked_for_and_checks_that_gpus_architecture(monkeypatch, tmp_path):
+    """``device="cuda:1"``: the package is loaded onto GPU 1 (it loaded onto the current GPU, and the inputs sent to
+    cuda:1 then met weights on cuda:0), and a package compiled for another compute capability than GPU 1's is
+    refused by name (only the current GPU's was compared)."""
+    backend, got = _cuda_package_on(monkeypatch, tmp_path, "cuda:1", built_cc="8.6")
+    backend.load()
+    assert got == {"device_index": 1}
+    backend, got = _cuda_package_on(monkeypatch, tmp_path, "cuda:1", built_cc="9.0")
+    with pytest.raises(EngineError, match=r"compute capability 9\.0; cuda:1 is 8\.6") as err:
+        backend.load()
+    assert err.value.path == tmp_path / "m.pt2" and "CUDA_VISIBLE_DEVICES=1" in err.value.fix and not got
+    backend, got = _cuda_package_on(monkeypatch, tmp_path, "cuda", built_cc="9.0")
+    backend.load()
+    assert got == {}  # plain "cuda": the current GPU, as aoti_load_package does by itself
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
