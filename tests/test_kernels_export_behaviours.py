@@ -314,6 +314,8 @@ def test_eager_baseline_uses_per_image_fidelities_and_leaves_the_model_alone():
     with torch.no_grad(), kernels.use("reference"):
         expected = torch.cat([model(x[:1], fidelity=0.0), model(x[1:], fidelity=1.0)])
     out = EagerBaseline(model, torch.device("cpu"), "fp32").infer(x, f)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    # 1e-4, the parity tolerance: a batch of 2 and two batches of 1 take different conv paths (1.03e-5 was seen);
+    # a swapped or shared fidelity moves the output by far more
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
     EagerBaseline(model, torch.device("cpu"), "bf16")
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the caller's model is not cast
