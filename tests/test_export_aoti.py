@@ -193,7 +193,7 @@ def _aoti_backend(monkeypatch, tmp_path, package, *, precision: str, batch: int)
     from vqfr.backends.base import BACKENDS
     from vqfr.sidecar import EngineMeta, TensorSpec
 
-    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path: package)
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path, device_index=-1: package)
     meta = EngineMeta(arch="VQFRv2", options={}, face_size=16, precision=precision,
                       inputs=(TensorSpec("input", (batch, 3, 16, 16)), TensorSpec("fidelity", (batch,))),
                       outputs=(TensorSpec("output", (batch, 3, 16, 16)),), extra={"device": "cpu"})
@@ -257,7 +257,7 @@ def test_aoti_backend_loads_onto_the_gpu_asked_for_and_checks_that_gpus_architec
     assert err.value.path == tmp_path / "m.pt2" and "CUDA_VISIBLE_DEVICES=1" in err.value.fix and not got
     backend, got = _cuda_package_on(monkeypatch, tmp_path, "cuda", built_cc="9.0")
     backend.load()
-    assert got == {}  # plain "cuda": the current GPU, as aoti_load_package does by itself
+    assert got == {"device_index": -1}  # plain "cuda": the current GPU, aoti_load_package's default
 
 
 @pytest.mark.gpu

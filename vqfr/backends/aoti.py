@@ -71,7 +71,6 @@ class AOTIBackend(Backend):
         if self.requested_precision not in ("auto", self.precision):
             raise EngineError(f"was compiled in {self.precision}; precision {self.requested_precision} was asked",
                               path=path, fix=f"re-export with --precision {self.requested_precision} or use auto")
-        where: dict[str, int] = {}
         if self.device.type == "cuda":
             # engine_problem judged the current GPU; this is the one asked for (cuda:N may be another model)
             cc = str(self.meta.built_with.get("compute_capability") or "") if self.meta else ""
@@ -80,10 +79,10 @@ class AOTIBackend(Backend):
                 raise EngineError(f"was compiled for compute capability {cc}; {self.device} is {here}", path=path,
                                   fix=f"rebuild it on that GPU (CUDA_VISIBLE_DEVICES={self.device.index or 0} "
                                       f"python -m export.aoti --device cuda), or pick a GPU of compute capability {cc}")
-            if self.device.index is not None:
-                where["device_index"] = self.device.index  # else the package loads on the current GPU
+        # cuda:N loads onto GPU N; -1 (plain cuda, or the CPU) is the current GPU, aoti_load_package's default
+        index = self.device.index if self.device.type == "cuda" and self.device.index is not None else -1
         try:
-            self._runner: Any = torch._inductor.aoti_load_package(str(path), **where)
+            self._runner: Any = torch._inductor.aoti_load_package(str(path), device_index=index)
         except (RuntimeError, OSError, ValueError) as exc:
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if "CUDA" in text or "cuda" in text:
