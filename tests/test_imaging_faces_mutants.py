@@ -516,3 +516,17 @@ def test_a_malformed_sidecar_is_an_engine_error_naming_it(tmp_path, change):
     sidecar_path(engine).write_text(json.dumps(d))
     with pytest.raises(EngineError, match=r"m\.onnx\.json: sidecar .*Fix: re-export the engine"):
         read_sidecar(engine)
+
+
+def test_a_16_bit_png_is_scaled_by_255_over_65535_and_rounded(tmp_path):
+    """A 16-bit PNG whose levels are not multiples of 257: each becomes round(v * 255 / 65535), as documented
+    (OpenCV's own conversion truncates, v >> 8; the two differ by at most one level). Levels chosen on both sides of
+    each rounding boundary."""
+    levels = np.array([0, 128, 129, 256, 385, 386, 32767, 32896, 65279, 65407, 65408, 65535], np.uint16)
+    img = np.stack([levels, levels[::-1], np.roll(levels, 5)], -1).reshape(3, 4, 3)
+    path = tmp_path / "deep.png"
+    assert cv2.imwrite(str(path), img)
+    want = np.floor(img.astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8)
+    got = load_image(path)
+    assert np.array_equal(got, want)
+    assert not np.array_equal(got, (img >> 8).astype(np.uint8))  # not OpenCV's truncation
