@@ -217,20 +217,33 @@ class Recipe:
     def branch_specs(self) -> list[dict]:
         """One dict per adversarial branch: ``name``, ``suffix`` (of logged names), ``global``/``local`` (config
         keys of the discriminators; local may be None), ``start`` (key of the start iteration), ``global_gan`` /
-        ``local_gan`` (loss blocks), ``d_local_loss_weight``. A branch without its global D block is skipped."""
+        ``local_gan`` (loss blocks), ``global_gan_key`` (the ``train`` key of ``global_gan``),
+        ``d_local_loss_weight``. A branch without its global D block is skipped."""
         raise NotImplementedError
 
     def build_branches(self, wrap) -> None:
-        """Create the discriminators (``wrap`` moves one to its device and wraps it for DDP)."""
+        """Create the discriminators (``wrap`` moves one to its device and wraps it for DDP).
+
+        Raises:
+            ConfigError: a global discriminator block without its loss block (``gan_opt``, v1 ``global_gan_opt``):
+                the official trainer then trains no GAN at all; here its generator term would weigh 0 while the
+                discriminators still trained.
+        """
         t = self.train_opt
         for spec in self.branch_specs():
             if spec["global"] not in self.cfg:
                 continue
+            if not spec["global_gan"]:
+                key = spec["global_gan_key"]
+                raise ConfigError(f"{spec['global']} is given but train.{key} is not, so that discriminator's "
+                                  "generator loss would weigh 0", fix=f"add train.{key} (the released configs have "
+                                  f"{{type: GANLoss, gan_type: wgan_softplus, loss_weight: 1.0}}), or remove "
+                                  f"{spec['global']} to train without a GAN")
             local = spec.get("local")
             d_local = wrap(build_discriminator(self.cfg[local])) if local and local in self.cfg else None
             self.branches[spec["name"]] = AdversarialBranch(
                 suffix=spec["suffix"], d_global=wrap(build_discriminator(self.cfg[spec["global"]])), d_local=d_local,
-                start_iter=t.get(spec["start"], 0), global_gan=spec["global_gan"] or {},
+                start_iter=t.get(spec["start"], 0), global_gan=spec["global_gan"],
                 local_gan=spec.get("local_gan"), global_weight=t.get("generator_d_global_weight", 1.0),
                 local_weight=t.get("generator_d_local_weight", 1.0),
                 d_local_loss_weight=spec.get("d_local_loss_weight", 1.0), r1_weight=t.get("r1_reg_weight", 10),
@@ -326,7 +339,7 @@ class VQGANRecipe(Recipe):
 
     def branch_specs(self):
         return [{"name": "recon", "suffix": "", "global": "network_d", "start": "gan_start_iter",
-                 "global_gan": self.train_opt.get("gan_opt")}]
+                 "global_gan_key": "gan_opt", "global_gan": self.train_opt.get("gan_opt")}]
 
     def generator_step(self, net, batch, iteration, grad_scale):
         gt = batch["gt"]
@@ -398,7 +411,8 @@ class VQFRv1Recipe(_Stage2):
 
     def branch_specs(self):
         t = self.train_opt
-        common = {"global_gan": t.get("global_gan_opt"), "local_gan": t.get("patch_gan_opt"),
+        common = {"global_gan_key": "global_gan_opt", "global_gan": t.get("global_gan_opt"),
+                  "local_gan": t.get("patch_gan_opt"),
                   "d_local_loss_weight": t.get("d_local_loss_weight", 0.5)}
         return [{"name": "texture", "suffix": "", "global": "network_d_global", "local": "network_d_local",
                  "start": "gan_start_iter", **common},
@@ -471,7 +485,8 @@ class VQFRv2Recipe(_Stage2):
     def branch_specs(self):
         t = self.train_opt
         return [{"name": "main", "suffix": "", "global": "network_d", "local": "network_d_local",
-                 "start": "gan_start_iter", "global_gan": t.get("gan_opt"), "local_gan": t.get("patch_gan_opt"),
+                 "start": "gan_start_iter", "global_gan_key": "gan_opt", "global_gan": t.get("gan_opt"),
+                 "local_gan": t.get("patch_gan_opt"),
                  "d_local_loss_weight": t.get("d_local_loss_weight", 1.0)}]
 
     def generator_step(self, net, batch, iteration, grad_scale):
