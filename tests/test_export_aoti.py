@@ -252,7 +252,7 @@ def test_aoti_backend_loads_onto_the_gpu_asked_for_and_checks_that_gpus_architec
     backend.load()
     assert got == {"device_index": 1}
     backend, got = _cuda_package_on(monkeypatch, tmp_path, "cuda:1", built_cc="9.0")
-    with pytest.raises(EngineError, match=r"compute capability 9\.0; cuda:1 is 8\.6") as err:
+    with pytest.raises(EngineError, match=r"compute capability 9\.0, cuda:1 is 8\.6") as err:
         backend.load()
     assert err.value.path == tmp_path / "m.pt2" and "CUDA_VISIBLE_DEVICES=1" in err.value.fix and not got
     backend, got = _cuda_package_on(monkeypatch, tmp_path, "cuda", built_cc="9.0")

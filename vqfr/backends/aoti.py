@@ -30,6 +30,15 @@ def package_device(meta: EngineMeta | None) -> str | None:
     return "cuda" if meta.built_with.get("compute_capability") else "cpu"
 
 
+def _capability_problem(meta: EngineMeta | None, device: torch.device | None) -> str | None:
+    """Why a package compiled for one GPU architecture cannot run on ``device`` (None: the current GPU), or None."""
+    built = str(meta.built_with.get("compute_capability") or "") if meta is not None else ""
+    here = "{}.{}".format(*torch.cuda.get_device_capability(device)) if built else ""
+    if built == here:
+        return None
+    return f"package compiled for compute capability {built}, {'this GPU' if device is None else device} is {here}"
+
+
 class AOTIBackend(Backend):
     """Runs an AOTInductor package."""
 
@@ -53,12 +62,7 @@ class AOTIBackend(Backend):
         built_torch = str(meta.built_with.get("torch") or "")
         if built_torch and built_torch.split("+")[0] != torch.__version__.split("+")[0]:
             return f"package built with torch {built_torch}, this is torch {torch.__version__}; rebuild it"
-        cc = str(meta.built_with.get("compute_capability") or "")
-        if entry.device == "cuda" and cc:
-            here = "{}.{}".format(*torch.cuda.get_device_capability())
-            if cc != here:
-                return f"package compiled for compute capability {cc}, this GPU is {here}"
-        return None
+        return _capability_problem(meta, None) if entry.device == "cuda" else None
 
     def load(self) -> None:
         import torch._inductor
@@ -71,14 +75,12 @@ class AOTIBackend(Backend):
         if self.requested_precision not in ("auto", self.precision):
             raise EngineError(f"was compiled in {self.precision}; precision {self.requested_precision} was asked",
                               path=path, fix=f"re-export with --precision {self.requested_precision} or use auto")
-        if self.device.type == "cuda":
-            # engine_problem judged the current GPU; this is the one asked for (cuda:N may be another model)
-            cc = str(self.meta.built_with.get("compute_capability") or "") if self.meta else ""
-            here = "{}.{}".format(*torch.cuda.get_device_capability(self.device))
-            if cc and cc != here:
-                raise EngineError(f"was compiled for compute capability {cc}; {self.device} is {here}", path=path,
-                                  fix=f"rebuild it on that GPU (CUDA_VISIBLE_DEVICES={self.device.index or 0} "
-                                      f"python -m export.aoti --device cuda), or pick a GPU of compute capability {cc}")
+        # engine_problem judged the current GPU; this is the one asked for (cuda:N may be another model)
+        problem = _capability_problem(self.meta, self.device) if self.device.type == "cuda" else None
+        if problem:
+            raise EngineError(problem, path=path, fix=f"rebuild it on that GPU (CUDA_VISIBLE_DEVICES="
+                              f"{self.device.index or 0} python -m export.aoti --device cuda), or pick a GPU of the "
+                              "compute capability it was compiled for")
         # cuda:N loads onto GPU N; -1 (plain cuda, or the CPU) is the current GPU, aoti_load_package's default
         index = self.device.index if self.device.type == "cuda" and self.device.index is not None else -1
         try:
