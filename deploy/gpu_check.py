@@ -210,9 +210,10 @@ def _goal(t: Target) -> str:
     return ", ".join(parts)
 
 
-def summary(runs: dict[str, tuple[dict, list[dict]]], log_tail: str = "") -> str:
-    """Markdown: the targets against the measured numbers, then each run's facts and tables."""
-    device = next((m.get("device_name") for m, _ in runs.values() if m.get("device_name")), "unknown device")
+def summary(runs: dict[str, tuple[dict, list[dict]]], log_tail: str = "", device: str | None = None) -> str:
+    """Markdown: the targets against the measured numbers, then each run's facts and tables. ``device`` names the
+    card when no benchmark run did (a call of ``kernels``, ``train`` or ``profile`` alone)."""
+    device = next((m.get("device_name") for m, _ in runs.values() if m.get("device_name")), device or "unknown device")
     lines = ["# GPU check", "", f"Device: {device}.", "",
              "| target | goal | measured (best fp16 candidate) | peak GB | met | reference eager fp16, same run "
              "| official anchor |", "|---|---|---|---|---|---|---|"]
@@ -328,6 +329,15 @@ def _digest(job: str, out: Path, work: Path, lines: int = 20) -> str:
     return "\n".join(line[:200] for line in tail)
 
 
+def _kernels_device(out: Path) -> str | None:
+    """The card that ``deploy.bench_kernels`` recorded in ``kernels.json``, if it ran."""
+    try:
+        env = json.loads((out / "kernels.json").read_text())["environment"]
+        return f"{env['gpu']} (sm_{env['compute_capability'].replace('.', '')})"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def _save(args: argparse.Namespace, out: Path, work: Path, codes: dict[str, object]) -> str:
     """``results.json``, ``summary.md`` and ``logs.tgz`` in ``out`` from what the runs have written so far; returns
     the summary."""
@@ -335,7 +345,7 @@ def _save(args: argparse.Namespace, out: Path, work: Path, codes: dict[str, obje
     all_rows = [dict(r, run=name) for name, (_, rows) in runs.items() for r in rows]
     report.write_json(out / "results.json", {name: meta for name, (meta, _) in runs.items()}, all_rows)
     tail = "\n".join((out / "gpu_check.log").read_text().splitlines()[-40:])
-    text = summary(runs, tail)
+    text = summary(runs, tail, device=_kernels_device(out))
     if "checks" in args.steps:
         text += _checks_section(work, codes)
     (out / "summary.md").write_text(text)

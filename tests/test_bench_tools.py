@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import sys
 from pathlib import Path
@@ -250,3 +251,17 @@ def test_gpu_check_does_not_call_a_target_met_when_its_memory_was_not_measured()
     assert gpu_check.evaluate(gpu_check.TARGETS[0], [row("tensorrt", 1, 3.0, mem=None)])["met"] is True
     text = gpu_check.summary({"v2": ({}, [row("tensorrt", 8, 10.0, mem=None)])})
     assert "800 img/s (tensorrt; max abs err 1.0e-03, PSNR 55.0 dB) | - | - |" in text
+
+
+def test_gpu_check_summary_names_the_card_from_the_kernel_benchmark_when_no_model_run_did(tmp_path):
+    """A call of ``--steps kernels train profile`` runs no model benchmark: its summary said "unknown device"."""
+    environment = {"gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "torch": "2.11.0"}
+    (tmp_path / "kernels.json").write_text(json.dumps({"environment": environment, "timings": []}))
+    (tmp_path / "gpu_check.log").write_text("[gpu_check] kernels: exit 0\n")
+    args = gpu_check.argparse.Namespace(steps=["kernels"])
+    text = gpu_check._save(args, tmp_path, tmp_path / "runs", {"kernels": 0})
+    assert "Device: NVIDIA H100 80GB HBM3 (sm_90)." in text
+    (tmp_path / "kernels.json").write_text("{")  # cut off: no name, no crash
+    assert "Device: unknown device." in gpu_check._save(args, tmp_path, tmp_path / "runs", {"kernels": 0})
+    # a model run's own device name wins
+    assert "Device: H200." in gpu_check.summary({"v2": ({"device_name": "H200"}, [])}, device="H100 (sm_90)")
