@@ -84,7 +84,7 @@ def _fwd_kernel(
     HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for exact fp32, "tf32" when torch allows it; None for fp16/bf16
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    GATHER_CACHE: tl.constexpr,  # ".ca" or ".cg": the corner gathers' cp.async caching (see FWD_CONFIGS)
+    GATHER_L1: tl.constexpr,  # 1: the corner loads ask for L1 caching (".ca"), 0: triton's default (see FWD_CONFIGS)
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -134,14 +134,16 @@ def _fwd_kernel(
         pix = x_b + (y0 * sxh + x0 * sxw)  # corner (y0, x0); only dereferenced where valid
         c_ok = (c < CG)[None, :]
         p = x_ptr + (pix[:, None] + ((g * CG + c) * sxc)[None, :])
-        col = tl.load(p, mask=(top_ok & lft_ok)[:, None] & c_ok, other=0.0,
-                      cache_modifier=GATHER_CACHE).to(tl.float32) * w00
+        # An int flag rather than a string constexpr in the configs: Inductor re-emits the configs of a traced
+        # triton_op, and ints are what its other tiles are.
+        cache: tl.constexpr = ".ca" if GATHER_L1 else ""
+        col = tl.load(p, mask=(top_ok & lft_ok)[:, None] & c_ok, other=0.0, cache_modifier=cache).to(tl.float32) * w00
         col += tl.load(p + sxw, mask=(top_ok & rgt_ok)[:, None] & c_ok, other=0.0,
-                       cache_modifier=GATHER_CACHE).to(tl.float32) * w01
+                       cache_modifier=cache).to(tl.float32) * w01
         col += tl.load(p + sxh, mask=(bot_ok & lft_ok)[:, None] & c_ok, other=0.0,
-                       cache_modifier=GATHER_CACHE).to(tl.float32) * w10
+                       cache_modifier=cache).to(tl.float32) * w10
         col += tl.load(p + (sxh + sxw), mask=(bot_ok & rgt_ok)[:, None] & c_ok, other=0.0,
-                       cache_modifier=GATHER_CACHE).to(tl.float32) * w11
+                       cache_modifier=cache).to(tl.float32) * w11
         wt = tl.load(w_ptr + ((k * C_IN + g * CG + c) * C_OUT)[:, None] + rn[None, :],
                      mask=tl.trans(c_ok) & n_ok[None, :], other=0.0)
         acc = tl.dot(col.to(wt.dtype), wt, acc, input_precision=DOT_PRECISION)
@@ -350,9 +352,9 @@ def _configs(gpu: list[triton.Config], interpreted: triton.Config) -> list[trito
     return [interpreted] if dispatch.interpreting() else gpu
 
 
-def _fwd_cfg(bm: int, bn: int, bc: int, warps: int, stages: int, gather: str = ".ca") -> triton.Config:
+def _fwd_cfg(bm: int, bn: int, bc: int, warps: int, stages: int, l1: int = 1) -> triton.Config:
     config = _cfg(bm, bn, bc, warps, stages)
-    return triton.Config({**config.kwargs, "GATHER_CACHE": gather}, num_warps=warps, num_stages=stages)
+    return triton.Config({**config.kwargs, "GATHER_L1": l1}, num_warps=warps, num_stages=stages)
 
 
 # The forward's flat loop is software-pipelined: with num_stages = S, the corner and weight tiles of S - 1 later
@@ -363,10 +365,11 @@ def _fwd_cfg(bm: int, bn: int, bc: int, warps: int, stages: int, gather: str = "
 # bypasses L1: the 2.4 GB of corner values gathered at 1x128x512x512 all came from L2 (1.08 ms on an H100,
 # 2026-11-27), although neighbouring pixels and taps share most corners. Two ways to L1, read in the PTX of triton
 # 3.6, 3.8 and 3.9 (kernels.aot_check's compile, no GPU):
-# - GATHER_CACHE=".ca" makes the pipelined copies cp.async.ca, with triton 3.9 only (3.6 and 3.8 ignore it);
+# - GATHER_L1=1 (cache_modifier ".ca") makes the pipelined copies cp.async.ca, with triton 3.9 only (3.6 and 3.8
+#   ignore it);
 # - num_stages=1: no pipelining; the gathers are ld.global.ca.v4 (16-byte, L1-allocating) loads, 12-16 KiB of
 #   shared memory and 98-175 registers, so two or more programs per SM hide each other's load latency instead.
-# Neither is timed on a GPU yet, so the two configs the H100 picked before (".cg", pipelined) stay in the list and
+# Neither is timed on a GPU yet, so the two configs the H100 picked before (GATHER_L1=0, pipelined) stay in the list and
 # the autotuner keeps the fastest on every card and version.
 FWD_CONFIGS = _configs(
     [
@@ -375,7 +378,7 @@ FWD_CONFIGS = _configs(
         _fwd_cfg(128, 64, 32, 8, 3), _fwd_cfg(64, 64, 32, 4, 3), _fwd_cfg(256, 64, 32, 8, 3),
         _fwd_cfg(64, 256, 32, 8, 3), _fwd_cfg(32, 64, 32, 4, 3),
         _fwd_cfg(64, 128, 32, 8, 1), _fwd_cfg(128, 128, 32, 8, 1), _fwd_cfg(64, 128, 32, 4, 1),
-        _fwd_cfg(64, 128, 32, 8, 3, ".cg"), _fwd_cfg(128, 128, 32, 8, 3, ".cg"),
+        _fwd_cfg(64, 128, 32, 8, 3, l1=0), _fwd_cfg(128, 128, 32, 8, 3, l1=0),
     ],
     _fwd_cfg(128, 32, 16, 4, 1),
 )
