@@ -1,0 +1,278 @@
+"""GroupNorm + SiLU (``kernels.group_norm_silu``): the Triton kernels against a float64 loop, the reference, the
+custom op, and the opt-in ``fused_group_norm`` of the torch backend's max mode.
+
+The kernel tests run the Triton path natively on a GPU and under Triton's CPU interpreter elsewhere (the
+``triton_path`` fixture of tests/conftest.py, as in tests/test_kernels_triton.py: ``VQFR_KERNELS=triton``, so a path
+that cannot run raises instead of silently testing the reference). Under the interpreter the statistics kernel gives
+each program 32 pixels in tiles of 16 and the channels go in blocks of 64, so these small odd shapes still cross
+several programs per image, a partial last tile and a partial channel block.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+import kernels.ops  # noqa: F401  (registers torch.ops.vqfr.*)
+from kernels import dispatch
+from kernels.group_norm import group_norm_silu_reference
+from tests.conftest import seeded_model
+from tests.test_bench import SMALL_V1, SMALL_V2
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+needs_triton = pytest.mark.skipif(not dispatch.triton_installed(), reason="triton is not installed (extra 'gpu'/'dev')")
+kernel_path = pytest.mark.usefixtures("triton_path")  # tests/conftest.py: the Triton kernels, never a fallback
+
+
+def truth(x, weight, bias, groups, eps, silu):
+    """GroupNorm (+ SiLU) in float64 by the definition: two-pass mean and biased variance per (image, group)."""
+    n, c, h, w = x.shape
+    xg = x.double().reshape(n, groups, -1)
+    mean = xg.mean(-1, keepdim=True)
+    var = ((xg - mean) ** 2).mean(-1, keepdim=True)
+    y = ((xg - mean) / torch.sqrt(var + eps)).reshape(n, c, h, w)
+    if weight is not None:
+        y = y * weight.double().view(1, c, 1, 1)
+    if bias is not None:
+        y = y + bias.double().view(1, c, 1, 1)
+    return y * torch.sigmoid(y) if silu else y
+
+
+def case(n, c, h, w, *, seed=0, dtype=torch.float32, channels_last=False, offset=0.0, scale=1.0):
+    """x [n, c, h, w] (per-channel means and scales vary), weight and bias [c], on the test device."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, h, w, generator=gen) * (0.5 + torch.rand(1, c, 1, 1, generator=gen)) * scale
+         + torch.randn(1, c, 1, 1, generator=gen) + offset)
+    weight = 1 + 0.3 * torch.randn(c, generator=gen)
+    bias = 0.2 * torch.randn(c, generator=gen)
+    x = x.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return x, weight.to(DEVICE), bias.to(DEVICE)
+
+
+def max_err(actual, expected):
+    return (actual.double().cpu() - expected.double().cpu()).abs().max().item()
+
+
+# (batch, channels, groups, H, W, channels-last, silu): a covering set of C {32, 64, 96} x groups {32, 8, 1} x H, W
+# {5, 9, 13} x batch {1, 3} x layout x SiLU, not the full product (the interpreter is slow).
+FP32_CASES = [
+    (1, 32, 32, 5, 9, False, True),
+    (3, 32, 8, 13, 5, True, False),
+    (1, 32, 1, 9, 13, True, True),
+    (3, 64, 32, 9, 9, True, True),
+    (1, 64, 8, 5, 13, False, False),
+    (3, 64, 1, 13, 13, False, True),
+    (1, 96, 32, 13, 9, True, False),  # 3 channels per group; two channel blocks, the second partial
+    (3, 96, 8, 9, 5, False, True),
+    (1, 96, 1, 5, 5, True, True),
+]
+
+
+@pytest.mark.parametrize("n,c,groups,h,w,channels_last,silu", FP32_CASES)
+@needs_triton
+@kernel_path
+def test_triton_matches_float64_in_fp32(n, c, groups, h, w, channels_last, silu):
+    x, weight, bias = case(n, c, h, w, seed=c + h, channels_last=channels_last)
+    out = kernels.group_norm_silu(x, weight, bias, groups, 1e-6, silu=silu)
+    expected = truth(x, weight, bias, groups, 1e-6, silu)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    assert max_err(out, expected) <= 1e-5 * max(1.0, expected.abs().max().item())
+    assert dispatch.LAUNCHES["group_norm_silu:triton"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not ON_GPU, reason="the interpreter has no bfloat16 (numpy lacks it); bf16 runs on a GPU only"))], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@needs_triton
+@kernel_path
+def test_half_precision_error_within_twice_plain_torch(dtype, channels_last):
+    """16-bit inputs, measured against float64 maths on the same 16-bit inputs.
+
+    plain torch: ``F.silu(F.group_norm(x))`` run in the 16-bit dtype (what a model without the fp32 island gets);
+    kernel: fp32 statistics and normalisation, one rounding to the output dtype. Both the largest and the RMS error
+    of the kernel must stay within 2x those of plain torch. The weight and bias stay fp32 (the island's mix).
+    """
+    x, weight, bias = case(3, 96, 13, 9, seed=5, dtype=dtype, channels_last=channels_last, offset=2.0)
+    expected = truth(x, weight, bias, 32, 1e-6, True)
+    out = kernels.group_norm_silu(x, weight, bias, 32, 1e-6)
+    assert out.dtype == dtype
+    with kernels.use("reference"):
+        plain = F.silu(F.group_norm(x, 32, weight.to(dtype), bias.to(dtype), 1e-6))
+    kernel_err = (out.double().cpu() - expected.cpu()).abs()
+    torch_err = (plain.double().cpu() - expected.cpu()).abs()
+    assert kernel_err.max() <= 2 * torch_err.max(), (kernel_err.max().item(), torch_err.max().item())
+    assert kernel_err.square().mean().sqrt() <= 2 * torch_err.square().mean().sqrt()
+
+
+@needs_triton
+@kernel_path
+def test_large_mean_keeps_the_variance():
+    """x = 1000 + unit noise: a variance from the sum of squares (E[x^2] - E[x]^2 in fp32) cancels catastrophically;
+    the kernels' per-tile two-pass statistics merged by Chan's formula do not."""
+    x, _, _ = case(3, 64, 13, 11, seed=9, channels_last=True, offset=1000.0)
+    expected = truth(x, None, None, 8, 1e-6, False)
+    out = kernels.group_norm_silu(x, None, None, 8, 1e-6, silu=False)
+    tolerance = 5e-4  # the folded affine x * scale + shift rounds x * scale (~1000 / std) once: ~1e-4 here
+    assert max_err(out, expected) <= tolerance
+    xg = x.float().reshape(3, 8, -1)
+    naive_var = (xg * xg).mean(-1, keepdim=True) - xg.mean(-1, keepdim=True) ** 2
+    naive = ((xg - xg.mean(-1, keepdim=True)) * torch.rsqrt(naive_var.clamp_min(0) + 1e-6)).reshape(x.shape)
+    assert max_err(naive, expected) > 10 * tolerance  # the test would catch a sum-of-squares kernel
+
+
+@needs_triton
+@kernel_path
+def test_memory_format_strides_and_input_untouched():
+    """Channels-last in, channels-last out; NCHW in, NCHW out; a strided view into a NaN-filled buffer (a kernel
+    that read outside x would pick up NaN) gives an NCHW result; x is not modified."""
+    x, weight, bias = case(2, 64, 9, 13, seed=3)
+    expected = truth(x, weight, bias, 8, 1e-6, True)
+    for memory_format in (torch.channels_last, torch.contiguous_format):
+        xm = x.contiguous(memory_format=memory_format)
+        before = xm.clone()
+        out = kernels.group_norm_silu(xm, weight, bias, 8, 1e-6)
+        assert out.is_contiguous(memory_format=memory_format)
+        assert torch.equal(xm, before) and xm.stride() == before.stride()
+        assert max_err(out, expected) <= 1e-5 * expected.abs().max().item()
+    moat = torch.full((4, 66, 11, 15), float("nan"), device=DEVICE)
+    view = moat[1:3, 1:65, 1:10, 1:14]
+    view.copy_(x)
+    out = kernels.group_norm_silu(view, weight, bias, 8, 1e-6)
+    assert out.is_contiguous() and max_err(out, expected) <= 1e-5 * expected.abs().max().item()
+    assert dispatch.LAUNCHES["group_norm_silu:triton"] == 3
+
+
+@needs_triton
+@kernel_path
+def test_compiled_with_aot_eager_reaches_the_kernel():
+    """The public function traced whole by torch.compile(fullgraph=True) (the op's fake kernel gives the layout);
+    the compiled call runs the Triton path."""
+    x, weight, bias = case(1, 32, 5, 9, seed=4, channels_last=True)
+
+    def fn(x, weight, bias):
+        return kernels.group_norm_silu(x, weight, bias, 8, 1e-6)
+
+    with torch.no_grad():
+        out = torch.compile(fn, backend="aot_eager", fullgraph=True)(x, weight, bias)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert max_err(out, truth(x, weight, bias, 8, 1e-6, True)) <= 1e-5 * 4
+    assert dispatch.LAUNCHES["group_norm_silu:triton"] >= 1
+
+
+def test_reference_matches_float64_and_keeps_layout_and_dtype():
+    """The reference (the CPU path): fp32 maths on an NCHW copy (torch's CPU channels-last GroupNorm computes the
+    variance in one pass), the dtype and memory format of x."""
+    x, weight, bias = case(2, 64, 7, 5, seed=6, channels_last=True, offset=300.0)
+    out = group_norm_silu_reference(x.cpu(), weight.cpu(), bias.cpu(), 8, 1e-6)
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    assert max_err(out, truth(x, weight, bias, 8, 1e-6, True)) <= 1e-4
+    half = group_norm_silu_reference(x.cpu().half(), weight.cpu(), bias.cpu(), 8, 1e-6, silu=False)
+    assert half.dtype == torch.float16 and half.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_opcheck_and_aot_eager_on_the_reference_path():
+    """The op's schema, fake kernel and autograd registration (torch.library.opcheck), and a fullgraph compile."""
+    x, weight, bias = (t.cpu() for t in case(2, 32, 5, 7, seed=7, channels_last=True))
+    torch.library.opcheck(torch.ops.vqfr.group_norm_silu.default, (x, weight, bias, 8, 1e-6, True))
+    torch.library.opcheck(torch.ops.vqfr.group_norm_silu.default, (x.contiguous(), None, None, 4, 1e-5, False))
+    with torch.no_grad():
+        out = torch.compile(lambda x: kernels.group_norm_silu(x, weight, bias, 8, 1e-6), backend="aot_eager",
+                            fullgraph=True)(x)
+    assert torch.equal(out, group_norm_silu_reference(x, weight, bias, 8, 1e-6))
+
+
+def test_gradients_take_the_reference_and_the_op_has_no_backward():
+    x, weight, bias = (t.cpu() for t in case(1, 32, 5, 5, seed=8))
+    leaf = x.clone().requires_grad_(True)
+    dispatch.LAUNCHES.clear()
+    kernels.group_norm_silu(leaf, weight, bias, 8, 1e-6).square().sum().backward()
+    ref = x.double().requires_grad_(True)
+    truth(ref, weight, bias, 8, 1e-6, True).square().sum().backward()
+    assert max_err(leaf.grad, ref.grad) <= 1e-4 and dispatch.LAUNCHES["group_norm_silu:reference"] == 1
+    with pytest.raises(RuntimeError, match="has no backward"):
+        torch.ops.vqfr.group_norm_silu(leaf, weight, bias, 8, 1e-6, True).sum().backward()
+    with kernels.use("triton"), pytest.raises(RuntimeError, match="no backward"):
+        kernels.group_norm_silu(leaf, weight, bias, 8, 1e-6)
+
+
+@pytest.mark.parametrize("fn", ["public", "op", "reference"])
+def test_bad_arguments_are_refused_with_the_fix(fn):
+    call = {"public": kernels.group_norm_silu, "reference": group_norm_silu_reference,
+            "op": lambda x, w, b, g, eps=1e-6: torch.ops.vqfr.group_norm_silu(x, w, b, g, eps, True)}[fn]
+    x, weight, bias = (t.cpu() for t in case(1, 48, 5, 5))
+    with pytest.raises(ValueError, match="num_groups=32 must be >= 1 and divide the 48 channels"):
+        call(x, weight, bias, 32)
+    with pytest.raises(ValueError, match=r"weight shape \(47,\) != expected \(48,\)"):
+        call(x, weight[:47], bias, 8)
+    with pytest.raises(ValueError, match=r"x must be \[N, C, H, W\]"):
+        call(x[0], weight, bias, 8)
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        call(x, weight, bias, 8, -1.0)
+    with pytest.raises(TypeError, match="x has dtype torch.int64"):
+        call(x.long(), weight, bias, 8)
+    with pytest.raises(ValueError, match="bias is on meta but x is on cpu"):
+        call(x, weight, bias.to("meta"), 8)
+
+
+# --- the torch backend's max mode with fused_group_norm ----------------------------------------------------------
+
+
+def _run_max(model, fused, x, fidelity):
+    from vqfr.backends import BACKENDS
+    from vqfr.backends.torch import TorchBackend
+    from vqfr.backends.torch_fast import FastOptions
+
+    cpu = next(e for e in BACKENDS if e.label == "torch[cpu]")
+    with TorchBackend(cpu, model, mode="max", fast=FastOptions(fused_group_norm=fused)) as be:
+        assert not be.fast.compile and not be.fast.cuda_graphs  # the CPU defaults
+        keys = list(be.model.state_dict())
+        modules = list(be.model.modules())
+        return be.infer(x, fidelity), keys, modules
+
+
+@pytest.mark.parametrize("options", [SMALL_V1, SMALL_V2], ids=["v1", "v2"])
+def test_fused_group_norm_in_max_mode_matches_and_keeps_the_keys(options):
+    from vqfr.backends.torch_fast import FusedGroupNorm, with_fused_group_norm
+    from vqfr.models.blocks import ResnetBlock
+
+    model = seeded_model(copy.deepcopy(options), seed=2)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    fidelity = torch.tensor([1.0, 0.5])
+    dispatch.LAUNCHES.clear()
+    ref, ref_keys, _ = _run_max(model, False, x, fidelity)
+    out, keys, modules = _run_max(model, True, x, fidelity)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    assert keys == ref_keys
+    assert not any(isinstance(m, nn.GroupNorm) for m in modules)
+    fused = [m for m in modules if isinstance(m, FusedGroupNorm)]
+    assert len(fused) == sum(isinstance(m, nn.GroupNorm) for m in model.modules())
+    assert dispatch.LAUNCHES["group_norm_silu:reference"] > 0
+    # The SiLU after each GroupNorm is fused: none is left in the model; ResnetBlocks' norms apply it themselves.
+    assert not any(isinstance(m, nn.SiLU) for m in modules)
+    blocks = [m for m in modules if isinstance(m, ResnetBlock)]
+    assert blocks and all(b.norm1.applies_silu and b.norm2.applies_silu for b in blocks)
+    copied = with_fused_group_norm(model)  # the caller's model is left alone
+    assert list(copied.state_dict()) == list(model.state_dict())
+    assert sum(isinstance(m, nn.GroupNorm) for m in model.modules()) == len(fused)
+
+
+@needs_triton
+@kernel_path
+def test_fused_group_norm_in_max_mode_runs_the_kernels():
+    """The same through the Triton kernels (interpreted on the CPU): every GroupNorm of the small v2 reaches them."""
+    model = seeded_model(copy.deepcopy(SMALL_V2), seed=3)
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with kernels.use("auto"):
+        ref, _, _ = _run_max(model, False, x, torch.tensor([1.0]))
+        dispatch.LAUNCHES.clear()
+        out, _, modules = _run_max(model, True, x, torch.tensor([1.0]))
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    assert dispatch.LAUNCHES["group_norm_silu:triton"] >= sum(isinstance(m, nn.GroupNorm) for m in model.modules())
+    assert not dispatch.LAUNCHES["group_norm_silu:reference"]
