@@ -11,16 +11,18 @@ from per-channel statistics.
 
 Three steps per call (grids in the launcher):
 
-1. :func:`_stats_kernel`, grid (SPLIT, N): program (s, n) owns pixels ``[s*PIX_PER_PROG, (s+1)*PIX_PER_PROG)`` of
-   image n and, for each channel, writes the count-free partial (mean, M2) of its pixels, in fp32: two passes over
-   each [BLOCK_P, BLOCK_C] tile held in registers (tile mean, then the sum of squared deviations), merged into the
-   running values with Chan's parallel formula. No sum of squares anywhere: activations with a mean of 1000 and a
-   standard deviation of 1 keep their variance.
-2. torch ops on the [N, SPLIT, C] partials (a few KB): Chan's formula again over (program, channel of the group)
-   gives mean and rstd per (n, group), and the affine is folded into per-(n, c) ``scale = rstd * weight`` and
-   ``shift = bias - mean * scale`` (fp32). Under torch.compile Inductor traces and fuses these.
-3. :func:`_apply_kernel`, grid (pixel tiles, channel tiles, N): ``y = x * scale + shift``, SiLU when asked, one
-   rounding to the output dtype: one read of x and one write of y.
+1. :func:`_group_norm_stats_kernel`, grid (SPLIT, N): program (s, n) owns pixels
+   ``[s*PIX_PER_PROG, (s+1)*PIX_PER_PROG)`` of image n and writes, per channel, the fp32 mean and M2 (sum of squared
+   deviations) of its pixels (their count follows from the geometry): two passes over each [BLOCK_P, BLOCK_C] tile
+   held in registers (tile mean, then squared deviations), merged into the running values with Chan's parallel
+   formula. No sum of squares anywhere: activations with a mean of 1000 and a standard deviation of 1 keep their
+   variance.
+2. torch ops on the [N, SPLIT, C] partials (0.5 MB at most at VQFR's shapes): Chan's formula again over (program,
+   channel of the group) gives mean and rstd per (n, group), and the affine is folded into per-(n, c)
+   ``scale = rstd * weight`` and ``shift = bias - mean * scale`` (fp32). Under torch.compile Inductor traces and fuses
+   these.
+3. :func:`_group_norm_apply_kernel`, grid (pixel tiles, channel tiles, N): ``y = x * scale + shift``, SiLU when
+   asked, one rounding to the output dtype: one read of x and one write of y.
 
 DRAM traffic: x read twice, y written once (the partials and scales are small).
 """
@@ -44,7 +46,7 @@ __all__ = ["group_norm_silu", "stats_launch", "apply_launch", "combine", "pixels
 
 
 @triton.jit
-def _stats_kernel(
+def _group_norm_stats_kernel(
     # pointers
     x_ptr,  # [N, C, HW] through strides (NCHW or NHWC; H and W merged into one pixel axis)
     mean_ptr,  # [N, SPLIT, C] fp32 out: mean of each channel over the program's pixels
@@ -92,7 +94,7 @@ def _stats_kernel(
 
 
 @triton.jit
-def _apply_kernel(
+def _group_norm_apply_kernel(
     # pointers
     x_ptr,  # [N, C, HW] through strides
     scale_ptr,  # [N, C] fp32 contiguous: rstd * weight
@@ -152,9 +154,9 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 # The autotuner adds the tensors' dtypes to the key; sxc tells NHWC (1) from NCHW (HW). The group count is not in
 # the key: neither kernel depends on it (groups are formed in the torch step).
 _stats = triton.autotune(STATS_CONFIGS, key=["C", "HW", "PIX_PER_PROG", "sxc"],
-                         prune_configs_by={"early_config_prune": _prune})(_stats_kernel)
+                         prune_configs_by={"early_config_prune": _prune})(_group_norm_stats_kernel)
 _apply = triton.autotune(APPLY_CONFIGS, key=["N", "C", "HW", "sxc", "SILU"],
-                         prune_configs_by={"early_config_prune": _prune})(_apply_kernel)
+                         prune_configs_by={"early_config_prune": _prune})(_group_norm_apply_kernel)
 
 
 # --- launchers ----------------------------------------------------------------------------------------------------
@@ -209,7 +211,7 @@ def stats_launch(xf: Tensor, pixels: int) -> tuple[tuple[Tensor, Tensor], Launch
 
 def combine(mean: Tensor, m2: Tensor, hw: int, pixels: int, weight: Tensor | None, bias: Tensor | None,
             num_groups: int, eps: float) -> tuple[Tensor, Tensor]:
-    """Per-(n, c) fp32 ``(scale, shift)`` from the [N, SPLIT, C] partials of :func:`_stats_kernel`.
+    """Per-(n, c) fp32 ``(scale, shift)`` from the [N, SPLIT, C] partials of :func:`_group_norm_stats_kernel`.
 
     Chan's formula over the SPLIT x C/G parts of each group: ``mean = sum(n_i m_i) / total`` and
     ``M2 = sum(M2_i) + sum(n_i (m_i - mean)^2)``; the variance is biased (``M2 / total``), as torch's GroupNorm.

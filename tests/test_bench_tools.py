@@ -91,6 +91,16 @@ def test_profile_groups_operators_by_what_they_do():
     assert profile_model.category("triton_red_fused_native_group_norm_silu_0") == "normalisation"
     assert profile_model.category("sm90_xmma_fprop_implicit_gemm_f16f16") == "convolution"
     assert profile_model.category("_fwd_kernel") == "deformable conv"
+    for kernel in ("_group_norm_stats_kernel", "_group_norm_apply_kernel", "vqfr::group_norm_silu"):
+        assert profile_model.category(kernel) == "normalisation"
+
+
+def test_profile_of_the_max_mode_with_the_fused_group_norm():
+    """``--fused-group-norm``: the max mode's GroupNorms run as the vqfr op, counted as normalisation."""
+    model = seeded_model(copy.deepcopy(SMALL_V2))
+    result = profile_model.profile(model, "cpu", "fp32", batch=1, size=16, mode="max", iters=1, warmup=1,
+                                   fused_group_norm=True)
+    assert result.vqfr_ops.get("vqfr::group_norm_silu", 0) > 0 and result.per_category["normalisation"] > 0
 
 
 def row(backend, batch, ms, fidelity=1.0, baseline=False, mem=None, precision="fp16"):
