@@ -166,6 +166,28 @@ def test_compiled_with_aot_eager_reaches_the_kernel():
     assert dispatch.LAUNCHES["group_norm_silu:triton"] >= 1
 
 
+@needs_triton
+def test_traced_launcher_records_both_kernels_and_the_combine(monkeypatch):
+    """The launcher as torch.compile traces it on a GPU (the op a triton_op, the launches through wrap_triton), traced
+    here with make_fx and fake tensors on the CPU: the statistics and apply launches are recorded (the autotuners'
+    pruners run at trace time) with the torch combine step between them. The GPU run itself is not tested here."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table, triton_kernel_wrapper_mutation
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(dispatch, "TRACEABLE_LAUNCHES", True)  # the launches as the GPU flavour of the ops makes them
+    module = dispatch.triton_module("group_norm_triton")
+    x, weight, bias = (t.cpu() for t in case(2, 96, 9, 13, channels_last=True))
+    graph = make_fx(lambda *a: module.group_norm_silu(*a, 8, 1e-6, True), tracing_mode="fake")(x, weight, bias).graph
+    nodes = [n for n in graph.nodes if n.target is triton_kernel_wrapper_mutation]
+    traced = [kernel_side_table.get_kernel(n.kwargs["kernel_idx"]) for n in nodes]
+    assert [k.fn.__name__ for k in traced] == ["_group_norm_stats_kernel", "_group_norm_apply_kernel"]
+    assert nodes[1].kwargs["kwargs"]["SILU"] is True
+    order = list(graph.nodes)
+    rsqrt = next(n for n in order if n.target is torch.ops.aten.rsqrt.default)  # the combine, for Inductor to fuse
+    assert order.index(nodes[0]) < order.index(rsqrt) < order.index(nodes[1])
+
+
 def test_reference_matches_float64_and_keeps_layout_and_dtype():
     """The reference (the CPU path): fp32 maths on an NCHW copy (torch's CPU channels-last GroupNorm computes the
     variance in one pass), the dtype and memory format of x."""
