@@ -792,10 +792,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "without it, synthetic inputs)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (default bench_out)")
-    parser.add_argument("--no-compile", action="store_true", help="torch-max: no torch.compile")
-    parser.add_argument("--no-cuda-graphs", action="store_true", help="torch-max: no CUDA graphs")
-    parser.add_argument("--no-channels-last", action="store_true", help="torch-max: NCHW")
-    parser.add_argument("--compile-mode", help="torch-max: torch.compile mode, e.g. max-autotune-no-cudagraphs "
+    parser.add_argument("--no-compile", action="store_true", help="torch-max(-gn): no torch.compile")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="torch-max(-gn): no CUDA graphs")
+    parser.add_argument("--no-channels-last", action="store_true", help="torch-max(-gn): NCHW")
+    parser.add_argument("--compile-mode", help="torch-max(-gn): torch.compile mode, e.g. max-autotune-no-cudagraphs "
                         "(reduce-overhead and max-autotune, which capture CUDA graphs themselves, need "
                         "--no-cuda-graphs)")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 in fp32 rows on the GPU")
