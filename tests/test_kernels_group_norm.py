@@ -89,22 +89,24 @@ def test_triton_matches_float64_in_fp32(n, c, groups, h, w, channels_last, silu)
 
 @pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
     not ON_GPU, reason="the interpreter has no bfloat16 (numpy lacks it); bf16 runs on a GPU only"))], ids=str)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("n,c,groups,h,w,channels_last,silu", [(3, 96, 32, 13, 9, False, True),
+                                                                (3, 96, 32, 13, 9, True, True),
+                                                                (1, 64, 1, 5, 13, True, False)])
 @needs_triton
 @kernel_path
-def test_half_precision_error_within_twice_plain_torch(dtype, channels_last):
+def test_half_precision_error_within_twice_plain_torch(dtype, n, c, groups, h, w, channels_last, silu):
     """16-bit inputs, measured against float64 maths on the same 16-bit inputs.
 
     plain torch: ``F.silu(F.group_norm(x))`` run in the 16-bit dtype (what a model without the fp32 island gets);
     kernel: fp32 statistics and normalisation, one rounding to the output dtype. Both the largest and the RMS error
     of the kernel must stay within 2x those of plain torch. The weight and bias stay fp32 (the island's mix).
     """
-    x, weight, bias = case(3, 96, 13, 9, seed=5, dtype=dtype, channels_last=channels_last, offset=2.0)
-    expected = truth(x, weight, bias, 32, 1e-6, True)
-    out = kernels.group_norm_silu(x, weight, bias, 32, 1e-6)
+    x, weight, bias = case(n, c, h, w, seed=5, dtype=dtype, channels_last=channels_last, offset=2.0)
+    expected = truth(x, weight, bias, groups, 1e-6, silu)
+    out = kernels.group_norm_silu(x, weight, bias, groups, 1e-6, silu=silu)
     assert out.dtype == dtype
-    with kernels.use("reference"):
-        plain = F.silu(F.group_norm(x, 32, weight.to(dtype), bias.to(dtype), 1e-6))
+    plain = F.group_norm(x, groups, weight.to(dtype), bias.to(dtype), 1e-6)
+    plain = F.silu(plain) if silu else plain
     kernel_err = (out.double().cpu() - expected.cpu()).abs()
     torch_err = (plain.double().cpu() - expected.cpu()).abs()
     assert kernel_err.max() <= 2 * torch_err.max(), (kernel_err.max().item(), torch_err.max().item())
@@ -283,6 +285,26 @@ def test_fused_group_norm_in_max_mode_matches_and_keeps_the_keys(options):
     copied = with_fused_group_norm(model)  # the caller's model is left alone
     assert list(copied.state_dict()) == list(model.state_dict())
     assert sum(isinstance(m, nn.GroupNorm) for m in model.modules()) == len(fused)
+
+
+@pytest.mark.parametrize("options", [SMALL_V1, SMALL_V2], ids=["v1", "v2"])
+def test_fused_group_norm_model_compiles_as_one_graph(options):
+    """torch.compile(fullgraph=True) of the max mode with the fused GroupNorm: no graph break (the op's fake kernel,
+    ``norm_silu``'s attribute test); aot_eager checks the tracing without Inductor's C++ compile time."""
+    from vqfr.backends import BACKENDS
+    from vqfr.backends.torch import TorchBackend
+    from vqfr.backends.torch_fast import FastOptions
+
+    torch._dynamo.reset()
+    model = seeded_model(copy.deepcopy(options), seed=4)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    fidelity = torch.tensor([0.3, 1.0])
+    with torch.no_grad():
+        ref = model(x, fidelity=fidelity) if options["type"] == "VQFRv2" else model(x)
+    cpu = next(e for e in BACKENDS if e.label == "torch[cpu]")
+    fast = FastOptions(compile=True, compile_backend="aot_eager", fused_group_norm=True)
+    with TorchBackend(cpu, model, mode="max", fast=fast) as be:
+        torch.testing.assert_close(be.infer(x, fidelity), ref, atol=1e-4, rtol=0)
 
 
 @needs_triton
