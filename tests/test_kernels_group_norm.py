@@ -132,8 +132,8 @@ def test_large_mean_keeps_the_variance():
 @needs_triton
 @kernel_path
 def test_memory_format_strides_and_input_untouched():
-    """Channels-last in, channels-last out; NCHW in, NCHW out; a strided view into a NaN-filled buffer (a kernel
-    that read outside x would pick up NaN) gives an NCHW result; x is not modified."""
+    """Channels-last in, channels-last out; NCHW in, NCHW out; x is not modified; strided views into NaN-filled
+    buffers (a kernel that read outside x would pick up NaN) give the same result."""
     x, weight, bias = case(2, 64, 9, 13, seed=3)
     expected = truth(x, weight, bias, 8, 1e-6, True)
     for memory_format in (torch.channels_last, torch.contiguous_format):
@@ -143,12 +143,18 @@ def test_memory_format_strides_and_input_untouched():
         assert out.is_contiguous(memory_format=memory_format)
         assert torch.equal(xm, before) and xm.stride() == before.stride()
         assert max_err(out, expected) <= 1e-5 * expected.abs().max().item()
-    moat = torch.full((4, 66, 11, 15), float("nan"), device=DEVICE)
-    view = moat[1:3, 1:65, 1:10, 1:14]
-    view.copy_(x)
-    out = kernels.group_norm_silu(view, weight, bias, 8, 1e-6)
-    assert out.is_contiguous() and max_err(out, expected) <= 1e-5 * expected.abs().max().item()
-    assert dispatch.LAUNCHES["group_norm_silu:triton"] == 3
+    # Views into NaN-filled buffers: channels sliced out of wider NHWC rows (pixel stride 66, not C) and out of an
+    # NCHW batch (the pixels stay one axis, so the kernels read the views in place); H and W sliced (a copy first).
+    nhwc = torch.full((2, 66, 9, 13), float("nan"), device=DEVICE).contiguous(memory_format=torch.channels_last)
+    nchw = torch.full((4, 66, 9, 13), float("nan"), device=DEVICE)
+    padded = torch.full((4, 66, 11, 15), float("nan"), device=DEVICE)
+    views = ((nhwc[:, 1:65], True), (nchw[1:3, 1:65], False), (padded[1:3, 1:65, 1:10, 1:14], False))
+    for view, channels_last in views:
+        view.copy_(x)
+        out = kernels.group_norm_silu(view, weight, bias, 8, 1e-6)
+        assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        assert max_err(out, expected) <= 1e-5 * expected.abs().max().item()
+    assert dispatch.LAUNCHES["group_norm_silu:triton"] == 5
 
 
 @needs_triton
