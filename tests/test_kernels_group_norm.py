@@ -254,17 +254,19 @@ def test_bad_arguments_are_refused_with_the_fix(fn):
 # --- the torch backend's max mode with fused_group_norm ----------------------------------------------------------
 
 
-def _run_max(model, fused, x, fidelity):
+def _run_max(model, fused, x, fidelity, device="cpu"):
+    """The max mode in fp32 without compile and CUDA graphs (the CPU defaults): (output on the CPU, state-dict keys,
+    modules)."""
     from vqfr.backends import BACKENDS
     from vqfr.backends.torch import TorchBackend
     from vqfr.backends.torch_fast import FastOptions
 
-    cpu = next(e for e in BACKENDS if e.label == "torch[cpu]")
-    with TorchBackend(cpu, model, mode="max", fast=FastOptions(fused_group_norm=fused)) as be:
-        assert not be.fast.compile and not be.fast.cuda_graphs  # the CPU defaults
+    entry = next(e for e in BACKENDS if e.label == f"torch[{device}]")
+    fast = FastOptions(compile=False, cuda_graphs=False, fused_group_norm=fused)
+    with TorchBackend(entry, model, mode="max", precision="fp32", fast=fast, device=device) as be:
         keys = list(be.model.state_dict())
         modules = list(be.model.modules())
-        return be.infer(x, fidelity), keys, modules
+        return be.infer(x, fidelity).cpu(), keys, modules
 
 
 @pytest.mark.parametrize("options", [SMALL_V1, SMALL_V2], ids=["v1", "v2"])
@@ -316,13 +318,14 @@ def test_fused_group_norm_model_compiles_as_one_graph(options):
 @needs_triton
 @kernel_path
 def test_fused_group_norm_in_max_mode_runs_the_kernels():
-    """The same through the Triton kernels (interpreted on the CPU): every GroupNorm of the small v2 reaches them."""
+    """The same through the Triton kernels (on the GPU, else interpreted on the CPU): every GroupNorm of the small v2
+    reaches them."""
     model = seeded_model(copy.deepcopy(SMALL_V2), seed=3)
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
     with kernels.use("auto"):
-        ref, _, _ = _run_max(model, False, x, torch.tensor([1.0]))
+        ref, _, _ = _run_max(model, False, x, torch.tensor([1.0]), DEVICE)
         dispatch.LAUNCHES.clear()
-        out, _, modules = _run_max(model, True, x, torch.tensor([1.0]))
+        out, _, _ = _run_max(model, True, x, torch.tensor([1.0]), DEVICE)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
     assert dispatch.LAUNCHES["group_norm_silu:triton"] >= sum(isinstance(m, nn.GroupNorm) for m in model.modules())
     assert not dispatch.LAUNCHES["group_norm_silu:reference"]
