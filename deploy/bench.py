@@ -3,6 +3,7 @@
     python -m deploy.bench --version v2 --device cpu --backends torch,onnxruntime        # CPU, a few minutes
     python -m deploy.bench --version v2 --backends torch,torch-max --precision fp16 --batch 1,8 --fidelity 1,0
     python -m deploy.bench --weights VQFR_v2.pth --out bench_out
+    python -m deploy.bench --version v2 --backends torch-max,torch-max-gn --batch 1,8   # A/B the fused GroupNorm
 
 What a run measures, for each backend x precision x batch x fidelity:
 
@@ -73,7 +74,7 @@ __all__ = ["BenchConfig", "Row", "Subject", "run", "run_subject", "make_subjects
 
 BASELINES = ("reference", "torchvision")
 #: Backends a run can time, in the order they run.
-CANDIDATES = ("torch", "torch-max", "onnxruntime", "tensorrt", "aoti")
+CANDIDATES = ("torch", "torch-max", "torch-max-gn", "onnxruntime", "tensorrt", "aoti")
 PRECISIONS = tuple(DTYPES)
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,7 +101,7 @@ class BenchConfig:
             inputs, said in the log and in the results' notes).
         out: output folder.
         threads: torch CPU threads (None: torch's default).
-        fast: options of the ``torch-max`` backend.
+        fast: options of the ``torch-max`` backend (``torch-max-gn`` is the same with ``fused_group_norm``).
         tf32: allow TF32 in fp32 rows on the GPU (default off: fp32 means fp32).
         rebuild: rebuild cached engines.
         chart: write the PNG chart.
@@ -325,17 +326,23 @@ def make_subjects(cfg: BenchConfig, model: Network, device: torch.device, engine
                                                         device=str(device))),
         "torch-max": lambda p: lambda: _loaded(TorchBackend(_entry("torch", device), model, precision=p, mode="max",
                                                             fast=cfg.fast, device=str(device))),
+        # torch-max plus the fused GroupNorm + SiLU (opt-in, not yet measured on a GPU): one run A/Bs the two
+        "torch-max-gn": lambda p: lambda: _loaded(TorchBackend(
+            _entry("torch", device), model, precision=p, mode="max",
+            fast=dataclasses.replace(cfg.fast, fused_group_norm=True), device=str(device))),
         "onnxruntime": lambda p: lambda: _engine_backend(engines.onnx(p), "onnxruntime", device),
         "tensorrt": lambda p: lambda: _engine_backend(engines.tensorrt(p, max_batch), "tensorrt", device),
         "aoti": lambda p: lambda: _engine_backend(engines.aoti(p, device), "aoti", device),
     }
+    max_note = ", ".join(k for k, on in (("compile" + (f" ({fast.compile_mode})" if fast.compile_mode else ""),
+                                          fast.compile), ("CUDA graphs", fast.cuda_graphs),
+                                         ("channels_last", fast.channels_last),
+                                         ("fp32 islands", fast.fp32_islands)) if on) or "no extras"
     notes = {
         "torch": "eager; " + ("Triton kernels" if device.type == "cuda" else "pure torch (grid_sample DCN in fp32)")
                  + "; fp32 islands in fp16/bf16",
-        "torch-max": ", ".join(k for k, on in (("compile" + (f" ({fast.compile_mode})" if fast.compile_mode else ""),
-                                                fast.compile), ("CUDA graphs", fast.cuda_graphs),
-                                               ("channels_last", fast.channels_last),
-                                               ("fp32 islands", fast.fp32_islands)) if on) or "no extras",
+        "torch-max": max_note,
+        "torch-max-gn": f"{max_note}, fused GroupNorm+SiLU (kernels.group_norm_silu)",
     }
     candidates = [Subject(name, p, False, factories[name](p), notes.get(name, ""))
                   for name in expand_backends(cfg.backends, device) for p in cfg.precisions]
@@ -785,10 +792,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "without it, synthetic inputs)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (default bench_out)")
-    parser.add_argument("--no-compile", action="store_true", help="torch-max: no torch.compile")
-    parser.add_argument("--no-cuda-graphs", action="store_true", help="torch-max: no CUDA graphs")
-    parser.add_argument("--no-channels-last", action="store_true", help="torch-max: NCHW")
-    parser.add_argument("--compile-mode", help="torch-max: torch.compile mode, e.g. max-autotune-no-cudagraphs "
+    parser.add_argument("--no-compile", action="store_true", help="torch-max(-gn): no torch.compile")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="torch-max(-gn): no CUDA graphs")
+    parser.add_argument("--no-channels-last", action="store_true", help="torch-max(-gn): NCHW")
+    parser.add_argument("--compile-mode", help="torch-max(-gn): torch.compile mode, e.g. max-autotune-no-cudagraphs "
                         "(reduce-overhead and max-autotune, which capture CUDA graphs themselves, need "
                         "--no-cuda-graphs)")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 in fp32 rows on the GPU")

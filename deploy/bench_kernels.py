@@ -7,7 +7,10 @@
   ``conv2d`` of the same shape (the floor a deformable conv can hope for) and, with ``--reference``, our pure-torch
   reference;
 - nearest-code search with a 1024x256 codebook for 256 tokens (one 512² image) and 64x256 tokens: our Triton kernel
-  against torch's distance matrix + argmin (the official formula).
+  against torch's distance matrix + argmin (the official formula);
+- on request (``--ops group_norm``), GroupNorm(32 groups, eps 1e-6) + SiLU on channels-last activations at VQFR's
+  shapes (C x H x W 128x512², 256x256², 512x64²): ``kernels.group_norm_silu`` eagerly and inside torch.compile,
+  against the fp32 island it replaces, ``F.silu(F.group_norm(x.float())).to(x.dtype)``, eager and compiled.
 
 Timing: every implementation gets warm-up calls, then ``--iters`` calls each timed on its own (CUDA events on a GPU,
 ``perf_counter`` on the CPU) while cycling through several copies of the inputs, so that small problems do not run
@@ -41,6 +44,9 @@ from kernels.dispatch import dot_precision
 
 #: VQFR's warping levels at a 512 input: (channels, height, width).
 DEFORM_LEVELS = ((128, 512, 512), (128, 256, 256), (256, 128, 128), (512, 16, 16))
+#: GroupNorm shapes (channels, height, width): VQFR's finest levels and its widest one.
+GN_LEVELS = ((128, 512, 512), (256, 256, 256), (512, 64, 64))
+GN_GROUPS, GN_EPS = 32, 1e-6
 #: Tokens of one 512² image and of a batch of 64.
 TOKENS = (256, 64 * 256)
 CODEBOOK = (1024, 256)
@@ -220,6 +226,44 @@ def bench_nearest(tokens, codebook, dtypes, device, iters, warmup, rotate, graph
     return rows
 
 
+def _torch_group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The fp32 island the fused op replaces: GroupNorm and SiLU in fp32, cast back."""
+    return F.silu(F.group_norm(x.float(), GN_GROUPS, weight.float(), bias.float(), GN_EPS)).to(x.dtype)
+
+
+def _vqfr_group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return kernels.group_norm_silu(x, weight, bias, GN_GROUPS, GN_EPS)
+
+
+def bench_group_norm(levels, batches, dtypes, device, iters, warmup, rotate, graphs: int = 0) -> list[Timing]:
+    """GroupNorm + SiLU, x channels-last (the layout of the torch-max model): ours eager and compiled against torch's
+    fp32 island eager and compiled (torch.compile: CUDA only here; a CPU compile would only time Inductor's C++)."""
+    rows = []
+    for (c, h, w), b, dname in ((lvl, b, d) for lvl in levels for b in batches for d in dtypes):
+        dtype = DTYPES[dname]
+        case = f"{b}x{c}x{h}x{w}, {GN_GROUPS} groups, channels-last"
+        copies = _copies(lambda: [  # noqa: B023
+            torch.randn(b, c, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last),  # noqa: B023
+            1 + 0.1 * torch.randn(c, device=device), 0.1 * torch.randn(c, device=device)], rotate)  # noqa: B023
+        why = kernels.why_not_triton(copies[0][0])
+        no_compile = "" if device.type == "cuda" else "torch.compile is timed on CUDA only"
+
+        def compiled(fn: Callable) -> Callable:
+            return torch.compile(fn, fullgraph=True, dynamic=False)
+
+        impls: dict[str, tuple[Callable | None, str]] = {
+            "vqfr triton": (None, why) if why else (_mode_fn("triton", _vqfr_group_norm_silu), ""),
+            "vqfr triton, compiled": (None, why or no_compile) if why or no_compile else
+            (compiled(_vqfr_group_norm_silu), ""),
+            "torch fp32 island": (_torch_group_norm_silu, ""),
+            "torch fp32 island, compiled": (None, no_compile) if no_compile else (compiled(_torch_group_norm_silu), ""),
+        }
+        for name, (fn, note) in impls.items():
+            row = _run("group_norm", case, dname, name, fn, note, copies, device, iters, warmup, graphs)
+            rows.append(_progress(_with_config(row, "group_norm_triton", "_stats", "_apply")))
+    return rows
+
+
 def _progress(row: Timing) -> Timing:
     """Print ``row`` as soon as it is measured (a run cut short by a time limit keeps what its log shows)."""
     value = f"{row.median_ms:.4g} ms" if row.median_ms is not None else f"n/a ({row.note})"
@@ -228,15 +272,19 @@ def _progress(row: Timing) -> Timing:
     return row
 
 
-def _with_config(row: Timing, module: str, tuner: str) -> Timing:
-    """``row`` with the autotune config its last call ran, if it is a timed Triton row (else unchanged)."""
+def _with_config(row: Timing, module: str, *tuners: str) -> Timing:
+    """``row`` with the autotune config its last call ran (of each of ``tuners``, named when several), if it is a
+    timed Triton row (else unchanged)."""
     if row.impl != "vqfr triton" or row.median_ms is None:
         return row
-    config = getattr(getattr(kernels.dispatch.triton_module(module), tuner), "best_config", None)
-    if config is None:
-        return row
-    sizes = ", ".join(f"{k} {v}" for k, v in config.kwargs.items())
-    return dataclasses.replace(row, config=f"{sizes}, {config.num_warps} warps, {config.num_stages} stages")
+    chosen = []
+    for tuner in tuners:
+        config = getattr(getattr(kernels.dispatch.triton_module(module), tuner), "best_config", None)
+        if config is not None:
+            sizes = ", ".join(f"{k} {v}" for k, v in config.kwargs.items())
+            text = f"{sizes}, {config.num_warps} warps, {config.num_stages} stages"
+            chosen.append(f"{tuner.strip('_')}: {text}" if len(tuners) > 1 else text)
+    return dataclasses.replace(row, config="; ".join(chosen)) if chosen else row
 
 
 def _run(op, case, dname, name, fn, note, copies, device, iters, warmup, graphs=0) -> Timing:
@@ -314,12 +362,16 @@ def _shape(text: str) -> tuple[int, ...]:
 def main(argv: Sequence[str] | None = None) -> list[Timing]:
     parser = argparse.ArgumentParser(prog="python -m deploy.bench_kernels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--ops", nargs="+", choices=("deform", "nearest"), default=["deform", "nearest"])
+    parser.add_argument("--ops", nargs="+", choices=("deform", "nearest", "group_norm"), default=["deform", "nearest"],
+                        help="default: deform nearest (group_norm on request)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None,
                         help="default: fp16 fp32 on a GPU, fp32 on the CPU")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--levels", nargs="+", type=_shape, default=list(DEFORM_LEVELS),
                         help="deformable-conv levels as CxHxW (default: VQFR's four)")
+    parser.add_argument("--gn-levels", nargs="+", type=_shape, default=list(GN_LEVELS),
+                        help=f"GroupNorm shapes as CxHxW, C divisible by {GN_GROUPS} (default: 128x512x512 "
+                             "256x256x256 512x64x64)")
     parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
     parser.add_argument("--codebook", type=_shape, default=CODEBOOK, help="KxD (default 1024x256)")
     parser.add_argument("--iters", type=int, default=None, help="timed calls (default 50 on a GPU, 3 on the CPU)")
@@ -357,6 +409,10 @@ def main(argv: Sequence[str] | None = None) -> list[Timing]:
         if len(level) != 3 or level[0] % 4 or min(level) < 1:
             parser.error(f"level {'x'.join(map(str, level))}: give CxHxW with C divisible by 4 (4 offset groups)")
 
+    for level in args.gn_levels:
+        if len(level) != 3 or level[0] % GN_GROUPS or min(level) < 1:
+            parser.error(f"--gn-levels {'x'.join(map(str, level))}: give CxHxW with C divisible by {GN_GROUPS}")
+
     rows: list[Timing] = []
     with torch.inference_mode():
         if "deform" in args.ops:
@@ -365,6 +421,9 @@ def main(argv: Sequence[str] | None = None) -> list[Timing]:
         if "nearest" in args.ops:
             rows += bench_nearest(args.tokens, args.codebook, dtypes, device, iters, warmup, args.rotate,
                                   args.graphs)
+        if "group_norm" in args.ops:
+            rows += bench_group_norm(args.gn_levels, args.batches, dtypes, device, iters, warmup, args.rotate,
+                                     args.graphs)
     env = environment(device)
     print(markdown(rows, env))
     if args.json:

@@ -32,13 +32,17 @@ Then the timings, one at a time:
 
 8. ``folder``: ``deploy.bench_folder``, a CLI folder run of 128 aligned faces through v2 in fp16 with 1 and 8 I/O
    threads (reading and PNG writing overlap the model).
+9. ``groupnorm`` (only when asked for): the fused GroupNorm + SiLU, not yet measured on a GPU. First
+   ``deploy.bench_kernels --ops group_norm`` in fp16 (ours eager and compiled against the fp32 island eager and
+   compiled; at most 90 s, JSON in ``group_norm.json``), then ``deploy.bench`` of v2 at batch 1 and 8 with
+   ``--backends torch-max,torch-max-gn``: the same compiled model without and with the fused GroupNorm.
 
 ``train`` (only when asked for) is the checks' training job on its own, with the GPU to itself and 210 s instead
 of 130 s: enough for ``--train-iters 300``.
 
 What it writes in ``--out`` (few files, so that they fit what a remote runner sends back): ``summary.md`` (the
 issue's targets against the measured numbers and the official anchors, the checks' outcomes, then every table),
-``results.json`` (every run's meta and rows), ``profile.md``, ``kernels.json``, ``train_loss.png``,
+``results.json`` (every run's meta and rows), ``profile.md``, ``kernels.json``, ``group_norm.json``, ``train_loss.png``,
 ``gpu_check.log`` and ``logs.tgz`` (every step's log and small result files). Per-run folders go to ``--work``
 (default ``--out``/runs). ``summary.md``, ``results.json`` and ``logs.tgz`` are rewritten after every step, and each
 step's results are printed as it ends, so that a call killed from outside keeps what it measured.
@@ -51,6 +55,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -119,6 +124,14 @@ def _kernels(work: Path, out: Path) -> list[str]:
                         f"{bench} --levels 128x512x512 --batches 1 --graphs 20 --json {work}/kernels_graphs.json"]
 
 
+def _groupnorm(work: Path, out: Path) -> list[str]:
+    """The GroupNorm + SiLU kernel benchmark (cut at 90 s), then the v2 model A/B: torch-max against torch-max-gn."""
+    kernels = (f"timeout 90 {sys.executable} -m deploy.bench_kernels --ops group_norm --dtypes fp16 --iters 30 "
+               f"--warmup 5 --json {out}/group_norm.json")
+    bench = " ".join(shlex.quote(arg) for arg in _bench("v2", "1", "torch-max,torch-max-gn", work / "groupnorm"))
+    return ["sh", "-c", f"{kernels}; {bench}"]
+
+
 def _aoti_tests() -> list[str]:
     """The AOTInductor CUDA tests, one pytest process each, so that a segfault (torch 2.11 crashed loading the v2
     package) stops only its own case: a package without custom ops, each custom op alone, then the small v2."""
@@ -165,12 +178,15 @@ STEPS = {
     # Inductor also benchmarks its own Triton conv templates against cuDNN, which reached only 27% of peak here.
     "v2_autotune": Step(lambda work, out, a: _bench("v2", "1", "torch-max", work / "v2_autotune", batches="1")
                         + ["--compile-mode", "max-autotune-no-cudagraphs"], 300),
+    # Two compiled models (torch-max and torch-max-gn) at two batch sizes after the kernel benchmark.
+    "groupnorm": Step(lambda work, out, a: _groupnorm(work, out), 300),
 }
-RUNS = ("v2", "v2_f0", "v1", "v2_aoti", "v2_autotune")  # the steps that write a deploy.bench results.json
+RUNS = ("v2", "v2_f0", "v1", "v2_aoti", "v2_autotune", "groupnorm")  # the steps that write a deploy.bench results.json
 #: The columns of a benchmark's rows printed as its step ends.
 DIGEST = ("backend", "precision", "batch", "fidelity", "median_ms", "img_per_s", "peak_mem_mb", "first_call_s",
           "max_abs_err", "psnr_db", "status")
-ON_REQUEST = ("train", "v2_autotune")  # left out of the default steps (``checks`` trains already)
+#: Left out of the default steps (``checks`` trains already; the fused GroupNorm is an opt-in A/B).
+ON_REQUEST = ("train", "v2_autotune", "groupnorm")
 
 
 def evaluate(target: Target, rows: Sequence[dict]) -> dict:

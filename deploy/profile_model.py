@@ -57,8 +57,9 @@ class Profile:
 
 
 def profile(model, device: str, precision: str, batch: int, size: int, mode: str, fidelity: float = 1.0,
-            iters: int = 5, warmup: int = 3, compile: bool | None = None) -> Profile:
-    """Profile ``iters`` forwards of ``model`` through the torch backend (after ``warmup`` calls)."""
+            iters: int = 5, warmup: int = 3, compile: bool | None = None, fused_group_norm: bool = False) -> Profile:
+    """Profile ``iters`` forwards of ``model`` through the torch backend (after ``warmup`` calls); max mode with
+    ``fused_group_norm`` replaces the GroupNorms by ``kernels.group_norm_silu`` (``FastOptions.fused_group_norm``)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -68,7 +69,7 @@ def profile(model, device: str, precision: str, batch: int, size: int, mode: str
 
     dev = torch.device(device)
     entry = next(e for e in BACKENDS if e.name == "torch" and e.device == dev.type)
-    fast = FastOptions(compile=compile, cuda_graphs=False)
+    fast = FastOptions(compile=compile, cuda_graphs=False, fused_group_norm=fused_group_norm)
     x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).mul_(2).sub_(1).to(dev)
     f = torch.full((batch,), fidelity)
     cuda = dev.type == "cuda"
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fidelity", type=float, default=1.0)
     parser.add_argument("--mode", choices=("eager", "max"), default="max")
     parser.add_argument("--no-compile", action="store_true", help="max mode without torch.compile")
+    parser.add_argument("--fused-group-norm", action="store_true",
+                        help="max mode with the fused GroupNorm + SiLU (the torch-max-gn backend of deploy.bench)")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", type=Path, help="also write the report here")
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     model = seeded_weights_(vqfr.build_model(args.config or args.version)).eval()
     size = _face_size(model.options) or args.size or 512
     result = profile(model, args.device, precision, args.batch, size, args.mode, args.fidelity, args.iters,
-                     args.warmup, compile=False if args.no_compile else None)
+                     args.warmup, compile=False if args.no_compile else None, fused_group_norm=args.fused_group_norm)
     cost = count(model, args.batch, size, fidelity=args.fidelity)
     title = (f"{model.options['type']} {args.mode} {precision}, batch {args.batch}, {size}x{size}, fidelity "
              f"{args.fidelity:g}, on {torch.cuda.get_device_name() if result.device.startswith('cuda') else 'CPU'}")

@@ -1,4 +1,4 @@
-"""VQFR's two unusual operations: nearest-code search and modulated deformable convolution.
+"""VQFR's two unusual operations, nearest-code search and modulated deformable convolution, and its GroupNorm + SiLU.
 
 Each has a pure-torch reference (the specification) and a public entry point that dispatches through a
 ``torch.library`` custom op (``torch.ops.vqfr.*``, registered by :mod:`kernels.ops` on first use). The op runs a
@@ -10,9 +10,11 @@ neither triton nor the custom ops.
 
 from kernels.deform_conv import deform_conv2d_reference, modulated_deform_conv2d
 from kernels.dispatch import LAUNCHES, active_mode, use, why_not_triton
+from kernels.group_norm import group_norm_silu, group_norm_silu_reference
 from kernels.nearest_code import nearest_code, nearest_code_reference
 
 __all__ = [
     "modulated_deform_conv2d", "deform_conv2d_reference", "nearest_code", "nearest_code_reference",
+    "group_norm_silu", "group_norm_silu_reference",
     "use", "active_mode", "why_not_triton", "LAUNCHES",
 ]

@@ -29,7 +29,8 @@ _TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", 
 
 def vqfr_launches(dtype: torch.dtype) -> Iterator[tuple[str, dispatch.Launch]]:
     """The launches at VQFR's largest shapes: DCN 1x128x512x512 (4 groups, 3x3; forward also at 1x256x128x128,
-    where 256-wide output tiles are allowed) and 64x256 tokens against a 1024x256 codebook."""
+    where 256-wide output tiles are allowed), 64x256 tokens against a 1024x256 codebook, and GroupNorm + SiLU on
+    1x128x512x512 channels-last (the model's layout) and NCHW."""
     deform = dispatch.triton_module("deform_conv_triton")
     nearest = dispatch.triton_module("nearest_code_triton")
     meta: dict[str, Any] = dict(device="meta", dtype=dtype)
@@ -48,6 +49,13 @@ def vqfr_launches(dtype: torch.dtype) -> Iterator[tuple[str, dispatch.Launch]]:
     yield "deform_conv backward (weight)", bwd_weight
     _, code = nearest.nearest_code_launch(torch.empty(64 * 256, 256, **meta), torch.empty(1024, 256, **meta))
     yield "nearest_code", code
+    group_norm = dispatch.triton_module("group_norm_triton")
+    for layout, memory_format in (("channels-last", torch.channels_last), ("NCHW", torch.contiguous_format)):
+        xf = x.contiguous(memory_format=memory_format).flatten(2)
+        _, stats = group_norm.stats_launch(xf, 2048)  # the pixels per program of batch 1 on 132 SMs
+        yield f"group_norm stats, {layout}", stats
+        scale = torch.empty(1, 128, device="meta", dtype=torch.float32)
+        yield f"group_norm apply, {layout}", group_norm.apply_launch(xf, scale, scale, xf, silu=True)
 
 
 def _signature(fn, args: Sequence, constexprs: dict) -> tuple[dict, dict, dict]:

@@ -8,6 +8,8 @@ torch.compile, torch.export and the ONNX exporter see each op as one node:
   with ``output_mask`` from ``ctx.needs_input_grad``; a gradient not asked for is not computed and comes back as an
   empty tensor, since a custom op cannot return None)
 - ``torch.ops.vqfr.nearest_code(z, codebook) -> (idx, dist)``
+- ``torch.ops.vqfr.group_norm_silu(x, weight, bias, num_groups, eps, silu) -> y`` (forward only: its backward
+  raises; :func:`kernels.group_norm_silu` runs the differentiable reference when a gradient is needed)
 
 Each op body picks the Triton kernel or the reference per call (:func:`kernels.dispatch.use_triton`).
 
@@ -37,12 +39,13 @@ from kernels.deform_conv import (
     deform_conv2d_grid_sample,
     deform_conv2d_reference,
 )
+from kernels.group_norm import check_group_norm_args, group_norm_silu_reference, output_memory_format
 from kernels.nearest_code import check_nearest_args, nearest_code_reference
 
 if TYPE_CHECKING:
     from torch._library.custom_ops import CustomOpDef
 
-__all__ = ["deform_conv2d_op", "deform_conv2d_backward_op", "nearest_code_op", "TRITON_OPS"]
+__all__ = ["deform_conv2d_op", "deform_conv2d_backward_op", "nearest_code_op", "group_norm_silu_op", "TRITON_OPS"]
 
 #: True when the ops are ``triton_op``s (CUDA and triton present at registration).
 TRITON_OPS = torch.cuda.is_available() and dispatch.triton_installed()
@@ -231,3 +234,30 @@ def _(z, codebook):
     dispatch.check_floating("nearest_code", z=z, codebook=codebook)
     dist_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     return z.new_empty(z.shape[0], dtype=torch.long), z.new_empty(z.shape[0], dtype=dist_dtype)
+
+
+def _group_norm_silu(x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float,
+                     silu: bool) -> Tensor:
+    """GroupNorm in fp32, then SiLU when ``silu``; see ``kernels.group_norm`` for shapes and semantics."""
+    check_group_norm_args(x, weight, bias, num_groups, eps)  # the Triton launchers trust their shapes
+    if dispatch.use_triton("group_norm_silu", x=x, weight=weight, bias=bias):
+        return dispatch.triton_module("group_norm_triton").group_norm_silu(x, weight, bias, num_groups, eps, silu)
+    return group_norm_silu_reference(x, weight, bias, num_groups, eps, silu)
+
+
+group_norm_silu_op = _define("vqfr::group_norm_silu", _group_norm_silu)
+
+
+@group_norm_silu_op.register_fake
+def _(x, weight, bias, num_groups, eps, silu):
+    check_group_norm_args(x, weight, bias, num_groups, eps)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+
+
+def _group_norm_silu_backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+    raise RuntimeError("vqfr::group_norm_silu has no backward (it is an inference op). Fix: call "
+                       "kernels.group_norm_silu, which runs the differentiable reference when a gradient is needed, "
+                       "or F.group_norm")
+
+
+group_norm_silu_op.register_autograd(_group_norm_silu_backward, setup_context=lambda ctx, inputs, output: None)

@@ -91,6 +91,22 @@ def test_cli_runs_end_to_end_and_writes_json_markdown_and_chart(tmp_path, capsys
     assert "| backend | precision | batch |" in capsys.readouterr().out  # the table is printed
 
 
+def test_torch_max_gn_is_torch_max_with_the_fused_group_norm(tmp_path):
+    """``--backends torch-max,torch-max-gn`` A/Bs the fused GroupNorm in one run: same outputs, the GroupNorm op in
+    the second backend's paths only (the reference path on the CPU)."""
+    out = tmp_path / "out"
+    rc = bench.main(["--config", str(tiny_yml(tmp_path, SMALL_V2)), "--device", "cpu", "--backends",
+                     "torch-max,torch-max-gn", "--precision", "fp32", "--batch", "1", "--iters", "1", "--warmup", "1",
+                     "--inputs", "1", "--restore-iters", "0", "--no-chart", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    (plain,) = rows_of(rows, backend="torch-max", what="forward")
+    (fused,) = rows_of(rows, backend="torch-max-gn", what="forward")
+    assert plain["status"] == fused["status"] == "ok" and fused["max_abs_err"] < 1e-4
+    assert "group_norm_silu:reference" not in plain["paths"] and fused["paths"]["group_norm_silu:reference"] > 0
+    assert "fused GroupNorm+SiLU" in fused["note"] and "fused" not in plain["note"]
+
+
 class Perturbed(TorchBackend):
     """A torch backend whose model has one weight scaled by 1.5: a wrong backend the benchmark must expose."""
 

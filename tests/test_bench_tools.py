@@ -92,6 +92,16 @@ def test_profile_groups_operators_by_what_they_do():
     assert profile_model.category("triton_red_fused_native_group_norm_silu_0") == "normalisation"
     assert profile_model.category("sm90_xmma_fprop_implicit_gemm_f16f16") == "convolution"
     assert profile_model.category("_fwd_kernel") == "deformable conv"
+    for kernel in ("_group_norm_stats_kernel", "_group_norm_apply_kernel", "vqfr::group_norm_silu"):
+        assert profile_model.category(kernel) == "normalisation"
+
+
+def test_profile_of_the_max_mode_with_the_fused_group_norm():
+    """``--fused-group-norm``: the max mode's GroupNorms run as the vqfr op, counted as normalisation."""
+    model = seeded_model(copy.deepcopy(SMALL_V2))
+    result = profile_model.profile(model, "cpu", "fp32", batch=1, size=16, mode="max", iters=1, warmup=1,
+                                   fused_group_norm=True)
+    assert result.vqfr_ops.get("vqfr::group_norm_silu", 0) > 0 and result.per_category["normalisation"] > 0
 
 
 def row(backend, batch, ms, fidelity=1.0, baseline=False, mem=None, precision="fp16"):
@@ -122,11 +132,17 @@ def test_gpu_check_dry_run_lists_the_steps(tmp_path, capsys):
     for name in [*gpu_check.CHECKS, *(s for s in gpu_check.STEPS if s not in ("checks", *gpu_check.ON_REQUEST))]:
         assert f"[gpu_check] {name}:" in printed
     assert "[gpu_check] v2_autotune:" not in printed  # minutes of autotuning: only when named
+    assert "[gpu_check] groupnorm:" not in printed  # the opt-in A/B: only when named
     assert "--precision fp16 --batch 1,8" in printed
     assert "tests/test_kernels_triton.py tests/test_golden.py" in printed and "--max-iters 200" in printed
     assert "[gpu_check] train:" in printed and printed.count("training.train") == 1  # once, in the checks
     assert gpu_check.main(["--out", str(tmp_path), "--dry-run", "--steps", "v2_autotune"]) == 0
     assert "--compile-mode max-autotune-no-cudagraphs" in capsys.readouterr().out
+    assert gpu_check.main(["--out", str(tmp_path), "--dry-run", "--steps", "groupnorm"]) == 0
+    printed = capsys.readouterr().out
+    assert "deploy.bench_kernels --ops group_norm --dtypes fp16" in printed and "group_norm.json" in printed
+    assert "--backends torch-max,torch-max-gn --precision fp16 --batch 1,8" in printed
+    assert gpu_check.STEPS["groupnorm"].cap <= 300 and "groupnorm" in gpu_check.RUNS
     assert gpu_check.main(["--out", str(tmp_path), "--dry-run", "--steps", "kernels", "train", "--train-iters",
                            "300"]) == 0
     printed = capsys.readouterr().out

@@ -22,7 +22,8 @@ def test_every_kernel_compiles_for_sm90_without_spills(monkeypatch):
     results = aot_check.check(90, [torch.float16], max_configs=1)
     assert {r["kernel"] for r in results} == {
         "deform_conv forward", "deform_conv forward, 256 channels", "deform_conv backward (x, offset, mask)",
-        "deform_conv backward (weight)", "nearest_code",
+        "deform_conv backward (weight)", "nearest_code", "group_norm stats, channels-last",
+        "group_norm apply, channels-last", "group_norm stats, NCHW", "group_norm apply, NCHW",
     }
     for r in results:
         assert r.get("ok"), f"{r['kernel']} {r['config']}: {r.get('error')}"

@@ -41,11 +41,30 @@ def test_bench_times_the_triton_kernels_under_the_interpreter(monkeypatch):
     assert all(r.config == "" for r in rows if r.impl != "vqfr triton")
 
 
+@pytest.mark.skipif(not dispatch.triton_installed(), reason="triton is not installed")
+@pytest.mark.skipif(dispatch.interpreter_problem() is not None, reason=str(dispatch.interpreter_problem()))
+def test_group_norm_bench_times_ours_against_the_fp32_island(monkeypatch, capsys):
+    """``--ops group_norm`` (on request only): our op and torch's fp32 island on channels-last x; the compiled rows
+    are CUDA-only and say so on the CPU."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    rows = bench_kernels.main(["--device", "cpu", "--ops", "group_norm", "--gn-levels", "32x5x7", "--batches", "2",
+                               "--dtypes", "fp16", "--iters", "1", "--warmup", "0", "--rotate", "1"])
+    assert "### group_norm" in capsys.readouterr().out
+    timed = {r.impl: r for r in rows if r.median_ms is not None}
+    assert set(timed) == {"vqfr triton", "torch fp32 island"}
+    assert {r.case for r in rows} == {"2x32x5x7, 32 groups, channels-last"}
+    assert "stats: BLOCK_P" in timed["vqfr triton"].config and "apply: BLOCK_P" in timed["vqfr triton"].config
+    assert all("CUDA only" in r.note for r in rows if r.median_ms is None)
+
+
 def test_bench_rejects_bad_levels(capsys):
     with pytest.raises(SystemExit) as exc:
         bench_kernels.main(["--device", "cpu", "--levels", "6x8x8"])  # 6 channels do not split in 4 groups
     assert exc.value.code == 2
     assert "level 6x8x8: give CxHxW with C divisible by 4 (4 offset groups)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_kernels.main(["--device", "cpu", "--ops", "group_norm", "--gn-levels", "48x8x8"])
+    assert "--gn-levels 48x8x8: give CxHxW with C divisible by 32" in capsys.readouterr().err
 
 
 def test_graph_timing_needs_cuda_and_says_so(capsys):

@@ -240,6 +240,13 @@ xr = x.clone().requires_grad_(True)
 deform_conv2d_reference(xr, off, m, w, b, 1, 1, 1).sum().backward()
 assert (out - ref).abs().max() < 1e-5 and torch.equal(idx, kernels.nearest_code_reference(z, e))
 assert (xg.grad - xr.grad).abs().max() < 1e-5
+xn, wn, bn = torch.randn(2, 16, 5, 7, generator=g), torch.randn(16, generator=g), torch.randn(16, generator=g)
+gn_ref = kernels.group_norm_silu_reference(xn, wn, bn, 4, 1e-6)
+with torch.no_grad():
+    assert (kernels.group_norm_silu(xn, wn, bn, 4, 1e-6) - gn_ref).abs().max() < 1e-5
+    assert dispatch.LAUNCHES["group_norm_silu:triton"] == 1, dict(dispatch.LAUNCHES)
+    gn = torch.compile(lambda x: kernels.group_norm_silu(x, wn, bn, 4, 1e-6), backend="aot_eager", fullgraph=True)
+    assert (gn(xn) - gn_ref).abs().max() < 1e-5
 print("ok")
 """
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from vqfr.backends.base import Backend, BackendEntry, cuda_missing
-from vqfr.backends.torch_fast import FastOptions, FastRunner, with_fp32_islands
+from vqfr.backends.torch_fast import FastOptions, FastRunner, with_fp32_islands, with_fused_group_norm
 from vqfr.errors import ConfigError
 from vqfr.sidecar import EngineMeta
 
@@ -91,6 +91,8 @@ class TorchBackend(Backend):
         self.arch = opts.get("type", getattr(model, "arch", type(model).__name__))
         self.face_size = _face_size(opts)
         # Casts, moves, eval() and layout changes work on a copy: never change the caller's module in place.
+        if self.mode == "max" and self.fast.fused_group_norm:  # before the islands: these compute in fp32 already
+            model = with_fused_group_norm(model)
         if dtype != torch.float32 and (self.mode == "eager" or self.fast.fp32_islands):
             model = with_fp32_islands(model, dtype)
         elif dtype != torch.float32 or self.mode == "max" or model is self.engine:

@@ -21,6 +21,14 @@ It stacks, on one GPU:
    and the compilation) and replayed, so batch 1 pays no per-kernel launch overhead. The graphs share one memory
    pool; each replay's output is copied out before the next replay can reuse it.
 
+Opt-in, off by default because it has not been measured on a GPU yet: ``FastOptions(fused_group_norm=True)``
+(``deploy.bench --backends torch-max-gn``) replaces every GroupNorm by :class:`FusedGroupNorm`, which calls
+``kernels.group_norm_silu`` (Triton on CUDA: statistics and normalisation in fp32, whole pixel rows read, the output
+in the caller's dtype). It takes the place of the GroupNorms' fp32 islands, and the SiLU that follows a GroupNorm is
+fused into it: in ``nn.Sequential`` (GN, SiLU) pairs, whose SiLU becomes ``nn.Identity``, and in the norms that
+``ResnetBlock`` feeds into a SiLU (``silu_norms``). The attention blocks' norm gets no SiLU. The replaced model
+keeps its state-dict keys (see :func:`with_fused_group_norm`).
+
 Each step can be switched off through :class:`FastOptions`; on a CPU the defaults reduce to steps 1-4 (no compile,
 no graphs), which is how the tests run this code. On CUDA the mode also turns on ``torch.backends.cudnn.benchmark``
 (static shapes). Each (batch, fidelity kind) compiles a function with a code object of its own, so torch's recompile
@@ -40,10 +48,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+import kernels
 from vqfr.models.blocks import AttnBlock
 from vqfr.models.quantizer import L2VectorQuantizerKmeans
 
-__all__ = ["FastOptions", "Float32Island", "FP32_ISLANDS", "with_fp32_islands", "FastRunner", "island_names"]
+__all__ = ["FastOptions", "Float32Island", "FP32_ISLANDS", "with_fp32_islands", "FastRunner", "island_names",
+           "FusedGroupNorm", "with_fused_group_norm"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +69,8 @@ class FastOptions:
         cuda_graphs: capture and replay a CUDA graph per (batch, fidelity kind).
         channels_last: run convolutions and the deformable conv in NHWC.
         fp32_islands: keep :data:`FP32_ISLANDS` in fp32 when the precision is fp16/bf16.
+        fused_group_norm: replace each GroupNorm (and the SiLU after it) by :class:`FusedGroupNorm`
+            (:func:`with_fused_group_norm`). Off by default: not yet measured on a GPU.
     """
 
     compile: bool | None = None
@@ -67,6 +79,7 @@ class FastOptions:
     cuda_graphs: bool | None = None
     channels_last: bool = True
     fp32_islands: bool = True
+    fused_group_norm: bool = False
 
     def resolved(self, device: torch.device) -> FastOptions:
         """These options with the None fields set for ``device``.
@@ -149,7 +162,8 @@ FP32_ISLANDS: tuple[tuple[str, Callable[[str, nn.Module, str], bool], bool], ...
 def with_fp32_islands(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A copy of ``model`` in ``dtype`` with the modules of :data:`FP32_ISLANDS` wrapped in :class:`Float32Island`.
 
-    In fp32 the copy is plain. The input model is never modified.
+    In fp32 the copy is plain. The input model is never modified. :class:`FusedGroupNorm` modules (which compute in
+    fp32 themselves) are not GroupNorms and stay unwrapped.
     """
     model = copy.deepcopy(model).to(dtype)
     if dtype == torch.float32:
@@ -165,6 +179,61 @@ def with_fp32_islands(model: nn.Module, dtype: torch.dtype) -> nn.Module:
                 if not isinstance(parent, Float32Island):
                     setattr(parent, child, Float32Island(module, cast_back))
                 break
+    return model
+
+
+class FusedGroupNorm(nn.Module):
+    """A GroupNorm, optionally followed by SiLU, through ``kernels.group_norm_silu``: statistics and normalisation in
+    fp32 whatever the input's dtype, output in the input's dtype and memory format (an fp32 island of its own).
+
+    It takes over the ``weight`` and ``bias`` parameters of ``norm``, so its state-dict keys are the GroupNorm's.
+
+    Args:
+        norm: the GroupNorm replaced.
+        silu: also apply the SiLU that follows it (``applies_silu``: :func:`vqfr.models.blocks.norm_silu` then skips
+            its own).
+
+    Shapes: [N, C, H, W] -> [N, C, H, W].
+    """
+
+    def __init__(self, norm: nn.GroupNorm, silu: bool):
+        super().__init__()
+        self.num_groups, self.num_channels, self.eps = norm.num_groups, norm.num_channels, norm.eps
+        self.weight, self.bias = norm.weight, norm.bias  # Parameters (or None without affine)
+        self.applies_silu = silu
+
+    def forward(self, x: Tensor) -> Tensor:
+        return kernels.group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps, silu=self.applies_silu)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, silu={self.applies_silu}"
+
+
+def with_fused_group_norm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose GroupNorms are :class:`FusedGroupNorm` modules; the input model is not modified.
+
+    The SiLU is fused where a GroupNorm feeds one directly: a (GroupNorm, ``nn.SiLU``) pair inside an
+    ``nn.Sequential`` (the SiLU becomes ``nn.Identity``, which has no keys and keeps the indices) and the norms a
+    module lists in ``silu_norms`` (``ResnetBlock``'s, applied through ``norm_silu``). Other GroupNorms (the attention
+    blocks') get no SiLU. State-dict keys are unchanged.
+    """
+    model = copy.deepcopy(model)
+    for module in list(model.modules()):
+        if isinstance(module, nn.Sequential):
+            for i in range(len(module) - 1):
+                norm, act = module[i], module[i + 1]
+                if isinstance(norm, nn.GroupNorm) and isinstance(act, nn.SiLU):
+                    module[i] = FusedGroupNorm(norm, silu=True)
+                    module[i + 1] = nn.Identity()
+        for name in getattr(module, "silu_norms", ()):
+            child = getattr(module, name)
+            if isinstance(child, nn.GroupNorm):
+                setattr(module, name, FusedGroupNorm(child, silu=True))
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.GroupNorm):
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child_name,
+                    FusedGroupNorm(module, silu=False))
     return model
 
 

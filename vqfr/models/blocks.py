@@ -38,6 +38,14 @@ def norm_act_conv(cin: int, cout: int, kernel_size: int = 3) -> nn.Sequential:
     return nn.Sequential(group_norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, kernel_size, padding=kernel_size // 2))
 
 
+def norm_silu(norm: nn.Module, x: Tensor, inplace: bool = False) -> Tensor:
+    """``SiLU(norm(x))``; a norm that applies the SiLU itself (``applies_silu`` True: the fused GroupNorm + SiLU of
+    :mod:`vqfr.backends.torch_fast`) is only called."""
+    if getattr(norm, "applies_silu", False):
+        return norm(x)
+    return F.silu(norm(x), inplace=inplace)
+
+
 class ResnetBlock(nn.Module):
     """``skip(x) + conv2(SiLU(GN2(conv1(SiLU(GN1(x))))))`` with 3x3 convs.
 
@@ -48,6 +56,9 @@ class ResnetBlock(nn.Module):
     """
 
     skip_name = "shortcut_conv"
+    #: The norms whose output goes straight into a SiLU (through :func:`norm_silu`): a fused GroupNorm + SiLU may
+    #: replace them.
+    silu_norms = ("norm1", "norm2")
 
     def __init__(self, cin: int, cout: int | None = None):
         super().__init__()
@@ -63,8 +74,8 @@ class ResnetBlock(nn.Module):
         # Without autograd the SiLU overwrites the fresh GroupNorm output instead of keeping both: at v1's finest
         # level that pair is 2 x 1.07 GB at batch 8 in fp16 (same values either way).
         inplace = not torch.is_grad_enabled()
-        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
-        h = self.conv2(F.silu(self.norm2(h), inplace=inplace))
+        h = self.conv1(norm_silu(self.norm1, x, inplace))
+        h = self.conv2(norm_silu(self.norm2, h, inplace))
         skip = self._modules.get(self.skip_name)
         return (x if skip is None else skip(x)) + h
 
