@@ -34,8 +34,8 @@ Then the timings, one at a time:
    threads (reading and PNG writing overlap the model).
 9. ``groupnorm`` (only when asked for): the fused GroupNorm + SiLU, not yet measured on a GPU. First
    ``deploy.bench_kernels --ops group_norm`` in fp16 (ours eager and compiled against the fp32 island eager and
-   compiled; at most 90 s, JSON in ``group_norm.json``), then ``deploy.bench`` of v2 at batch 1 and 8 with
-   ``--backends torch-max,torch-max-gn``: the same compiled model without and with the fused GroupNorm.
+   compiled; at most 90 s, JSON in ``group_norm.json``), then ``deploy.bench`` of v2 at batch 8 with
+   ``--backends torch-max-gn,torch-max``: the same compiled model with and without the fused GroupNorm.
 
 ``train`` (only when asked for) is the checks' training job on its own, with the GPU to itself and 210 s instead
 of 130 s: enough for ``--train-iters 300``.
@@ -128,7 +128,10 @@ def _groupnorm(work: Path, out: Path) -> list[str]:
     """The GroupNorm + SiLU kernel benchmark (cut at 90 s), then the v2 model A/B: torch-max against torch-max-gn."""
     kernels = (f"timeout 90 {sys.executable} -m deploy.bench_kernels --ops group_norm --dtypes fp16 --iters 30 "
                f"--warmup 5 --json {out}/group_norm.json")
-    bench = " ".join(shlex.quote(arg) for arg in _bench("v2", "1", "torch-max,torch-max-gn", work / "groupnorm"))
+    # Batch 8 only, where normalisation was 45% of the kernel time: two compiles (about 50 s each) and the baseline
+    # rows fit the cap; batch 1 as well would not. The new backend first, so that a cut keeps it.
+    bench = " ".join(shlex.quote(arg) for arg in _bench("v2", "1", "torch-max-gn,torch-max", work / "groupnorm",
+                                                        batches="8"))
     return ["sh", "-c", f"{kernels}; {bench}"]
 
 

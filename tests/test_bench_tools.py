@@ -141,7 +141,7 @@ def test_gpu_check_dry_run_lists_the_steps(tmp_path, capsys):
     assert gpu_check.main(["--out", str(tmp_path), "--dry-run", "--steps", "groupnorm"]) == 0
     printed = capsys.readouterr().out
     assert "deploy.bench_kernels --ops group_norm --dtypes fp16" in printed and "group_norm.json" in printed
-    assert "--backends torch-max,torch-max-gn --precision fp16 --batch 1,8" in printed
+    assert "--backends torch-max-gn,torch-max --precision fp16 --batch 8" in printed
     assert gpu_check.STEPS["groupnorm"].cap <= 300 and "groupnorm" in gpu_check.RUNS
     assert gpu_check.main(["--out", str(tmp_path), "--dry-run", "--steps", "kernels", "train", "--train-iters",
                            "300"]) == 0
