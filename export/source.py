@@ -258,11 +258,12 @@ def check_v1_side(side: int, patch: int, path: str | Path | None = None) -> None
     """A v1 input side must be a positive multiple of its patch (32).
 
     Raises:
-        ConfigError: with the nearest valid ``--size``.
+        ConfigError: with the nearest valid ``--size`` (the smaller one when two are as near).
     """
     if side < patch or side % patch:
+        nearest = max(patch, (side + (patch - 1) // 2) // patch * patch)
         raise ConfigError(f"VQFRv1 needs an input side that is a multiple of {patch}, got {side}", path=path,
-                          fix=f"pass --size {max(patch, side - side % patch)}")
+                          fix=f"pass --size {nearest}")
 
 
 def export_spec(model: Network, batch: int | None = None, size: int | None = None,

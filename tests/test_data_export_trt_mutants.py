@@ -103,6 +103,31 @@ def test_a_synthetic_root_holds_the_faces_it_names():
     assert len(FaceDataset("synthetic", 8)) == data.SYNTHETIC_DEFAULT_COUNT
 
 
+def test_a_data_root_whose_name_starts_with_synthetic_is_a_folder(tmp_path, monkeypatch):
+    """Only ``synthetic`` and ``synthetic:N`` are procedural faces (the module docstring). A folder named
+    ``synthetic_faces`` was taken for 16 procedural faces and never read, and a missing ``synthetic_data`` was
+    accepted as a root (found by mutation testing, round 4)."""
+    monkeypatch.chdir(tmp_path)
+    for i in range(3):
+        _write_png(tmp_path / "synthetic_faces" / f"{i}.png", np.full((8, 8, 3), 60 * i, np.uint8))
+    ds = FaceDataset("synthetic_faces", 8, use_hflip=False)
+    assert len(ds) == 3
+    first = ds[0]["gt"]  # the file's flat 0-valued image in [-1, 1], not a procedural face
+    assert torch.equal(first, torch.full_like(first, -1.0))
+    assert resolve_root(["synthetic_backup", "synthetic_faces", "synthetic:2"]) == "synthetic_faces"
+    with pytest.raises(ConfigError, match="none of the data roots"):
+        resolve_root("synthetic_data")
+
+
+@pytest.mark.parametrize("root", ["synthetic:", "synthetic:x", "synthetic:-3", "synthetic:0", "synthetic:2.5"])
+def test_a_synthetic_count_that_is_not_a_positive_integer_is_refused_by_name(root):
+    """``synthetic:x`` raised int()'s bare ValueError and ``synthetic:-3`` a negative __len__ error."""
+    with pytest.raises(ConfigError, match=r"dataroot_gt: .*positive whole number.*Fix: write for example"):
+        resolve_root(root)
+    with pytest.raises(ConfigError, match="positive whole number"):
+        FaceDataset(root, 8)
+
+
 def test_synthetic_faces_depend_on_the_seed():
     """Deterministic in (index, seed), and the seed matters."""
     assert np.array_equal(synthetic_face(2, 16, seed=1), synthetic_face(2, 16, seed=1))
@@ -711,6 +736,11 @@ def test_v1_sides_are_positive_multiples_of_the_patch_with_a_valid_fix():
         source.check_v1_side(10, 32)
     with pytest.raises(ConfigError, match=r"multiple of 32, got 100.*Fix: pass --size 96\b"):
         source.check_v1_side(100, 32)
+    # the nearest valid side, as the docstring promises: 128 is 8 from 120, 96 is 24 (it proposed 96, rounding down)
+    with pytest.raises(ConfigError, match=r"got 120.*Fix: pass --size 128\b"):
+        source.check_v1_side(120, 32)
+    with pytest.raises(ConfigError, match=r"got 48.*Fix: pass --size 32\b"):  # a tie: the smaller side
+        source.check_v1_side(48, 32)
 
 
 def test_export_spec_checks_batch_size_and_dynamic_size_against_the_architecture(v1, v2):

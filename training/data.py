@@ -23,8 +23,8 @@ from torch.utils.data import Dataset, Sampler
 from training.degradations import DegradationParams, degrade, sample_rng
 from vqfr.errors import ConfigError, InputError
 
-__all__ = ["IMAGE_SUFFIXES", "MAX_DRAWS", "list_images", "resolve_root", "synthetic_face", "FaceDataset",
-           "PairedDataset", "EpochSampler", "to_model_tensor"]
+__all__ = ["IMAGE_SUFFIXES", "MAX_DRAWS", "list_images", "resolve_root", "synthetic_count", "synthetic_face",
+           "FaceDataset", "PairedDataset", "EpochSampler", "to_model_tensor"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 SYNTHETIC_DEFAULT_COUNT = 16
@@ -46,13 +46,27 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
+def synthetic_count(root: str, key: str = "dataroot_gt") -> int | None:
+    """N for a root that is exactly ``"synthetic"`` (the default count) or ``"synthetic:N"``; None for anything else,
+    such as a folder named ``synthetic_faces``. A ``synthetic:`` count that is not a positive integer is refused."""
+    if root == "synthetic":
+        return SYNTHETIC_DEFAULT_COUNT
+    if not root.startswith("synthetic:"):
+        return None
+    count = root.split(":", 1)[1]
+    if not count.strip().isdigit() or int(count) < 1:
+        raise ConfigError(f"{key}: {root!r} needs a positive whole number of faces after 'synthetic:'",
+                          fix="write for example 'synthetic:16', or just 'synthetic'")
+    return int(count)
+
+
 def resolve_root(spec: str | Sequence[str], key: str = "dataroot_gt") -> str:
     """The first usable entry of ``spec``: an existing folder, or ``synthetic[:N]``. ``key`` is the config option
     that gave ``spec``, for the error."""
     candidates = [spec] if isinstance(spec, (str, Path)) else list(spec)
     for c in candidates:
         c = str(c)
-        if c.startswith("synthetic") or Path(c).is_dir():
+        if synthetic_count(c, key) is not None or Path(c).is_dir():
             return c
     raise ConfigError(f"{key}: none of the data roots {[str(c) for c in candidates]} exists",
                       fix=f"point {key} at a folder of faces, or add 'synthetic' as a last candidate for a smoke test")
@@ -119,8 +133,8 @@ class _ImageSource:
 
     def __init__(self, root: str, size: int):
         self.root, self.size = root, size
-        if root.startswith("synthetic"):
-            count = int(root.split(":", 1)[1]) if ":" in root else SYNTHETIC_DEFAULT_COUNT
+        count = synthetic_count(root)
+        if count is not None:
             self.files: list[Path] | None = None
             self.count = count
         else:
