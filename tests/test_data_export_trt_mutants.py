@@ -2,7 +2,9 @@
 unchecked, pinned here (each expected value computed independently, on tiny inputs, on the CPU):
 
 - training data: upper-case suffixes, ``.jpeg`` and folders named like images in ``list_images``; the first usable
-  data root; ``synthetic:N`` holding N faces and synthetic faces depending on their seed; 8-bit files mapped exactly
+  data root; ``synthetic:N`` holding N faces and synthetic faces depending on their seed; a folder whose name
+  merely starts with ``synthetic`` read as a folder, and a bad ``synthetic:`` count refused (two defects this round
+  found and fixed); 8-bit files mapped exactly
   onto [-1, 1] in RGB; tall faces refused like wide ones; larger faces shrunk by area averaging; an unreadable face
   replaced by another file (never itself, and not by the same one every epoch), reported as JSON
   ``[[file, reason]]``; exactly ``MAX_DRAWS`` tries and an error naming three files with " ..." only when there
@@ -18,9 +20,9 @@ unchecked, pinned here (each expected value computed independently, on tiny inpu
   scaled by the output's peak, NaN fp16 outputs failing, and CLI samples read at ``--size``;
 - the exporters' source and sidecar: the random-weight distributions, an output whose sidecar would overwrite an
   input, ``~`` in config paths, a sidecar path that is a folder, lower-case ``.pt2``, ``load_source_model``'s
-  defaults and refusals, the traced batch of 2 and the shared batch Dim, v1 side checks and their fix, the shape
-  checks of ``export_spec``, clamped and seeded check inputs, the ``--batch`` parser, torch's version with its build
-  tag, ``gpu_info`` of the asked device, and what ``engine_meta`` records.
+  defaults and refusals, the traced batch of 2 and the shared batch Dim, v1 side checks and their fix (the nearest
+  side, a defect fixed), the shape checks of ``export_spec``, clamped and seeded check inputs, the ``--batch``
+  parser, torch's version with its build tag, ``gpu_info`` of the asked device, and what ``engine_meta`` records.
 
 TensorRT is never needed (its module is faked); polygraphy, when missing, skips the ``--check`` tests only.
 """
