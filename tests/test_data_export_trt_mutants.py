@@ -44,6 +44,7 @@ from torch import nn
 from export import metadata, source
 from export import trt as trt_export
 from tests.conftest import TINY_V1, TINY_V2, seeded_model
+from tests.fake_tensorrt import STRONGLY_TYPED_BIT, BuildLog, fake_tensorrt
 from training.data import EpochSampler, FaceDataset, PairedDataset, list_images, resolve_root, synthetic_face
 from vqfr.errors import ConfigError, EngineError, InputError, OutputError
 from vqfr.sidecar import EngineMeta, TensorSpec, read_sidecar, sidecar_path, write_sidecar
@@ -281,138 +282,6 @@ def test_face_dataset_flips_by_default():
 
 
 # --- export/trt.py: the build on a stand-in tensorrt module -----------------------------------------------------------
-_STRONGLY_TYPED_BIT = 1  # TensorRT 10's NetworkDefinitionCreationFlag.STRONGLY_TYPED
-
-
-class _Recorder:
-    """What build_engine asked of the stand-in TensorRT."""
-
-    def __init__(self):
-        self.network_flags = None
-        self.set_flags: set[str] = set()
-        self.cleared_flags: set[str] = set()
-        self.pool_limits: dict[str, int] = {}
-        self.profile: dict[str, tuple] = {}
-        self.cache_data = None
-        self.ignore_mismatch = None
-        self.plugins_to_serialize = None
-
-
-def _fake_tensorrt_module(version: str, recorder: _Recorder, inputs: dict[str, tuple]) -> types.ModuleType:
-    """A tensorrt module whose builder records its settings and 'builds' the bytes b"engine"; its network has
-    ``inputs`` ({name: shape}, -1 dynamic) as the ONNX parser would give them."""
-
-    class Logger:
-        WARNING = "warning"
-
-        def __init__(self, level):
-            self.level = level
-
-    class Network:
-        num_layers = 0
-
-        def __init__(self):
-            self.inputs = []
-            for name, shape in inputs.items():
-                tensor = types.SimpleNamespace(name=name, shape=shape, dtype="f32")
-                self.inputs.append(tensor)
-            self.num_inputs = len(self.inputs)
-
-        def get_input(self, i):
-            return self.inputs[i]
-
-    class Cache:
-        def __init__(self, data):
-            self.data = data
-
-        def serialize(self):
-            return b"tuned after " + self.data
-
-    class Config:
-        def __init__(self):
-            self.cache = None
-
-        def set_memory_pool_limit(self, pool, size):
-            recorder.pool_limits[pool] = size
-
-        def set_flag(self, flag):
-            recorder.set_flags.add(flag)
-
-        def clear_flag(self, flag):
-            recorder.cleared_flags.add(flag)
-
-        @property
-        def plugins_to_serialize(self):
-            return recorder.plugins_to_serialize
-
-        @plugins_to_serialize.setter
-        def plugins_to_serialize(self, libraries):
-            recorder.plugins_to_serialize = list(libraries)
-
-        def add_optimization_profile(self, profile):
-            recorder.profile = dict(profile.shapes)
-
-        def create_timing_cache(self, data):
-            recorder.cache_data = bytes(data)
-            return Cache(bytes(data))
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            recorder.ignore_mismatch = ignore_mismatch
-            self.cache = cache
-            return True
-
-        def get_timing_cache(self):
-            return self.cache
-
-    class Profile:
-        def __init__(self):
-            self.shapes = {}
-
-        def set_shape(self, name, low, opt, high):
-            self.shapes[name] = (low, opt, high)
-
-    class Builder:
-        def __init__(self, logger):
-            self.logger = logger
-
-        def create_network(self, flags):
-            recorder.network_flags = flags
-            return Network()
-
-        def create_builder_config(self):
-            return Config()
-
-        def create_optimization_profile(self):
-            return Profile()
-
-        def build_serialized_network(self, network, config):
-            return b"engine"
-
-    class OnnxParser:
-        num_errors = 0
-
-        def __init__(self, network, logger):
-            pass
-
-        def parse(self, graph, path):
-            return True
-
-        def get_used_vc_plugin_libraries(self):
-            return ["libnvinfer_vc_plugin.so.10"]
-
-    module = types.ModuleType("tensorrt")
-    module.__version__ = version
-    module.Logger, module.Builder, module.OnnxParser = Logger, Builder, OnnxParser
-    module.init_libnvinfer_plugins = lambda logger, namespace: True
-    module.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=_STRONGLY_TYPED_BIT)
-    module.BuilderFlag = types.SimpleNamespace(TF32="TF32", FP16="FP16", OBEY_PRECISION_CONSTRAINTS="OBEY",
-                                               VERSION_COMPATIBLE="VERSION_COMPATIBLE")
-    module.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
-    module.Dims = lambda dims: tuple(dims)
-    module.float32, module.float16 = "f32", "f16"
-    return module
-
-
 def _onnx_with_sidecar(folder: Path, precision: str, face_size: int = 16) -> Path:
     """A stand-in v2 ONNX file (dynamic batch) with its sidecar, as export.onnx writes them; its sidecar carries
     the ONNX export's own --check result, which does not describe an engine."""
@@ -432,8 +301,8 @@ def fake_build(monkeypatch, tmp_path):
     ONNX of that precision; returns (the recorder, the engine's sidecar)."""
 
     def build(version: str, precision: str, options: trt_export.BuildOptions):
-        recorder = _Recorder()
-        module = _fake_tensorrt_module(version, recorder, {"input": (-1, 3, 16, 16), "fidelity": (-1,)})
+        recorder = BuildLog()
+        module = fake_tensorrt(version, recorder, {"input": (-1, 3, 16, 16), "fidelity": (-1,)})
         monkeypatch.setitem(sys.modules, "tensorrt", module)
         monkeypatch.setattr(trt_export, "_onnx_bytes", lambda path, meta, opts: (b"graph", set()))
         folder = tmp_path / f"{version}_{precision}_{len(list(tmp_path.iterdir()))}"
@@ -483,7 +352,7 @@ def test_an_fp16_onnx_builds_a_strongly_typed_network_on_tensorrt_10(fake_build)
     and the FP16 builder flag and precision constraints are not set (they belong to weakly typed builds), even
     with ``--fp16``. ``--dcn-fp16`` on an fp16 engine is recorded as fp16 DeformConvs."""
     recorder, meta = fake_build("10.8.0.43", "fp16", trt_export.BuildOptions(fp16=True, dcn_fp16=True))
-    assert recorder.network_flags == 1 << _STRONGLY_TYPED_BIT
+    assert recorder.network_flags == 1 << STRONGLY_TYPED_BIT
     assert not recorder.set_flags & {"FP16", "OBEY"}
     assert meta.precision == "fp16" and meta.extra["strongly_typed"] is True
     assert meta.extra["dcn_precision"] == "fp16" and meta.extra["layers_pinned_fp32"] == 0

@@ -11,7 +11,6 @@ import copy
 import json
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch
 
 from deploy import bench
 from tests.conftest import TINY_V2
+from tests.fake_tensorrt import STRONGLY_TYPED_BIT, BuildLog, fake_tensorrt
 
 # Three levels and 16x16 faces, as in test_bench.py: every code path, a fraction of the time.
 SMALL_V2 = {**copy.deepcopy(TINY_V2), "channel_multipliers": [1, 1, 2],
@@ -375,107 +375,6 @@ def test_aoti_sidecar_and_program_follow_the_requested_batch_and_precision(tmp_p
 
 
 # ---------------------------------------------------------------------------------------------------- export.trt
-def _fake_tensorrt(log, inputs, version="10.9.0"):
-    """A ``tensorrt`` module with the calls build_engine makes, recording them in ``log``."""
-
-    class Flag:
-        FP16, OBEY_PRECISION_CONSTRAINTS, TF32, VERSION_COMPATIBLE = "FP16", "OBEY", "TF32", "VC"
-
-    class Tensor:
-        def __init__(self, name, shape):
-            self.name, self.shape = name, shape
-
-    class Network:
-        num_layers = 0
-
-        def __init__(self):
-            self.num_inputs = len(inputs)
-
-        def get_input(self, i):
-            return Tensor(*inputs[i])
-
-    class Cache:
-        def __init__(self, data):
-            self.data = data
-
-        def serialize(self):
-            return b"cache:" + self.data
-
-    class Config:
-        def __init__(self):
-            self.flags = {"TF32"}  # TensorRT's default
-
-        def set_flag(self, flag):
-            self.flags.add(flag)
-
-        def clear_flag(self, flag):
-            self.flags.discard(flag)
-
-        def set_memory_pool_limit(self, pool, size):
-            log["workspace"] = size
-
-        def add_optimization_profile(self, profile):
-            log["profile"] = profile.shapes
-
-        def create_timing_cache(self, data):
-            log["cache_loaded"] = bytes(data)
-            return Cache(bytes(data))
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            self.cache = cache
-            return True
-
-        def get_timing_cache(self):
-            return self.cache
-
-    class Profile:
-        def __init__(self):
-            self.shapes = {}
-
-        def set_shape(self, name, low, opt, high):
-            self.shapes[name] = (low, opt, high)
-
-    class Builder:
-        def __init__(self, logger):
-            pass
-
-        def create_network(self, flags):
-            log["network_flags"] = flags
-            return Network()
-
-        def create_builder_config(self):
-            return Config()
-
-        def create_optimization_profile(self):
-            return Profile()
-
-        def build_serialized_network(self, network, config):
-            log["flags"] = set(config.flags)
-            return b"serialized engine"
-
-    class Parser:
-        def __init__(self, network, logger):
-            pass
-
-        def parse(self, graph, path):
-            return True
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, level):
-            pass
-
-    module = types.ModuleType("tensorrt")
-    module.__version__ = version
-    module.Builder, module.OnnxParser, module.Logger, module.BuilderFlag = Builder, Parser, Logger, Flag
-    module.Dims = list
-    module.init_libnvinfer_plugins = lambda logger, namespace: True
-    module.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
-    module.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
-    return module
-
-
 @pytest.fixture
 def fake_trt_build(tmp_path, monkeypatch):
     """build(precision of the ONNX, **BuildOptions) -> (the engine path, what TensorRT was asked)."""
@@ -489,9 +388,9 @@ def fake_trt_build(tmp_path, monkeypatch):
             arch="VQFRv2", options={"type": "VQFRv2"}, face_size=64, precision=precision,
             inputs=(TensorSpec("input", (-1, 3, 64, 64)), TensorSpec("fidelity", (-1,))),
             outputs=(TensorSpec("output", (-1, 3, 64, 64)),)))
-        log: dict = {}
-        monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(
-            log, [("input", (-1, 3, 64, 64)), ("fidelity", (-1,))], version))
+        log = BuildLog()
+        monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(
+            version, log, {"input": (-1, 3, 64, 64), "fidelity": (-1,)}))
         monkeypatch.setattr(trt_export, "_onnx_bytes", lambda path, meta, opts: (b"graph", set()))
         output = tmp_path / f"m_{precision}.engine"
         if cli is not None:
@@ -505,10 +404,10 @@ def fake_trt_build(tmp_path, monkeypatch):
 
 def test_trt_profile_spans_min_opt_max_batch(fake_trt_build):
     _, log = fake_trt_build(min_batch=1, opt_batch=4, max_batch=8)
-    assert log["profile"] == {"input": ([1, 3, 64, 64], [4, 3, 64, 64], [8, 3, 64, 64]),
-                              "fidelity": ([1], [4], [8])}
+    assert log.profile == {"input": ((1, 3, 64, 64), (4, 3, 64, 64), (8, 3, 64, 64)),
+                           "fidelity": ((1,), (4,), (8,))}
     _, log = fake_trt_build(cli=["--min-batch", "2", "--opt-batch", "3", "--max-batch", "5"])
-    assert log["profile"]["input"] == ([2, 3, 64, 64], [3, 3, 64, 64], [5, 3, 64, 64])
+    assert log.profile["input"] == ((2, 3, 64, 64), (3, 3, 64, 64), (5, 3, 64, 64))
 
 
 def test_trt_fp16_of_an_fp32_onnx_sets_the_fp16_flags_and_says_fp16(fake_trt_build):
@@ -517,30 +416,30 @@ def test_trt_fp16_of_an_fp32_onnx_sets_the_fp16_flags_and_says_fp16(fake_trt_bui
     from vqfr.sidecar import read_sidecar
 
     engine, log = fake_trt_build(fp16=True)
-    assert {"FP16", "OBEY"} <= log["flags"] and log["network_flags"] == 0
-    assert read_sidecar(engine).precision == "fp16" and engine.read_bytes() == b"serialized engine"
+    assert {"FP16", "OBEY"} <= log.flags and log.network_flags == 0
+    assert read_sidecar(engine).precision == "fp16" and engine.read_bytes() == b"engine"
     engine, log = fake_trt_build()
-    assert "FP16" not in log["flags"] and "TF32" not in log["flags"]  # fp32 means fp32
+    assert "FP16" not in log.flags and "TF32" not in log.flags  # fp32 means fp32
     assert read_sidecar(engine).precision == "fp32"
     _, log = fake_trt_build(tf32=True)
-    assert "TF32" in log["flags"]
+    assert "TF32" in log.flags
 
 
 def test_trt_fp16_onnx_builds_a_strongly_typed_network(fake_trt_build):
     from vqfr.sidecar import read_sidecar
 
     engine, log = fake_trt_build("fp16")
-    assert log["network_flags"] == 1 << 0 and "FP16" not in log["flags"]
+    assert log.network_flags == 1 << STRONGLY_TYPED_BIT and "FP16" not in log.flags
     assert read_sidecar(engine).extra["strongly_typed"] is True and read_sidecar(engine).precision == "fp16"
 
 
 def test_trt_timing_cache_is_loaded_then_saved(fake_trt_build, tmp_path):
     cache = tmp_path / "trt.cache"
     _, log = fake_trt_build(timing_cache=cache)  # absent: an empty cache, then saved
-    assert log["cache_loaded"] == b"" and cache.read_bytes() == b"cache:"
+    assert log.cache_data == b"" and cache.read_bytes() == b"tuned after "
     cache.write_bytes(b"tuned")
     _, log = fake_trt_build(timing_cache=cache)
-    assert log["cache_loaded"] == b"tuned" and cache.read_bytes() == b"cache:tuned"
+    assert log.cache_data == b"tuned" and cache.read_bytes() == b"tuned after tuned"
 
 
 def test_trt_a_failed_engine_write_leaves_no_sidecar(fake_trt_build, monkeypatch, tmp_path):
