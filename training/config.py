@@ -41,6 +41,7 @@ _STAGE1_OF = {"VQFRv1Model": "VQGANv1", "VQFRv2Model": "VQGANv2"}
 _WHOLE_NUMBERS = {("train", "total_iter"): 1, ("logger", "print_freq"): 1, ("logger", "save_checkpoint_freq"): 1,
                   ("val", "val_freq"): 1, ("datasets", "train", "batch_size_per_gpu"): 1,
                   ("datasets", "train", "num_worker_per_gpu"): 0, ("datasets", "train", "out_size"): 1,
+                  ("datasets", "val", "out_size"): 1,
                   ("train", "gan_start_iter"): -1, ("train", "main_gan_start_iter"): -1,
                   ("train", "net_d_reg_every"): 1, ("train", "kmeans_iters"): 1,
                   # the data seeds (numpy refuses a negative one when the first batch loads)
@@ -245,7 +246,8 @@ def val_metrics(cfg: dict, source: str = "config") -> dict[str, tuple[Callable[.
 
     Raises:
         ConfigError: an unknown type or option, a crop_border that is not a whole number >= 0 or leaves too little
-            of the validation images (SSIM needs 11x11 pixels), or a ``test_y_channel`` that is not true or false.
+            of the validation images (SSIM needs 11x11 pixels; so do validation images without a crop), or a
+            ``test_y_channel`` that is not true or false.
     """
     val = cfg.get("val") or {}
     if not isinstance(val, dict):
@@ -275,7 +277,12 @@ def val_metrics(cfg: dict, source: str = "config") -> dict[str, tuple[Callable[.
             raise ConfigError(f"{key}.crop_border is {crop!r}", path=source, fix="use a whole number >= 0")
         function = VAL_METRIC_TYPES[opt["type"]]
         least = 11 if function is ssim else 1  # SSIM needs one whole 11x11 window
-        if crop and isinstance(size, int) and size - 2 * crop < least:
+        if isinstance(size, int) and size - 2 * crop < least:
+            if not crop:  # too small whatever the crop: SSIM on images under 11x11 (found at the first validation)
+                raise ConfigError(f"{key} needs validation images of at least {least}x{least} pixels; they are "
+                                  f"{size}x{size}", path=source,
+                                  fix=f"set datasets.val.out_size to {least} or more, or leave {name} out of "
+                                      "val.metrics")
             raise ConfigError(f"{key}.crop_border is {crop}: it leaves less than {least}x{least} pixels of the "
                               f"{size}x{size} validation images", path=source,
                               fix=f"use a crop_border of at most {max(0, (size - least) // 2)}")
@@ -369,9 +376,11 @@ def _check_sizes(cfg: dict, source: str) -> None:
                 continue
             for key, side in (("train", size), ("val", (cfg["datasets"].get("val") or {}).get("out_size"))):
                 if isinstance(side, int) and side % patch:
+                    # a validation side suggested must also hold SSIM's 11x11 window (a default metric)
+                    least = patch if key == "train" else -(-11 // patch) * patch
                     raise ConfigError(f"datasets.{key}.out_size is {side}, but {name} ({kind}) downsamples by {patch}: "
                                       f"the side must be a multiple of {patch}", path=source,
-                                      fix=f"use a multiple of {patch}, such as {max(patch, side // patch * patch)}")
+                                      fix=f"use a multiple of {patch}, such as {max(least, side // patch * patch)}")
             grid = (block.get("quantizer_opt") or {}).get("spatial_size")
             if kind == "VQFRv2" and block.get("code_selection_mode", "Predict") == "Predict" \
                     and isinstance(grid, list) and grid and _is_number(grid[0]) and int(grid[0]) * patch != size:
