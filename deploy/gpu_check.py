@@ -37,12 +37,19 @@ Then the timings, one at a time:
    compiled; at most 90 s, JSON in ``group_norm.json``), then ``deploy.bench`` of v2 at batch 8 with
    ``--backends torch-max-gn,torch-max``: the same compiled model with and without the fused GroupNorm.
 
+10. ``memory`` (only when asked for): ``deploy.memory_map`` of v2 at batch 8 in max mode: the memory reserved per
+    pool, the live peak of each and the allocations live at it, by the line of Inductor's generated code that made
+    them (``memory.md``); then the same with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``
+    (``memory_expandable.md``). (The benchmark's batch-8 row also holds the batch-1 graph, captured first into the
+    same pool.)
+
 ``train`` (only when asked for) is the checks' training job on its own, with the GPU to itself and 210 s instead
 of 130 s: enough for ``--train-iters 300``.
 
 What it writes in ``--out`` (few files, so that they fit what a remote runner sends back): ``summary.md`` (the
 issue's targets against the measured numbers and the official anchors, the checks' outcomes, then every table),
-``results.json`` (every run's meta and rows), ``profile.md``, ``kernels.json``, ``group_norm.json``, ``train_loss.png``,
+``results.json`` (every run's meta and rows), ``profile.md``, ``kernels.json``, ``group_norm.json``, ``memory.md``,
+``memory_expandable.md``, ``train_loss.png``,
 ``gpu_check.log`` and ``logs.tgz`` (every step's log and small result files). Per-run folders go to ``--work``
 (default ``--out``/runs). ``summary.md``, ``results.json`` and ``logs.tgz`` are rewritten after every step, and each
 step's results are printed as it ends, so that a call killed from outside keeps what it measured.
@@ -135,6 +142,14 @@ def _groupnorm(work: Path, out: Path) -> list[str]:
     return ["sh", "-c", f"{kernels}; {bench}"]
 
 
+def _memory(out: Path) -> list[str]:
+    """The memory map of v2 at batch 8 with the default allocator, then with expandable segments (a second process:
+    the allocator reads its settings once; Inductor's caches are warm by then)."""
+    base = f"{sys.executable} -m deploy.memory_map --version v2 --batches 8"
+    return ["sh", "-c", f"{base} --out {out}/memory.md; "
+                        f"PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True {base} --out {out}/memory_expandable.md"]
+
+
 def _aoti_tests() -> list[str]:
     """The AOTInductor CUDA tests, one pytest process each, so that a segfault (torch 2.11 crashed loading the v2
     package) stops only its own case: a package without custom ops, each custom op alone, then the small v2."""
@@ -183,13 +198,16 @@ STEPS = {
                         + ["--compile-mode", "max-autotune-no-cudagraphs"], 300),
     # Two compiled models (torch-max and torch-max-gn) at two batch sizes after the kernel benchmark.
     "groupnorm": Step(lambda work, out, a: _groupnorm(work, out), 300),
+    # Two processes, each compiling v2 at batch 8 (the second from warm caches) with the allocator recording.
+    "memory": Step(lambda work, out, a: _memory(out), 240),
 }
 RUNS = ("v2", "v2_f0", "v1", "v2_aoti", "v2_autotune", "groupnorm")  # the steps that write a deploy.bench results.json
 #: The columns of a benchmark's rows printed as its step ends.
 DIGEST = ("backend", "precision", "batch", "fidelity", "median_ms", "img_per_s", "peak_mem_mb", "first_call_s",
           "max_abs_err", "psnr_db", "status")
-#: Left out of the default steps (``checks`` trains already; the fused GroupNorm is an opt-in A/B).
-ON_REQUEST = ("train", "v2_autotune", "groupnorm")
+#: Left out of the default steps (``checks`` trains already; the fused GroupNorm is an opt-in A/B; the memory map is
+#: a diagnosis).
+ON_REQUEST = ("train", "v2_autotune", "groupnorm", "memory")
 
 
 def evaluate(target: Target, rows: Sequence[dict]) -> dict:
@@ -343,6 +361,8 @@ def _digest(job: str, out: Path, work: Path, lines: int = 20) -> str:
         return report.markdown_table(rows, [c for c in report.COLUMNS if c[0] in DIGEST])
     if job == "profile" and (out / "profile.md").is_file():
         return (out / "profile.md").read_text().split("\n| kernel |")[0]
+    if job == "memory" and (out / "memory.md").is_file():  # each batch's facts and pool table
+        return "\n".join(part.split("\n### ")[0] for part in (out / "memory.md").read_text().split("\n\n## "))
     path = work / f"{job}.log"
     tail = path.read_text(errors="replace").splitlines()[-lines:] if path.is_file() else ["(no log)"]
     return "\n".join(line[:200] for line in tail)
