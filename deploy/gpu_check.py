@@ -43,12 +43,18 @@ Then the timings, one at a time:
     (``memory_expandable.md``). (The benchmark's batch-8 row also holds the batch-1 graph, captured first into the
     same pool.)
 
+11. ``profiles`` (only when asked for): ``deploy.profile_model`` in max mode for the other targets, in this order,
+    each in its own file: v2 batch 1 (``profile_v2_b1.md``), v2 batch 1 at fidelity 0 (``profile_v2_f0_b1.md``), v1
+    batch 1 (``profile_v1_b1.md``) and v1 batch 8 (``profile_v1_b8.md``). Inductor's caches from the benchmark
+    steps of the same call shorten their compiles.
+
 ``train`` (only when asked for) is the checks' training job on its own, with the GPU to itself and 210 s instead
 of 130 s: enough for ``--train-iters 300``.
 
 What it writes in ``--out`` (few files, so that they fit what a remote runner sends back): ``summary.md`` (the
 issue's targets against the measured numbers and the official anchors, the checks' outcomes, then every table),
-``results.json`` (every run's meta and rows), ``profile.md``, ``kernels.json``, ``group_norm.json``, ``memory.md``,
+``results.json`` (every run's meta and rows), ``profile.md``, ``profile_*.md``, ``kernels.json``, ``group_norm.json``,
+``memory.md``,
 ``memory_expandable.md``, ``train_loss.png``,
 ``gpu_check.log`` and ``logs.tgz`` (every step's log and small result files). Per-run folders go to ``--work``
 (default ``--out``/runs). ``summary.md``, ``results.json`` and ``logs.tgz`` are rewritten after every step, and each
@@ -142,12 +148,27 @@ def _groupnorm(work: Path, out: Path) -> list[str]:
     return ["sh", "-c", f"{kernels}; {bench}"]
 
 
+#: (file stem, profile_model arguments) of the ``profiles`` step, most wanted first.
+PROFILES = (("profile_v2_b1", ("--version", "v2", "--batch", "1")),
+            ("profile_v2_f0_b1", ("--version", "v2", "--batch", "1", "--fidelity", "0")),
+            ("profile_v1_b1", ("--version", "v1", "--batch", "1")),
+            ("profile_v1_b8", ("--version", "v1", "--batch", "8")))
+
+
+def _profiles(out: Path) -> list[str]:
+    """``deploy.profile_model`` (max mode) for each of :data:`PROFILES`, one after the other; a cut at the step's
+    cap keeps the files already written."""
+    runs = [" ".join([sys.executable, "-m", "deploy.profile_model", *args, "--mode", "max", "--out",
+                      shlex.quote(str(out / f"{stem}.md"))]) for stem, args in PROFILES]
+    return ["sh", "-c", "; ".join(runs)]
+
+
 def _memory(out: Path) -> list[str]:
     """The memory map of v2 at batch 8 with the default allocator, then with expandable segments (a second process:
     the allocator reads its settings once; Inductor's caches are warm by then)."""
     base = f"{sys.executable} -m deploy.memory_map --version v2 --batches 8"
-    return ["sh", "-c", f"{base} --out {out}/memory.md; "
-                        f"PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True {base} --out {out}/memory_expandable.md"]
+    first, second = (shlex.quote(str(out / name)) for name in ("memory.md", "memory_expandable.md"))
+    return ["sh", "-c", f"{base} --out {first}; PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True {base} --out {second}"]
 
 
 def _aoti_tests() -> list[str]:
@@ -198,6 +219,8 @@ STEPS = {
                         + ["--compile-mode", "max-autotune-no-cudagraphs"], 300),
     # Two compiled models (torch-max and torch-max-gn) at two batch sizes after the kernel benchmark.
     "groupnorm": Step(lambda work, out, a: _groupnorm(work, out), 300),
+    # Four compiles (v1 at batch 8 took more than 150 s cold); each profile is its own file.
+    "profiles": Step(lambda work, out, a: _profiles(out), 300),
     # Two processes, each compiling v2 at batch 8 (the second from warm caches) with the allocator recording.
     "memory": Step(lambda work, out, a: _memory(out), 240),
 }
@@ -205,9 +228,9 @@ RUNS = ("v2", "v2_f0", "v1", "v2_aoti", "v2_autotune", "groupnorm")  # the steps
 #: The columns of a benchmark's rows printed as its step ends.
 DIGEST = ("backend", "precision", "batch", "fidelity", "median_ms", "img_per_s", "peak_mem_mb", "first_call_s",
           "max_abs_err", "psnr_db", "status")
-#: Left out of the default steps (``checks`` trains already; the fused GroupNorm is an opt-in A/B; the memory map is
-#: a diagnosis).
-ON_REQUEST = ("train", "v2_autotune", "groupnorm", "memory")
+#: Left out of the default steps (``checks`` trains already; the fused GroupNorm is an opt-in A/B; the memory map and
+#: the batch-1 and v1 profiles are diagnoses).
+ON_REQUEST = ("train", "v2_autotune", "groupnorm", "memory", "profiles")
 
 
 def evaluate(target: Target, rows: Sequence[dict]) -> dict:
@@ -361,6 +384,10 @@ def _digest(job: str, out: Path, work: Path, lines: int = 20) -> str:
         return report.markdown_table(rows, [c for c in report.COLUMNS if c[0] in DIGEST])
     if job == "profile" and (out / "profile.md").is_file():
         return (out / "profile.md").read_text().split("\n| kernel |")[0]
+    if job == "profiles":  # each profile's categories
+        done = [out / f"{stem}.md" for stem, _ in PROFILES if (out / f"{stem}.md").is_file()]
+        if done:
+            return "\n\n".join(path.read_text().split("\n| kernel |")[0] for path in done)
     if job == "memory" and (out / "memory.md").is_file():  # each batch's facts and pool table
         return "\n".join(part.split("\n### ")[0] for part in (out / "memory.md").read_text().split("\n\n## "))
     path = work / f"{job}.log"

@@ -149,6 +149,34 @@ def test_gpu_check_dry_run_lists_the_steps(tmp_path, capsys):
     assert "timeout 210 " in printed and "--max-iters 300" in printed and "train_loss.png" in printed
 
 
+def test_gpu_check_profiles_step_profiles_each_other_target_into_its_own_file(tmp_path, monkeypatch):
+    """The ``profiles`` step (on request) runs profile_model in max mode for v2 b1, v2 f0 b1, v1 b1 and v1 b8, one
+    file each, in that order, and one failing profile does not stop the next; its digest shows each category table.
+    A stand-in interpreter writes what it was asked into the --out file."""
+    import subprocess
+
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\nfor last; do :; done\necho "## $*" > "$last"\n'
+                    'echo "| category |\n| kernel | x |" >> "$last"\n'
+                    'case "$*" in *"--version v2 --batch 1 --mode"*) exit 1;; esac\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(gpu_check.sys, "executable", str(fake))
+    out = tmp_path / "out dir"  # a space: the paths are quoted for the shell
+    out.mkdir()
+    assert "profiles" in gpu_check.ON_REQUEST
+    command = gpu_check.STEPS["profiles"].command(tmp_path, out, gpu_check.argparse.Namespace())
+    assert subprocess.run(command, check=False).returncode == 0
+    expected = {"profile_v2_b1": "--version v2 --batch 1 --mode max",
+                "profile_v2_f0_b1": "--version v2 --batch 1 --fidelity 0 --mode max",
+                "profile_v1_b1": "--version v1 --batch 1 --mode max",
+                "profile_v1_b8": "--version v1 --batch 8 --mode max"}
+    for stem, args in expected.items():
+        assert (out / f"{stem}.md").read_text().startswith(f"## -m deploy.profile_model {args} --out {out}/{stem}.md")
+    digest = gpu_check._digest("profiles", out, tmp_path)
+    assert digest.count("| category |") == 4 and "| kernel |" not in digest
+    assert digest.index("--version v2 --batch 1 --mode") < digest.index("--fidelity 0") < digest.index("v1 --batch 1")
+
+
 def test_gpu_check_kills_a_job_past_its_cap_with_its_children_and_reports_it(tmp_path, monkeypatch):
     marker = tmp_path / "child_survived"
     slow = gpu_check.Step(lambda w, o, a: ["sh", "-c", f"(sleep 3; touch {marker}) & wait"], 1)

@@ -143,9 +143,9 @@ def test_gpu_check_memory_step_runs_the_map_twice_with_and_without_expandable_se
     script = command[-1]
     first, second = script.split("; ")
     assert "-m deploy.memory_map --version v2 --batches 8" in first and "PYTORCH_CUDA_ALLOC_CONF" not in first
-    assert first.endswith(f"--out {tmp_path / 'out'}/memory.md")
+    assert first.endswith(f"--out {tmp_path / 'out' / 'memory.md'}")
     assert second.startswith("PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True ")
-    assert second.endswith(f"--out {tmp_path / 'out'}/memory_expandable.md")
+    assert second.endswith(f"--out {tmp_path / 'out' / 'memory_expandable.md'}")
 
 
 def test_gpu_check_digest_of_the_memory_step_keeps_each_batch_pool_table_not_the_details(tmp_path):
