@@ -1,5 +1,6 @@
 """The fast path of the torch backend (``mode="max"``) on the CPU: fp32 islands, channels-last, the fidelity-0
-graph, static batch keys and torch.compile tracing (the CUDA-graph capture needs a GPU and is not run here)."""
+graph, static batch keys and torch.compile tracing, and the CUDA-graph bookkeeping (static buffers, copies handed
+out, the warm-up cache released) through a stand-in for torch.cuda's graph API (a real capture needs a GPU)."""
 
 from __future__ import annotations
 
@@ -167,3 +168,79 @@ def test_runtime_runs_the_max_mode_from_the_environment(monkeypatch):
         x = torch.rand(1, 3, 64, 64) * 2 - 1
         with torch.no_grad():
             torch.testing.assert_close(rt.infer(x, 0.5), model(x, fidelity=0.5), atol=1e-4, rtol=0)
+
+
+def test_cuda_graph_path_replays_new_inputs_hands_out_copies_and_releases_the_warm_up_cache(monkeypatch):
+    """FastRunner's CUDA-graph path with torch.cuda's graph API replaced by a stand-in with the same contract: a
+    capture records the forward on the static input buffers, a replay recomputes it from whatever those buffers hold
+    now into the static output. Each (batch, fidelity kind) is warmed up three times and captured once; every call
+    copies its input into the static buffers (a replay of the first input would be wrong); the caller gets a copy,
+    which the next replay leaves alone; and the cache of the warm-up is released after each capture."""
+    import contextlib
+    import types
+
+    from vqfr.backends.torch_fast import FastRunner
+
+    events: list[str] = []
+
+    class Graph:
+        capturing: Graph | None = None
+
+        def replay(self):
+            fn, args, out = self.recorded
+            events.append("replay")
+            out.copy_(fn(*args))
+
+    @contextlib.contextmanager
+    def graph(g, pool=None, stream=None):
+        assert pool is not None and stream is not None
+        events.append("capture")
+        Graph.capturing = g
+        yield
+        Graph.capturing = None
+
+    stream = types.SimpleNamespace(wait_stream=lambda other: None)
+    fake = {"graph_pool_handle": lambda: object(), "Stream": lambda device: stream,
+            "current_stream": lambda device: stream, "stream": lambda s: contextlib.nullcontext(),
+            "CUDAGraph": Graph, "graph": graph, "synchronize": lambda device=None: None,
+            "empty_cache": lambda: events.append("empty_cache")}
+    for name, value in fake.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+
+    model = seeded_model(copy.deepcopy(TINY_V2))
+    runner = FastRunner(model, "VQFRv2", torch.device("cpu"), torch.float32,
+                        FastOptions(compile=False, cuda_graphs=True, channels_last=True))
+    function = runner._function
+
+    def recording(key):
+        fn = function(key)
+
+        def call(x, f):
+            out = fn(x, f)
+            if Graph.capturing is not None:
+                Graph.capturing.recorded = (fn, (x, f), out)
+            events.append("forward")
+            return out
+        return call
+
+    monkeypatch.setattr(runner, "_function", recording)
+    size = runner.model.options["quantizer_opt"]["spatial_size"][0] * 32
+    gen = torch.Generator().manual_seed(3)
+    x1, x2, x3 = (torch.rand(1, 3, size, size, generator=gen) * 2 - 1 for _ in range(3))
+    ones, zeros = torch.ones(1), torch.zeros(1)
+    with torch.no_grad():
+        want1, want2 = model(x1, fidelity=ones), model(x2, fidelity=torch.tensor([0.25]))
+        want3 = model(x3, fidelity=0.0)
+    first = runner(x1, ones)
+    assert events == ["forward"] * 3 + ["capture", "forward", "empty_cache", "replay"]
+    torch.testing.assert_close(first, want1, rtol=1e-5, atol=1e-5)
+    events.clear()
+    second = runner(x2, torch.tensor([0.25]))  # same key: replayed with the new input and fidelity
+    assert events == ["replay"]
+    torch.testing.assert_close(second, want2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(first, want1, rtol=1e-5, atol=1e-5)  # the first result is the caller's own copy
+    events.clear()
+    third = runner(x3, zeros)  # all at fidelity 0: the texture-only graph, captured once more
+    assert events == ["forward"] * 3 + ["capture", "forward", "empty_cache", "replay"]
+    torch.testing.assert_close(third, want3, rtol=1e-5, atol=1e-5)
+    assert set(runner._graphs) == {(1, False), (1, True)} and set(runner.prepare_s) == {(1, False), (1, True)}

@@ -19,7 +19,9 @@ It stacks, on one GPU:
    read + write; it fuses the other elementwise work into neighbouring kernels too.
 6. **CUDA graphs**: each (batch, fidelity kind) is captured once after warm-up (which also runs Triton's autotuning
    and the compilation) and replayed, so batch 1 pays no per-kernel launch overhead. The graphs share one memory
-   pool; each replay's output is copied out before the next replay can reuse it.
+   pool; each replay's output is copied out before the next replay can reuse it. After each capture the cached
+   blocks of the warm-up are released (``torch.cuda.empty_cache``): they would otherwise keep a second copy of the
+   peak activations reserved in the default pool, which replays never use.
 
 Opt-in, off by default because it has not been measured on a GPU yet: ``FastOptions(fused_group_norm=True)``
 (``deploy.bench --backends torch-max-gn``) replaces every GroupNorm by :class:`FusedGroupNorm`, which calls
@@ -367,6 +369,10 @@ class FastRunner:
             start = time.perf_counter()
             graph = self._graphs[key] = self._capture(key, x, f)
             torch.cuda.synchronize(self.device)
+            # The warm-up ran outside the graphs' pool: its activations, now free, stay cached in the default pool,
+            # which replays never use. Hand them back, so that the process holds the weights and the graph pool
+            # rather than a second copy of the peak activations.
+            torch.cuda.empty_cache()
             self.prepare_s[key] = time.perf_counter() - start
         graph.x.copy_(x)
         if f is not None and graph.fidelity is not None:
