@@ -13,7 +13,9 @@ cut short keeps the rows it finished: the benchmark saves them after every row).
   that isolate the loader crash seen on the H100 (no custom op, the deformable conv alone, the code search alone),
   each in its own process with ``PYTHONFAULTHANDLER=1``;
 - ``train``: a short stage-2 run of ``training/configs/gpu_short_vqfr_v2.yml`` (``--train-iters``) and its loss
-  curve. Its first intervals share the GPU with the two test jobs; later ones have it alone.
+  curve. Its first intervals share the GPU with the two test jobs; later ones have it alone. Iterations 160 (with
+  the lazy R1 penalty) and 161 (without) run under torch.profiler when the run gets that far
+  (``train_profile_iter_160.md``, ``train_profile_iter_161.md``).
 
 Then the timings, one at a time:
 
@@ -119,13 +121,23 @@ def _bench(version: str, fidelity: str, backends: str, out: Path, batches: str =
             *([] if importlib.util.find_spec("matplotlib") else ["--no-chart"])]
 
 
+#: Iterations of the training check profiled when the run gets that far: 160 holds the lazy R1 penalty of
+#: gpu_short_vqfr_v2.yml (every 16 iterations, discriminators from 100), 161 does not.
+TRAIN_PROFILE_ITERS = (160, 161)
+
+
 def _train(work: Path, out: Path, iters: int, seconds: float) -> list[str]:
-    """Train for ``iters`` iterations or ``seconds``, whichever comes first, then plot what was logged. Each call
-    trains into a folder of its own (the trainer refuses a folder that already holds a run)."""
+    """Train for ``iters`` iterations or ``seconds``, whichever comes first, then plot what was logged and copy the
+    profiles of :data:`TRAIN_PROFILE_ITERS` (``train_profile_iter_N.md``). Each call trains into a folder of its
+    own (the trainer refuses a folder that already holds a run)."""
     run = work / f"train_{time.strftime('%H%M%S')}"
+    profiled = ",".join(str(i) for i in TRAIN_PROFILE_ITERS if i <= iters)
     script = (f"timeout {seconds:.0f} {sys.executable} -m training.train --config "
-              f"training/configs/gpu_short_vqfr_v2.yml --max-iters {iters} --out {run}; "
-              f"{sys.executable} -m training.plot {run}/metrics.jsonl -o {out}/train_loss.png")
+              f"training/configs/gpu_short_vqfr_v2.yml --max-iters {iters} --out {run}"
+              + (f" --profile-iters {profiled}" if profiled else "") + "; "
+              f"{sys.executable} -m training.plot {run}/metrics.jsonl -o {out}/train_loss.png; status=$?; "
+              f"for f in {run}/profile_iter_*.md; do [ -f \"$f\" ] && cp \"$f\" {out}/train_$(basename \"$f\"); "
+              "done; exit $status")
     return ["sh", "-c", script]
 
 

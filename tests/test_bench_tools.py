@@ -177,6 +177,29 @@ def test_gpu_check_profiles_step_profiles_each_other_target_into_its_own_file(tm
     assert digest.index("--version v2 --batch 1 --mode") < digest.index("--fidelity 0") < digest.index("v1 --batch 1")
 
 
+def test_gpu_check_train_step_profiles_an_r1_iteration_and_copies_the_tables_out(tmp_path, monkeypatch):
+    """The training check asks for iterations 160 (lazy R1) and 161 to be profiled when it runs that far, copies
+    their tables into the output folder, and still reports the plot's exit status. A stand-in interpreter plays the
+    trainer (writing the profile files into its --out folder) and a failing plot."""
+    import subprocess
+
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\ncase "$*" in\n*training.train*) while [ "$1" != "--out" ]; do shift; done; '
+                    'mkdir -p "$2"; echo one > "$2/profile_iter_160.md"; echo two > "$2/profile_iter_161.md";;\n'
+                    '*training.plot*) exit 3;;\nesac\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(gpu_check.sys, "executable", str(fake))
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    command = gpu_check._train(work, out, 300, 210)
+    assert "--profile-iters 160,161" in command[-1]
+    assert subprocess.run(command, check=False).returncode == 3
+    assert (out / "train_profile_iter_160.md").read_text() == "one\n"
+    assert (out / "train_profile_iter_161.md").read_text() == "two\n"
+    assert "--profile-iters 160;" in gpu_check._train(work, out, 160, 210)[-1]
+    assert "--profile-iters" not in gpu_check._train(work, out, 100, 210)[-1]  # a short run profiles nothing
+
+
 def test_gpu_check_kills_a_job_past_its_cap_with_its_children_and_reports_it(tmp_path, monkeypatch):
     marker = tmp_path / "child_survived"
     slow = gpu_check.Step(lambda w, o, a: ["sh", "-c", f"(sleep 3; touch {marker}) & wait"], 1)

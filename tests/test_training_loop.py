@@ -694,3 +694,31 @@ def test_a_non_finite_loss_stops_the_run_at_once_when_the_weights_diverged(tmp_p
     assert [r["iter"] for r in records(run)] == [1, 2, 3, 4]  # the record that shows the divergence is kept
     assert "iter 2: non-finite values" in caplog.text
     assert not (run / "training_states").exists() or not any((run / "training_states").iterdir())
+
+
+def test_profile_iters_write_a_table_of_the_chosen_steps_only(tmp_path, capsys):
+    """``--profile-iters``: the chosen iterations run under torch.profiler and leave profile_iter_N.md with the host
+    operators by self time (on the CPU); the others leave nothing; bad lists are refused by the command line."""
+    from training.train import build_parser
+
+    cfg = tiny_vqfr_v2()
+    cfg["train"].update({"total_iter": 2, "gan_start_iter": 0, "net_d_reg_every": 2})
+    Trainer(cfg, tmp_path / "run", profile_iters=[2]).train()
+    assert not (tmp_path / "run" / "profile_iter_1.md").exists()
+    text = (tmp_path / "run" / "profile_iter_2.md").read_text()
+    assert text.startswith("# Training step 2\n\nWall time of the profiled step: ")
+    assert "## Host operators by self CPU time: " in text and "GPU kernels" not in text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| `")]
+    assert 1 <= len(rows) <= 25
+    names = [r[0].strip("| `") for r in rows]
+    # iteration 2 holds the R1 penalty: a double backward through the discriminator's convolutions
+    assert any(n.startswith("aten::convolution_backward") for n in names), names
+    shares = [float(r[3].rstrip(" |%")) for r in rows]
+    assert shares == sorted(shares, reverse=True) and sum(shares) <= 100.05
+    parser = build_parser()
+    assert parser.parse_args(["--config", "c.yml", "--profile-iters", "160,161"]).profile_iters == (160, 161)
+    assert parser.parse_args(["--config", "c.yml"]).profile_iters == ()
+    for bad in ("0", "a,2", "3,,4"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--config", "c.yml", "--profile-iters", bad])
+    assert "iteration" in capsys.readouterr().err

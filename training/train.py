@@ -31,6 +31,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _iterations(text: str) -> tuple[int, ...]:
+    """Comma-separated iteration numbers, each at least 1 (``--profile-iters 160,161``)."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes comma-separated iteration numbers, e.g. 160,161; got {text!r}") \
+            from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"iterations start at 1, got {text!r}")
+    return values
+
+
 def resumed_run_folder(resume: Path) -> Path | None:
     """The output folder of the run that ``--resume`` names: the folder itself, or ``<run>`` for a
     ``<run>/training_states/<iter>.state`` file; None for a state file kept anywhere else."""
@@ -55,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "resume from its latest state; the run goes on in its folder unless --out says otherwise")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--threads", type=_positive_int, help="CPU threads for torch (torch.set_num_threads)")
+    parser.add_argument("--profile-iters", type=_iterations, default=(), metavar="N[,N...]",
+                        help="run these iterations under torch.profiler and write profile_iter_N.md (GPU kernels and "
+                        "host operators by self time) into the output folder, e.g. 160,161: an iteration with the "
+                        "lazy R1 penalty (every train.net_d_reg_every) and one without")
     return parser
 
 
@@ -76,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         if out is None:
             out = Path("experiments") / str(cfg.get("name", args.config.stem))
         logging.getLogger("training").info("output folder: %s", out)
-        trainer = Trainer(cfg, out, device=args.device, resume=args.resume)
+        trainer = Trainer(cfg, out, device=args.device, resume=args.resume, profile_iters=args.profile_iters)
         trainer.train()
     except (VQFRError, ImportError) as exc:  # ImportError: a missing optional package, named with its extra
         print(f"error: {error_message(exc)}", file=sys.stderr)

@@ -14,6 +14,7 @@ Output folder::
     training_states/{iter}.state    everything needed to resume (nets, EMA, optimisers, scalers, k-means)
     metrics.jsonl                   one JSON object per logged iteration: iter, loss_total, every loss term, lr, timing
     val_metrics.jsonl               one JSON object per validation: iter, each val.metrics (psnr, ssim), images
+    profile_iter_{iter}.md          with --profile-iters: that step's GPU kernels and host operators by self time
     visualization/{iter}/           validation outputs
     tb/                             TensorBoard events (logger.use_tb_logger)
     train.log
@@ -30,6 +31,7 @@ import math
 import os
 import pickle
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +111,37 @@ class EMA:
         return self.model.state_dict()
 
 
+def step_profile_table(events: Any, it: int, wall_s: float, cuda: bool, top: int = 25) -> str:
+    """Markdown of one profiled training step from ``prof.key_averages()``: the ``top`` GPU kernels by self device
+    time (on CUDA), then the ``top`` host operators (``aten::``, ``vqfr::``, ``autograd``) by self CPU time, each with
+    its calls and its share of the table's total."""
+    def table(title: str, rows: list[tuple[str, float, int]]) -> list[str]:
+        total = sum(ms for _, ms, _ in rows)
+        lines = ["", f"## {title}: {total:.2f} ms in all", "", "| name | self ms | calls | share |",
+                 "|---|---|---|---|"]
+        for name, ms, calls in sorted(rows, key=lambda r: -r[1])[:top]:
+            short = name if len(name) <= 90 else name[:87] + "..."
+            lines.append(f"| `{short}` | {ms:.2f} | {calls} | {ms / total:.1%} |" if total else
+                         f"| `{short}` | {ms:.2f} | {calls} | - |")
+        return lines
+
+    lines = [f"# Training step {it}", "", f"Wall time of the profiled step: {wall_s:.3f} s (profiler overhead "
+             "included)."]
+    if cuda:
+        kernels = []
+        for e in events:
+            us = getattr(e, "self_device_time_total", None)
+            if us is None:
+                us = getattr(e, "self_cuda_time_total", 0)
+            if us and getattr(e, "device_type", None) != torch.autograd.DeviceType.CPU:
+                kernels.append((e.key, us / 1e3, int(e.count)))
+        lines += table("GPU kernels by self time", kernels)
+    host = [(e.key, e.self_cpu_time_total / 1e3, int(e.count)) for e in events
+            if e.key.startswith(("aten::", "vqfr::", "autograd::", "Optimizer."))]
+    lines += table("Host operators by self CPU time", host)
+    return "\n".join(lines) + "\n"
+
+
 def error_message(exc: BaseException) -> str:
     """The message of an error; for one re-raised from a DataLoader worker (torch writes the worker's traceback into
     the message), the worker's original message only."""
@@ -174,7 +207,10 @@ class Trainer:
         resume: a training state or an output folder to continue from.
     """
 
-    def __init__(self, cfg: dict, out_dir: str | Path, device: str | None = None, resume: str | Path | None = None):
+    def __init__(self, cfg: dict, out_dir: str | Path, device: str | None = None, resume: str | Path | None = None,
+                 profile_iters: Iterable[int] = ()):
+        #: iterations run under torch.profiler, each writing ``profile_iter_{it}.md`` (:meth:`_profiled_step`)
+        self.profile_iters = frozenset(int(i) for i in profile_iters)
         try:
             self._init(cfg, out_dir, device, resume)
         except BaseException as exc:
@@ -439,7 +475,7 @@ class Trainer:
             for batch in self.loader:
                 it += 1
                 self._count_unreadable(batch, it)
-                terms = self.step(batch, it)
+                terms = self._profiled_step(batch, it) if it in self.profile_iters else self.step(batch, it)
                 timed += 1
                 if it % print_freq == 0 or it == self.total_iter:
                     if self.device.type == "cuda":
@@ -474,6 +510,25 @@ class Trainer:
             raise InputError(f"{bad} of the {drawn} training images drawn so far could not be read ({named})",
                              path=self.train_set.root, fix="re-copy or remove the files named in train.log; up to "
                              f"{UNREADABLE_SHARE:.0%} unreadable files are skipped with a warning")
+
+    def _profiled_step(self, batch: dict, it: int) -> dict[str, Tensor]:
+        """:meth:`step` under torch.profiler. Rank 0 writes ``profile_iter_{it}.md``: the step's wall time (profiler
+        overhead included), then the GPU kernels (on CUDA) and the host operators, each by self time."""
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = self.device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        start = time.perf_counter()
+        with profile(activities=activities) as prof:
+            terms = self.step(batch, it)
+            if cuda:
+                torch.cuda.synchronize(self.device)
+        wall = time.perf_counter() - start
+        if self.is_main:
+            path = self.out / f"profile_iter_{it}.md"
+            atomic_write_bytes(path, step_profile_table(prof.key_averages(), it, wall, cuda).encode())
+            log.info("iter %d: profiled (%.2f s with the profiler): %s", it, wall, path)
+        return terms
 
     def step(self, batch: dict, it: int) -> dict[str, Tensor]:
         """One iteration: generator step, k-means, discriminator steps, EMA. Returns detached terms."""
