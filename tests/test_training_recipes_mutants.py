@@ -390,3 +390,23 @@ def test_a_global_discriminator_without_its_loss_block_is_refused_by_name(make, 
     recipe = RECIPES[cfg["model_type"]](cfg)
     recipe.build_branches(lambda module: module)
     assert recipe.branches == {}
+
+
+@pytest.mark.parametrize("make,keys", [(tiny_vqgan_v2, ["train.gan_opt"]),
+                                       (tiny_vqfr_v1, ["train.global_gan_opt", "train.patch_gan_opt"]),
+                                       (tiny_vqfr_v2, ["train.gan_opt", "train.patch_gan_opt"])])
+def test_gan_loss_blocks_without_any_discriminator_are_reported_as_ignored(make, keys, caplog):
+    """Removing the discriminator blocks trains without a GAN; the GAN loss blocks left in ``train`` are then
+    ignored, and the log says so once, naming them (the run used to go on without a word)."""
+    cfg = make()
+    for name in [k for k in cfg if k.startswith("network_d")]:
+        del cfg[name]
+    with caplog.at_level("WARNING", logger="training"):
+        RECIPES[cfg["model_type"]](cfg).build_branches(lambda module: module)
+    warnings = [r.getMessage() for r in caplog.records if "GAN" in r.getMessage()]
+    assert len(warnings) == 1 and "trains without a GAN" in warnings[0]
+    assert warnings[0].split("ignores ")[1].split(";")[0] == ", ".join(keys)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="training"):  # with its discriminators: nothing to report
+        RECIPES[make()["model_type"]](make()).build_branches(lambda module: module)
+    assert not [r for r in caplog.records if "without a GAN" in r.getMessage()]

@@ -248,6 +248,12 @@ class Recipe:
                 local_weight=t.get("generator_d_local_weight", 1.0),
                 d_local_loss_weight=spec.get("d_local_loss_weight", 1.0), r1_weight=t.get("r1_reg_weight", 10),
                 r1_every=t.get("net_d_reg_every", 16))
+        specs = self.branch_specs()
+        given = sorted({f"train.{k}" for spec in specs for k in (spec["global_gan_key"], "patch_gan_opt") if t.get(k)})
+        if not self.branches and given:  # a GAN loss block, but no discriminator to use it
+            blocks = sorted({spec["global"] for spec in specs})
+            log.warning("no discriminator block (%s) is given, so this run trains without a GAN and ignores %s; add "
+                        "the block(s) to train one", ", ".join(blocks), ", ".join(given))
 
     # --- one step -----------------------------------------------------------------------------------------------
     def generator_step(self, net: nn.Module, batch: dict, iteration: int, grad_scale: float):
