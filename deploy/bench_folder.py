@@ -75,7 +75,10 @@ def time_run(inputs: Path, out: Path, cli_args: list[str]) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = main(["-i", str(inputs), "-o", str(out), "--aligned", "-q", *cli_args])
+        try:
+            code = main(["-i", str(inputs), "-o", str(out), "--aligned", "-q", *cli_args])
+        except SystemExit as exc:  # the CLI's argparse refusals (a mistyped flag passed on, --batch 0) exit
+            code = exc.code if isinstance(exc.code, int) else 2
     match = re.search(r"(\d+) faces restored, \d+ failed.* in [\d.]+ s \(([\d.]+) faces/s; the model alone ([\d.]+)\)",
                       stdout.getvalue())
     if code != 0 or match is None:
@@ -94,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=2, help="runs per setting; the fastest is kept (default: 2)")
     p.add_argument("--work", type=Path, help="folder for the inputs and outputs (default: a temporary one)")
     args, cli_args = p.parse_known_args(argv)  # the rest goes to the CLI: --weights, --engine, --device, ...
+    for flag, value, least in (("--count", args.count, 1), ("--repeat", args.repeat, 1),
+                               ("--identity-ms", args.identity_ms, 0)):
+        if value < least:  # --repeat 0 ended in "max() arg is an empty sequence" after writing the faces
+            p.error(f"{flag} must be at least {least}, got {value:g}")
     threads = [int(t) for t in args.io_threads.split(",")]
     with contextlib.ExitStack() as stack:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vqfr_bench_folder_")))

@@ -396,8 +396,9 @@ def main(argv: Sequence[str] | None = None) -> list[Timing]:
         parser.error("--graphs needs a CUDA device (CUDA graphs)")
     if args.iters is not None and args.iters < 1:  # 0 used to mean the default, a negative count a crash
         parser.error(f"--iters must be at least 1, got {args.iters}")
-    if len(args.codebook) != 2:
-        parser.error(f"--codebook must be KxD (codes x dimension), got {'x'.join(map(str, args.codebook))}")
+    if len(args.codebook) != 2 or min(args.codebook) < 1:  # 0x256 ended in argmin's IndexError, 1024x0 timed nothing
+        parser.error(f"--codebook must be KxD (codes x dimension, each at least 1), got "
+                     f"{'x'.join(map(str, args.codebook))}")
     dtypes = args.dtypes or (["fp16", "fp32"] if on_gpu else ["fp32"])
     iters = args.iters if args.iters is not None else (50 if on_gpu else 3)
     warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)

@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.iters < 1:  # the times are per profiled forward
         parser.error(f"--iters must be at least 1, got {args.iters}")
+    if args.batch < 1:  # used to end in an IndexError from the backend, the model built
+        parser.error(f"--batch must be at least 1, got {args.batch}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA GPU; use --device cpu (with a small --config)")
     precision = args.precision or ("fp16" if args.device.startswith("cuda") else "fp32")
