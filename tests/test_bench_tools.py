@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -149,18 +150,21 @@ def test_gpu_check_dry_run_lists_the_steps(tmp_path, capsys):
     assert "timeout 210 " in printed and "--max-iters 300" in printed and "train_loss.png" in printed
 
 
+def stand_in_python(folder, monkeypatch, script: str) -> None:
+    """Make ``gpu_check`` build its commands around a shell script playing the Python interpreter."""
+    fake = folder / "python"
+    fake.write_text("#!/bin/sh\n" + script)
+    fake.chmod(0o755)
+    monkeypatch.setattr(gpu_check.sys, "executable", str(fake))
+
+
 def test_gpu_check_profiles_step_profiles_each_other_target_into_its_own_file(tmp_path, monkeypatch):
     """The ``profiles`` step (on request) runs profile_model in max mode for v2 b1, v2 f0 b1, v1 b1 and v1 b8, one
     file each, in that order, and one failing profile does not stop the next; its digest shows each category table.
     A stand-in interpreter writes what it was asked into the --out file."""
-    import subprocess
-
-    fake = tmp_path / "python"
-    fake.write_text('#!/bin/sh\nfor last; do :; done\necho "## $*" > "$last"\n'
+    stand_in_python(tmp_path, monkeypatch, 'for last; do :; done\necho "## $*" > "$last"\n'
                     'echo "| category |\n| kernel | x |" >> "$last"\n'
                     'case "$*" in *"--version v2 --batch 1 --mode"*) exit 1;; esac\n')
-    fake.chmod(0o755)
-    monkeypatch.setattr(gpu_check.sys, "executable", str(fake))
     out = tmp_path / "out dir"  # a space: the paths are quoted for the shell
     out.mkdir()
     assert "profiles" in gpu_check.ON_REQUEST
@@ -181,14 +185,9 @@ def test_gpu_check_train_step_profiles_an_r1_iteration_and_copies_the_tables_out
     """The training check asks for iterations 160 (lazy R1) and 161 to be profiled when it runs that far, copies
     their tables into the output folder, and still reports the plot's exit status. A stand-in interpreter plays the
     trainer (writing the profile files into its --out folder) and a failing plot."""
-    import subprocess
-
-    fake = tmp_path / "python"
-    fake.write_text('#!/bin/sh\ncase "$*" in\n*training.train*) while [ "$1" != "--out" ]; do shift; done; '
-                    'mkdir -p "$2"; echo one > "$2/profile_iter_160.md"; echo two > "$2/profile_iter_161.md";;\n'
-                    '*training.plot*) exit 3;;\nesac\n')
-    fake.chmod(0o755)
-    monkeypatch.setattr(gpu_check.sys, "executable", str(fake))
+    stand_in_python(tmp_path, monkeypatch, 'case "$*" in\n*training.train*) while [ "$1" != "--out" ]; do shift; '
+                    'done; mkdir -p "$2"; echo one > "$2/profile_iter_160.md"; echo two > "$2/profile_iter_161.md";;'
+                    '\n*training.plot*) exit 3;;\nesac\n')
     out, work = tmp_path / "out", tmp_path / "work"
     out.mkdir()
     command = gpu_check._train(work, out, 300, 210)
