@@ -26,7 +26,8 @@ It stacks, on one GPU:
 Opt-in, off by default because it has not been measured on a GPU yet: ``FastOptions(fused_group_norm=True)``
 (``deploy.bench --backends torch-max-gn``) replaces every GroupNorm by :class:`FusedGroupNorm`, which calls
 ``kernels.group_norm_silu`` (Triton on CUDA: statistics and normalisation in fp32, whole pixel rows read, the output
-in the caller's dtype). It takes the place of the GroupNorms' fp32 islands, and the SiLU that follows a GroupNorm is
+in the caller's dtype; its weight and bias stay fp32). It takes the place of the GroupNorms' fp32 islands, and the
+SiLU that follows a GroupNorm is
 fused into it: in ``nn.Sequential`` (GN, SiLU) pairs, whose SiLU becomes ``nn.Identity``, and in the norms that
 ``ResnetBlock`` feeds into a SiLU (``silu_norms``). The attention blocks' norm gets no SiLU. The replaced model
 keeps its state-dict keys (see :func:`with_fused_group_norm`).
@@ -165,11 +166,14 @@ def with_fp32_islands(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A copy of ``model`` in ``dtype`` with the modules of :data:`FP32_ISLANDS` wrapped in :class:`Float32Island`.
 
     In fp32 the copy is plain. The input model is never modified. :class:`FusedGroupNorm` modules (which compute in
-    fp32 themselves) are not GroupNorms and stay unwrapped.
+    fp32 themselves) are not GroupNorms and stay unwrapped; their weight and bias stay fp32, as an island's would.
     """
     model = copy.deepcopy(model).to(dtype)
     if dtype == torch.float32:
         return model
+    for module in model.modules():
+        if isinstance(module, FusedGroupNorm):
+            module.float()
     arch = (getattr(model, "options", None) or {}).get("type", getattr(model, "arch", ""))
     for name, module in list(model.named_modules()):
         if not name or any(part == "inner" for part in name.split(".")):
