@@ -24,9 +24,11 @@ segments on demand instead; ``deploy.gpu_check --steps memory`` runs both.
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import dataclasses
 import linecache
+import math
 import os
 import pickle
 import sys
@@ -68,19 +70,21 @@ def pool_name(pool_id: Any) -> str:
 
 
 def _segment_pools(segments: Iterable[dict]) -> list[tuple[int, int, str]]:
+    """(start, end, pool name) of each segment, sorted by address (segments do not overlap)."""
     return sorted((s["address"], s["address"] + s["total_size"], pool_name(s.get("segment_pool_id")))
                   for s in segments)
 
 
 def _pool_of(entry: dict, segments: list[tuple[int, int, str]]) -> str:
     """The pool of a trace entry: its own ``pool_id`` (newer torch), else the segment of the final snapshot that holds
-    its address, else ``"unknown"`` (a segment released before the snapshot)."""
+    its address (a binary search: traces hold tens of thousands of entries), else ``"unknown"`` (a segment released
+    before the snapshot)."""
     if "pool_id" in entry:
         return pool_name(entry["pool_id"])
     addr = entry.get("addr", -1)
-    for start, end, name in segments:
-        if start <= addr < end:
-            return name
+    i = bisect.bisect_right(segments, (addr, math.inf)) - 1
+    if i >= 0 and segments[i][0] <= addr < segments[i][1]:
+        return segments[i][2]
     return "unknown"
 
 

@@ -68,6 +68,10 @@ def test_pool_filter_by_pool_id_and_by_segment_when_the_trace_has_no_pool_id():
     assert memory_map.peak_live(without, "default", segments).bytes == 300 * MIB
     assert memory_map.peak_live(without, "private (1, 0)", segments).bytes == 200 * MIB
     assert memory_map.peak_live(without, "unknown", segments).bytes == 7 * MIB  # address 100: no segment
+    # segment ends are exclusive: 16 opens the private segment, 48 is past it
+    edges = [alloc(15, 1), alloc(16, 2), alloc(47, 4), alloc(48, 8)]
+    assert [memory_map.peak_live(edges, name, segments).bytes // MIB for name in
+            ("default", "private (1, 0)", "unknown")] == [1, 6, 8]
     assert memory_map.pool_name(None) == memory_map.pool_name([0, 0]) == "default"
 
 
@@ -217,3 +221,17 @@ def test_main_runs_each_batch_reads_the_allocator_and_writes_the_report_after_ea
     assert "- the benchmark's peak rule (the larger of max allocated and reserved): 64.0 MiB" in one
     assert "- weights and buffers on the device before any call: 3.0 MiB" in one
     assert "- recorded trace entries for this batch: 3" in two
+
+
+def test_a_long_trace_without_pool_ids_is_read_in_seconds():
+    """Traces of a compile and capture hold tens of thousands of entries; finding each one's segment must not scan
+    every segment (older torch has no pool_id in the trace)."""
+    import time
+
+    segments = [{"address": i * 1000, "total_size": 1000, "allocated_size": 0, "segment_pool_id": (i % 2, 0)}
+                for i in range(2000)]
+    trace = [e for i in range(50_000) for e in (alloc(i * 37 % 2_000_000, 1), free(i * 37 % 2_000_000, 1))]
+    start = time.perf_counter()
+    pools = memory_map.summarise({"segments": segments, "device_traces": [trace]})
+    assert time.perf_counter() - start < 10
+    assert [p.name for p in pools] == ["default", "private (1, 0)"] and all(p.peak.bytes == MIB for p in pools)

@@ -28,8 +28,8 @@ Opt-in, off by default because it has not been measured on a GPU yet: ``FastOpti
 ``kernels.group_norm_silu`` (Triton on CUDA: statistics and normalisation in fp32, whole pixel rows read, the output
 in the caller's dtype; its weight and bias stay fp32). It takes the place of the GroupNorms' fp32 islands, and the
 SiLU that follows a GroupNorm is fused into it: in ``nn.Sequential`` (GN, SiLU) pairs, whose SiLU becomes
-``nn.Identity``, and in the norms that ``ResnetBlock`` feeds into a SiLU (``silu_norms``). The attention blocks' norm gets no SiLU. The replaced model
-keeps its state-dict keys (see :func:`with_fused_group_norm`).
+``nn.Identity``, and in the norms that ``ResnetBlock`` feeds into a SiLU (``silu_norms``). The attention blocks'
+norm gets no SiLU. The replaced model keeps its state-dict keys (see :func:`with_fused_group_norm`).
 
 Each step can be switched off through :class:`FastOptions`; on a CPU the defaults reduce to steps 1-4 (no compile,
 no graphs), which is how the tests run this code. On CUDA the mode also turns on ``torch.backends.cudnn.benchmark``
