@@ -56,9 +56,8 @@ of 130 s: enough for ``--train-iters 300``.
 What it writes in ``--out`` (few files, so that they fit what a remote runner sends back): ``summary.md`` (the
 issue's targets against the measured numbers and the official anchors, the checks' outcomes, then every table),
 ``results.json`` (every run's meta and rows), ``profile.md``, ``profile_*.md``, ``kernels.json``, ``group_norm.json``,
-``memory.md``,
-``memory_expandable.md``, ``train_loss.png``,
-``gpu_check.log`` and ``logs.tgz`` (every step's log and small result files). Per-run folders go to ``--work``
+``memory.md``, ``memory_expandable.md``, ``train_loss.png``, ``train_profile_iter_*.md``, ``gpu_check.log`` and
+``logs.tgz`` (every step's log and small result files). Per-run folders go to ``--work``
 (default ``--out``/runs). ``summary.md``, ``results.json`` and ``logs.tgz`` are rewritten after every step, and each
 step's results are printed as it ends, so that a call killed from outside keeps what it measured.
 """
