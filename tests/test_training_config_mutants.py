@@ -23,7 +23,7 @@ import re
 import pytest
 import torch
 
-from tests.test_training_loop import tiny_vqfr_v2, tiny_vqgan_v2, write_config
+from tests.test_training_loop import tiny_vqfr_v2, tiny_vqgan_v1, tiny_vqgan_v2, write_config
 from training.config import load_config, merge
 from vqfr.errors import ConfigError
 
@@ -117,6 +117,29 @@ def test_a_discriminator_takes_sides_up_to_1024(tmp_path, side, accepted):
     else:
         with pytest.raises(ConfigError, match=re.escape("power of two in [8, 1024]")):
             load_config(path)
+
+
+def test_the_wavelet_discriminator_needs_16_pixel_images_when_the_config_is_read(tmp_path):
+    """SWADiscriminator's head gets 2x2 features from 8x8 images (it failed at its first forward, when the GAN
+    started): 8 is refused when the config is read, with StyleGAN2Discriminator named; 16 loads, and StyleGAN2 at 8
+    loads too."""
+    from training.discriminators import SWADiscriminator
+
+    cfg = merge(tiny_vqgan_v1(), {"datasets": {"train": {"out_size": 8}}, "network_d": {"out_size": 8}})
+    cfg["train"]["perceptual_opt"] = None
+    assert cfg["network_d"]["type"] == "SWADiscriminator"
+    with pytest.raises(ConfigError, match=re.escape("power of two in [16, 1024]")) as err:
+        load_config(write_config(cfg, tmp_path / "swa8.yml"))
+    assert "StyleGAN2Discriminator also takes 8" in err.value.fix
+    with pytest.raises(ConfigError, match="at least 16"):  # the class refuses it too, for callers without a config
+        SWADiscriminator(8, narrow=1 / 16)
+    sixteen = merge(tiny_vqgan_v1(), {"datasets": {"train": {"out_size": 16}}, "network_d": {"out_size": 16}})
+    assert load_config(write_config(sixteen, tmp_path / "swa16.yml"))["network_d"]["out_size"] == 16
+    stylegan = merge(tiny_vqgan_v2(), {"datasets": {"train": {"out_size": 8}}, "network_d": {"out_size": 8}})
+    stylegan["train"]["perceptual_opt"] = None  # VGG16 needs 16x16 too; the discriminator is what is checked here
+    stylegan["val"] = {"metrics": {"psnr": {"type": "calculate_psnr"}}}  # and so does SSIM's window
+    assert stylegan["network_d"]["type"] == "StyleGAN2Discriminator"
+    assert load_config(write_config(stylegan, tmp_path / "sg8.yml"))["network_d"]["out_size"] == 8
 
 
 def test_the_patchgan_fix_names_the_size_that_one_layer_fewer_takes(tmp_path):

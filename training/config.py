@@ -333,11 +333,13 @@ def _check_values(cfg: dict, source: str) -> None:
             raise ConfigError(f"{name}.out_size is {block['out_size']!r} but the training images are {size}x{size} "
                               "(datasets.train.out_size): the discriminator would fail when the GAN starts",
                               path=source, fix=f"set {name}.out_size: {size}")
+        least = 16 if isinstance(block, dict) and block.get("type") == "SWADiscriminator" else 8
         if name.startswith("network_d") and isinstance(block, dict) and "out_size" in block \
-                and not (isinstance(size, int) and 8 <= size <= 1024 and size & (size - 1) == 0):
+                and not (isinstance(size, int) and least <= size <= 1024 and size & (size - 1) == 0):
             raise ConfigError(f"datasets.train.out_size is {size!r}, but {name} ({block.get('type')}) takes square "
-                              "images whose side is a power of two in [8, 1024]", path=source,
-                              fix="use 512 (the official size), or another power of two")
+                              f"images whose side is a power of two in [{least}, 1024]", path=source,
+                              fix="use 512 (the official size), or another power of two"
+                                  + (" (StyleGAN2Discriminator also takes 8)" if least > 8 else ""))
 
 
 def _patchgan_side(size: int, n_layers: int) -> int:
