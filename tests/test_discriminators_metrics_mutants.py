@@ -231,3 +231,30 @@ def test_wavelet_discriminator_refuses_8x8_images_when_built():
         build_discriminator({"type": "SWADiscriminator", "out_size": 8})
     assert SWADiscriminator(16, narrow=1 / 64)(torch.randn(2, 3, 16, 16)).shape == (2, 1)
     assert StyleGAN2Discriminator(8, narrow=1 / 64)(torch.randn(2, 3, 8, 8)).shape == (2, 1)
+
+
+def test_a_crop_border_that_is_negative_or_leaves_nothing_is_refused(tmp_path, capsys):
+    """A negative crop border gave a NaN PSNR (and a "got 0x0" SSIM error); the metrics and the command line now
+    refuse it, and a border that leaves nothing names the largest one that fits. The largest one is measured."""
+    import cv2
+
+    from training.metrics import main as metrics_main
+    from training.metrics import niqe
+
+    a, b = np.zeros((9, 9, 3), np.uint8), np.full((9, 9, 3), 4, np.uint8)
+    for metric in (psnr, ssim):
+        with pytest.raises(ValueError, match="crop_border must be 0 or more, got -1"):
+            metric(a, b, crop_border=-1)
+        with pytest.raises(ValueError, match="leaves nothing of a 9x9 image; use at most 4"):
+            metric(a, b, crop_border=5)
+    with pytest.raises(ValueError, match="crop_border must be 0 or more"):
+        niqe(np.zeros((200, 200, 3), np.uint8), crop_border=-2)
+    b[4, 4] = 40  # only the centre pixel is left by the largest border: PSNR of one pixel 40 levels off
+    assert psnr(a, b, crop_border=4) == pytest.approx(10 * math.log10(255**2 / 40**2), rel=1e-12)
+    for sub in ("gt", "out"):
+        (tmp_path / sub).mkdir()
+        cv2.imwrite(str(tmp_path / sub / "a.png"), a)
+    with pytest.raises(SystemExit):
+        metrics_main(["psnr-ssim", "--restored", str(tmp_path / "out"), "--gt", str(tmp_path / "gt"),
+                      "--crop-border", "-1"])
+    assert "must be 0 or more, got -1" in capsys.readouterr().err

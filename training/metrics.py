@@ -35,7 +35,21 @@ def _check_pair(img: np.ndarray, ref: np.ndarray) -> None:
 
 
 def _crop(img: np.ndarray, border: int) -> np.ndarray:
+    """``img`` without ``border`` pixels on each side; a negative border, or one that leaves nothing, is refused
+    (a negative one used to give a NaN PSNR)."""
+    if border < 0:
+        raise ValueError(f"crop_border must be 0 or more, got {border}")
+    if border and 2 * border >= min(img.shape[:2]):
+        raise ValueError(f"crop_border {border} leaves nothing of a {img.shape[1]}x{img.shape[0]} image; use at most "
+                         f"{(min(img.shape[:2]) - 1) // 2}")
     return img[border:-border, border:-border] if border else img
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def _channels(img: np.ndarray, test_y_channel: bool) -> np.ndarray:
@@ -272,14 +286,14 @@ def main(argv: list[str] | None = None) -> int:
                        "the same name (or <name>_00, as python -m vqfr --aligned names them)")
     p.add_argument("--restored", type=Path, required=True)
     p.add_argument("--gt", type=Path, required=True)
-    p.add_argument("--crop-border", type=int, default=0)
+    p.add_argument("--crop-border", type=_non_negative, default=0)
     p.add_argument("--test-y-channel", action="store_true", help="PSNR and SSIM on BT.601 luma (Y) only")
     p.add_argument("--correct-mean-var", action="store_true",
                    help="first match each channel's mean and standard deviation of the restored image to the "
                         "reference's, as the official evaluation script always does")
     n = sub.add_parser("niqe", parents=[common], help="NIQE (no reference) of every image in a folder")
     n.add_argument("folder", type=Path)
-    n.add_argument("--crop-border", type=int, default=0)
+    n.add_argument("--crop-border", type=_non_negative, default=0)
     args = parser.parse_args(argv)
 
     rows: list[dict] = []
