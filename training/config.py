@@ -21,6 +21,7 @@ import yaml
 from torch import nn
 
 from training.degradations import DegradationParams
+from training.discriminators import DISCRIMINATORS
 from training.losses import GAN_TYPES, PerceptualLoss
 from training.metrics import psnr, ssim
 from vqfr.errors import ConfigError
@@ -333,7 +334,8 @@ def _check_values(cfg: dict, source: str) -> None:
             raise ConfigError(f"{name}.out_size is {block['out_size']!r} but the training images are {size}x{size} "
                               "(datasets.train.out_size): the discriminator would fail when the GAN starts",
                               path=source, fix=f"set {name}.out_size: {size}")
-        least = 16 if isinstance(block, dict) and block.get("type") == "SWADiscriminator" else 8
+        kind = DISCRIMINATORS.get(str(block.get("type"))) if isinstance(block, dict) else None
+        least = getattr(kind, "MIN_SIZE", 8)
         if name.startswith("network_d") and isinstance(block, dict) and "out_size" in block \
                 and not (isinstance(size, int) and least <= size <= 1024 and size & (size - 1) == 0):
             raise ConfigError(f"datasets.train.out_size is {size!r}, but {name} ({block.get('type')}) takes square "

@@ -204,12 +204,15 @@ class SWADiscriminator(nn.Module):
     StyleGAN2 one. Arguments as :class:`StyleGAN2Discriminator`, but ``out_size`` must be at least 16.
     """
 
+    #: the smallest ``out_size`` (the config check reads it)
+    MIN_SIZE = 16
+
     def __init__(self, out_size: int, channel_multiplier: int = 2, resample_kernel=(1, 3, 3, 1), narrow: float = 1.0):
         super().__init__()
         log = _log2_size(out_size) - 1
-        if out_size < 16:  # the first level is already at S/2 and re-injection halves it again: 2x2 at the head
-            raise ConfigError(f"SWADiscriminator out_size must be at least 16, got {out_size}: its wavelet input is "
-                              "already out_size/2 and its head takes 4x4 features",
+        if out_size < self.MIN_SIZE:  # the first level is already at S/2 and re-injection halves it: 2x2 at the head
+            raise ConfigError(f"SWADiscriminator out_size must be at least {self.MIN_SIZE}, got {out_size}: its "
+                              "wavelet input is already out_size/2 and its head takes 4x4 features",
                               fix="use larger images, or StyleGAN2Discriminator (which takes 8x8)")
         ch = _channels(channel_multiplier, narrow)
         kernel = tuple(resample_kernel)
