@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from training.arguments import whole_number
+
 __all__ = ["psnr", "ssim", "niqe", "bgr_to_y", "correct_mean_var", "finite_mean", "imresize_half", "main"]
 
 
@@ -43,13 +45,6 @@ def _crop(img: np.ndarray, border: int) -> np.ndarray:
         raise ValueError(f"crop_border {border} leaves nothing of a {img.shape[1]}x{img.shape[0]} image; use at most "
                          f"{(min(img.shape[:2]) - 1) // 2}")
     return img[border:-border, border:-border] if border else img
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
 
 
 def _channels(img: np.ndarray, test_y_channel: bool) -> np.ndarray:
@@ -286,14 +281,14 @@ def main(argv: list[str] | None = None) -> int:
                        "the same name (or <name>_00, as python -m vqfr --aligned names them)")
     p.add_argument("--restored", type=Path, required=True)
     p.add_argument("--gt", type=Path, required=True)
-    p.add_argument("--crop-border", type=_non_negative, default=0)
+    p.add_argument("--crop-border", type=whole_number(0), default=0)
     p.add_argument("--test-y-channel", action="store_true", help="PSNR and SSIM on BT.601 luma (Y) only")
     p.add_argument("--correct-mean-var", action="store_true",
                    help="first match each channel's mean and standard deviation of the restored image to the "
                         "reference's, as the official evaluation script always does")
     n = sub.add_parser("niqe", parents=[common], help="NIQE (no reference) of every image in a folder")
     n.add_argument("folder", type=Path)
-    n.add_argument("--crop-border", type=_non_negative, default=0)
+    n.add_argument("--crop-border", type=whole_number(0), default=0)
     args = parser.parse_args(argv)
 
     rows: list[dict] = []

@@ -13,6 +13,7 @@ import math
 import sys
 from pathlib import Path
 
+from training.arguments import whole_number
 from vqfr._optional import require
 from vqfr.errors import InputError, run_command
 
@@ -86,20 +87,13 @@ def plot_metrics(records: list[dict], out: str | Path, keys: list[str] | None = 
     return out
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("metrics", type=Path, help="a run's metrics.jsonl")
     parser.add_argument("-o", "--out", type=Path, required=True, help="PNG to write")
     parser.add_argument("--keys", help="comma-separated series (default: loss_total and every l_* term)")
     parser.add_argument("--title")
-    parser.add_argument("--window", type=_positive_int, default=5, help="moving-average window (iterations)")
+    parser.add_argument("--window", type=whole_number(1), default=5, help="moving-average window (iterations)")
     args = parser.parse_args(argv)
     keys = args.keys.split(",") if args.keys else None
 

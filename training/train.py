@@ -19,16 +19,10 @@ from pathlib import Path
 
 import torch
 
+from training.arguments import whole_number
 from training.config import load_config
 from training.trainer import Trainer, error_message, saved_states
 from vqfr.errors import VQFRError
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _iterations(text: str) -> tuple[int, ...]:
@@ -59,14 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      "in the command, config, data or a file (named, with the fix), 130 interrupted "
                                      "(Ctrl-C; the message says how to go on).")
     parser.add_argument("--config", required=True, type=Path, help="training yml (training/configs/*.yml)")
-    parser.add_argument("--max-iters", type=_positive_int, help="stop after this many iterations (overrides "
+    parser.add_argument("--max-iters", type=whole_number(1), help="stop after this many iterations (overrides "
                         "train.total_iter)")
     parser.add_argument("--out", type=Path, help="output folder (default: the resumed run's folder with --resume, "
                         "else experiments/<name>)")
     parser.add_argument("--resume", type=Path, help="a training_states/<iter>.state file, or an output folder to "
                         "resume from its latest state; the run goes on in its folder unless --out says otherwise")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    parser.add_argument("--threads", type=_positive_int, help="CPU threads for torch (torch.set_num_threads)")
+    parser.add_argument("--threads", type=whole_number(1), help="CPU threads for torch (torch.set_num_threads)")
     parser.add_argument("--profile-iters", type=_iterations, default=(), metavar="N[,N...]",
                         help="run these iterations under torch.profiler and write profile_iter_N.md (GPU kernels and "
                         "host operators by self time) into the output folder, e.g. 160,161: an iteration with the "
