@@ -329,15 +329,14 @@ def _check_values(cfg: dict, source: str) -> None:
     size = cfg["datasets"]["train"].get("out_size", 512)
     for name in _NETWORKS_OF[cfg["model_type"]]:
         block = cfg.get(name)
-        if name.startswith("network_d") and isinstance(block, dict) and "out_size" in block \
-                and block["out_size"] != size:
+        if not (name.startswith("network_d") and isinstance(block, dict) and "out_size" in block):
+            continue
+        if block["out_size"] != size:
             raise ConfigError(f"{name}.out_size is {block['out_size']!r} but the training images are {size}x{size} "
                               "(datasets.train.out_size): the discriminator would fail when the GAN starts",
                               path=source, fix=f"set {name}.out_size: {size}")
-        kind = DISCRIMINATORS.get(str(block.get("type"))) if isinstance(block, dict) else None
-        least = getattr(kind, "MIN_SIZE", 8)
-        if name.startswith("network_d") and isinstance(block, dict) and "out_size" in block \
-                and not (isinstance(size, int) and least <= size <= 1024 and size & (size - 1) == 0):
+        least = getattr(DISCRIMINATORS.get(str(block.get("type"))), "MIN_SIZE", 8)
+        if not (isinstance(size, int) and least <= size <= 1024 and size & (size - 1) == 0):
             raise ConfigError(f"datasets.train.out_size is {size!r}, but {name} ({block.get('type')}) takes square "
                               f"images whose side is a power of two in [{least}, 1024]", path=source,
                               fix="use 512 (the official size), or another power of two"
