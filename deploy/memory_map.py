@@ -157,13 +157,18 @@ class PoolSummary:
     groups: list[tuple[str, int, int]]
 
 
+def _trace(snapshot: dict, device_index: int) -> list[dict]:
+    """One device's trace entries of a snapshot (empty when that device recorded none)."""
+    traces = snapshot.get("device_traces", [])
+    return traces[device_index] if device_index < len(traces) else []
+
+
 def summarise(snapshot: dict, device_index: int = 0, start: int = 0, root: str | None = None) -> list[PoolSummary]:
     """Per pool of ``snapshot`` (``torch.cuda.memory._snapshot()``): segments after the calls, and the peak of
     ``device_traces[device_index][start:]`` with its live allocations grouped by :func:`where`. Pools without
     segments that had allocations in the trace are listed too (with 0 reserved)."""
     segments = snapshot.get("segments", [])
-    traces = snapshot.get("device_traces", [])
-    trace = traces[device_index] if device_index < len(traces) else []
+    trace = _trace(snapshot, device_index)
     seg = _segment_pools(segments)
     names = {pool_name(s.get("segment_pool_id")) for s in segments}
     names |= {_pool_of(e, seg) for e in trace[start:] if e.get("action") == "alloc"}
@@ -185,8 +190,7 @@ def summarise(snapshot: dict, device_index: int = 0, start: int = 0, root: str |
 def largest_allocations(snapshot: dict, device_index: int = 0, start: int = 0, count: int = 10,
                         root: str | None = None) -> list[tuple[int, str, str]]:
     """The ``count`` largest ``alloc`` entries of the trace as (bytes, pool, where), largest first."""
-    traces = snapshot.get("device_traces", [])
-    trace = traces[device_index] if device_index < len(traces) else []
+    trace = _trace(snapshot, device_index)
     seg = _segment_pools(snapshot.get("segments", []))
     allocs = sorted((e for e in trace[start:] if e.get("action") == "alloc"), key=lambda e: -e["size"])[:count]
     return [(e["size"], _pool_of(e, seg), where(e.get("frames", []), root)) for e in allocs]
@@ -285,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         for batch in batches:
             stats = _measure(backend, batch, size, args.fidelity, device)
             snapshot = torch.cuda.memory._snapshot()
-            trace = snapshot["device_traces"][device.index or 0]
+            trace = _trace(snapshot, device.index or 0)
             pools = summarise(snapshot, device.index or 0, start, root)
             bench_rule = max(stats["max_allocated"], stats["reserved"])
             facts = [
