@@ -90,9 +90,7 @@ def profile(model, device: str, precision: str, batch: int, size: int, mode: str
                 / 1e3 / iters for e in events if e.key.startswith("vqfr::")}
     for event in events:
         if cuda:
-            us = getattr(event, "self_device_time_total", None)
-            if us is None:
-                us = event.self_cuda_time_total
+            us = event.self_device_time_total
             if not us or getattr(event, "device_type", None) == torch.autograd.DeviceType.CPU:
                 continue
         else:

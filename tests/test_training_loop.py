@@ -722,3 +722,28 @@ def test_profile_iters_write_a_table_of_the_chosen_steps_only(tmp_path, capsys):
         with pytest.raises(SystemExit):
             parser.parse_args(["--config", "c.yml", "--profile-iters", bad])
     assert "iteration" in capsys.readouterr().err
+
+
+def test_step_profile_table_on_cuda_lists_device_kernels_apart_from_host_operators():
+    """The CUDA branch of the profiled step's table, from scripted profiler events (microseconds): kernels by self
+    device time (host-side events and ones without device time left out), then the host operators."""
+    from types import SimpleNamespace
+
+    from training.trainer import step_profile_table
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    events = [SimpleNamespace(key="conv_kernel", self_device_time_total=3000.0, count=4, device_type=cuda,
+                              self_cpu_time_total=0.0),
+              SimpleNamespace(key="blur_kernel", self_device_time_total=1000.0, count=2, device_type=cuda,
+                              self_cpu_time_total=0.0),
+              SimpleNamespace(key="idle_kernel", self_device_time_total=0.0, count=1, device_type=cuda,
+                              self_cpu_time_total=0.0),
+              SimpleNamespace(key="aten::convolution", self_device_time_total=500.0, count=4, device_type=cpu,
+                              self_cpu_time_total=2000.0)]
+    text = step_profile_table(events, 160, 4.25, cuda=True)
+    kernels, host = text.split("## GPU kernels by self time: ")[1].split("## Host operators by self CPU time: ")
+    assert kernels.startswith("4.00 ms in all")
+    assert "| `conv_kernel` | 3.00 | 4 | 75.0% |" in kernels and "| `blur_kernel` | 1.00 | 2 | 25.0% |" in kernels
+    assert "idle_kernel" not in text and "aten::convolution" not in kernels
+    assert host.startswith("2.00 ms in all") and "| `aten::convolution` | 2.00 | 4 | 100.0% |" in host
+    assert "Wall time of the profiled step: 4.250 s" in text

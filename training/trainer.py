@@ -128,13 +128,8 @@ def step_profile_table(events: Any, it: int, wall_s: float, cuda: bool, top: int
     lines = [f"# Training step {it}", "", f"Wall time of the profiled step: {wall_s:.3f} s (profiler overhead "
              "included)."]
     if cuda:
-        kernels = []
-        for e in events:
-            us = getattr(e, "self_device_time_total", None)
-            if us is None:
-                us = getattr(e, "self_cuda_time_total", 0)
-            if us and getattr(e, "device_type", None) != torch.autograd.DeviceType.CPU:
-                kernels.append((e.key, us / 1e3, int(e.count)))
+        kernels = [(e.key, e.self_device_time_total / 1e3, int(e.count)) for e in events
+                   if e.self_device_time_total and e.device_type != torch.autograd.DeviceType.CPU]
         lines += table("GPU kernels by self time", kernels)
     host = [(e.key, e.self_cpu_time_total / 1e3, int(e.count)) for e in events
             if e.key.startswith(("aten::", "vqfr::", "autograd::", "Optimizer."))]
