@@ -15,8 +15,15 @@ each batch size compiles, warms up and captures its CUDA graph, then reads the s
 - the largest single allocations, and the gap between the private pool's reserved segments and its live peak
   (fragmentation: blocks that a later, larger request could not reuse).
 
-Only a CUDA device has a caching allocator to read; on the CPU the command stops with that reason. The analysis
-functions (:func:`peak_live`, :func:`where`, :func:`summarise`, :func:`report`) work on any snapshot dictionary.
+Beside them it reports what Inductor itself planned: the compiled graph's peak of live buffers as estimated by its
+``reorder_for_peak_memory`` pass (:func:`inductor_plans`), so that the pools can be set against the plan.
+
+Only a CUDA device has a caching allocator to read. ``--device cpu`` compiles the same graph on the CPU and reports
+the plan alone, beside the roofline's count of the most activations live at once in an eager run
+(``deploy.roofline``): whether the compiled graph keeps more alive than the model's own code, answered without a GPU
+(the graph and the scheduler's buffer reuse are the same; the convolutions are external kernels on both devices, so
+the CPU plan stands in for the CUDA one). The analysis functions (:func:`peak_live`, :func:`where`,
+:func:`summarise`, :func:`report`) work on any snapshot dictionary.
 Setting ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` before the command measures the allocator that maps
 segments on demand instead; ``deploy.gpu_check --steps memory`` runs both.
 """
@@ -26,19 +33,22 @@ from __future__ import annotations
 import argparse
 import bisect
 import collections
+import contextlib
 import dataclasses
 import linecache
+import logging
 import math
 import os
 import pickle
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["Peak", "peak_live", "where", "pool_name", "summarise", "report", "main"]
+__all__ = ["Peak", "peak_live", "where", "pool_name", "summarise", "report", "InductorPlan", "inductor_plans",
+           "main"]
 
 MIB = 2**20
 #: Path fragments of frames that say nothing about which tensor was allocated (torch's and Triton's own Python, the
@@ -157,6 +167,79 @@ class PoolSummary:
     groups: list[tuple[str, int, int]]
 
 
+@dataclasses.dataclass
+class InductorPlan:
+    """Inductor's estimate of one compiled graph's peak memory: the most bytes of its buffers (and of inputs it may
+    free) live at once, weights excluded, in its first node order and in each order it tried.
+
+    Attributes:
+        baseline: bytes, in the order the graph came in.
+        orders: bytes per reordering heuristic tried (``topological_sort_dfs`` ...).
+    """
+
+    baseline: int
+    orders: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def chosen(self) -> int:
+        """Bytes in the order Inductor keeps: the lowest estimate."""
+        return min([self.baseline, *self.orders.values()])
+
+
+class _PlanLog(logging.Handler):
+    """Collects the ``Baseline peak memory: N`` and ``<order> peak memory: N`` lines of ``torch._inductor.memory``."""
+
+    def __init__(self, plans: list[InductorPlan]):
+        super().__init__(logging.INFO)
+        self.plans = plans
+
+    def emit(self, record: logging.LogRecord) -> None:
+        name, sep, value = record.getMessage().rpartition(" peak memory: ")
+        if not sep or not value.isdigit():
+            return
+        if name == "Baseline":
+            self.plans.append(InductorPlan(int(value)))
+        elif self.plans:
+            self.plans[-1].orders[name] = int(value)
+
+
+@contextlib.contextmanager
+def inductor_plans() -> Iterator[list[InductorPlan]]:
+    """Within the block, record one :class:`InductorPlan` per graph Inductor compiles (in compile order).
+
+    Inductor logs its estimates at INFO when ``torch._inductor.config.reorder_for_peak_memory`` is on (the default
+    on every supported torch). Its graph caches are off within the block, since a graph loaded from a cache is not
+    planned again; the logger's level, propagation and the caches are restored after it.
+    """
+    import torch._functorch.config
+    import torch._inductor.config
+
+    plans: list[InductorPlan] = []
+    logger = logging.getLogger("torch._inductor.memory")
+    handler, level, propagate = _PlanLog(plans), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # torch's own handlers would print every estimate
+    try:
+        with torch._inductor.config.patch(fx_graph_cache=False), \
+                torch._functorch.config.patch(enable_autograd_cache=False):
+            yield plans
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def _plan_facts(plans: Sequence[InductorPlan]) -> list[tuple[str, str]]:
+    """Report lines for the plans recorded during one batch's first call."""
+    if not plans:
+        return [("Inductor's plan", "no graph was planned in this call (compiled earlier, or compile off)")]
+    return [(f"Inductor's plan of the compiled graph{f' {i + 1}' if len(plans) > 1 else ''} (peak of its live "
+             "buffers, weights excluded)",
+             f"{p.chosen / MIB:.1f} MiB in the order it kept; {p.baseline / MIB:.1f} MiB in its first order")
+            for i, p in enumerate(plans)]
+
+
 def _trace(snapshot: dict, device_index: int) -> list[dict]:
     """One device's trace entries of a snapshot (empty when that device recorded none)."""
     traces = snapshot.get("device_traces", [])
@@ -225,17 +308,55 @@ def report(title: str, pools: Sequence[PoolSummary], largest: Sequence[tuple[int
     return "\n".join(lines)
 
 
-def _measure(backend: Any, batch: int, size: int, fidelity: float, device: torch.device) -> dict[str, Any]:
-    """The first call at ``batch`` (compile, warm-up, capture) and three replays; memory statistics after them."""
+def _inputs(batch: int, size: int, fidelity: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded faces in [-1, 1] [batch, 3, size, size] and their fidelities [batch]."""
     gen = torch.Generator().manual_seed(batch)
-    x = torch.rand(batch, 3, size, size, generator=gen).mul_(2).sub_(1)
-    f = torch.full((batch,), fidelity)
+    return torch.rand(batch, 3, size, size, generator=gen).mul_(2).sub_(1), torch.full((batch,), fidelity)
+
+
+def _measure(backend: Any, batch: int, size: int, fidelity: float, device: torch.device
+             ) -> tuple[dict[str, Any], list[InductorPlan]]:
+    """The first call at ``batch`` (compile, warm-up, capture) and three replays; memory statistics after them, and
+    Inductor's plans of the graphs compiled meanwhile."""
+    x, f = _inputs(batch, size, fidelity)
     torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(4):
-        backend.infer(x, f)
+    with inductor_plans() as plans:
+        for _ in range(4):
+            backend.infer(x, f)
     torch.cuda.synchronize(device)
     return {"max_allocated": torch.cuda.max_memory_allocated(device),
-            "reserved": torch.cuda.memory_reserved(device), "allocated": torch.cuda.memory_allocated(device)}
+            "reserved": torch.cuda.memory_reserved(device), "allocated": torch.cuda.memory_allocated(device)}, plans
+
+
+def _cpu_plans(model: Any, args: argparse.Namespace, batches: Sequence[int], size: int) -> list[str]:
+    """``--device cpu``: per batch, compile max mode on the CPU and report Inductor's plan beside the roofline's count
+    of the most activations live at once in an eager run (one Markdown part per batch)."""
+    from deploy import roofline
+    from deploy.baselines import DTYPES
+    from vqfr.backends import BACKENDS
+    from vqfr.backends.torch import TorchBackend
+    from vqfr.backends.torch_fast import FastOptions
+
+    entry = next(e for e in BACKENDS if e.name == "torch" and e.device == "cpu")
+    fast = FastOptions(compile=True, cuda_graphs=False, fused_group_norm=args.fused_group_norm)
+    parts = []
+    with TorchBackend(entry, model, precision=args.precision, mode="max", fast=fast, device="cpu") as backend:
+        for batch in batches:
+            with inductor_plans() as plans:
+                backend.infer(*_inputs(batch, size, args.fidelity))
+            cost = roofline.count(model, batch, size, DTYPES[args.precision], args.fidelity)
+            facts = [("device", f"CPU, torch {torch.__version__}: Inductor's plan only (the pools need a GPU)"),
+                     ("weights", f"{cost.weight_bytes / MIB:.1f} MiB"),
+                     ("the roofline's count of the most activations live at once in an eager run",
+                      f"{cost.peak_live_bytes / MIB:.1f} MiB (in {cost.peak_at})"),
+                     *_plan_facts(plans)]
+            if plans:
+                facts.append(("plan / eager count", f"{plans[-1].chosen / max(cost.peak_live_bytes, 1):.2f}"))
+            title = (f"{model.options['type']} max {args.precision}, batch {batch}, {size}x{size}, fidelity "
+                     f"{args.fidelity:g}, compiled on the CPU" + (", fused GroupNorm" if args.fused_group_norm else ""))
+            parts.append("\n".join([f"## {title}", "", *(f"- {k}: {v}" for k, v in facts)]))
+            print(parts[-1], flush=True)
+    return parts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=None, help="v1 face size (default 512)")
     parser.add_argument("--fused-group-norm", action="store_true", help="FastOptions(fused_group_norm=True)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="compiled, without CUDA graphs")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: compile on the CPU and report Inductor's plan alone (no allocator to read)")
     parser.add_argument("--max-entries", type=int, default=2_000_000, help="allocator history kept (entries)")
     parser.add_argument("--snapshot", type=Path, help="also pickle the raw snapshot here (for "
                                                       "https://pytorch.org/memory_viz); large")
@@ -268,14 +391,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--batches takes comma-separated whole numbers, got {args.batches!r}")
     if any(b < 1 for b in batches):
         parser.error(f"--batches must be at least 1, got {args.batches}")
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA GPU: the memory map reads the CUDA caching allocator, which only a GPU has "
-                     "(run it on the GPU machine, e.g. python -m deploy.gpu_check --steps memory)")
-    device = torch.device("cuda")
+                     "(run it on the GPU machine, e.g. python -m deploy.gpu_check --steps memory; --device cpu "
+                     "reports Inductor's plan of the compiled graph alone)")
     model = vqfr.load_model(args.weights, device="cpu") if args.weights else seeded_weights_(
         vqfr.build_model(args.config or args.version))
     model = model.eval()
     size = _face_size(model.options) or args.size or 512
+    if args.device == "cpu":
+        parts = _cpu_plans(model, args, batches, size)
+        if args.out:
+            atomic_write_bytes(args.out, ("\n\n".join(parts) + "\n").encode())
+            print(f"wrote {args.out}", file=sys.stderr)
+        return 0
+    device = torch.device("cuda")
     entry = next(e for e in BACKENDS if e.name == "torch" and e.device == "cuda")
     fast = FastOptions(fused_group_norm=args.fused_group_norm, cuda_graphs=False if args.no_cuda_graphs else None)
     root = str(Path(__file__).resolve().parents[1])
@@ -287,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         start = 0
         snapshot: dict = {}
         for batch in batches:
-            stats = _measure(backend, batch, size, args.fidelity, device)
+            stats, plans = _measure(backend, batch, size, args.fidelity, device)
             snapshot = torch.cuda.memory._snapshot()
             trace = _trace(snapshot, device.index or 0)
             pools = summarise(snapshot, device.index or 0, start, root)
@@ -301,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     f"{stats['allocated'] / MIB:.1f} MiB"),
                 ("the benchmark's peak rule (the larger of max allocated and reserved)", f"{bench_rule / MIB:.1f} MiB"),
                 ("recorded trace entries for this batch", f"{len(trace) - start}"),
+                *_plan_facts(plans),
             ]
             title = (f"{model.options['type']} max {args.precision}, batch {batch}, {size}x{size}, fidelity "
                      f"{args.fidelity:g}" + (", fused GroupNorm" if args.fused_group_norm else "")

@@ -1,13 +1,16 @@
 """``deploy.memory_map``: the peak of live allocations, the pool of each and where it was made, read from snapshot
 dictionaries laid out as ``torch.cuda.memory._snapshot()`` returns them (built by hand here: the CPU has no caching
-allocator to record), and the refusal without a GPU."""
+allocator to record), the refusal without a GPU, and Inductor's own plan of a compiled graph (recorded from a real
+compile on the CPU, and reported by ``--device cpu`` beside the roofline's eager count)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 import pytest
+import torch
 
 from deploy import gpu_check, memory_map
 
@@ -235,3 +238,98 @@ def test_a_long_trace_without_pool_ids_is_read_in_seconds():
     pools = memory_map.summarise({"segments": segments, "device_traces": [trace]})
     assert time.perf_counter() - start < 10
     assert [p.name for p in pools] == ["default", "private (1, 0)"] and all(p.peak.bytes == MIB for p in pools)
+
+
+def _log(message: str, *args) -> None:
+    logging.getLogger("torch._inductor.memory").info(message, *args)
+
+
+def test_inductor_plans_reads_one_plan_per_graph_and_keeps_the_lowest_order():
+    with memory_map.inductor_plans() as plans:
+        _log("topological_sort_dfs peak memory: %d", 1)  # no graph yet: ignored
+        _log("Reordering for peak memory -- %d nodes", 433)
+        _log("Baseline peak memory: %d", 100)
+        _log("topological_sort_lpmf peak memory: %d", 90)
+        _log("topological_sort_dfs peak memory: %d", 80)
+        _log("topological_sort_bfs peak memory: %d", 120)
+        _log("Baseline peak memory: %d", 50)
+        _log("topological_sort_dfs peak memory: %d", 70)
+    assert [(p.baseline, p.chosen) for p in plans] == [(100, 80), (50, 50)]
+    assert plans[0].orders == {"topological_sort_lpmf": 90, "topological_sort_dfs": 80, "topological_sort_bfs": 120}
+    assert memory_map._plan_facts(plans)[1] == (
+        "Inductor's plan of the compiled graph 2 (peak of its live buffers, weights excluded)",
+        "0.0 MiB in the order it kept; 0.0 MiB in its first order")
+    assert "no graph was planned" in memory_map._plan_facts([])[0][1]
+
+
+def test_inductor_plans_records_a_real_compile_and_restores_logger_and_caches():
+    """A real Inductor compile on the CPU: two extern matrix products with a ReLU between them. Its buffers are the
+    first product (n x 256 fp32), the ReLU's output and the result (n x 256 each), so the plan lies between one and
+    three of them and doubles with n; the graph caches are off inside the block (else a cached graph would not be
+    planned again) and everything is as before after it."""
+    import torch._inductor.config as inductor_config
+
+    logger = logging.getLogger("torch._inductor.memory")
+    before = (logger.level, logger.propagate, list(logger.handlers), inductor_config.fx_graph_cache)
+    w = torch.randn(256, 256)
+
+    def f(x):
+        return torch.mm(torch.mm(x, w).relu(), w)
+
+    estimates = {}
+    for n in (64, 128):
+        torch._dynamo.reset()
+        with memory_map.inductor_plans() as plans:
+            assert inductor_config.fx_graph_cache is False
+            torch.compile(f, backend="inductor", dynamic=False)(torch.randn(n, 256))
+        assert len(plans) == 1
+        estimates[n] = plans[0].chosen
+        one = n * 256 * 4
+        assert one <= plans[0].chosen <= 3 * one + 256 * 256 * 4
+    assert estimates[128] == 2 * estimates[64]
+    assert (logger.level, logger.propagate, list(logger.handlers), inductor_config.fx_graph_cache) == before
+
+
+def test_main_on_the_cpu_reports_the_plan_beside_the_roofline_count(tmp_path, monkeypatch):
+    """``--device cpu`` with the compile replaced by its log lines: per batch the roofline's eager count of a tiny
+    v2 (counted on meta tensors, as ``deploy.roofline`` does), the plan logged during the call, and their ratio."""
+    import yaml
+
+    import vqfr
+    import vqfr.backends.torch as torch_backend
+    from deploy import roofline
+    from tests.conftest import TINY_V2
+
+    calls = []
+
+    class FakeBackend:
+        def __init__(self, entry, model, precision, mode, fast, device):
+            assert (entry.device, precision, mode, device) == ("cpu", "fp16", "max", "cpu")
+            assert fast.compile is True and fast.cuda_graphs is False
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def infer(self, x, f):
+            calls.append(x.shape[0])
+            _log("Baseline peak memory: %d", 3 * MIB * x.shape[0])
+            _log("topological_sort_dfs peak memory: %d", 2 * MIB * x.shape[0])
+
+    monkeypatch.setattr(torch_backend, "TorchBackend", FakeBackend)
+    monkeypatch.setattr(memory_map.torch.cuda, "is_available", lambda: False)  # the CPU mode needs no GPU
+    config = tmp_path / "tiny.yml"
+    config.write_text(yaml.safe_dump(TINY_V2))
+    out = tmp_path / "plan.md"
+    assert memory_map.main(["--device", "cpu", "--config", str(config), "--batches", "1,2", "--out", str(out)]) == 0
+    assert calls == [1, 2]
+    one, two = out.read_text().split("\n\n## ")
+    size = TINY_V2["quantizer_opt"]["spatial_size"][0] * 32
+    eager = roofline.count(vqfr.build_model(TINY_V2), 2, size, torch.float16).peak_live_bytes
+    assert f"the most activations live at once in an eager run: {eager / MIB:.1f} MiB" in two
+    assert "2.0 MiB in the order it kept; 3.0 MiB in its first order" in one
+    assert "4.0 MiB in the order it kept; 6.0 MiB in its first order" in two
+    assert f"- plan / eager count: {4 * MIB / eager:.2f}" in two
+    assert "batch 2," in two and "compiled on the CPU" in two
