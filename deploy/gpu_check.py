@@ -41,9 +41,10 @@ Then the timings, one at a time:
 
 10. ``memory`` (only when asked for): ``deploy.memory_map`` of v2 at batch 8 in max mode: the memory reserved per
     pool, the live peak of each and the allocations live at it, by the line of Inductor's generated code that made
-    them (``memory.md``); then the same with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``
-    (``memory_expandable.md``). (The benchmark's batch-8 row also holds the batch-1 graph, captured first into the
-    same pool.)
+    them, beside Inductor's own plan of the graph (``memory.md``); then the same with Inductor's pooled allocation
+    of its intermediates (``--memory-planning``, ``memory_planning.md``) and with
+    ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (``memory_expandable.md``). (The benchmark's batch-8 row
+    also holds the batch-1 graph, captured first into the same pool.)
 
 11. ``profiles`` (only when asked for): ``deploy.profile_model`` in max mode for the other targets, in this order,
     each in its own file: v2 batch 1 (``profile_v2_b1.md``), v2 batch 1 at fidelity 0 (``profile_v2_f0_b1.md``), v1
@@ -56,8 +57,8 @@ of 130 s: enough for ``--train-iters 300``.
 What it writes in ``--out`` (few files, so that they fit what a remote runner sends back): ``summary.md`` (the
 issue's targets against the measured numbers and the official anchors, the checks' outcomes, then every table),
 ``results.json`` (every run's meta and rows), ``profile.md``, ``profile_*.md``, ``kernels.json``, ``group_norm.json``,
-``memory.md``, ``memory_expandable.md``, ``train_loss.png``, ``train_profile_iter_*.md``, ``gpu_check.log`` and
-``logs.tgz`` (every step's log and small result files). Per-run folders go to ``--work``
+``memory.md``, ``memory_planning.md``, ``memory_expandable.md``, ``train_loss.png``, ``train_profile_iter_*.md``,
+``gpu_check.log`` and ``logs.tgz`` (every step's log and small result files). Per-run folders go to ``--work``
 (default ``--out``/runs). ``summary.md``, ``results.json`` and ``logs.tgz`` are rewritten after every step, and each
 step's results are printed as it ends, so that a call killed from outside keeps what it measured.
 """
@@ -174,12 +175,17 @@ def _profiles(out: Path) -> list[str]:
     return ["sh", "-c", "; ".join(runs)]
 
 
+#: The reports of the ``memory`` step, in the order it writes them.
+MEMORY_MAPS = ("memory.md", "memory_planning.md", "memory_expandable.md")
+
+
 def _memory(out: Path) -> list[str]:
-    """The memory map of v2 at batch 8 with the default allocator, then with expandable segments (a second process:
-    the allocator reads its settings once; Inductor's caches are warm by then)."""
+    """The memory map of v2 at batch 8 as the benchmark runs it, then with Inductor's memory planning, then with
+    expandable segments (each its own process: the allocator reads its settings once)."""
     base = f"{sys.executable} -m deploy.memory_map --version v2 --batches 8"
-    first, second = (shlex.quote(str(out / name)) for name in ("memory.md", "memory_expandable.md"))
-    return ["sh", "-c", f"{base} --out {first}; PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True {base} --out {second}"]
+    first, planned, expandable = (shlex.quote(str(out / name)) for name in MEMORY_MAPS)
+    return ["sh", "-c", f"{base} --out {first}; {base} --memory-planning --out {planned}; "
+                        f"PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True {base} --out {expandable}"]
 
 
 def _aoti_tests() -> list[str]:
@@ -232,8 +238,9 @@ STEPS = {
     "groupnorm": Step(lambda work, out, a: _groupnorm(work, out), 300),
     # Four compiles (v1 at batch 8 took more than 150 s cold); each profile is its own file.
     "profiles": Step(lambda work, out, a: _profiles(out), 300),
-    # Two processes, each compiling v2 at batch 8 (the second from warm caches) with the allocator recording.
-    "memory": Step(lambda work, out, a: _memory(out), 240),
+    # Three processes, each compiling v2 at batch 8 (Inductor's caches off, to read its plan) with the allocator
+    # recording; about 80 s each, judging by the benchmark's 46 s first call at batch 8.
+    "memory": Step(lambda work, out, a: _memory(out), 300),
 }
 RUNS = ("v2", "v2_f0", "v1", "v2_aoti", "v2_autotune", "groupnorm")  # the steps that write a deploy.bench results.json
 #: The columns of a benchmark's rows printed as its step ends.
@@ -399,8 +406,9 @@ def _digest(job: str, out: Path, work: Path, lines: int = 20) -> str:
         done = [out / f"{stem}.md" for stem, _ in PROFILES if (out / f"{stem}.md").is_file()]
         if done:
             return "\n\n".join(path.read_text().split("\n| kernel |")[0] for path in done)
-    if job == "memory" and (out / "memory.md").is_file():  # each batch's facts and pool table
-        return "\n".join(part.split("\n### ")[0] for part in (out / "memory.md").read_text().split("\n\n## "))
+    maps = [out / name for name in MEMORY_MAPS if (out / name).is_file()]
+    if job == "memory" and maps:  # each run's and batch's facts and pool table
+        return "\n".join(part.split("\n### ")[0] for path in maps for part in path.read_text().split("\n\n## "))
     path = work / f"{job}.log"
     tail = path.read_text(errors="replace").splitlines()[-lines:] if path.is_file() else ["(no log)"]
     return "\n".join(line[:200] for line in tail)

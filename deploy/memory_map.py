@@ -41,7 +41,7 @@ import math
 import os
 import pickle
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -328,6 +328,13 @@ def _measure(backend: Any, batch: int, size: int, fidelity: float, device: torch
             "reserved": torch.cuda.memory_reserved(device), "allocated": torch.cuda.memory_allocated(device)}, plans
 
 
+def _variant(args: argparse.Namespace) -> str:
+    """The title's note of the options that change the compiled graph or its capture."""
+    notes = [(args.fused_group_norm, "fused GroupNorm"), (args.memory_planning, "Inductor's memory planning"),
+             (args.device == "cuda" and args.no_cuda_graphs, "no CUDA graphs")]
+    return "".join(f", {text}" for on, text in notes if on)
+
+
 def _cpu_plans(model: Any, args: argparse.Namespace, batches: Sequence[int], size: int) -> list[str]:
     """``--device cpu``: per batch, compile max mode on the CPU and report Inductor's plan beside the roofline's count
     of the most activations live at once in an eager run (one Markdown part per batch)."""
@@ -353,58 +360,21 @@ def _cpu_plans(model: Any, args: argparse.Namespace, batches: Sequence[int], siz
             if plans:
                 facts.append(("plan / eager count", f"{plans[-1].chosen / max(cost.peak_live_bytes, 1):.2f}"))
             title = (f"{model.options['type']} max {args.precision}, batch {batch}, {size}x{size}, fidelity "
-                     f"{args.fidelity:g}, compiled on the CPU" + (", fused GroupNorm" if args.fused_group_norm else ""))
+                     f"{args.fidelity:g}, compiled on the CPU{_variant(args)}")
             parts.append("\n".join([f"## {title}", "", *(f"- {k}: {v}" for k, v in facts)]))
             print(parts[-1], flush=True)
     return parts
 
 
-def main(argv: list[str] | None = None) -> int:
-    import vqfr
-    from deploy.baselines import seeded_weights_
-    from vqfr.atomic import atomic_write_bytes
+def _cuda_maps(model: Any, args: argparse.Namespace, batches: Sequence[int], size: int,
+               write: Callable[[list[str]], None]) -> None:
+    """Per batch, the first call and three replays in max mode on the GPU with the allocator's history recorded,
+    then the pools, the allocations live at each pool's peak and Inductor's plan; ``write`` gets the Markdown parts
+    so far after each batch."""
     from vqfr.backends import BACKENDS
-    from vqfr.backends.torch import TorchBackend, _face_size
+    from vqfr.backends.torch import TorchBackend
     from vqfr.backends.torch_fast import FastOptions
 
-    parser = argparse.ArgumentParser(prog="python -m deploy.memory_map", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--version", choices=("v1", "v2"), default="v2")
-    parser.add_argument("--config", help="model options (a yml path) instead of --version")
-    parser.add_argument("--weights", help="a checkpoint instead of seeded random weights")
-    parser.add_argument("--batches", default="8", help="comma-separated batch sizes, run in this order in one "
-                                                         "process (their graphs share one pool, as in the benchmark)")
-    parser.add_argument("--precision", default="fp16", choices=("fp32", "fp16", "bf16"))
-    parser.add_argument("--fidelity", type=float, default=1.0)
-    parser.add_argument("--size", type=int, default=None, help="v1 face size (default 512)")
-    parser.add_argument("--fused-group-norm", action="store_true", help="FastOptions(fused_group_norm=True)")
-    parser.add_argument("--no-cuda-graphs", action="store_true", help="compiled, without CUDA graphs")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="cpu: compile on the CPU and report Inductor's plan alone (no allocator to read)")
-    parser.add_argument("--max-entries", type=int, default=2_000_000, help="allocator history kept (entries)")
-    parser.add_argument("--snapshot", type=Path, help="also pickle the raw snapshot here (for "
-                                                      "https://pytorch.org/memory_viz); large")
-    parser.add_argument("--out", type=Path, help="also write the report here (Markdown)")
-    args = parser.parse_args(argv)
-    try:
-        batches = [int(b) for b in args.batches.split(",")]
-    except ValueError:
-        parser.error(f"--batches takes comma-separated whole numbers, got {args.batches!r}")
-    if any(b < 1 for b in batches):
-        parser.error(f"--batches must be at least 1, got {args.batches}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("no CUDA GPU: the memory map reads the CUDA caching allocator, which only a GPU has "
-                     "(run it on the GPU machine, e.g. python -m deploy.gpu_check --steps memory; --device cpu "
-                     "reports Inductor's plan of the compiled graph alone)")
-    model = vqfr.load_model(args.weights, device="cpu") if args.weights else seeded_weights_(
-        vqfr.build_model(args.config or args.version))
-    model = model.eval()
-    size = _face_size(model.options) or args.size or 512
-    if args.device == "cpu":
-        parts = _cpu_plans(model, args, batches, size)
-        if args.out:
-            atomic_write_bytes(args.out, ("\n\n".join(parts) + "\n").encode())
-            print(f"wrote {args.out}", file=sys.stderr)
-        return 0
     device = torch.device("cuda")
     entry = next(e for e in BACKENDS if e.name == "torch" and e.device == "cuda")
     fast = FastOptions(fused_group_norm=args.fused_group_norm, cuda_graphs=False if args.no_cuda_graphs else None)
@@ -434,18 +404,71 @@ def main(argv: list[str] | None = None) -> int:
                 *_plan_facts(plans),
             ]
             title = (f"{model.options['type']} max {args.precision}, batch {batch}, {size}x{size}, fidelity "
-                     f"{args.fidelity:g}" + (", fused GroupNorm" if args.fused_group_norm else "")
-                     + (", no CUDA graphs" if args.no_cuda_graphs else ""))
+                     f"{args.fidelity:g}{_variant(args)}")
             text_parts.append(report(title, pools, largest_allocations(snapshot, device.index or 0, start,
                                                                        root=root), facts))
             print(text_parts[-1], flush=True)
-            if args.out:  # after each batch: a run cut at a time cap keeps what it measured
-                atomic_write_bytes(args.out, ("\n\n".join(text_parts) + "\n").encode())
+            write(text_parts)  # after each batch: a run cut at a time cap keeps what it measured
             start = len(trace)
         torch.cuda.memory._record_memory_history(enabled=None)
     if args.snapshot:
         with open(args.snapshot, "wb") as handle:
             pickle.dump(snapshot, handle)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch._inductor import config as inductor_config
+
+    import vqfr
+    from deploy.baselines import seeded_weights_
+    from vqfr.atomic import atomic_write_bytes
+    from vqfr.backends.torch import _face_size
+
+    parser = argparse.ArgumentParser(prog="python -m deploy.memory_map", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", choices=("v1", "v2"), default="v2")
+    parser.add_argument("--config", help="model options (a yml path) instead of --version")
+    parser.add_argument("--weights", help="a checkpoint instead of seeded random weights")
+    parser.add_argument("--batches", default="8", help="comma-separated batch sizes, run in this order in one "
+                                                         "process (their graphs share one pool, as in the benchmark)")
+    parser.add_argument("--precision", default="fp16", choices=("fp32", "fp16", "bf16"))
+    parser.add_argument("--fidelity", type=float, default=1.0)
+    parser.add_argument("--size", type=int, default=None, help="v1 face size (default 512)")
+    parser.add_argument("--fused-group-norm", action="store_true", help="FastOptions(fused_group_norm=True)")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="compiled, without CUDA graphs")
+    parser.add_argument("--memory-planning", action="store_true",
+                        help="torch._inductor.config.memory_planning: Inductor's intermediates carved out of one "
+                             "pooled allocation per graph (external kernels such as cuDNN's still allocate their own)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: compile on the CPU and report Inductor's plan alone (no allocator to read)")
+    parser.add_argument("--max-entries", type=int, default=2_000_000, help="allocator history kept (entries)")
+    parser.add_argument("--snapshot", type=Path, help="also pickle the raw snapshot here (for "
+                                                      "https://pytorch.org/memory_viz); large")
+    parser.add_argument("--out", type=Path, help="also write the report here (Markdown)")
+    args = parser.parse_args(argv)
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        parser.error(f"--batches takes comma-separated whole numbers, got {args.batches!r}")
+    if any(b < 1 for b in batches):
+        parser.error(f"--batches must be at least 1, got {args.batches}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA GPU: the memory map reads the CUDA caching allocator, which only a GPU has "
+                     "(run it on the GPU machine, e.g. python -m deploy.gpu_check --steps memory; --device cpu "
+                     "reports Inductor's plan of the compiled graph alone)")
+    model = vqfr.load_model(args.weights, device="cpu") if args.weights else seeded_weights_(
+        vqfr.build_model(args.config or args.version))
+    model = model.eval()
+    size = _face_size(model.options) or args.size or 512
+
+    def write(parts: list[str]) -> None:
+        if args.out:
+            atomic_write_bytes(args.out, ("\n\n".join(parts) + "\n").encode())
+
+    with inductor_config.patch(memory_planning=args.memory_planning):
+        if args.device == "cpu":
+            write(_cpu_plans(model, args, batches, size))
+        else:
+            _cuda_maps(model, args, batches, size, write)
     if args.out:
         print(f"wrote {args.out}", file=sys.stderr)
     return 0

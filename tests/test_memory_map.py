@@ -144,13 +144,16 @@ def test_main_without_a_gpu_says_where_to_run_it(capsys, monkeypatch):
     assert "at least 1" in capsys.readouterr().err
 
 
-def test_gpu_check_memory_step_runs_the_map_twice_with_and_without_expandable_segments(tmp_path):
+def test_gpu_check_memory_step_runs_the_map_as_benchmarked_with_memory_planning_and_expandable_segments(
+        tmp_path):
     assert "memory" in gpu_check.ON_REQUEST
     command = gpu_check.STEPS["memory"].command(tmp_path, tmp_path / "out", argparse.Namespace())
     script = command[-1]
-    first, second = script.split("; ")
+    first, planned, second = script.split("; ")
     assert "-m deploy.memory_map --version v2 --batches 8" in first and "PYTORCH_CUDA_ALLOC_CONF" not in first
-    assert first.endswith(f"--out {tmp_path / 'out' / 'memory.md'}")
+    assert first.endswith(f"--out {tmp_path / 'out' / 'memory.md'}") and "--memory-planning" not in first
+    assert planned.endswith(f"--memory-planning --out {tmp_path / 'out' / 'memory_planning.md'}")
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in planned
     assert second.startswith("PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True ")
     assert second.endswith(f"--out {tmp_path / 'out' / 'memory_expandable.md'}")
 
@@ -164,6 +167,11 @@ def test_gpu_check_digest_of_the_memory_step_keeps_each_batch_pool_table_not_the
     digest = gpu_check._digest("memory", tmp_path, tmp_path)
     assert digest.count("| private (1, 0) | 400.0 | 0.0 | 1 | 300.0 | 100.0 |") == 2
     assert "VQFRv2 batch 1" in digest and "VQFRv2 batch 8" in digest
+    # the expandable-segments run (the planning one cut short, absent) follows the first run's batches
+    (tmp_path / "memory_expandable.md").write_text(memory_map.report("expandable batch 8", pools, []) + "\n")
+    digest = gpu_check._digest("memory", tmp_path, tmp_path)
+    assert digest.count("| private (1, 0) | 400.0 | 0.0 | 1 | 300.0 | 100.0 |") == 3
+    assert digest.index("VQFRv2 batch 8") < digest.index("expandable batch 8")
     assert "Live at the peak" not in digest and "Largest single" not in digest
 
 
@@ -190,6 +198,9 @@ def test_main_runs_each_batch_reads_the_allocator_and_writes_the_report_after_ea
             return False
 
         def infer(self, x, f):
+            from torch._inductor import config as inductor_config
+
+            assert inductor_config.memory_planning is False  # only with --memory-planning
             batch = x.shape[0]
             state["calls"].append((tuple(x.shape), f.tolist()))
             if len(state["calls"]) % 4 == 1:  # the first call of a batch size allocates; replays do not
@@ -314,7 +325,9 @@ def test_main_on_the_cpu_reports_the_plan_beside_the_roofline_count(tmp_path, mo
             return False
 
         def infer(self, x, f):
-            calls.append(x.shape[0])
+            from torch._inductor import config as inductor_config
+
+            calls.append((x.shape[0], inductor_config.memory_planning))
             _log("Baseline peak memory: %d", 3 * MIB * x.shape[0])
             _log("topological_sort_dfs peak memory: %d", 2 * MIB * x.shape[0])
 
@@ -323,8 +336,12 @@ def test_main_on_the_cpu_reports_the_plan_beside_the_roofline_count(tmp_path, mo
     config = tmp_path / "tiny.yml"
     config.write_text(yaml.safe_dump(TINY_V2))
     out = tmp_path / "plan.md"
-    assert memory_map.main(["--device", "cpu", "--config", str(config), "--batches", "1,2", "--out", str(out)]) == 0
-    assert calls == [1, 2]
+    from torch._inductor import config as inductor_config
+
+    planning = inductor_config.memory_planning
+    assert memory_map.main(["--device", "cpu", "--config", str(config), "--batches", "1,2", "--memory-planning",
+                            "--out", str(out)]) == 0
+    assert calls == [(1, True), (2, True)] and inductor_config.memory_planning == planning  # set for the run only
     one, two = out.read_text().split("\n\n## ")
     size = TINY_V2["quantizer_opt"]["spatial_size"][0] * 32
     eager = roofline.count(vqfr.build_model(TINY_V2), 2, size, torch.float16).peak_live_bytes
@@ -332,4 +349,4 @@ def test_main_on_the_cpu_reports_the_plan_beside_the_roofline_count(tmp_path, mo
     assert "2.0 MiB in the order it kept; 3.0 MiB in its first order" in one
     assert "4.0 MiB in the order it kept; 6.0 MiB in its first order" in two
     assert f"- plan / eager count: {4 * MIB / eager:.2f}" in two
-    assert "batch 2," in two and "compiled on the CPU" in two
+    assert "batch 2," in two and "compiled on the CPU, Inductor's memory planning" in two
