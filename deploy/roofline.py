@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten
 if TYPE_CHECKING:
     from vqfr.models import Network
 
-__all__ = ["Cost", "count", "floors", "H100", "main"]
+__all__ = ["Cost", "count", "floors", "floors_by_kind", "H100", "main"]
 
 #: (dense fp16 tensor FLOP/s, HBM bytes/s) of an H100 SXM, as measured on this workplace's card (KINDS.md).
 H100 = (790e12, 3.0e12)
@@ -49,6 +49,9 @@ class Cost:
             activations need at peak before allocator rounding and fragmentation.
         peak_at: the module running when that peak was reached.
         ops: op counts by kind (``other`` included).
+        bytes_by_kind: the least bytes each kind must move: a compute op's inputs (weights included) and output once
+            each; a normalisation (``norm``: GroupNorm, LayerNorm) its input twice (statistics, then normalise) and
+            its output once, the activation that follows fused in. ``other`` ops are taken as fused away.
     """
 
     flops: dict[str, float] = dataclasses.field(default_factory=lambda: collections.defaultdict(float))
@@ -59,6 +62,7 @@ class Cost:
     peak_live_bytes: float = 0.0
     peak_at: str = ""
     ops: dict[str, int] = dataclasses.field(default_factory=lambda: collections.defaultdict(int))
+    bytes_by_kind: dict[str, float] = dataclasses.field(default_factory=lambda: collections.defaultdict(float))
 
     @property
     def total_flops(self) -> float:
@@ -77,6 +81,8 @@ def _kind(func: Any) -> str:
         return "nearest_code"
     if "convolution" in name:
         return "conv"
+    if "native_group_norm." in name or "native_layer_norm." in name:
+        return "norm"
     if "scaled_dot_product" in name:
         return "attention"
     if any(f"aten.{op}." in name for op in ("mm", "addmm", "bmm", "baddbmm")):
@@ -141,10 +147,13 @@ class _Counter(TorchDispatchMode):
             activations = sum(t.numel() * t.element_size() for t in tree_flatten((args, kwargs))[0]
                               if isinstance(t, torch.Tensor) and not self._is_weight(t))
             self.cost.ideal_bytes += activations + _bytes(out)
+            self.cost.bytes_by_kind[kind] += moved
             flops = _flops(kind, tuple(args), out)
             self.cost.flops[kind] += flops
             size = "x".join(map(str, out.shape[-2:])) if kind in ("conv", "deform_conv") else "tokens"
             self.cost.flops_by_size[size] += flops
+        elif kind == "norm":  # (output, mean, rstd): the statistics pass and the normalising pass read the input
+            self.cost.bytes_by_kind[kind] += 2 * _bytes(args[0]) + _bytes(out[0])
         return out
 
 
@@ -189,6 +198,34 @@ def floors(cost: Cost, rates: tuple[float, float] = H100) -> dict[str, float]:
             "eager_bytes_ms": cost.eager_bytes / bandwidth * 1e3}
 
 
+def floors_by_kind(cost: Cost, rates: tuple[float, float] = H100) -> dict[str, tuple[float, float, float]]:
+    """Per kind of :attr:`Cost.bytes_by_kind`: (GFLOP, GB, floor ms), the floor being the larger of the time at the
+    FLOP rate and the time at the bandwidth."""
+    flop_rate, bandwidth = rates
+    return {kind: (cost.flops.get(kind, 0.0) / 1e9, moved / 1e9,
+                   max(cost.flops.get(kind, 0.0) / flop_rate, moved / bandwidth) * 1e3)
+            for kind, moved in sorted(cost.bytes_by_kind.items(), key=lambda kv: -kv[1])}
+
+
+def _kind_table(version: str, batch: int, fidelity: float, rates: tuple[float, float]) -> str:
+    """Markdown: per kind of op, the FLOPs, the least bytes and the floor, for one batch size."""
+    import vqfr
+    from vqfr.backends.torch import _face_size
+
+    options = vqfr.models.official_options(version)
+    size = _face_size(options) or 512
+    cost = count(options, batch, size, fidelity=fidelity)
+    lines = [f"### VQFR{version} at {size}x{size}, fp16, batch {batch}, fidelity {fidelity:g}: by kind of op", "",
+             "| kind | ops | GFLOP | least GB | compute ms | bytes ms | floor ms |", "|---|---|---|---|---|---|---|"]
+    total = 0.0
+    for kind, (gflop, gb, floor) in floors_by_kind(cost, rates).items():
+        total += floor
+        lines.append(f"| {kind} | {cost.ops[kind]} | {gflop:.1f} | {gb:.3f} | {gflop * 1e9 / rates[0] * 1e3:.3f} | "
+                     f"{gb * 1e9 / rates[1] * 1e3:.3f} | {floor:.3f} |")
+    lines.append(f"| sum of floors | | | | | | {total:.3f} |")
+    return "\n".join(lines)
+
+
 def _table(version: str, batches: list[int], fidelity: float, rates: tuple[float, float]) -> str:
     import vqfr
     from vqfr.backends.torch import _face_size
@@ -227,11 +264,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fidelity", type=float, default=1.0, help="v2 only; 0 skips the main branch")
     parser.add_argument("--tflops", type=float, default=H100[0] / 1e12, help="dense fp16 TFLOP/s (default 790)")
     parser.add_argument("--tbps", type=float, default=H100[1] / 1e12, help="memory TB/s (default 3.0)")
+    parser.add_argument("--by-kind", action="store_true", help="also a table per batch by kind of op (conv, norm, "
+                                                                "deform_conv ...): FLOPs, least bytes and floor")
     args = parser.parse_args(argv)
+    rates = (args.tflops * 1e12, args.tbps * 1e12)
     for version in args.version:
-        print(_table(version, args.batch, args.fidelity if version == "v2" else 1.0,
-                     (args.tflops * 1e12, args.tbps * 1e12)))
+        fidelity = args.fidelity if version == "v2" else 1.0
+        print(_table(version, args.batch, fidelity, rates))
         print()
+        for batch in args.batch if args.by_kind else ():
+            print(_kind_table(version, batch, fidelity, rates))
+            print()
     return 0
 
 

@@ -41,6 +41,40 @@ def test_roofline_counts_what_torchs_flop_counter_counts_plus_the_deformable_con
     assert cost.weight_bytes < cost.ideal_bytes < cost.eager_bytes
 
 
+
+def test_roofline_least_bytes_by_kind_read_a_norm_twice_and_a_conv_with_its_weights():
+    """A conv moves its input, weight, bias and output once; a GroupNorm or LayerNorm reads its input twice
+    (statistics, then normalise) and writes its output once, and adds no FLOPs; elementwise ops are fused away."""
+    import torch.nn.functional as F
+
+    def empty(*shape):
+        return torch.empty(*shape, device="meta", dtype=torch.float16)
+
+    x, w, b, gamma, beta = empty(2, 8, 16, 12), empty(4, 8, 3, 3), empty(4), empty(4), empty(4)
+    cost = roofline.Cost()
+    with torch.no_grad(), roofline._Counter(cost, {id(t) for t in (w, b, gamma, beta)}):
+        y = F.conv2d(x, w, b, padding=1)
+        F.silu(F.group_norm(y, 2, gamma, beta))
+        F.layer_norm(y, (12,))
+    x_bytes, y_bytes = 2 * 8 * 16 * 12 * 2, 2 * 4 * 16 * 12 * 2
+    assert cost.bytes_by_kind == {"conv": x_bytes + 4 * 8 * 9 * 2 + 4 * 2 + y_bytes, "norm": 2 * 3 * y_bytes}
+    assert cost.ops["norm"] == 2 and set(cost.flops) == {"conv"}
+
+
+def test_roofline_floor_by_kind_is_the_larger_of_compute_and_bytes_and_the_table_sums_them(monkeypatch):
+    """At the H100 rates, 790 GFLOP and 3 GB are 1 ms each: a conv of 790 GFLOP over 1.5 GB is compute-bound (1 ms),
+    a norm of 6 GB is bandwidth-bound (2 ms); kinds come largest bytes first, and the table's last row adds them."""
+    cost = roofline.Cost(flops={"conv": 790e9}, bytes_by_kind={"conv": 1.5e9, "norm": 6e9}, ops={"conv": 3, "norm": 5})
+    floors = roofline.floors_by_kind(cost)
+    assert list(floors) == ["norm", "conv"]
+    assert floors["norm"] == pytest.approx((0.0, 6.0, 2.0)) and floors["conv"] == pytest.approx((790.0, 1.5, 1.0))
+    monkeypatch.setattr(roofline, "count", lambda *a, **k: cost)
+    table = roofline._kind_table("v2", 8, 1.0, roofline.H100)
+    assert "batch 8, fidelity 1: by kind of op" in table
+    assert "| norm | 5 | 0.0 | 6.000 | 0.000 | 2.000 | 2.000 |" in table
+    assert "| conv | 3 | 790.0 | 1.500 | 1.000 | 0.500 | 1.000 |" in table
+    assert table.endswith("| sum of floors | | | | | | 3.000 |")
+
 def _dcn_sizes(model, size):
     """(DCNv2Pack, its feature-map side) for every deformable conv of the model at this input size."""
     out = []
