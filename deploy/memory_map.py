@@ -24,8 +24,9 @@ the plan alone, beside the roofline's count of the most activations live at once
 (the graph and the scheduler's buffer reuse are the same; the convolutions are external kernels on both devices, so
 the CPU plan stands in for the CUDA one). The analysis functions (:func:`peak_live`, :func:`where`,
 :func:`summarise`, :func:`report`) work on any snapshot dictionary.
-Setting ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` before the command measures the allocator that maps
-segments on demand instead; ``deploy.gpu_check --steps memory`` runs both.
+Two remedies can be measured: ``--memory-planning`` (Inductor carves its intermediates out of one pooled allocation
+per graph) and ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` set before the command (the allocator maps
+segments on demand); ``deploy.gpu_check --steps memory`` runs the map as benchmarked, then with each.
 """
 
 from __future__ import annotations
