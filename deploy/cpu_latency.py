@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     for flag, value in (("--iters", args.iters), ("--threads", args.threads)):
         if value < 1:  # no median of zero runs; torch refuses zero threads
             parser.error(f"{flag} must be at least 1, got {value}")
+    if args.warmup < 0:  # would take timed runs away (none left: no median, after building the model)
+        parser.error(f"--warmup must be at least 0, got {args.warmup}")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
