@@ -16,6 +16,7 @@ import abc
 import dataclasses
 import importlib
 import importlib.util
+import re
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +150,8 @@ def candidates(kind: str | None, backend: str = "auto", device: str = "auto", *,
     if backend not in BACKEND_NAMES:
         raise BackendUnavailable(f"unknown backend {backend!r}", path=path,
                                  fix=f"use one of {', '.join(BACKEND_NAMES)}")
-    if device not in DEVICES and not device.startswith("cuda:"):
+    # cuda:N as torch.device takes it; anything else would fail later inside torch, without the valid forms.
+    if device not in DEVICES and not re.fullmatch(r"cuda:(0|[1-9][0-9]*)", device):
         raise BackendUnavailable(f"unknown device {device!r}", path=path,
                                  fix=f"use one of {', '.join(DEVICES)} or cuda:N")
     dev = device.split(":")[0]
