@@ -16,7 +16,6 @@ pyproject.toml lists them, hand-made graphs and tensors, stand-in CUDA and Tenso
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import sys
 import types
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from tests.test_backends_cli_behaviours import _scale_graph
-from tests.test_export_trt import _FakeContext, _FakeEngine, _FakeLogger, _FakeRuntime, _trt_meta
+from tests.test_export_trt import _FakeContext, _FakeEngine, _FakeRuntime, _trt_meta, install_fake_tensorrt
 from vqfr.backends.base import (
     BACKENDS,
     MODULE,
@@ -177,15 +176,7 @@ def tensorrt_backend(monkeypatch, tmp_path):
     """TensorRTBackend(meta, engine class) over a stand-in tensorrt module and a (9, 0) GPU, running on the CPU."""
     from vqfr.backends.tensorrt import TensorRTBackend
 
-    module = types.SimpleNamespace(__version__="10.8.0.43", Logger=_FakeLogger,
-                                   TensorIOMode=types.SimpleNamespace(INPUT="in", OUTPUT="out"), float32="f32",
-                                   float16="f16", int32="i32", plugin_namespaces=[])
-    module.init_libnvinfer_plugins = lambda logger, namespace: module.plugin_namespaces.append(namespace) or True
-    monkeypatch.setitem(sys.modules, "tensorrt", module)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "stand-in GPU")
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    module = install_fake_tensorrt(monkeypatch)
     path = tmp_path / "m.engine"
     path.write_bytes(b"plan")
 

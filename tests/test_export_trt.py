@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -181,8 +182,6 @@ class _FakeNetwork:
 @pytest.fixture
 def fake_tensorrt(monkeypatch):
     """Just enough of the tensorrt module for the helpers that inspect a parsed network."""
-    import types
-
     module = types.SimpleNamespace(LayerType=_FakeLayerType, float32="f32", float16="f16")
     monkeypatch.setitem(sys.modules, "tensorrt", module)
     return module
@@ -425,14 +424,10 @@ class _FakeRuntime:
         return _FakeEngine()
 
 
-@pytest.fixture
-def trt_backend(monkeypatch, tmp_path):
-    """TensorRTBackend(path, meta) over a stand-in tensorrt module and CUDA queries, running on the CPU."""
+def install_fake_tensorrt(monkeypatch) -> types.SimpleNamespace:
+    """Put a stand-in ``tensorrt`` module (version 10.8.0.43, :class:`_FakeRuntime`) in ``sys.modules`` and make the
+    CUDA queries of the TensorRT backend answer as a 9.0 GPU named "stand-in GPU"; returns the module."""
     import contextlib
-    import types
-
-    from vqfr.backends.base import BACKENDS
-    from vqfr.backends.tensorrt import TensorRTBackend
 
     module = types.SimpleNamespace(__version__="10.8.0.43", Logger=_FakeLogger, Runtime=_FakeRuntime,
                                    TensorIOMode=types.SimpleNamespace(INPUT="in", OUTPUT="out"), float32="f32",
@@ -443,6 +438,16 @@ def trt_backend(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "stand-in GPU")
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    return module
+
+
+@pytest.fixture
+def trt_backend(monkeypatch, tmp_path):
+    """TensorRTBackend(path, meta) over a stand-in tensorrt module and CUDA queries, running on the CPU."""
+    from vqfr.backends.base import BACKENDS
+    from vqfr.backends.tensorrt import TensorRTBackend
+
+    install_fake_tensorrt(monkeypatch)
     row = next(e for e in BACKENDS if e.name == "tensorrt")
 
     def make(plan: bytes, meta):
