@@ -207,15 +207,9 @@ def floors_by_kind(cost: Cost, rates: tuple[float, float] = H100) -> dict[str, t
             for kind, moved in sorted(cost.bytes_by_kind.items(), key=lambda kv: -kv[1])}
 
 
-def _kind_table(version: str, batch: int, fidelity: float, rates: tuple[float, float]) -> str:
-    """Markdown: per kind of op, the FLOPs, the least bytes and the floor, for one batch size."""
-    import vqfr
-    from vqfr.backends.torch import _face_size
-
-    options = vqfr.models.official_options(version)
-    size = _face_size(options) or 512
-    cost = count(options, batch, size, fidelity=fidelity)
-    lines = [f"### VQFR{version} at {size}x{size}, fp16, batch {batch}, fidelity {fidelity:g}: by kind of op", "",
+def _kind_table(title: str, cost: Cost, rates: tuple[float, float]) -> str:
+    """Markdown: per kind of op of ``cost``, the op count, FLOPs, least bytes and floor, then the floors' sum."""
+    lines = [f"### {title}", "",
              "| kind | ops | GFLOP | least GB | compute ms | bytes ms | floor ms |", "|---|---|---|---|---|---|---|"]
     total = 0.0
     for kind, (gflop, gb, floor) in floors_by_kind(cost, rates).items():
@@ -226,7 +220,9 @@ def _kind_table(version: str, batch: int, fidelity: float, rates: tuple[float, f
     return "\n".join(lines)
 
 
-def _table(version: str, batches: list[int], fidelity: float, rates: tuple[float, float]) -> str:
+def _table(version: str, batches: list[int], fidelity: float, rates: tuple[float, float],
+           by_kind: bool = False) -> str:
+    """Markdown: the counts and floors per batch; with ``by_kind``, then a :func:`_kind_table` per batch."""
     import vqfr
     from vqfr.backends.torch import _face_size
 
@@ -238,8 +234,10 @@ def _table(version: str, batches: list[int], fidelity: float, rates: tuple[float
              "| ideal-bytes floor ms | eager-bytes floor ms | weights + peak live activations GB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     by_size = None
+    costs = []
     for batch in batches:
         cost = count(options, batch, size, fidelity=fidelity)
+        costs.append(cost)
         f = floors(cost, rates)
         mm = cost.flops["attention"] + cost.flops["matmul"] + cost.flops["nearest_code"]
         lines.append(f"| {batch} | {cost.total_flops / 1e9:.1f} | {cost.flops['conv'] / 1e9:.1f} | "
@@ -254,6 +252,9 @@ def _table(version: str, batches: list[int], fidelity: float, rates: tuple[float
     lines += ["", f"FLOPs by feature-map size (batch {batches[0]}): " + ", ".join(
         f"{k} {v / total:.0%}" for k, v in sizes if v / total >= 0.005) + ".",
               f"Peak live activations (batch {batches[-1]}) while running `{last.peak_at}`."]
+    for batch, cost in zip(batches, costs, strict=True) if by_kind else ():
+        title = f"VQFR{version} at {size}x{size}, fp16, batch {batch}, fidelity {fidelity:g}: by kind of op"
+        lines += ["", _kind_table(title, cost, rates)]
     return "\n".join(lines)
 
 
@@ -269,12 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rates = (args.tflops * 1e12, args.tbps * 1e12)
     for version in args.version:
-        fidelity = args.fidelity if version == "v2" else 1.0
-        print(_table(version, args.batch, fidelity, rates))
+        print(_table(version, args.batch, args.fidelity if version == "v2" else 1.0, rates, args.by_kind))
         print()
-        for batch in args.batch if args.by_kind else ():
-            print(_kind_table(version, batch, fidelity, rates))
-            print()
     return 0
 
 

@@ -64,13 +64,17 @@ def test_roofline_least_bytes_by_kind_read_a_norm_twice_and_a_conv_with_its_weig
 def test_roofline_floor_by_kind_is_the_larger_of_compute_and_bytes_and_the_table_sums_them(monkeypatch):
     """At the H100 rates, 790 GFLOP and 3 GB are 1 ms each: a conv of 790 GFLOP over 1.5 GB is compute-bound (1 ms),
     a norm of 6 GB is bandwidth-bound (2 ms); kinds come largest bytes first, and the table's last row adds them."""
-    cost = roofline.Cost(flops={"conv": 790e9}, bytes_by_kind={"conv": 1.5e9, "norm": 6e9}, ops={"conv": 3, "norm": 5})
+    flops = {"conv": 790e9, "deform_conv": 0.0, "attention": 0.0, "matmul": 0.0, "nearest_code": 0.0}
+    cost = roofline.Cost(flops=flops, flops_by_size={"512x512": 790e9}, bytes_by_kind={"conv": 1.5e9, "norm": 6e9},
+                         ops={"conv": 3, "norm": 5})
     floors = roofline.floors_by_kind(cost)
     assert list(floors) == ["norm", "conv"]
     assert floors["norm"] == pytest.approx((0.0, 6.0, 2.0)) and floors["conv"] == pytest.approx((790.0, 1.5, 1.0))
+    assert roofline.floors_by_kind(cost, (395e12, 1.5e12))["conv"][2] == pytest.approx(2.0)  # its rates, not the H100's
     monkeypatch.setattr(roofline, "count", lambda *a, **k: cost)
-    table = roofline._kind_table("v2", 8, 1.0, roofline.H100)
-    assert "batch 8, fidelity 1: by kind of op" in table
+    assert "by kind of op" not in roofline._table("v2", [8], 1.0, roofline.H100)
+    table = roofline._table("v2", [8], 1.0, roofline.H100, by_kind=True)
+    assert "### VQFRv2 at 512x512, fp16, batch 8, fidelity 1: by kind of op" in table
     assert "| norm | 5 | 0.0 | 6.000 | 0.000 | 2.000 | 2.000 |" in table
     assert "| conv | 3 | 790.0 | 1.500 | 1.000 | 0.500 | 1.000 |" in table
     assert table.endswith("| sum of floors | | | | | | 3.000 |")
