@@ -816,6 +816,10 @@ def main(argv: list[str] | None = None) -> int:
                                ("--threads", args.threads, 1)):
         if value is not None and value < least:
             build_parser().error(f"{flag} must be at least {least}, got {value}")
+    # 0 or less silently capped every row at 3 calls (the cap then missing from the results' timing line); inf and
+    # nan failed inside the timing (OverflowError, ValueError)
+    if args.row_seconds is not None and not 0 < args.row_seconds < math.inf:
+        build_parser().error(f"--row-seconds must be a positive number of seconds, got {args.row_seconds:g}")
     try:
         check_backend_names(args.backends)  # before the model is built
     except VQFRError as exc:
