@@ -325,20 +325,26 @@ def _measure(backend: Any, batch: int, size: int, fidelity: float, device: torch
         for _ in range(4):
             backend.infer(x, f)
     torch.cuda.synchronize(device)
-    return {"max_allocated": torch.cuda.max_memory_allocated(device),
-            "reserved": torch.cuda.memory_reserved(device), "allocated": torch.cuda.memory_allocated(device)}, plans
+    from deploy.bench import torch_peak_mb
+
+    return {"max_allocated": torch.cuda.max_memory_allocated(device), "reserved": torch.cuda.memory_reserved(device),
+            "allocated": torch.cuda.memory_allocated(device), "bench_rule_mb": torch_peak_mb(device)}, plans
 
 
-def _variant(args: argparse.Namespace) -> str:
-    """The title's note of the options that change the compiled graph or its capture."""
-    notes = [(args.fused_group_norm, "fused GroupNorm"), (args.memory_planning, "Inductor's memory planning"),
+def _title(model: Any, args: argparse.Namespace, batch: int, size: int) -> str:
+    """A report part's title: the model, precision, batch, size and fidelity, then the options that change the
+    compiled graph or its capture."""
+    notes = [(args.device == "cpu", "compiled on the CPU"), (args.fused_group_norm, "fused GroupNorm"),
+             (args.memory_planning, "Inductor's memory planning"),
              (args.device == "cuda" and args.no_cuda_graphs, "no CUDA graphs")]
-    return "".join(f", {text}" for on, text in notes if on)
+    return (f"{model.options['type']} max {args.precision}, batch {batch}, {size}x{size}, fidelity {args.fidelity:g}"
+            + "".join(f", {text}" for on, text in notes if on))
 
 
-def _cpu_plans(model: Any, args: argparse.Namespace, batches: Sequence[int], size: int) -> list[str]:
+def _cpu_plans(model: Any, args: argparse.Namespace, batches: Sequence[int], size: int,
+               write: Callable[[list[str]], None]) -> None:
     """``--device cpu``: per batch, compile max mode on the CPU and report Inductor's plan beside the roofline's count
-    of the most activations live at once in an eager run (one Markdown part per batch)."""
+    of the most activations live at once in an eager run; ``write`` gets the Markdown parts so far after each batch."""
     from deploy import roofline
     from deploy.baselines import DTYPES
     from vqfr.backends import BACKENDS
@@ -360,11 +366,9 @@ def _cpu_plans(model: Any, args: argparse.Namespace, batches: Sequence[int], siz
                      *_plan_facts(plans)]
             if plans:
                 facts.append(("plan / eager count", f"{plans[-1].chosen / max(cost.peak_live_bytes, 1):.2f}"))
-            title = (f"{model.options['type']} max {args.precision}, batch {batch}, {size}x{size}, fidelity "
-                     f"{args.fidelity:g}, compiled on the CPU{_variant(args)}")
-            parts.append("\n".join([f"## {title}", "", *(f"- {k}: {v}" for k, v in facts)]))
+            parts.append("\n".join([f"## {_title(model, args, batch, size)}", "", *(f"- {k}: {v}" for k, v in facts)]))
             print(parts[-1], flush=True)
-    return parts
+            write(parts)  # after each batch: a run cut short keeps what it measured
 
 
 def _cuda_maps(model: Any, args: argparse.Namespace, batches: Sequence[int], size: int,
@@ -392,7 +396,6 @@ def _cuda_maps(model: Any, args: argparse.Namespace, batches: Sequence[int], siz
             snapshot = torch.cuda.memory._snapshot()
             trace = _trace(snapshot, device.index or 0)
             pools = summarise(snapshot, device.index or 0, start, root)
-            bench_rule = max(stats["max_allocated"], stats["reserved"])
             facts = [
                 ("card", f"{torch.cuda.get_device_name(device)}; torch {torch.__version__}; "
                          f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '(unset)')}"),
@@ -400,14 +403,13 @@ def _cuda_maps(model: Any, args: argparse.Namespace, batches: Sequence[int], siz
                 ("after the first call and 3 more", f"max allocated {stats['max_allocated'] / MIB:.1f} MiB, "
                                                     f"reserved {stats['reserved'] / MIB:.1f} MiB, allocated "
                                                     f"{stats['allocated'] / MIB:.1f} MiB"),
-                ("the benchmark's peak rule (the larger of max allocated and reserved)", f"{bench_rule / MIB:.1f} MiB"),
+                ("the benchmark's peak rule (the larger of max allocated and reserved)",
+                 f"{stats['bench_rule_mb']:.1f} MiB"),
                 ("recorded trace entries for this batch", f"{len(trace) - start}"),
                 *_plan_facts(plans),
             ]
-            title = (f"{model.options['type']} max {args.precision}, batch {batch}, {size}x{size}, fidelity "
-                     f"{args.fidelity:g}{_variant(args)}")
-            text_parts.append(report(title, pools, largest_allocations(snapshot, device.index or 0, start,
-                                                                       root=root), facts))
+            largest = largest_allocations(snapshot, device.index or 0, start, root=root)
+            text_parts.append(report(_title(model, args, batch, size), pools, largest, facts))
             print(text_parts[-1], flush=True)
             write(text_parts)  # after each batch: a run cut at a time cap keeps what it measured
             start = len(trace)
@@ -466,10 +468,7 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_bytes(args.out, ("\n\n".join(parts) + "\n").encode())
 
     with inductor_config.patch(memory_planning=args.memory_planning):
-        if args.device == "cpu":
-            write(_cpu_plans(model, args, batches, size))
-        else:
-            _cuda_maps(model, args, batches, size, write)
+        (_cpu_plans if args.device == "cpu" else _cuda_maps)(model, args, batches, size, write)
     if args.out:
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
