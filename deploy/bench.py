@@ -80,6 +80,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------------- configuration
+def _flag(field: str) -> str:
+    """The CLI flag of a :class:`BenchConfig` field, for errors that read right in both (``batches`` -> ``--batch``)."""
+    return "--batch" if field == "batches" else "--" + field.replace("_", "-")
+
+
 @dataclasses.dataclass
 class BenchConfig:
     """Everything a run needs (the CLI fills it; tests build it directly).
@@ -127,6 +132,21 @@ class BenchConfig:
     tf32: bool = False
     rebuild: bool = False
     chart: bool = True
+
+    def __post_init__(self) -> None:
+        # Checked here so a config built in code is refused like the CLI's flags: a row with no timed call has no
+        # median, the first call (timed alone) is the least warm-up, zero input sets or threads were taken for the
+        # defaults without a word, and a row_seconds of 0 or less silently capped every row at 3 calls while inf and
+        # nan failed inside the timing loop (OverflowError, ValueError).
+        for name, value, least in (("iters", self.iters, 1), ("restore_iters", self.restore_iters, 0),
+                                   ("warmup", self.warmup, 1), ("inputs", self.inputs, 1),
+                                   ("threads", self.threads, 1)):
+            if value is not None and value < least:
+                raise ValueError(f"{_flag(name)} must be at least {least}, got {value}")
+        if any(b < 1 for b in self.batches or []):
+            raise ValueError(f"{_flag('batches')} sizes must be at least 1, got {','.join(map(str, self.batches))}")
+        if self.row_seconds is not None and not 0 < self.row_seconds < math.inf:
+            raise ValueError(f"{_flag('row_seconds')} must be a positive number of seconds, got {self.row_seconds:g}")
 
     def resolved(self, device: torch.device) -> BenchConfig:
         """A copy with the device-dependent defaults filled in."""
@@ -809,23 +829,22 @@ def main(argv: list[str] | None = None) -> int:
     for p in args.precision or []:
         if p not in PRECISIONS:
             build_parser().error(f"unknown precision {p!r}; use {', '.join(PRECISIONS)}")
-    # a row with no timed call has no median; the first call (timed alone) is the least warm-up; zero input sets
-    # or threads were taken for the defaults without a word
-    for flag, value, least in (("--iters", args.iters, 1), ("--restore-iters", args.restore_iters, 0),
-                               ("--warmup", args.warmup, 1), ("--inputs", args.inputs, 1),
-                               ("--threads", args.threads, 1)):
-        if value is not None and value < least:
-            build_parser().error(f"{flag} must be at least {least}, got {value}")
-    # 0 or less silently capped every row at 3 calls (the cap then missing from the results' timing line); inf and
-    # nan failed inside the timing (OverflowError, ValueError)
-    if args.row_seconds is not None and not 0 < args.row_seconds < math.inf:
-        build_parser().error(f"--row-seconds must be a positive number of seconds, got {args.row_seconds:g}")
+    try:  # BenchConfig refuses bad counts and --row-seconds, before the model is built
+        cfg = BenchConfig(
+            weights=args.weights, config=args.config or args.version, backends=args.backends,
+            precisions=args.precision, batches=args.batch, fidelities=args.fidelity, device=args.device,
+            iters=args.iters, warmup=args.warmup, restore_iters=args.restore_iters, inputs=args.inputs,
+            row_seconds=args.row_seconds, size=args.size, faces=args.faces, out=args.out, threads=args.threads,
+            tf32=args.tf32, rebuild=args.rebuild, chart=not args.no_chart,
+            fast=FastOptions(compile=False if args.no_compile else None, compile_mode=args.compile_mode,
+                             cuda_graphs=False if args.no_cuda_graphs else None,
+                             channels_last=not args.no_channels_last))
+    except ValueError as exc:
+        build_parser().error(str(exc))
     try:
         check_backend_names(args.backends)  # before the model is built
     except VQFRError as exc:
         build_parser().error(str(exc))
-    if any(b < 1 for b in args.batch or []):
-        build_parser().error(f"--batch sizes must be at least 1, got {','.join(map(str, args.batch))}")
     if args.out.exists() and not args.out.is_dir():  # found before the model is built, not at the first save
         build_parser().error(f"--out {args.out} is a file; pass a folder (new, or one of an earlier run)")
     if not args.no_chart:
@@ -833,14 +852,7 @@ def main(argv: list[str] | None = None) -> int:
             report.check_chart()
         except ImportError as exc:
             build_parser().error(f"{exc}; or pass --no-chart")
-    cfg = BenchConfig(
-        weights=args.weights, config=args.config or args.version, backends=args.backends, precisions=args.precision,
-        batches=args.batch, fidelities=args.fidelity, device=args.device, iters=args.iters, warmup=args.warmup,
-        restore_iters=args.restore_iters, inputs=args.inputs, row_seconds=args.row_seconds, size=args.size,
-        faces=args.faces, out=args.out, threads=args.threads, tf32=args.tf32, rebuild=args.rebuild,
-        chart=not args.no_chart,
-        fast=FastOptions(compile=False if args.no_compile else None, compile_mode=args.compile_mode,
-                         cuda_graphs=False if args.no_cuda_graphs else None, channels_last=not args.no_channels_last))
+
     def save_partial(meta: dict, rows: list[Row]) -> None:  # a run killed by a time limit keeps what it measured
         report.write_all(cfg.out, {**meta, "partial": True}, [r.as_dict() for r in rows], chart=False)
         stale_chart.unlink(missing_ok=True)

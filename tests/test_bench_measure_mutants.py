@@ -9,9 +9,10 @@ percentiles, images per second from the row's batch, median CPU time and count o
 the fp32 reference only; the defaults on a GPU and on the CPU; ``--row-seconds``, ``--tf32`` and the fidelity default
 reaching the run; every field of a row in results.json; the baselines' precisions and order on a GPU; ``auto``'s
 backends; restore rows without a first call, warmed up once on a GPU and not again on the CPU, and the timing line of
-the results; seeded weights that follow their seed; and (a defect, fixed) a ``--row-seconds`` of 0 or less, inf or nan
-refused before the run. Expected values are written out in each test (hand arithmetic, PSNR = 10 log10(peak^2 / mse)
-with the peak the code documents, scripted clocks, stand-in backends), on tiny inputs, on the CPU."""
+the results; seeded weights that follow their seed; and (defects, fixed) a ``--row-seconds`` of 0 or less, inf or nan
+refused before the run, and the counts and the row cap of a ``BenchConfig`` built in code refused like the flags.
+Expected values are written out in each test (hand arithmetic, PSNR = 10 log10(peak^2 / mse) with the peak the code
+documents, scripted clocks, stand-in backends), on tiny inputs, on the CPU."""
 
 from __future__ import annotations
 
@@ -244,6 +245,26 @@ def test_a_row_time_cap_that_is_not_a_positive_number_is_refused_before_the_run(
     assert exc.value.code == 2
     assert f"--row-seconds must be a positive number of seconds, got {float(value):g}" in capsys.readouterr().err
 
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("row_seconds", math.inf, "--row-seconds must be a positive number of seconds, got inf"),
+    ("row_seconds", math.nan, "--row-seconds must be a positive number of seconds, got nan"),
+    ("row_seconds", 0.0, "--row-seconds must be a positive number of seconds, got 0"),
+    ("iters", 0, "--iters must be at least 1, got 0"),
+    ("restore_iters", -1, "--restore-iters must be at least 0, got -1"),
+    ("warmup", 0, "--warmup must be at least 1, got 0"),
+    ("inputs", 0, "--inputs must be at least 1, got 0"),
+    ("threads", 0, "--threads must be at least 1, got 0"),
+    ("batches", [1, 0], "--batch sizes must be at least 1, got 1,0"),
+])
+def test_a_config_built_in_code_is_refused_like_the_cli_flags(field, value, message):
+    """(A defect, fixed.) Only the CLI checked these: ``BenchConfig(row_seconds=math.inf)`` built in code failed
+    inside the timing loop (OverflowError), and ``warmup=0`` or ``inputs=0`` became the defaults without a word."""
+    with pytest.raises(ValueError) as exc:
+        bench.BenchConfig(**{field: value})
+    assert str(exc.value) == message
+    bench.BenchConfig(**{field: [1, 8] if field == "batches" else 1})  # the least allowed passes
 
 def test_baselines_on_a_gpu_and_the_order_of_subjects():
     """fp32 reference first (its outputs are every row's reference), then the candidates, then the other baselines:
