@@ -21,10 +21,11 @@ __all__ = ["CATEGORIES", "category", "profile", "main"]
 
 #: (category, substrings of a kernel or operator name), first match wins.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("deformable conv", ("deform", "_fwd_kernel", "grid_sampler")),
     ("nearest-code search", ("nearest_code",)),
     ("normalisation", ("group_norm", "layer_norm", "welford", "native_norm")),
+    # before the deformable conv: FlashAttention's flash_fwd_kernel holds that conv's Triton kernel name
     ("attention", ("fmha", "flash", "attention", "softmax")),
+    ("deformable conv", ("deform", "_fwd_kernel", "grid_sampler")),
     ("convolution", ("conv", "cudnn", "xmma", "implicit_gemm", "winograd", "fprop", "dgrad", "mkldnn")),
     ("matrix product", ("gemm", "cublas", "mm", "matmul", "cutlass")),
     ("copy / layout", ("copy", "memcpy", "memset", "cat", "pad", "permute", "contiguous", "nchwtonhwc",
