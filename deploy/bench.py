@@ -143,8 +143,9 @@ class BenchConfig:
                                    ("threads", self.threads, 1)):
             if value is not None and value < least:
                 raise ValueError(f"{_flag(name)} must be at least {least}, got {value}")
-        if any(b < 1 for b in self.batches or []):
-            raise ValueError(f"{_flag('batches')} sizes must be at least 1, got {','.join(map(str, self.batches))}")
+        batches = list(self.batches or [])
+        if any(b < 1 for b in batches):
+            raise ValueError(f"{_flag('batches')} sizes must be at least 1, got {','.join(map(str, batches))}")
         if self.row_seconds is not None and not 0 < self.row_seconds < math.inf:
             raise ValueError(f"{_flag('row_seconds')} must be a positive number of seconds, got {self.row_seconds:g}")
 

@@ -23,8 +23,9 @@ __all__ = ["CATEGORIES", "category", "profile", "main"]
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("nearest-code search", ("nearest_code",)),
     ("normalisation", ("group_norm", "layer_norm", "welford", "native_norm")),
-    # before the deformable conv: FlashAttention's flash_fwd_kernel holds that conv's Triton kernel name
-    ("attention", ("fmha", "flash", "attention", "softmax")),
+    # before the deformable conv (FlashAttention's flash_fwd_kernel holds that conv's Triton kernel name) and the
+    # convolutions (cuDNN's attention kernels are named cudnn_..._sdpa_...)
+    ("attention", ("fmha", "flash", "attention", "softmax", "sdpa")),
     ("deformable conv", ("deform", "_fwd_kernel", "grid_sampler")),
     ("convolution", ("conv", "cudnn", "xmma", "implicit_gemm", "winograd", "fprop", "dgrad", "mkldnn")),
     ("matrix product", ("gemm", "cublas", "mm", "matmul", "cutlass")),

@@ -332,6 +332,7 @@ def test_memory_map_refuses_batches_that_are_not_numbers(capsys):
     ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>>", "attention"),
     ("flash_fwd_splitkv_kernel", "attention"),
     ("fmha_cutlassF_f16_aligned_64x64_rf_sm80", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x64_4x1x1_kernel0_0", "attention"),
     ("_fwd_kernel", "deformable conv"),
     ("aten::native_layer_norm", "normalisation"),
     ("triton_red_fused_var_mean_welford_0", "normalisation"),
@@ -347,7 +348,8 @@ def test_memory_map_refuses_batches_that_are_not_numbers(capsys):
 ])
 def test_profile_category_of_each_key(name, expected):
     """A name that only one key of its category matches. FlashAttention's forward kernel holds ``_fwd_kernel``, the
-    deformable conv's Triton kernel name, and was counted as deformable conv. (A defect, fixed.)"""
+    deformable conv's Triton kernel name, and was counted as deformable conv; cuDNN's attention kernels
+    (``cudnn_...sdpa``) were counted as convolutions. (Defects, fixed.)"""
     assert profile_model.category(name) == expected
 
 
