@@ -21,7 +21,8 @@ tests/test_bench_tools_aoti_mutants.py:
   the GPU mode's ``--no-cuda-graphs`` and ``--fused-group-norm``; a ``--batches`` that is not numbers refused;
   Inductor's log kept from torch's own handlers within :func:`inductor_plans`;
 - ``deploy.profile_model``: a kernel or operator name per key of each category (FlashAttention's
-  ``flash_fwd_kernel`` as attention, not as the deformable conv's ``_fwd_kernel``: a defect, fixed), the top 25
+  ``flash_fwd_kernel`` as attention, not as the deformable conv's ``_fwd_kernel``, and cuDNN's ``..._sdpa_...``
+  kernels as attention, not as convolutions: defects, fixed), the top 25
   kernels, the GPU report's wording, the floors' line, a 90-character name shown whole, and the VQFR ops listed in
   name order.
 """
