@@ -13,8 +13,10 @@ level, ``fix_keys`` with two keys (v1 and VQGANv2), and v1 and v2 models whose p
 skipped, a float64 fidelity tensor used in the model's dtype, an unknown ``code_selection_mode`` refused, and the
 "Nearest" mode's indices the argmin of the distances; the network block of a yml read from ``network_sr`` before
 ``network_g``; ``model.options`` a copy of the caller's dict; and checkpoints whose suffix is upper case, whose keys
-are nested ``module.module.`` and whose ``params_ema`` is not a mapping. Expected values come from OFFICIAL_VQFR.md's
-formulas re-done here with plain torch, hand-built state dicts and hand arithmetic, on tiny CPU models."""
+are nested ``module.module.`` and whose ``params_ema`` is not a mapping; the model moved to the device asked for,
+with its full ``weights_path``; an empty file reported as empty; and options passed in not reported as the stored
+ones, nor a same-version file told to load with its alias. Expected values come from OFFICIAL_VQFR.md's formulas
+re-done here with plain torch, hand-built state dicts and hand arithmetic, on tiny CPU models."""
 
 from __future__ import annotations
 
@@ -366,3 +368,29 @@ def test_nested_module_prefixes_are_all_stripped_and_a_non_mapping_params_ema_is
     w = torch.ones(2)
     assert filter_state_dict({"module.module.module.a": w}) == {"a": w}
     assert filter_state_dict({"params_ema": [w], "params": {"a": w}}) == {"a": w}  # a list is no state dict
+
+
+def test_the_model_is_moved_to_the_device_asked_for(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save({"params": seeded_model(TINY_V2).state_dict()}, path)
+    model = vqfr.load_model(path, TINY_V2, device="meta")  # a device every machine has
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert model.weights_path == str(path)  # the full path, as given
+
+
+def test_options_passed_in_are_not_reported_as_the_files_stored_options(tmp_path):
+    path = vqfr.save_safetensors(seeded_model(TINY_V2), tmp_path / "w.safetensors")
+    other = copy.deepcopy(TINY_V2)
+    other["quantizer_opt"]["num_code"] = 16
+    other["quantizer_opt"]["code_dim"] = 16
+    with pytest.raises(vqfr.CheckpointError) as info:
+        vqfr.load_model(path, other)
+    assert "does not match VQFRv2 (" in str(info.value) and "metadata" not in str(info.value)
+    assert "options='v2'" not in str(info.value)  # the file is a VQFRv2: only its training options can help
+
+
+def test_an_empty_file_is_reported_as_empty(tmp_path):
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"")
+    with pytest.raises(vqfr.CheckpointError, match=r"is empty \(0 bytes\)"):  # the folder name holds "empty" too
+        vqfr.load_model(path)
