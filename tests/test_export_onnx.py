@@ -192,6 +192,18 @@ def test_v2_sidecar_content(v2_fp32):
     assert meta.extra["check"]["onnxruntime_cpu_vs_pytorch_fp32"]["max_abs"] <= ATOL
 
 
+
+def test_v2_code_head_layer_norm_keeps_torchs_epsilon_and_last_axis(v2_fp32):
+    """feat2index's LayerNorm normalises the last axis (code_dim) with torch's default eps 1e-5, as the official model
+    does. Its eps changes only the code logits, so the outputs (and every output test) agree at any eps until a
+    near-tie flips a code: the graph's attributes are checked here (mutation round 17 found eps 1e-3 unseen)."""
+    model = ir.load(v2_fp32["path"])
+    norms = [n for n in model.graph.all_nodes() if n.op_type == "LayerNormalization"]
+    assert len(norms) == 1
+    attrs = norms[0].attributes
+    assert attrs["axis"].as_int() == -1
+    assert attrs["epsilon"].as_float() == pytest.approx(1e-5, rel=1e-6)
+
 def _fp16_weight_share(path: Path) -> float:
     model = ir.load(path)
     convs = [n for n in model.graph if n.op_type == "Conv"]
