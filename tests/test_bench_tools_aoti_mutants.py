@@ -59,15 +59,14 @@ def _event(key: str, self_us: float, count: int, total_us: float | None = None):
                                  cpu_time_total=self_us if total_us is None else total_us)
 
 
-def test_profile_divides_by_the_profiled_forwards_after_the_warm_up(monkeypatch):
-    """4 profiled forwards after 2 warm-up calls, the profiler's totals scripted (microseconds): 8000 us of
-    convolution over 8 launches is 2 ms and 2 launches a forward; the deformable conv op's 4000 us with children
-    is its 1 ms total; a CUDA runtime call is no CPU operator."""
+def stand_in_profiler(monkeypatch, events: list) -> dict[str, int]:
+    """Replace the torch backend and torch.profiler with stand-ins: the profiler's ``key_averages()`` returns
+    ``events``. Returns the count of ``infer`` calls outside ("warm-up") and inside ("profiled") the profiler."""
     calls = {"warm-up": 0, "profiled": 0}
     profiling = {"on": False}
 
     class Backend:
-        def __init__(self, entry, model, **kwargs):
+        def __init__(self, *args, **kwargs):
             pass
 
         def __enter__(self):
@@ -78,11 +77,6 @@ def test_profile_divides_by_the_profiled_forwards_after_the_warm_up(monkeypatch)
 
         def infer(self, x, f):
             calls["profiled" if profiling["on"] else "warm-up"] += 1
-
-    events = [_event("aten::convolution", 8000, 8), _event("aten::native_group_norm", 2000, 4),
-              _event("vqfr::modulated_deform_conv2d", 400, 4, total_us=4000), _event("aten::bmm", 1200, 4),
-              _event("aten::grid_sampler_2d", 800, 4), _event("aten::_softmax", 600, 4),
-              _event("aten::lift_fresh", 100, 4), _event("cudaLaunchKernel", 5000, 40)]
 
     class Profiler:
         def __init__(self, activities):
@@ -101,6 +95,18 @@ def test_profile_divides_by_the_profiled_forwards_after_the_warm_up(monkeypatch)
 
     monkeypatch.setattr("vqfr.backends.torch.TorchBackend", Backend)
     monkeypatch.setattr(torch.profiler, "profile", Profiler)
+    return calls
+
+
+def test_profile_divides_by_the_profiled_forwards_after_the_warm_up(monkeypatch):
+    """4 profiled forwards after 2 warm-up calls, the profiler's totals scripted (microseconds): 8000 us of
+    convolution over 8 launches is 2 ms and 2 launches a forward; the deformable conv op's 4000 us with children
+    is its 1 ms total; a CUDA runtime call is no CPU operator."""
+    events = [_event("aten::convolution", 8000, 8), _event("aten::native_group_norm", 2000, 4),
+              _event("vqfr::modulated_deform_conv2d", 400, 4, total_us=4000), _event("aten::bmm", 1200, 4),
+              _event("aten::grid_sampler_2d", 800, 4), _event("aten::_softmax", 600, 4),
+              _event("aten::lift_fresh", 100, 4), _event("cudaLaunchKernel", 5000, 40)]
+    calls = stand_in_profiler(monkeypatch, events)
     p = profile_model.profile(None, "cpu", "fp32", batch=1, size=16, mode="eager", iters=4, warmup=2)
     assert calls == {"warm-up": 2, "profiled": 4} and p.calls == 4
     assert p.per_category == pytest.approx({"convolution": 2.0, "normalisation": 0.5, "deformable conv": 0.3,

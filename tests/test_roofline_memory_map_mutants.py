@@ -41,6 +41,7 @@ import torch.nn.functional as F
 import kernels
 from deploy import memory_map, profile_model, roofline
 from tests.test_bench import SMALL_V2
+from tests.test_bench_tools_aoti_mutants import stand_in_profiler
 
 META, HALF, MIB = "meta", torch.float16, 2**20
 
@@ -355,37 +356,9 @@ def test_profile_category_of_each_key(name, expected):
 
 
 def test_profile_keeps_the_top_25_operators(monkeypatch):
-    class Backend:
-        def __init__(self, *a, **k):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def infer(self, x, f):
-            pass
-
     events = [types.SimpleNamespace(key=f"aten::op{i}", self_cpu_time_total=1000.0 * (i + 1), count=1,
                                     cpu_time_total=0.0) for i in range(30)]
-
-    class Profiler:
-        def __init__(self, activities):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def key_averages(self):
-            return events
-
-    monkeypatch.setattr("vqfr.backends.torch.TorchBackend", Backend)
-    monkeypatch.setattr(torch.profiler, "profile", Profiler)
+    stand_in_profiler(monkeypatch, events)
     p = profile_model.profile(None, "cpu", "fp32", batch=1, size=16, mode="eager", iters=1, warmup=0)
     assert [n for n, _, _ in p.top] == [f"aten::op{i}" for i in range(29, 4, -1)]
     assert p.total_ms == pytest.approx(sum(range(1, 31)))
