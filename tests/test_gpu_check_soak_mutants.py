@@ -37,9 +37,11 @@ import time
 import types
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
-from deploy import gpu_check, report
+from deploy import gpu_check, report, soak
 from tests.test_bench_tools import row, stand_in_python
 
 NS = argparse.Namespace
@@ -329,3 +331,180 @@ def test_gpu_check_packs_the_logs_and_small_results_only(tmp_path):
     gpu_check._pack_logs(work, out)
     with tarfile.open(out / "logs.tgz") as tar:
         assert sorted(tar.getnames()) == ["gpu_tests.log", "v2/results.json"]
+
+
+# ---------------------------------------------------------------------------------------------------------- soak
+def _write_outputs(results: Path, stem: str, cmp_shape=(soak.FACE_SIZE, 2 * soak.FACE_SIZE, 3)) -> None:
+    face = (soak.FACE_SIZE, soak.FACE_SIZE, 3)
+    for group, shape in (("restored_faces", face), ("cropped_faces", face), ("cmp", cmp_shape)):
+        (results / group).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(results / group / f"{stem}_00.png"), np.full(shape, 128, np.uint8))
+
+
+@pytest.fixture
+def soak_cli(tmp_path, monkeypatch):
+    """Runs :func:`deploy.soak.run_soak` with a stand-in for the CLI process. The stand-in writes the outputs of the
+    good inputs and one FAILED line per bad one as the CLI does (``behave(inputs, results, stderr)`` may change that),
+    then plays ``trace``: one (outputs done, VmRSS KiB) per poll, the summary line printed on stdout just before the
+    sample at ``summary_at`` (default: the last), then exits with ``exit_code`` (default: 3 with bad inputs, else 0).
+    Each run gets a fresh folder. Returns (result, what the process was started with)."""
+    started = {}
+    state = {"done": 0, "rss": None, "runs": 0}
+
+    def run(count=20, bad_fraction=0.1, *, trace, summary_at=None, exit_code=None, behave=None, **kwargs):
+        class FakeCLI:
+            pid = 0
+
+            def __init__(self, command, stdout, stderr, env, cwd):
+                started.update(command=command, env=env, cwd=cwd)
+                inputs, results = Path(command[command.index("-i") + 1]), Path(command[command.index("-o") + 1])
+                files = sorted(inputs.iterdir())
+                bad = [p for p in files if p.stem.split("_", 1)[1] in soak.BAD_KINDS]
+                for p in files:
+                    if p in bad:
+                        stderr.write(f"vqfr: FAILED {p}: cannot be read\n")
+                    else:
+                        _write_outputs(results, p.stem)
+                if behave is not None:
+                    behave(inputs, results, stderr)
+                stderr.flush()
+                self.stdout, self.polls, self.returncode = stdout, 0, None
+                self.exit = (3 if bad else 0) if exit_code is None else exit_code
+
+            def poll(self):
+                if self.polls == len(trace):
+                    self.returncode = self.exit
+                    return self.returncode
+                state["done"], state["rss"] = trace[self.polls]
+                if self.polls == (len(trace) - 1 if summary_at is None else summary_at):
+                    self.stdout.write("vqfr: 20 images, 18 faces restored\n")
+                    self.stdout.flush()
+                self.polls += 1
+                return None
+
+        monkeypatch.setattr(soak.subprocess, "Popen", FakeCLI)
+        monkeypatch.setattr(soak, "_rss_kib", lambda pid: state["rss"])
+        monkeypatch.setattr(soak, "_count_files", lambda folder: state["done"])
+        state["runs"] += 1  # each run in a fresh folder: soak0, soak1, ...
+        return soak.run_soak(count, bad_fraction, tmp_path / f"soak{state['runs'] - 1}", interval=0.0,
+                             **kwargs), started
+
+    return run
+
+
+FLAT = [(0, 50_000), (2, 100_000), (10, 100_000), (18, 100_000)]  # 18 good inputs, warm-up 2: flat after it
+
+
+def test_soak_runs_the_cli_on_aligned_faces_at_the_batch_asked_quietly_unbuffered_from_here(soak_cli, tmp_path):
+    result, started = soak_cli(trace=FLAT, batch=4)
+    out = tmp_path / "soak0"
+    assert started["command"][1:] == ["-m", "vqfr", "-i", str(out / "inputs"), "-o", str(out / "results"),
+                                      "--weights", str(out / "micro_v2.safetensors"), "--aligned", "--batch", "4",
+                                      "-q"]
+    root = Path(soak.__file__).resolve().parents[1]
+    assert started["env"]["PYTHONUNBUFFERED"] == "1" and started["env"]["PYTHONPATH"].split(":")[0] == str(root)
+    assert started["cwd"] == root and result.ok, result.problems
+
+
+def test_soak_without_bad_inputs_expects_exit_code_0(soak_cli):
+    """--bad-fraction 0: every input is good, so the CLI must exit 0 (3 means some input failed)."""
+    result, _ = soak_cli(10, 0.0, trace=[(0, 50_000), (1, 100_000), (5, 100_000), (10, 100_000)])
+    assert (result.bad, result.exit_code) == (0, 0) and result.ok, result.problems
+    result, _ = soak_cli(10, 0.0, trace=[(0, 50_000), (1, 100_000), (5, 100_000), (10, 100_000)], exit_code=3)
+    assert result.problems == ["exit code 3, expected 0"]
+
+
+def test_soak_counts_a_failed_line_for_a_good_input(soak_cli):
+    """Each bad input reported once is not enough: a FAILED line naming a good input is a third line for two bad."""
+    def behave(inputs, results, stderr):
+        stderr.write(f"vqfr: FAILED {sorted(inputs.iterdir())[1]}: cannot be read\n")
+
+    result, _ = soak_cli(trace=FLAT, behave=behave)
+    assert "3 FAILED lines for 2 bad inputs" in result.problems
+
+
+def test_soak_names_a_traceback_and_lets_blank_stderr_lines_pass(soak_cli):
+    result, _ = soak_cli(trace=FLAT, behave=lambda i, r, stderr: stderr.write("\n   \n"))
+    assert result.ok, result.problems
+    result, _ = soak_cli(trace=FLAT, behave=lambda i, r, stderr: stderr.write("Traceback (most recent call last):\n"))
+    assert "a traceback was printed" in result.problems
+
+
+def test_soak_requires_the_comparison_image_at_twice_the_width(soak_cli):
+    """A good input without its cmp image is missing an output (and not counted); one with a square cmp image has
+    outputs of the wrong size."""
+    def behave(inputs, results, stderr):
+        good = sorted(results.glob("cmp/*.png"))
+        good[0].unlink()
+        _write_outputs(results, good[1].stem[:-3], cmp_shape=(soak.FACE_SIZE, soak.FACE_SIZE, 3))
+
+    result, _ = soak_cli(trace=FLAT, behave=behave)
+    missing, wrong = sorted(results_problem for results_problem in result.problems)
+    assert missing.endswith(": missing or undecodable output") and ": outputs of the wrong size" in wrong
+    assert result.outputs == 17 and len(result.problems) == 2
+
+
+def test_soak_accepts_growth_exactly_at_the_tolerance(soak_cli):
+    """100,000 KiB at warm-up, peak 150,000 KiB: growth 0.5, tolerance 0.5: not over it."""
+    result, _ = soak_cli(trace=[(0, 50_000), (2, 100_000), (10, 150_000), (18, 120_000)], rss_tolerance=0.5)
+    assert result.rss_growth == 0.5 and result.ok, result.problems
+
+
+def test_soak_leaves_the_exit_out_but_keeps_the_sample_that_saw_the_summary(soak_cli):
+    """Warm-up 2 of 18 images. After it: 100,000, 104,000 and, at the sample that saw the summary line, 108,000 KiB;
+    then 300,000 KiB while the interpreter exits. Peak and final are 108,000 (growth 8%, under 10%)."""
+    trace = [(0, 50_000), (2, 100_000), (10, 104_000), (18, 108_000), (18, 300_000)]
+    result, _ = soak_cli(trace=trace, summary_at=3)
+    assert (result.rss_at_warmup_kib, result.rss_peak_after_kib, result.rss_final_kib) == (100_000, 108_000, 108_000)
+    assert len(result.samples) == 5 and len(result.work_samples()) == 4 and result.ok, result.problems
+
+
+def test_soak_rss_at_warm_up_is_the_first_sample_at_the_warm_up_count():
+    """Samples from done == warm-up count on: the base is the first of them (100,000), not the lowest (90,000):
+    growth 105,000 / 100,000 - 1 = 5%. One sample after the warm-up is too few to judge."""
+    samples = [(0.1, 1, 40_000), (0.2, 2, 100_000), (0.3, 10, 90_000), (0.4, 18, 105_000)]
+    base, peak, growth, _ = soak._rss_stats(samples, 2)
+    assert (base, peak) == (100_000, 105_000) and growth == pytest.approx(0.05)
+    assert soak._rss_stats(samples[:2], 2) == (None, None, None, None)
+
+
+def test_soak_summary_prints_rss_in_mib_of_1024_kib():
+    samples = [(0.1, 1, 102_400), (0.2, 2, 104_448)]
+    result = soak.SoakResult(2, 2, 0, 0, 2, 0, [], samples, 1.0, 1, 102_400, 104_448, 104_448, 0.02, 2048.0, ["py"])
+    assert "RSS: 100.0 MiB after 1 images (warm-up), peak after 102.0 MiB, final 102.0 MiB" in result.summary()
+
+
+def test_soak_rss_series_hits_each_tenth_at_exactly_that_count():
+    """10 good inputs, one sample per output: the series is at 1, 2, ..., 10 outputs, not one later."""
+    samples = [(0.1 * d, d, 1000 + d) for d in range(11)]
+    result = soak.SoakResult(10, 10, 0, 0, 10, 0, [], samples, 1.0, 1, None, None, None, None, None, ["py"])
+    assert result.rss_series() == [(d, 1000 + d) for d in range(1, 11)]
+
+
+def test_soak_counts_finished_outputs_not_hidden_temporary_files(tmp_path):
+    (tmp_path / "img00001_png_00.png").write_bytes(b"x")
+    (tmp_path / ".img00002_png_00.png.tmp").write_bytes(b"x")
+    assert soak._count_files(tmp_path) == 1 and soak._count_files(tmp_path / "absent") == 0
+
+
+def test_soak_refuses_a_results_folder_that_is_not_empty(tmp_path):
+    (tmp_path / "results" / "restored_faces").mkdir(parents=True)
+    (tmp_path / "results" / "restored_faces" / "old_00.png").write_bytes(b"x")
+    with pytest.raises(SystemExit, match="is not empty; pass a fresh --out"):
+        soak.run_soak(10, 0.1, tmp_path)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    ([], (1000, 0.05, {"batch": 8, "warmup": 0.1, "rss_tolerance": 0.10, "interval": 0.1})),
+    (["--count", "50", "--bad-fraction", "0", "--batch", "2", "--warmup", "0.2", "--rss-tolerance", "0.3",
+      "--interval", "0.5"], (50, 0.0, {"batch": 2, "warmup": 0.2, "rss_tolerance": 0.3, "interval": 0.5})),
+])
+def test_soak_main_passes_its_documented_defaults_and_options_to_the_run(argv, expected, tmp_path, monkeypatch):
+    """The defaults of the 1,000-image run (5% bad, batch 8, warm-up 10%, 10% tolerance, 0.1 s); every option reaches
+    the run, and a --bad-fraction of 0 (all inputs good) is accepted."""
+    calls = []
+    passed = soak.SoakResult(1, 1, 0, 0, 1, 0, [], [], 1.0, 1, None, None, None, None, None, ["py"])
+    monkeypatch.setattr(soak, "run_soak", lambda *a, **k: calls.append((a, k)) or passed)
+    assert soak.main(["--out", str(tmp_path), *argv]) == 0
+    (args, kwargs), = calls
+    assert (args[0], args[1], kwargs) == expected
