@@ -77,6 +77,26 @@ def test_gpu_check_bench_steps_time_their_own_case_on_cuda_in_fp16_into_the_fold
     assert ("--compile-mode" in command) == (step == "v2_autotune")
 
 
+def test_gpu_check_bench_commands_parse_with_the_benchmarks_own_parser(tmp_path, monkeypatch):
+    """A flag deploy.bench does not know would end the step with argparse's exit 2 on the GPU, after the compile of
+    nothing: every benchmark command gpu_check builds (with and without --no-chart) must parse."""
+    import importlib.util
+
+    from deploy import bench
+
+    real = importlib.util.find_spec
+    for chart in (True, False):
+        monkeypatch.setattr(importlib.util, "find_spec",  # matplotlib there or not, whatever this machine has
+                            lambda name, *a, chart=chart: (chart or None) if name == "matplotlib" else real(name, *a))
+        for name in gpu_check.RUNS:
+            if name == "groupnorm":
+                command = gpu_check.STEPS[name].command(tmp_path, tmp_path, NS())[-1].split("; ")[1].split()
+            else:
+                command = gpu_check.STEPS[name].command(tmp_path, tmp_path, NS())
+            args = bench.build_parser().parse_args(command[3:])
+            assert args.device == "cuda" and args.out == tmp_path / name and args.no_chart is not chart
+
+
 def test_gpu_check_profile_and_folder_steps_run_the_documented_commands(tmp_path):
     """``profile``: v2 batch 8 in max mode into OUT/profile.md; ``folder``: 128 faces, 1 and 8 I/O threads, fp16."""
     profile = gpu_check.STEPS["profile"].command(tmp_path, tmp_path / "out", NS())
@@ -423,9 +443,14 @@ def test_soak_counts_a_failed_line_for_a_good_input(soak_cli):
     assert "3 FAILED lines for 2 bad inputs" in result.problems
 
 
-def test_soak_names_a_traceback_and_lets_blank_stderr_lines_pass(soak_cli):
+def test_soak_names_decoder_chatter_and_tracebacks_and_lets_blank_stderr_lines_pass(soak_cli):
+    """stderr holds the CLI's own ``vqfr: `` lines only: a libpng warning is a problem, a traceback is named as such,
+    blank lines are not counted."""
     result, _ = soak_cli(trace=FLAT, behave=lambda i, r, stderr: stderr.write("\n   \n"))
     assert result.ok, result.problems
+    result, _ = soak_cli(trace=FLAT, behave=lambda i, r, stderr: stderr.write("libpng warning: iCCP: bad profile\n"))
+    assert result.problems == ["1 stderr lines besides the CLI's own (decoder chatter?): "
+                               "['libpng warning: iCCP: bad profile']"]
     result, _ = soak_cli(trace=FLAT, behave=lambda i, r, stderr: stderr.write("Traceback (most recent call last):\n"))
     assert "a traceback was printed" in result.problems
 
