@@ -192,6 +192,16 @@ def test_gpu_check_each_training_call_gets_a_folder_of_its_own(monkeypatch):
     assert "--out w/train_211500 " in first and "--out w/train_211730 " in second
 
 
+def test_gpu_check_plots_the_runs_own_metrics_into_out(tmp_path, monkeypatch):
+    """The loss curve is read from the run's metrics.jsonl and written to OUT/train_loss.png (what comes back)."""
+    calls = tmp_path / "calls.txt"
+    stand_in_python(tmp_path, monkeypatch, f'case "$*" in *training.plot*) echo "$*" > {calls};; esac\n')
+    monkeypatch.setattr(gpu_check, "time", types.SimpleNamespace(strftime=lambda fmt: "211500"))
+    work, out = tmp_path / "work", tmp_path / "out"
+    subprocess.run(gpu_check._train(work, out, 100, 5), check=False)
+    assert calls.read_text() == f"-m training.plot {work}/train_211500/metrics.jsonl -o {out}/train_loss.png\n"
+
+
 def test_gpu_check_never_judges_a_target_on_a_failed_or_restore_row():
     """A row that failed (status "error", with a partial median) or times the whole restore is no forward candidate:
     the 5 ms forward row is the best, and it misses the 4 ms goal."""
@@ -338,6 +348,12 @@ def test_gpu_check_digest_lists_forward_rows_with_the_notes_of_failed_ones_only(
     digest = gpu_check._digest("v2", tmp_path, tmp_path)
     lines = digest.splitlines()[2:]
     assert len(lines) == 2 and lines[0].endswith("| ok |") and lines[1].endswith(f"| error: {'x' * 100} |")
+
+
+def test_gpu_check_digest_of_a_benchmark_that_wrote_no_results_is_the_last_20_lines_of_its_log(tmp_path):
+    """A benchmark that died before its first row has no results.json: the console shows why (its log's end)."""
+    (tmp_path / "v2.log").write_text("".join(f"line {i:02d}\n" for i in range(1, 31)))
+    assert gpu_check._digest("v2", tmp_path, tmp_path).splitlines() == [f"line {i:02d}" for i in range(11, 31)]
 
 
 def test_gpu_check_packs_the_logs_and_small_results_only(tmp_path):
