@@ -491,6 +491,14 @@ def test_soak_accepts_growth_exactly_at_the_tolerance(soak_cli):
     assert result.rss_growth == 0.5 and result.ok, result.problems
 
 
+def test_soak_warm_up_is_a_fraction_of_the_good_inputs(soak_cli):
+    """20 inputs, half bad: warm-up 0.1 is 1 image (10% of the 10 good ones), not 2 (10% of 20). From 1 output on:
+    100,000 then 120,000 KiB, a 20% growth."""
+    result, _ = soak_cli(20, 0.5, trace=[(0, 50_000), (1, 100_000), (2, 120_000), (10, 120_000)])
+    assert (result.good, result.warmup_images, result.rss_at_warmup_kib) == (10, 1, 100_000)
+    assert result.problems == ["RSS grew 20.0% after warm-up (tolerance 10%)"]
+
+
 def test_soak_leaves_the_exit_out_but_keeps_the_sample_that_saw_the_summary(soak_cli):
     """Warm-up 2 of 18 images. After it: 100,000, 104,000 and, at the sample that saw the summary line, 108,000 KiB;
     then 300,000 KiB while the interpreter exits. Peak and final are 108,000 (growth 8%, under 10%)."""
