@@ -30,6 +30,7 @@ No GPU and no heavy step runs: the interpreter, the clock, the launcher and the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import tarfile
@@ -528,6 +529,8 @@ def test_soak_rss_series_hits_each_tenth_at_exactly_that_count():
     samples = [(0.1 * d, d, 1000 + d) for d in range(11)]
     result = soak.SoakResult(10, 10, 0, 0, 10, 0, [], samples, 1.0, 1, None, None, None, None, None, ["py"])
     assert result.rss_series() == [(d, 1000 + d) for d in range(1, 11)]
+    coarse = dataclasses.replace(result, samples=[(0.0, 0, 1000), (0.1, 5, 1005), (0.2, 10, 1010)])
+    assert coarse.rss_series() == [(5, 1005), (10, 1010)]  # a sample that covers several tenths is listed once
 
 
 def test_soak_counts_finished_outputs_not_hidden_temporary_files(tmp_path):
