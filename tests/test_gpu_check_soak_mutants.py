@@ -432,14 +432,19 @@ def soak_cli(tmp_path, monkeypatch):
 FLAT = [(0, 50_000), (2, 100_000), (10, 100_000), (18, 100_000)]  # 18 good inputs, warm-up 2: flat after it
 
 
-def test_soak_runs_the_cli_on_aligned_faces_at_the_batch_asked_quietly_unbuffered_from_here(soak_cli, tmp_path):
+def test_soak_runs_the_cli_on_aligned_faces_at_the_batch_asked_quietly_unbuffered_from_here(
+        soak_cli, tmp_path, monkeypatch):
+    """The CLI's summary line must reach its file when printed (the RSS window ends there), and the CLI must be this
+    checkout's, ahead of the caller's PYTHONPATH."""
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
     result, started = soak_cli(trace=FLAT, batch=4)
     out = tmp_path / "soak0"
     assert started["command"][1:] == ["-m", "vqfr", "-i", str(out / "inputs"), "-o", str(out / "results"),
                                       "--weights", str(out / "micro_v2.safetensors"), "--aligned", "--batch", "4",
                                       "-q"]
     root = Path(soak.__file__).resolve().parents[1]
-    assert started["env"]["PYTHONUNBUFFERED"] == "1" and started["env"]["PYTHONPATH"].split(":")[0] == str(root)
+    assert started["env"]["PYTHONUNBUFFERED"] == "1" and started["env"]["PYTHONPATH"] == f"{root}:/elsewhere"
     assert started["cwd"] == root and result.ok, result.problems
 
 
