@@ -5,24 +5,28 @@ What these pin, beyond tests/test_bench_tools.py, tests/test_bench_tooling_mutan
 tests/test_deploy_export_behaviours.py and tests/test_reliability_soak.py:
 
 - ``deploy.gpu_check``: each benchmark step's command (cuda, fp16, the documented counts, its own batches, fidelity,
-  backends and ``--out`` folder, which is the one its results are read back from); the kernel benchmark's JSON in
-  ``--out`` (where the summary reads the card) and its CUDA-graph run even after the first one failed; the GroupNorm
-  step's 90 s cut, its A/B run even after a cut, at batch 8, into the folder read back; every AOTInductor case run
-  and any failure reported; the checks' environment (``VQFR_TEST_DEVICE=cuda``, ``PYTHONFAULTHANDLER=1``) over the
-  caller's, with the caller's own variables and ``PYTHONUNBUFFERED=1``; the trainer cut before its step's cap so the
-  plot and the copies still run, into a fresh folder per call; rows that failed or were not forward never judged; 3 GB
-  met at exactly 3 GB; the budget shared by all steps (a step gets what is left, the checks' jobs one common cap from
-  their common start, 30 s left still runs, less is "skipped"); the default budget of 540 s and the warning when the
-  caps exceed it; ``_wait``'s one-second floor; the checks' section with the last 12 lines of each log and only when
-  the checks ran; ``summary.md`` with each run's table and the last 40 lines of the log; the digest's forward rows and
-  notes of failed rows only; ``logs.tgz`` with the logs and small results only;
-- ``deploy.soak``: the CLI's command and environment (``--aligned``, ``--batch``, ``-q``, unbuffered, the repository
-  on ``PYTHONPATH``); exit code 0 expected without bad inputs; a FAILED line for a good input counted; the ``cmp``
-  output required at its size; growth exactly at the tolerance passing; the samples of the exit left out (the sample
-  that saw the summary line kept) and the final RSS taken before the exit; the RSS at warm-up from the first sample at
-  the warm-up count, not the lowest; at least two samples after it; the summary in MiB of 1024 KiB; the RSS series'
-  hits at exactly each tenth; a non-empty results folder refused; ``main``'s defaults and options reaching the run,
-  and a ``--bad-fraction`` of 0 accepted.
+  backends and ``--out`` folder, which is the one its results are read back from), parsed by deploy.bench's own parser
+  with and without ``--no-chart``; the ``profile`` and ``folder`` commands; the kernel benchmark's JSON in ``--out``
+  (where the summary reads the card) and its CUDA-graph run even after the first one failed; the GroupNorm step's 90 s
+  cut, its A/B run even after a cut, at batch 8, into the folder read back; every AOTInductor case run and any failure
+  reported; the checks' environment (``VQFR_TEST_DEVICE=cuda``, ``PYTHONFAULTHANDLER=1``) over the caller's, with the
+  caller's own variables and ``PYTHONUNBUFFERED=1``; the trainer cut before its step's cap so the plot and the copies
+  still run, into a fresh folder per call, its loss plot in ``--out``; rows that failed or were not forward never
+  judged; 3 GB met at exactly 3 GB; the budget shared by all steps (a step gets what is left, the checks' jobs one
+  common cap from their common start, 30 s left still runs, less is "skipped"); the default budget of 540 s and the
+  warning when the caps exceed it; ``_wait``'s one-second floor; the checks' section with the last 12 lines of each log
+  and only when the checks ran; ``summary.md`` with each run's table and the last 40 lines of the log; the digest's
+  forward rows and notes of failed rows only, or the last 20 lines of the log of a benchmark without results;
+  ``logs.tgz`` with the logs and small results only;
+- ``deploy.soak``: the CLI's command and environment (``--aligned``, ``--batch``, ``-q``, unbuffered, the repository on
+  ``PYTHONPATH``); exit code 0 expected without bad inputs; a FAILED line for a good input counted; decoder chatter and
+  tracebacks on stderr named, blank lines not; the ``cmp`` output required at its size (a missing one not counted as an
+  output); hidden temporary files not counted as outputs done; the warm-up a fraction of the good inputs; growth exactly
+  at the tolerance passing; the samples of the exit left out (the sample that saw the summary line kept) and the final
+  RSS taken before the exit; the RSS at warm-up from the first sample at the warm-up count, not the lowest; at least two
+  samples after it; the summary in MiB of 1024 KiB; the RSS series' hits at exactly each tenth, each listed once; a
+  non-empty results folder refused; ``main``'s defaults and options reaching the run, and a ``--bad-fraction`` of 0
+  accepted.
 
 No GPU and no heavy step runs: the interpreter, the clock, the launcher and the CLI process are stand-ins.
 """
