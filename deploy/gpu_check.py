@@ -130,13 +130,15 @@ def _train(work: Path, out: Path, iters: int, seconds: float) -> list[str]:
     """Train for ``iters`` iterations or ``seconds``, whichever comes first, then plot what was logged and copy the
     profiles of :data:`TRAIN_PROFILE_ITERS` (``train_profile_iter_N.md``). Each call trains into a folder of its
     own (the trainer refuses a folder that already holds a run)."""
-    run = work / f"train_{time.strftime('%H%M%S')}"
+    # every path is quoted for the shell (a folder with a space would split in two)
+    python, run = shlex.quote(sys.executable), shlex.quote(str(work / f"train_{time.strftime('%H%M%S')}"))
+    out_q = shlex.quote(str(out))
     profiled = ",".join(str(i) for i in TRAIN_PROFILE_ITERS if i <= iters)
-    script = (f"timeout {seconds:.0f} {sys.executable} -m training.train --config "
+    script = (f"timeout {seconds:.0f} {python} -m training.train --config "
               f"training/configs/gpu_short_vqfr_v2.yml --max-iters {iters} --out {run}"
               + (f" --profile-iters {profiled}" if profiled else "") + "; "
-              f"{sys.executable} -m training.plot {run}/metrics.jsonl -o {out}/train_loss.png; status=$?; "
-              f"for f in {run}/profile_iter_*.md; do [ -f \"$f\" ] && cp \"$f\" {out}/train_$(basename \"$f\"); "
+              f"{python} -m training.plot {run}/metrics.jsonl -o {out_q}/train_loss.png; status=$?; "
+              f"for f in {run}/profile_iter_*.md; do [ -f \"$f\" ] && cp \"$f\" {out_q}/train_$(basename \"$f\"); "
               "done; exit $status")
     return ["sh", "-c", script]
 
@@ -144,15 +146,16 @@ def _train(work: Path, out: Path, iters: int, seconds: float) -> list[str]:
 def _kernels(work: Path, out: Path) -> list[str]:
     """The kernel benchmark twice: calls timed one by one (what an eager caller sees), then CUDA-graph replays
     (the device time, as inside a compiled model) for the target cases."""
-    bench = f"{sys.executable} -m deploy.bench_kernels --iters 30 --warmup 5"
-    return ["sh", "-c", f"{bench} --levels 128x512x512 128x256x256 --json {out}/kernels.json; "
-                        f"{bench} --levels 128x512x512 --batches 1 --graphs 20 --json {work}/kernels_graphs.json"]
+    bench = f"{shlex.quote(sys.executable)} -m deploy.bench_kernels --iters 30 --warmup 5"
+    first, graphs = shlex.quote(str(out / "kernels.json")), shlex.quote(str(work / "kernels_graphs.json"))
+    return ["sh", "-c", f"{bench} --levels 128x512x512 128x256x256 --json {first}; "
+                        f"{bench} --levels 128x512x512 --batches 1 --graphs 20 --json {graphs}"]
 
 
 def _groupnorm(work: Path, out: Path) -> list[str]:
     """The GroupNorm + SiLU kernel benchmark (cut at 90 s), then the v2 model A/B: torch-max against torch-max-gn."""
-    kernels = (f"timeout 90 {sys.executable} -m deploy.bench_kernels --ops group_norm --dtypes fp16 --iters 30 "
-               f"--warmup 5 --json {out}/group_norm.json")
+    kernels = (f"timeout 90 {shlex.quote(sys.executable)} -m deploy.bench_kernels --ops group_norm --dtypes fp16 "
+               f"--iters 30 --warmup 5 --json {shlex.quote(str(out / 'group_norm.json'))}")
     # Batch 8 only, where normalisation was 45% of the kernel time: two compiles (about 50 s each) and the baseline
     # rows fit the cap; batch 1 as well would not. The new backend first, so that a cut keeps it.
     bench = " ".join(shlex.quote(arg) for arg in _bench("v2", "1", "torch-max-gn,torch-max", work / "groupnorm",

@@ -207,6 +207,30 @@ def test_gpu_check_plots_the_runs_own_metrics_into_out(tmp_path, monkeypatch):
     assert calls.read_text() == f"-m training.plot {work}/train_211500/metrics.jsonl -o {out}/train_loss.png\n"
 
 
+def test_gpu_check_shell_steps_quote_the_out_and_work_folders(tmp_path, monkeypatch):
+    """Defect found in round 18: the kernels, groupnorm and train steps pasted ``--out``/``--work`` into their shell
+    scripts unquoted (only profiles and memory quoted them), so a folder with a space split into two arguments: the
+    kernel benchmark and the trainer refused their command lines, on the GPU. The stand-in interpreter records each
+    argument in brackets; the trainer stand-in writes a profile into its --out."""
+    calls = tmp_path / "calls.txt"
+    stand_in_python(tmp_path, monkeypatch, f'printf "[%s]" "$@" >> "{calls}"; echo >> "{calls}"\n'
+                    'case "$*" in *training.train*) while [ "$1" != "--out" ]; do shift; done; mkdir -p "$2"; '
+                    'echo one > "$2/profile_iter_160.md";; esac\n')
+    monkeypatch.setattr(gpu_check, "time", types.SimpleNamespace(strftime=lambda fmt: "211500"))
+    work, out = tmp_path / "work dir", tmp_path / "out dir"
+    out.mkdir()
+    for command in (gpu_check._kernels(work, out), gpu_check._groupnorm(work, out),
+                    gpu_check._train(work, out, 300, 5)):
+        subprocess.run(command, check=False)
+    text = calls.read_text()
+    run = work / "train_211500"
+    for argument in (f"[--json][{out}/kernels.json]", f"[--json][{work}/kernels_graphs.json]",
+                     f"[--json][{out}/group_norm.json]", f"[--out][{work}/groupnorm]", f"[--out][{run}]",
+                     f"[-m][training.plot][{run}/metrics.jsonl][-o][{out}/train_loss.png]"):
+        assert argument in text, (argument, text)
+    assert (out / "train_profile_iter_160.md").read_text() == "one\n"
+
+
 def test_gpu_check_never_judges_a_target_on_a_failed_or_restore_row():
     """A row that failed (status "error", with a partial median) or times the whole restore is no forward candidate:
     the 5 ms forward row is the best, and it misses the 4 ms goal."""
