@@ -3,8 +3,8 @@ unchecked (found by mutation round 20): the default mask's feather width and the
 other than 512; each axis's own scale; which face owns a pixel when faces are turned; each face's own parsed region;
 the far photo edges of an upscaled paste given no ``photo_size``; the anti-aliasing blur just under a 2x shrink, and
 none for a turned face at its own scale; what a parsing network is fed, which of its outputs is read, its eval mode,
-upper-case file suffixes, ONNX batches (fixed and larger than the faces, or dynamic) and providers, and too few
-classes; no parser for None; and the device and a pixel cap of 0 for a detector built by name or path."""
+upper-case file suffixes, ONNX batches (fixed and larger than the faces, or dynamic) and providers, too few classes,
+and no faces; no parser for None; and the device and a pixel cap of 0 for a detector built by name or path."""
 
 from __future__ import annotations
 
@@ -317,6 +317,13 @@ def test_a_parser_of_too_few_classes_is_a_config_error(tmp_path):
     """A two-class segmentation network is not a 19-class face parser: refused, not read as skin/background."""
     with pytest.raises(ConfigError, match=r"parser returned shape \(1, 2, 512, 512\) for 1 faces"):
         load_parser(_parser_file(tmp_path, _Skin(classes=2))).regions(np.zeros((1, 16, 16, 3), np.uint8))
+
+
+def test_parsing_no_faces_gives_no_masks(tmp_path):
+    """A photo without faces: aligning gives [0, S, S, 3] crops and pasting them returns the photo; parsing them must
+    give [0, S, S] masks too (np.stack of no masks raised a ValueError)."""
+    masks = load_parser(_parser_file(tmp_path, _Skin())).regions(np.zeros((0, 32, 32, 3), np.uint8))
+    assert masks.shape == (0, 32, 32) and masks.dtype == np.float32
 
 
 # ----------------------------------------------------------------------------------------------- detector

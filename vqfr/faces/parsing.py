@@ -101,6 +101,8 @@ class NetworkParser:
         import cv2
 
         side = faces.shape[1]
+        if not len(faces):
+            return np.zeros((0, side, side), np.float32)
         resized = np.stack([cv2.resize(f, (self.size, self.size), interpolation=cv2.INTER_LINEAR) for f in faces])
         x = ((resized[..., ::-1].astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(0, 3, 1, 2)
         logits = self._run(np.ascontiguousarray(x))
