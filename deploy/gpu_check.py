@@ -12,8 +12,8 @@ cut short keeps the rows it finished: the benchmark saves them after every row).
 - ``aoti_tests``: the AOTInductor CUDA package of a small v2 against PyTorch, fp32 and fp16, after three packages
   that isolate the loader crash seen on the H100 (no custom op, the deformable conv alone, the code search alone),
   each in its own process with ``PYTHONFAULTHANDLER=1``;
-- ``train``: a short stage-2 run of ``training/configs/gpu_short_vqfr_v2.yml`` (``--train-iters``) and its loss
-  curve. Its first intervals share the GPU with the two test jobs; later ones have it alone. Iterations 160 (with
+- ``train_check``: a short stage-2 run of ``training/configs/gpu_short_vqfr_v2.yml`` (``--train-iters``) and its
+  loss curve. Its first intervals share the GPU with the two test jobs; later ones have it alone. Iterations 160 (with
   the lazy R1 penalty) and 161 (without) run under torch.profiler when the run gets that far
   (``train_profile_iter_160.md``, ``train_profile_iter_161.md``).
 
@@ -52,7 +52,8 @@ Then the timings, one at a time:
     steps of the same call shorten their compiles.
 
 ``train`` (only when asked for) is the checks' training job on its own, with the GPU to itself and 210 s instead
-of 130 s: enough for ``--train-iters 300``.
+of 130 s: enough for ``--train-iters 300``. Both stop the trainer :data:`PLOT_S` seconds before the time the job is
+given (its cap, or what is left of the budget when that is less), so that the loss plot and the profile copies run.
 
 What it writes in ``--out`` (few files, so that they fit what a remote runner sends back): ``summary.md`` (the
 issue's targets against the measured numbers and the official anchors, the checks' outcomes, then every table),
@@ -69,6 +70,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import shlex
 import signal
@@ -119,6 +121,16 @@ def _bench(version: str, fidelity: str, backends: str, out: Path, batches: str =
             # deploy.bench refuses to start without matplotlib unless told to skip the chart; the JSON and the table
             # are what this check reads, and the device image may lack matplotlib
             *([] if importlib.util.find_spec("matplotlib") else ["--no-chart"])]
+
+
+#: Seconds a training job keeps after the trainer for the loss plot and the profile copies.
+PLOT_S = 20
+
+
+def _trainer_seconds(args: argparse.Namespace, longest: float) -> float:
+    """The trainer's own timeout: ``longest``, or less when the job is given less time (``args.granted_s``, set by
+    :func:`_run_steps`), keeping :data:`PLOT_S` for what follows it."""
+    return max(1.0, min(longest, getattr(args, "granted_s", math.inf) - PLOT_S))
 
 
 #: Iterations of the training check profiled when the run gets that far: 160 holds the lazy R1 penalty of
@@ -173,7 +185,7 @@ PROFILES = (("profile_v2_b1", ("--version", "v2", "--batch", "1")),
 def _profiles(out: Path) -> list[str]:
     """``deploy.profile_model`` (max mode) for each of :data:`PROFILES`, one after the other; a cut at the step's
     cap keeps the files already written."""
-    runs = [" ".join([sys.executable, "-m", "deploy.profile_model", *args, "--mode", "max", "--out",
+    runs = [" ".join([shlex.quote(sys.executable), "-m", "deploy.profile_model", *args, "--mode", "max", "--out",
                       shlex.quote(str(out / f"{stem}.md"))]) for stem, args in PROFILES]
     return ["sh", "-c", "; ".join(runs)]
 
@@ -185,7 +197,7 @@ MEMORY_MAPS = ("memory.md", "memory_planning.md", "memory_expandable.md")
 def _memory(out: Path) -> list[str]:
     """The memory map of v2 at batch 8 as the benchmark runs it, then with Inductor's memory planning, then with
     expandable segments (each its own process: the allocator reads its settings once)."""
-    base = f"{sys.executable} -m deploy.memory_map --version v2 --batches 8"
+    base = f"{shlex.quote(sys.executable)} -m deploy.memory_map --version v2 --batches 8"
     first, planned, expandable = (shlex.quote(str(out / name)) for name in MEMORY_MAPS)
     return ["sh", "-c", f"{base} --out {first}; {base} --memory-planning --out {planned}; "
                         f"PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True {base} --out {expandable}"]
@@ -194,14 +206,15 @@ def _memory(out: Path) -> list[str]:
 def _aoti_tests() -> list[str]:
     """The AOTInductor CUDA tests, one pytest process each, so that a segfault (torch 2.11 crashed loading the v2
     package) stops only its own case: a package without custom ops, each custom op alone, then the small v2."""
-    pytest = f"{sys.executable} -m pytest -q -p no:cacheprovider tests/test_export_aoti.py"
+    pytest = f"{shlex.quote(sys.executable)} -m pytest -q -p no:cacheprovider tests/test_export_aoti.py"
     cases = [f"'isolating and {name} and cuda'" for name in ("plain", "deform", "nearest")] + ["cuda_package_matches"]
     return ["sh", "-c", "; ".join(f"{pytest} -k {case} || status=1" for case in cases) + "; exit ${status:-0}"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-    """One job: ``command(work, out, args)``, its time cap in seconds, and extra environment variables."""
+    """One job: ``command(work, out, args)``, its time cap in seconds, and extra environment variables. ``args`` also
+    holds ``granted_s``, the seconds the job is given: its cap, or what is left of the budget when that is less."""
 
     command: Callable[[Path, Path, argparse.Namespace], list[str]]
     cap: float
@@ -215,7 +228,8 @@ CHECKS = {
                                             "tests/test_kernels_export_behaviours.py"],
                       150, {"VQFR_TEST_DEVICE": "cuda"}),
     "aoti_tests": Step(lambda work, out, a: _aoti_tests(), 150, {"PYTHONFAULTHANDLER": "1"}),
-    "train": Step(lambda work, out, a: _train(work, out, a.train_iters, 130), 150),
+    # Named apart from the ``train`` step, so that ``--steps checks train`` keeps both logs and exit codes.
+    "train_check": Step(lambda work, out, a: _train(work, out, a.train_iters, _trainer_seconds(a, 130)), 150),
 }
 
 #: name -> the step; ``checks`` stands for the jobs in CHECKS.
@@ -233,7 +247,7 @@ STEPS = {
     "folder": Step(lambda work, out, a: [sys.executable, "-m", "deploy.bench_folder", "--count", "128", "--io-threads",
                                          "1,8", "--repeat", "1", "--device", "cuda", "--precision", "fp16"], 120),
     # The checks' training job alone on the GPU, with the time for a few hundred iterations (0.4-1 s each, shared).
-    "train": Step(lambda work, out, a: _train(work, out, a.train_iters, 210), 230),
+    "train": Step(lambda work, out, a: _train(work, out, a.train_iters, _trainer_seconds(a, 210)), 230),
     # Inductor also benchmarks its own Triton conv templates against cuDNN, which reached only 27% of peak here.
     "v2_autotune": Step(lambda work, out, a: _bench("v2", "1", "torch-max", work / "v2_autotune", batches="1")
                         + ["--compile-mode", "max-autotune-no-cudagraphs"], 300),
@@ -361,9 +375,10 @@ def _run_steps(args: argparse.Namespace, out: Path, work: Path, log) -> dict[str
     for name in args.steps:
         left = deadline - time.monotonic()
         jobs = CHECKS if name == "checks" else {name: STEPS[name]}
+        commands = {job: step.command(work, out, argparse.Namespace(**vars(args), granted_s=min(step.cap, left)))
+                    for job, step in jobs.items()}
         for job, step in jobs.items():
-            _log(log, f"[gpu_check] {job}: {' '.join(step.command(work, out, args))} (cap {step.cap:g} s, "
-                      f"{left:.0f} s left)")
+            _log(log, f"[gpu_check] {job}: {' '.join(commands[job])} (cap {step.cap:g} s, {left:.0f} s left)")
         if args.dry_run:
             continue
         if left < 30:
@@ -371,7 +386,7 @@ def _run_steps(args: argparse.Namespace, out: Path, work: Path, log) -> dict[str
             _log(log, f"[gpu_check] {name}: skipped, out of budget")
             continue
         start = time.monotonic()
-        procs = {job: _launch(step, step.command(work, out, args), work / f"{job}.log", env)
+        procs = {job: _launch(step, commands[job], work / f"{job}.log", env)
                  for job, step in jobs.items()}
         for job, proc in procs.items():
             codes[job] = _wait(proc, start + min(jobs[job].cap, left))

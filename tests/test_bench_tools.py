@@ -174,7 +174,7 @@ def test_gpu_check_dry_run_lists_the_steps(tmp_path, capsys):
     assert "[gpu_check] groupnorm:" not in printed  # the opt-in A/B: only when named
     assert "--precision fp16 --batch 1,8" in printed
     assert "tests/test_kernels_triton.py tests/test_golden.py" in printed and "--max-iters 200" in printed
-    assert "[gpu_check] train:" in printed and printed.count("training.train") == 1  # once, in the checks
+    assert "[gpu_check] train_check:" in printed and printed.count("training.train") == 1  # once, in the checks
     assert gpu_check.main(["--out", str(tmp_path), "--dry-run", "--steps", "v2_autotune"]) == 0
     assert "--compile-mode max-autotune-no-cudagraphs" in capsys.readouterr().out
     assert gpu_check.main(["--out", str(tmp_path), "--dry-run", "--steps", "groupnorm"]) == 0

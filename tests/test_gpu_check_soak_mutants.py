@@ -183,7 +183,7 @@ def test_gpu_check_jobs_get_the_step_env_over_the_callers_plus_the_callers_own_a
 def test_gpu_check_trainer_is_cut_before_its_steps_cap_so_the_plot_and_copies_run():
     """The checks' training job: ``timeout 130`` under a 150 s cap; the ``train`` step: ``timeout 210`` under 230 s.
     A trainer cut only by the cap would take the loss plot and the profile copies with it."""
-    for step, seconds in ((gpu_check.CHECKS["train"], 130), (gpu_check.STEPS["train"], 210)):
+    for step, seconds in ((gpu_check.CHECKS["train_check"], 130), (gpu_check.STEPS["train"], 210)):
         script = step.command(Path("w"), Path("o"), NS(train_iters=200))[-1]
         assert script.startswith(f"timeout {seconds} ") and seconds < step.cap
 
@@ -229,6 +229,19 @@ def test_gpu_check_shell_steps_quote_the_out_and_work_folders(tmp_path, monkeypa
                      f"[-m][training.plot][{run}/metrics.jsonl][-o][{out}/train_loss.png]"):
         assert argument in text, (argument, text)
     assert (out / "train_profile_iter_160.md").read_text() == "one\n"
+
+
+def test_gpu_check_shell_steps_run_an_interpreter_whose_path_has_a_space(tmp_path, monkeypatch):
+    """The profiles, memory and AOTInductor-test scripts quote the interpreter's path too (a virtual environment in
+    a folder with a space): each of their runs reaches the interpreter, 4 + 3 + 4 of them."""
+    calls = tmp_path / "calls.txt"
+    folder = tmp_path / "py dir"
+    folder.mkdir()
+    stand_in_python(folder, monkeypatch, f'echo "$3" >> "{calls}"\n')
+    out = tmp_path / "out"
+    for command in (gpu_check._profiles(out), gpu_check._memory(out), gpu_check._aoti_tests()):
+        assert subprocess.run(command, check=False).returncode == 0
+    assert calls.read_text().split() == ["--version"] * 4 + ["--version"] * 3 + ["-q"] * 4
 
 
 def test_gpu_check_never_judges_a_target_on_a_failed_or_restore_row():
@@ -304,6 +317,42 @@ def test_gpu_check_checks_jobs_share_one_cap_from_their_common_start(tmp_path, m
     assert gpu_check.main(["--out", str(tmp_path), "--steps", "checks", "--budget", "500"]) == 0
     assert given == [("a", 100), ("b", 100)]
     assert "## `b`: exit timeout" in (tmp_path / "summary.md").read_text()
+
+
+def _launched_commands(monkeypatch) -> dict[str, list[str]]:
+    """Record the command each stand-in job (see :func:`_fake_jobs`) was launched with, by job."""
+    commands: dict[str, list[str]] = {}
+    fake = gpu_check._launch
+
+    def launch(step, command, log_path, env):
+        commands[log_path.stem] = command
+        return fake(step, command, log_path, env)
+
+    monkeypatch.setattr(gpu_check, "_launch", launch)
+    return commands
+
+
+def test_gpu_check_a_trainer_given_less_than_its_cap_still_leaves_20_s_for_the_plot(tmp_path, monkeypatch):
+    """Budget 100 s: the checks' training job (cap 150 s) is given 100 s, so its trainer stops after 100 - 20 = 80 s,
+    not after the 130 s it has with the whole cap (the job's kill at 100 s would take the loss plot with it). The
+    ``train`` step with 230 s left keeps its 210 s."""
+    given = _fake_jobs(monkeypatch, {"gpu_tests": 1, "aoti_tests": 1, "train_check": 1, "train": 1})
+    commands = _launched_commands(monkeypatch)
+    assert gpu_check.main(["--out", str(tmp_path), "--steps", "checks", "--budget", "100"]) == 0
+    assert ("train_check", 100) in given
+    assert commands["train_check"][-1].startswith("timeout 80 ")
+    assert gpu_check.main(["--out", str(tmp_path / "b"), "--steps", "train", "--budget", "230"]) == 0
+    assert commands["train"][-1].startswith("timeout 210 ")
+
+
+def test_gpu_check_checks_and_the_train_step_keep_their_own_logs_and_exit_codes(tmp_path, monkeypatch, capsys):
+    """``--steps checks train`` trains twice: the checks' job (here ending in time) and the step (here cut) are
+    reported apart, each with its own log, not the second overwriting the first."""
+    _fake_jobs(monkeypatch, {"gpu_tests": 1, "aoti_tests": 1, "train_check": 5, "train": 500})
+    assert gpu_check.main(["--out", str(tmp_path), "--steps", "checks", "train", "--budget", "600"]) == 0
+    codes = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["exit"]
+    assert codes == {"gpu_tests": 0, "aoti_tests": 0, "train_check": 0, "train": "timeout"}
+    assert "## `train_check`: exit 0" in (tmp_path / "summary.md").read_text()
 
 
 def test_gpu_check_default_budget_is_540_s_and_caps_over_it_are_announced(tmp_path, capsys):
@@ -593,3 +642,4 @@ def test_soak_main_passes_its_documented_defaults_and_options_to_the_run(argv, e
     assert soak.main(["--out", str(tmp_path), *argv]) == 0
     (args, kwargs), = calls
     assert (args[0], args[1], kwargs) == expected
+
