@@ -330,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--count must be at least 1, got {args.count}")
     if not 0 <= args.bad_fraction <= 1:  # a negative one crashed in numpy, one above 1 was taken as 1
         p.error(f"--bad-fraction must be between 0 and 1, got {args.bad_fraction}")
+    if args.count - round(args.count * args.bad_fraction) < 1:  # the memory is measured over the good inputs
+        p.error(f"--bad-fraction {args.bad_fraction:g} of --count {args.count} leaves no good input to measure the "
+                "memory over; lower --bad-fraction or raise --count")
     result = run_soak(args.count, args.bad_fraction, args.out, batch=args.batch, warmup=args.warmup,
                       rss_tolerance=args.rss_tolerance, interval=args.interval)
     import torch

@@ -643,3 +643,22 @@ def test_soak_main_passes_its_documented_defaults_and_options_to_the_run(argv, e
     (args, kwargs), = calls
     assert (args[0], args[1], kwargs) == expected
 
+
+@pytest.mark.parametrize("count,fraction,refused", [(10, 1.0, True), (10, 0.96, True), (10, 0.94, False),
+                                                    (1, 0.4, False)])
+def test_soak_refuses_a_bad_fraction_that_leaves_no_good_input(count, fraction, refused, tmp_path, monkeypatch,
+                                                              capsys):
+    """The soak measures memory over the good inputs: 10 inputs at 0.96 round to 10 bad (refused, before any file is
+    written), at 0.94 to 9 bad and one good (run); one input at 0.4 rounds to none bad."""
+    calls = []
+    passed = soak.SoakResult(1, 1, 0, 0, 1, 0, [], [], 1.0, 1, None, None, None, None, None, ["py"])
+    monkeypatch.setattr(soak, "run_soak", lambda *a, **k: calls.append(a) or passed)
+    argv = ["--out", str(tmp_path / "soak"), "--count", str(count), "--bad-fraction", str(fraction)]
+    if refused:
+        with pytest.raises(SystemExit) as exit_info:
+            soak.main(argv)
+        assert exit_info.value.code == 2 and "leaves no good input" in capsys.readouterr().err
+        assert calls == [] and not (tmp_path / "soak").exists()
+    else:
+        (tmp_path / "soak").mkdir()  # run_soak, stood in for here, makes it
+        assert soak.main(argv) == 0 and len(calls) == 1
