@@ -122,3 +122,344 @@ def test_faces_of_several_photos_in_a_chunk_share_inference_calls(weights, tmp_p
     assert code == EXIT_OK, stderr
     assert "2 images, 6 faces restored" in stdout
     assert calls["images"] == [2] and calls["faces"] == [4, 2]
+
+
+# ----------------------------------------------------------------------------------------------- options
+def test_fidelity_one_is_accepted_and_restores_at_full_fidelity(weights, tmp_path):
+    """``-f 1`` is the end of the documented range [0, 1]: the run restores at fidelity 1, as ``restore`` does."""
+    face = cv2.imread(str(_faces(tmp_path / "in", 1)[0]))
+    code, _, stderr = _run_cli(["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--weights", str(weights),
+                                "--aligned", "-q", "-f", "1"])
+    assert code == EXIT_OK, stderr
+    rt = Runtime(weights, device="cpu")
+    want = rt.restore(face, aligned=True, fidelity=1.0)
+    assert not np.array_equal(want, rt.restore(face, aligned=True, fidelity=0.0))  # the test can tell them apart
+    assert np.array_equal(cv2.imread(str(tmp_path / "out" / "restored_faces" / "face0000_00.png")), want)
+
+
+def test_a_v2_model_gets_no_note_that_fidelity_is_ignored(weights, tmp_path):
+    """The note that ``-f`` is ignored is for v1 models only: a v2 model uses it."""
+    _faces(tmp_path / "in", 1)
+    code, _, stderr = _run_cli(["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--weights", str(weights),
+                                "--aligned", "-q", "-f", "0.5"])
+    assert code == EXIT_OK and "fidelity" not in stderr, stderr
+
+
+def test_the_runtime_line_says_what_runs_where(weights, tmp_path):
+    """Before the inputs, one line says which weights run at which face size, on which backend, device and
+    precision (checkpoints run in fp32 unless asked otherwise)."""
+    _faces(tmp_path / "in", 1)
+    code, _, stderr = _run_cli(["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--weights", str(weights),
+                                "--aligned", "-q", "--device", "cpu"])
+    assert code == EXIT_OK
+    assert f"vqfr: Runtime({weights}: VQFRv2 at {FACE_SIZE}px on torch[cpu] cpu, fp32)" in stderr.splitlines()
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--precision", "fp16"], "precision fp16 needs a CUDA device"),  # --precision reaches the backend
+    (["--face-size", "32"], "face_size 32 asked, but this VQFRv2 engine works at 16"),  # --face-size reaches it
+    (["--parser", "missing.onnx"], "missing.onnx"),  # --parser is built before the first input
+])
+def test_model_options_reach_the_runtime_and_their_errors_stop_the_run_before_any_input(weights, tmp_path, option,
+                                                                                         message):
+    """``--precision``, ``--face-size`` and ``--parser`` are passed on to the runtime: a value it cannot honour on
+    this machine or model is a setup error (exit 1, one error line), not a run that silently ignores it."""
+    _faces(tmp_path / "in", 1)
+    code, stdout, stderr = _run_cli(["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--weights",
+                                     str(weights), "-q", "--device", "cpu", *option])
+    assert code == 1, stderr
+    assert stderr.startswith("vqfr: error:") and message in stderr, stderr
+    assert stdout == "" and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("cpus, threads", [(32, 8), (3, 3), (None, 1)])
+def test_io_threads_default_to_the_cpu_count_at_most_8(monkeypatch, cpus, threads):
+    """``--io-threads`` defaults to the CPU count, capped at 8 (and 1 where the count is unknown)."""
+    from vqfr.cli import build_parser
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    assert build_parser().parse_args([]).io_threads == threads
+
+
+def test_only_center_face_through_the_cli_restores_one_face(weights, tmp_path, monkeypatch):
+    """``--only-center-face`` on a photo with 3 faces found: one face restored and written."""
+    _many_faces(monkeypatch, 3)
+    _photo(tmp_path / "group.png")
+    code, stdout, stderr = _run_cli(["-i", str(tmp_path / "group.png"), "-o", str(tmp_path / "out"), "--weights",
+                                     str(weights), "-q", "-s", "1", "--only-center-face"])
+    assert code == EXIT_OK, stderr
+    assert "1 images, 1 faces restored" in stdout
+    assert [p.name for p in (tmp_path / "out" / "restored_faces").iterdir()] == ["group_00.png"]
+
+
+# ----------------------------------------------------------------------------------------------- resume
+def test_without_skip_existing_every_input_is_restored_again(weights, tmp_path):
+    """Outputs left by an earlier run are replaced unless ``--skip-existing`` is given."""
+    _faces(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    args = ["-i", str(tmp_path / "in"), "-o", str(out), "--weights", str(weights), "--aligned", "-q"]
+    assert _run_cli(args)[0] == EXIT_OK
+    restored = out / "restored_faces" / "face0000_00.png"
+    want = restored.read_bytes()
+    cv2.imwrite(str(restored), np.zeros((FACE_SIZE, FACE_SIZE, 3), np.uint8))  # stale
+    code, stdout, _ = _run_cli(args)
+    assert code == EXIT_OK and "1 images, 1 faces restored, 0 failed in" in stdout and "skipped" not in stdout
+    assert restored.read_bytes() == want
+
+
+# ----------------------------------------------------------------------------------------------- report
+def test_failed_lines_come_in_the_order_of_the_inputs(weights, tmp_path, monkeypatch):
+    """Inputs of one chunk whose outputs cannot be written fail each with its own line, in input order."""
+    import vqfr.atomic
+
+    def refused(path, data):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(vqfr.atomic, "atomic_write_bytes", refused)
+    inputs = _faces(tmp_path / "in", 3)
+    code, stdout, stderr = _run_cli(["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--weights",
+                                     str(weights), "--aligned", "-q", "--batch", "3"])
+    failed = [line for line in stderr.splitlines() if line.startswith("vqfr: FAILED")]
+    assert code == 3 and "0 images, 0 faces restored, 3 failed" in stdout, stderr
+    assert [next(p.name for p in inputs if str(p) in line) for line in failed] == [p.name for p in inputs]
+
+
+def test_random_weights_get_a_warning_after_the_summary(no_weights_anywhere, tmp_path):
+    """No weights given or found: the run goes on with random weights (``--config`` picks the architecture), and a
+    last line warns that the outputs are meaningless, below the summary, where it is seen."""
+    import json
+
+    config = tmp_path / "micro.json"
+    config.write_text(json.dumps(MICRO_V2))
+    _faces(tmp_path / "in", 1)
+    code, stdout, stderr = _run_cli(["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--config",
+                                     str(config), "--aligned", "-q"])
+    assert code == EXIT_OK, stderr
+    assert "1 images, 1 faces restored" in stdout
+    assert stderr.splitlines()[-1].startswith("vqfr: WARNING: these outputs come from RANDOM weights"), stderr
+
+
+def test_weights_given_get_no_random_weights_warning(weights, tmp_path):
+    _faces(tmp_path / "in", 1)
+    code, _, stderr = _run_cli(["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--weights", str(weights),
+                                "--aligned", "-q"])
+    assert code == EXIT_OK and "RANDOM" not in stderr, stderr
+
+
+def test_sigterm_while_the_model_loads_exits_143(weights, tmp_path, monkeypatch):
+    """SIGTERM (a job scheduler stopping the run) before any input is restored exits 143, not 130 (Ctrl-C)."""
+    import vqfr.runtime
+
+    monkeypatch.setattr(vqfr.runtime, "Runtime", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))
+    _faces(tmp_path / "in", 1)
+    code, _, stderr = _run_cli(["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--weights", str(weights),
+                                "--aligned", "-q"])
+    assert code == EXIT_TERMINATED and stderr.strip() == "vqfr: interrupted before any input was restored"
+
+
+# ----------------------------------------------------------------------------------------------- --list-backends
+def test_list_backends_narrows_to_the_device(capsys):
+    """``--list-backends --device cpu`` lists the CPU rows only (every row's label names the CPU or its provider)."""
+    from vqfr.cli import main
+
+    assert main(["--list-backends", "--device", "cpu"]) == EXIT_OK
+    labels = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert labels and labels[-1] == "torch[cpu]"
+    assert all("cpu" in label.lower() for label in labels), labels
+
+
+def test_list_backends_for_a_file_no_backend_loads_is_exit_1(tmp_path, capsys):
+    """``--list-backends --backend aoti --weights x.pth``: AOTInductor loads .pt2 files only, so this is an error
+    (exit 1) naming the file, not an empty table and exit 0."""
+    from vqfr.cli import main
+
+    assert main(["--list-backends", "--backend", "aoti", "--weights", str(tmp_path / "x.pth")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("vqfr: error:") and "x.pth" in err, err
+
+
+# ----------------------------------------------------------------------------------------------- weights
+def test_without_v_the_version_2_weights_of_a_folder_are_taken(weights, tmp_path, monkeypatch):
+    """$VQFR_WEIGHTS names a folder holding both versions: no ``-v`` takes VQFR_v2 (the documented default);
+    ``-v 1`` takes VQFR_v1 (here a broken file, so the error names it)."""
+    import shutil
+
+    folder = tmp_path / "released"
+    folder.mkdir()
+    shutil.copy(weights, folder / "VQFR_v2.safetensors")
+    (folder / "VQFR_v1.pth").write_bytes(b"not a checkpoint")
+    monkeypatch.setenv(WEIGHTS_ENV, str(folder))
+    _faces(tmp_path / "in", 1)
+    args = ["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--aligned", "-q"]
+    code, stdout, stderr = _run_cli(args)
+    assert code == EXIT_OK and "1 images, 1 faces restored" in stdout, stderr
+    assert f"Runtime({folder / 'VQFR_v2.safetensors'}: VQFRv2" in stderr
+    code, _, stderr = _run_cli([*args, "-v", "1"])
+    assert code == 1 and str(folder / "VQFR_v1.pth") in stderr, stderr
+
+
+def _touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+def test_the_weights_environment_folder_is_searched_before_the_working_directorys(tmp_path, monkeypatch):
+    """$VQFR_WEIGHTS is the user's explicit choice: its folder wins over ./weights holding the same file name."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    _touch(tmp_path / "weights" / "VQFR_v2.pth")
+    mine = _touch(tmp_path / "mine" / "VQFR_v2.pth")
+    monkeypatch.setenv(WEIGHTS_ENV, str(mine.parent))
+    assert find_weights("VQFRv2") == mine
+
+
+def test_the_first_folder_holding_any_released_name_wins_over_a_preferred_name_in_a_later_folder(tmp_path,
+                                                                                                monkeypatch):
+    """The folders are searched in their documented order (./experiments/pretrained_models before ./weights); the
+    preference among names (VQFR_v2.pth before .safetensors) applies within one folder only."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first = _touch(tmp_path / "experiments" / "pretrained_models" / "VQFR_v2.safetensors")
+    _touch(tmp_path / "weights" / "VQFR_v2.pth")
+    assert find_weights("VQFRv2") == Path("experiments/pretrained_models/VQFR_v2.safetensors")
+    assert first.is_file()
+
+
+def test_a_random_weight_model_leaves_the_callers_random_numbers_alone(no_weights_anywhere):
+    """Building the seeded random-weight model must not reseed torch's global generator: the caller's next random
+    numbers are those it would have drawn without the runtime."""
+    import torch
+
+    torch.manual_seed(1234)
+    torch.rand(3)
+    want = torch.rand(5)
+    torch.manual_seed(1234)
+    torch.rand(3)
+    rt = Runtime(config=dict(MICRO_V2), device="cpu")
+    assert rt.random_weights
+    assert torch.equal(torch.rand(5), want)
+
+
+# ----------------------------------------------------------------------------------------------- runtime
+def test_max_batch_zero_is_refused(model):
+    from vqfr.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_batch must be at least 1, got 0"):
+        Runtime(model, device="cpu", max_batch=0)
+
+
+def test_an_engine_built_for_fewer_faces_than_max_batch_gets_at_most_its_own_batch(model, monkeypatch, calls):
+    """``max_batch=4`` with an engine that takes at most 2 faces: 5 faces go as 2, 2 and 1."""
+    from vqfr.backends.torch import TorchBackend
+
+    monkeypatch.setattr(TorchBackend, "max_batch", property(lambda self: 2))
+    rt = Runtime(model, device="cpu", max_batch=4)
+    assert rt.batch_size == 2
+    faces = np.random.default_rng(3).integers(0, 256, (5, FACE_SIZE, FACE_SIZE, 3), dtype=np.uint8)
+    out = rt.restore_batch(list(faces), aligned=True)
+    assert calls["faces"] == [2, 2, 1] and len(out) == 5
+
+
+@pytest.mark.parametrize("limit, ok", [(32 * 24, True), (32 * 24 - 1, False)])
+def test_an_image_of_exactly_max_pixels_is_taken(model, limit, ok):
+    """``max_pixels`` is the largest size taken: a 32x24 image (768 px) passes a limit of 768 and fails 767."""
+    from tests.test_core_behaviours import _Fixed
+    from vqfr.errors import InputError
+
+    rt = Runtime(model, device="cpu", detector=_Fixed([]), max_pixels=limit)
+    img = np.full((24, 32, 3), 90, np.uint8)
+    if ok:
+        assert rt.restore(img).shape == (24, 32, 3)
+    else:
+        with pytest.raises(InputError, match="over the limit"):
+            rt.restore(img)
+
+
+@pytest.mark.parametrize("limit, ok", [(40 * 30, True), (40 * 30 - 1, False)])
+def test_an_upscaled_result_of_exactly_max_pixels_is_made(model, limit, ok):
+    """A 20x15 photo upscaled 2x is 40x30 = 1200 px: a limit of 1200 makes it, 1199 refuses it."""
+    from tests.test_core_behaviours import _Fixed
+    from vqfr.errors import InputError
+
+    rt = Runtime(model, device="cpu", detector=_Fixed([]), max_pixels=limit)
+    img = np.full((15, 20, 3), 90, np.uint8)
+    if ok:
+        assert rt.restore(img, upscale=2).shape == (30, 40, 3)
+    else:
+        with pytest.raises(InputError, match="upscaled 2x"):
+            rt.restore(img, upscale=2)
+
+
+def test_a_face_whose_eyes_are_exactly_the_threshold_apart_is_restored(model):
+    """``eye_dist_threshold`` skips faces whose eyes are closer than it: a face exactly that far apart is kept."""
+    from tests.test_core_behaviours import _detection, _Fixed
+
+    det = _detection(50, 50, 0.1, 0.99)
+    rt = Runtime(model, device="cpu", detector=_Fixed([det]), eye_dist_threshold=float(det.eye_distance))
+    photo = np.random.default_rng(4).integers(0, 256, (100, 100, 3), dtype=np.uint8)
+    assert len(rt.restore_faces(photo).faces) == 1
+
+
+def test_a_backend_is_closed_when_the_runtime_refuses_its_model(model, monkeypatch):
+    """A face size the model does not take is refused after the engine was loaded: the engine is released (on a
+    GPU it holds memory), not left behind in a runtime the caller never gets."""
+    from vqfr.backends.torch import TorchBackend
+    from vqfr.errors import ConfigError
+
+    closed, real = [], TorchBackend.close
+    monkeypatch.setattr(TorchBackend, "close", lambda self: closed.append(self) or real(self))
+    with pytest.raises(ConfigError, match="face_size 32 asked"):
+        Runtime(model, device="cpu", face_size=32)
+    assert len(closed) == 1 and not closed[0].loaded
+
+
+def test_the_nan_error_names_the_faces_of_the_batch_that_returned_it():
+    """The model returns NaN for every face; with 2 faces a call, the first call's faces are 0 and 1."""
+    import torch
+
+    from vqfr.errors import EngineError
+
+    class Broken(torch.nn.Module):
+        options = dict(MICRO_V2)
+
+        def forward(self, x, fidelity=0.0):
+            return x * float("nan")
+
+    faces = np.zeros((3, FACE_SIZE, FACE_SIZE, 3), np.uint8)
+    with pytest.raises(EngineError, match=r"NaN or inf for faces 0\.\.1 of the batch"):
+        Runtime(Broken(), device="cpu", max_batch=2).restore_batch(list(faces), aligned=True)
+
+
+def test_available_names_a_backend_that_cannot_load_the_file_before_reading_its_sidecar(tmp_path):
+    """``Runtime.available("m.onnx", backend="aoti")``: AOTInductor loads no .onnx, and that is the error, not the
+    missing sidecar of a file this backend could never run."""
+    from vqfr.errors import BackendUnavailable
+
+    with pytest.raises(BackendUnavailable, match="aoti"):
+        Runtime.available(tmp_path / "m.onnx", backend="aoti")
+
+
+def test_the_detector_and_parser_are_built_once_for_many_photos(model, monkeypatch):
+    """Building the detector or loading the parsing network takes a while: a runtime does it once, not per photo."""
+    import vqfr.faces.detector
+    import vqfr.faces.parsing
+    from tests.test_runtime_api_mutants import _Regions
+
+    built = {"detector": 0, "parser": 0}
+
+    def load_detector(*a, **k):
+        built["detector"] += 1
+        return _ManyFaces(1, cell=32)
+
+    def load_parser(*a, **k):
+        built["parser"] += 1
+        return _Regions(1.0)
+
+    monkeypatch.setattr(vqfr.faces.detector, "load_detector", load_detector)
+    monkeypatch.setattr(vqfr.faces.parsing, "load_parser", load_parser)
+    rt = Runtime(model, device="cpu", parser="parser.onnx")
+    for seed in range(3):
+        rt.restore(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    assert built == {"detector": 1, "parser": 1}
