@@ -463,3 +463,36 @@ def test_the_detector_and_parser_are_built_once_for_many_photos(model, monkeypat
     for seed in range(3):
         rt.restore(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     assert built == {"detector": 1, "parser": 1}
+
+
+def test_the_summary_rates_count_the_model_time_of_every_chunk(weights, tmp_path, monkeypatch):
+    """The summary's "the model alone" rate is all faces over the model's time summed over the chunks: with a clock
+    that only the model advances, 10 s a chunk, 3 chunks of one face are 3 faces in 30 s = 0.10 faces/s, as the
+    overall rate (not 3 faces over the last chunk's 10 s)."""
+    import types
+
+    import vqfr.cli
+
+    clock = [0.0]
+    real = Runtime.restore_faces_batch
+
+    def ten_seconds(self, images, **kwargs):
+        clock[0] += 10.0
+        return real(self, images, **kwargs)
+
+    monkeypatch.setattr(vqfr.cli, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(Runtime, "restore_faces_batch", ten_seconds)
+    _faces(tmp_path / "in", 3)
+    code, stdout, stderr = _run_cli(["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--weights",
+                                     str(weights), "--aligned", "-q", "--batch", "1"])
+    assert code == EXIT_OK, stderr
+    assert "3 faces restored, 0 failed in 30.0 s (0.10 faces/s; the model alone 0.10)" in stdout, stdout
+
+
+def test_inputs_of_one_name_in_several_folders_are_numbered_from_2():
+    """x.png in three folders: the shared stem gets the extension (x_png), and the clash left is numbered with the
+    next free number from 2 (x_png_2, x_png_3), as the first extra copy of a name usually is."""
+    from vqfr.cli import _output_stems
+
+    files = [Path("a/x.png"), Path("b/x.png"), Path("c/x.png")]
+    assert list(_output_stems(files).values()) == ["x_png", "x_png_2", "x_png_3"]
