@@ -496,3 +496,15 @@ def test_inputs_of_one_name_in_several_folders_are_numbered_from_2():
 
     files = [Path("a/x.png"), Path("b/x.png"), Path("c/x.png")]
     assert list(_output_stems(files).values()) == ["x_png", "x_png_2", "x_png_3"]
+
+
+def test_a_double_star_glob_takes_images_at_every_depth(tmp_path):
+    """``-i 'photos/**/*.png'`` is the recursive glob: images at the top and in sub-sub-folders, sorted, are inputs
+    (not only those one folder down)."""
+    from vqfr.cli import _collect_inputs
+
+    for rel in ("top.png", "a/one.png", "a/b/two.png", "a/b/notes.txt"):
+        _touch(tmp_path / rel)
+    files, ignored = _collect_inputs(str(tmp_path / "**" / "*.png"))
+    assert [f.relative_to(tmp_path).as_posix() for f in files] == ["a/b/two.png", "a/one.png", "top.png"]
+    assert ignored == 0
