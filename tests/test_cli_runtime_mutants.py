@@ -508,3 +508,20 @@ def test_a_double_star_glob_takes_images_at_every_depth(tmp_path):
     files, ignored = _collect_inputs(str(tmp_path / "**" / "*.png"))
     assert [f.relative_to(tmp_path).as_posix() for f in files] == ["a/b/two.png", "a/one.png", "top.png"]
     assert ignored == 0
+
+
+def test_a_v1_face_size_must_be_a_multiple_of_32():
+    """v1 halves the face five times: a face size of 48 (a multiple of 16, not 32) is refused up front."""
+    from tests.test_core_behaviours import _Identity
+    from vqfr.errors import ConfigError
+
+    assert Runtime(_Identity(), device="cpu", face_size=96).face_size == 96
+    with pytest.raises(ConfigError, match="positive multiple of 32, got 48"):
+        Runtime(_Identity(), device="cpu", face_size=48)
+
+
+def test_config_picks_the_architecture_of_the_random_weight_model(no_weights_anywhere):
+    """With no weights found, ``config`` says which model the random weights fill: the micro v2 options give a
+    16 px model, not the released 512 px v2."""
+    rt = Runtime(config=dict(MICRO_V2), device="cpu")
+    assert rt.random_weights and rt.arch == "VQFRv2" and rt.face_size == FACE_SIZE
