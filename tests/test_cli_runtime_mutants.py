@@ -432,15 +432,6 @@ def test_the_nan_error_names_the_faces_of_the_batch_that_returned_it():
         Runtime(Broken(), device="cpu", max_batch=2).restore_batch(list(faces), aligned=True)
 
 
-def test_available_names_a_backend_that_cannot_load_the_file_before_reading_its_sidecar(tmp_path):
-    """``Runtime.available("m.onnx", backend="aoti")``: AOTInductor loads no .onnx, and that is the error, not the
-    missing sidecar of a file this backend could never run."""
-    from vqfr.errors import BackendUnavailable
-
-    with pytest.raises(BackendUnavailable, match="aoti"):
-        Runtime.available(tmp_path / "m.onnx", backend="aoti")
-
-
 def test_the_detector_and_parser_are_built_once_for_many_photos(model, monkeypatch):
     """Building the detector or loading the parsing network takes a while: a runtime does it once, not per photo."""
     import vqfr.faces.detector
