@@ -516,3 +516,16 @@ def test_config_picks_the_architecture_of_the_random_weight_model(no_weights_any
     16 px model, not the released 512 px v2."""
     rt = Runtime(config=dict(MICRO_V2), device="cpu")
     assert rt.random_weights and rt.arch == "VQFRv2" and rt.face_size == FACE_SIZE
+
+
+def test_a_restored_photo_whose_input_has_no_image_suffix_is_a_png(weights, tmp_path, monkeypatch):
+    """``-i scan`` (a PNG without a suffix, read by its content): with ``--ext auto`` there is no input format to
+    keep, so the restored photo is written lossless as PNG, not JPEG."""
+    _many_faces(monkeypatch, 1)
+    scan = _photo(tmp_path / "scan.png").rename(tmp_path / "scan")
+    code, _, stderr = _run_cli(["-i", str(scan), "-o", str(tmp_path / "out"), "--weights", str(weights), "-q",
+                                "-s", "1"])
+    assert code == EXIT_OK, stderr
+    written = tmp_path / "out" / "restored_imgs" / "scan.png"
+    assert [p.name for p in written.parent.iterdir()] == ["scan.png"]
+    assert written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
