@@ -1,7 +1,11 @@
 """The command line's and ``vqfr.Runtime``'s promises where mutation testing (round 19) found the other tests silent:
-the documented defaults (4 faces per inference call, version 2 weights), options at the edge of their range, the
-batching of faces across the inputs of a chunk, ``--skip-existing`` only when asked, the summary's notes and the
-random-weights warning, the exit code of a run stopped by SIGTERM, and the weights search order."""
+the documented defaults (4 faces per inference call, the version 2 weights, the I/O threads), options at the edge of
+their range or passed on to the runtime (``-f 1``, ``--batch 1``, ``--precision``, ``--face-size``, ``--parser``,
+``--only-center-face``), faces batched across the photos of a chunk and capped by the engine, ``--skip-existing`` only
+when asked, the report (FAILED lines in input order, the runtime line, the rates, the random-weights warning, exit
+143 on SIGTERM, ``--list-backends``), output names (clash numbers, ``**`` globs, PNG for an input without a suffix),
+the weights search order and the random model's architecture, the pixel limits and the eye threshold at their
+boundary, and a runtime that builds its detector and parser once and releases an engine it refuses."""
 
 from __future__ import annotations
 
