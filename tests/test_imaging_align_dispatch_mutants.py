@@ -1,0 +1,175 @@
+"""Mutation round 22: image I/O and the official pre/post-processing, FFHQ alignment, the kernel dispatch switch.
+
+Each test here failed with a bug planted in ``vqfr/imaging.py``, ``vqfr/faces/align.py`` or ``kernels/dispatch.py``
+that the rest of the suite let through, and passes on the real code. They pin:
+
+- ``to_tensor`` hands over a contiguous tensor; ``load_image`` takes an image of exactly ``max_pixels`` (from the
+  header and after decoding) and refuses one more; ``upscale_lanczos`` truncates its size (at least 1 pixel) and
+  resizes with Lanczos-4; 16-bit levels are scaled by 255/65535 (not 65536); integer dtypes other than uint8 and
+  uint16 are refused;
+- the alignment's affine is float64, and a non-finite LMEDS answer takes the least-squares fallback;
+- ``TRITON_INTERPRET`` parsing, version parsing, the reasons Triton is not chosen (traced, meta, several devices),
+  ``check_floating`` for every integer and bool dtype, ``check_same_device`` telling ``cuda:0`` from ``cuda:1``, and
+  ``launchable`` never wrapping an interpreted kernel.
+
+Expected values are written out (numpy, OpenCV calls, hand arithmetic), not taken from the code under test.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kernels import dispatch
+from vqfr.errors import InputError
+from vqfr.imaging import as_bgr_uint8, load_image, to_tensor, upscale_lanczos
+
+cv2 = pytest.importorskip("cv2")
+
+
+def _img(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------- imaging
+def test_to_tensor_hands_over_a_contiguous_nchw_tensor():
+    """Backends pass ``data_ptr()`` or ``.numpy()`` of the input on: a permuted view would be read in NHWC order."""
+    for images in (_img(5, 7), np.stack([_img(5, 7, seed) for seed in range(2)])):
+        t = to_tensor(images)
+        assert t.is_contiguous() and t.stride()[-1] == 1 and t.stride()[1] == 5 * 7
+
+
+@pytest.mark.parametrize("suffix", [".png", ".ppm"], ids=["size from the header", "size after decoding"])
+def test_an_image_of_exactly_max_pixels_loads_and_one_pixel_less_of_limit_refuses_it(suffix, tmp_path):
+    """The limit is inclusive: 7x3 = 21 pixels load with ``max_pixels=21`` and are refused with 20 (PPM has no
+    header the size is read from, so it is checked after decoding)."""
+    img = _img(3, 7)
+    path = tmp_path / f"x{suffix}"
+    path.write_bytes(cv2.imencode(suffix, img)[1].tobytes())
+    assert np.array_equal(load_image(path, max_pixels=21), img)
+    with pytest.raises(InputError, match="7x3 = 21 pixels, over the limit of 20"):
+        load_image(path, max_pixels=20)
+
+
+def test_upscale_truncates_the_size_and_resizes_with_lanczos4():
+    """3x7 by 2.7: 8.1 x 18.9 pixels give 8 x 18 (int(), as the official demo), resized by OpenCV's Lanczos-4."""
+    img = _img(3, 7)
+    out = upscale_lanczos(img, 2.7)
+    assert out.shape == (8, 18, 3)
+    assert np.array_equal(out, cv2.resize(img, (18, 8), interpolation=cv2.INTER_LANCZOS4))
+
+
+def test_upscale_to_less_than_a_pixel_keeps_one_pixel():
+    """A scale that gives 0.3 x 0.7 pixels gives 1 x 1, not an OpenCV error about an empty size."""
+    assert upscale_lanczos(_img(3, 7), 0.1).shape == (1, 1, 3)
+
+
+def test_16_bit_levels_near_half_a_step_round_by_255_over_65535():
+    """65407 / 65535 * 255 = 254.50195 rounds to 255 (65536 in the divisor would give 254.498, so 254); 129 gives
+    0.50195, so 1; 128 gives 0.498, so 0."""
+    arr = np.array([65407, 129, 128, 65535, 0], np.uint16).reshape(1, 5)
+    assert as_bgr_uint8(arr)[0, :, 0].tolist() == [255, 1, 0, 255, 0]
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.bool_])
+def test_signed_integer_and_bool_images_are_refused(dtype):
+    """Only uint8 and uint16 are integer images: int8 pixels (-128..127) were taken for uint8 levels unchanged."""
+    with pytest.raises(InputError, match="unsupported image dtype"):
+        as_bgr_uint8(np.zeros((2, 2, 3), dtype))
+
+
+# ----------------------------------------------------------------------------------------------- alignment
+def test_the_affine_is_float64_as_documented():
+    """[2, 3] float64, as ``cv2.warpAffine`` and the paste-back take it (the photo -> crop map of a face at 1000 px)."""
+    from vqfr.faces.align import FFHQ_TEMPLATE_512, estimate_affine
+
+    affine = estimate_affine(FFHQ_TEMPLATE_512 * 0.5 + 1000.0, 512)
+    assert affine.dtype == np.float64 and affine.shape == (2, 3)
+    np.testing.assert_allclose(affine, [[2.0, 0.0, -2000.0], [0.0, 2.0, -2000.0]], atol=1e-3)
+
+
+def test_a_non_finite_lmeds_answer_takes_the_least_squares_fallback(monkeypatch):
+    """OpenCV may return a matrix of NaN rather than None; the crop must still come from a finite fit."""
+    from vqfr.faces.align import FFHQ_TEMPLATE_512, estimate_affine
+
+    monkeypatch.setattr(cv2, "estimateAffinePartial2D", lambda *a, **k: (np.full((2, 3), np.nan), None))
+    lms = FFHQ_TEMPLATE_512.astype(np.float64) * 0.25 + (40.0, 10.0)  # the template at a quarter, shifted
+    affine = estimate_affine(lms, 128)
+    np.testing.assert_allclose(affine, [[1.0, 0.0, -40.0], [0.0, 1.0, -10.0]], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- kernels.dispatch
+@pytest.fixture
+def no_switches(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("VQFR_KERNELS", raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("value,on", [("1", True), ("true", True), ("TRUE", True), ("on", True), ("On", True),
+                                      ("0", False), ("", False), ("false", False), ("off", False)])
+def test_triton_interpret_is_read_as_triton_reads_it(value, on, no_switches):
+    """1, true and on (any case) turn the interpreter on, as in Triton; anything else leaves it off."""
+    no_switches.setenv("TRITON_INTERPRET", value)
+    assert dispatch.interpreting() is on
+
+
+@pytest.mark.parametrize("version,want", [("3.6.0", (3, 6)), ("2.14.1+cu130", (2, 14)), ("2.4.0rc1", (2, 4)),
+                                          ("3.10", (3, 10)), ("4", (4,))])
+def test_release_is_major_and_minor_as_numbers(version, want):
+    """3.10 is newer than 3.9 (numbers, not text); local and pre-release tags are dropped."""
+    assert dispatch.release(version) == want
+
+
+@pytest.mark.skipif(not dispatch.triton_installed(), reason="triton is not installed (extra 'gpu')")
+def test_tensors_being_traced_take_the_reference_under_the_interpreter(no_switches):
+    """The interpreter runs eagerly only: fake CPU tensors (export, compile) get the reason, not a launch."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    no_switches.setenv("TRITON_INTERPRET", "1")
+    if dispatch.interpreter_problem():
+        pytest.skip(dispatch.interpreter_problem())
+    with FakeTensorMode():
+        fake = torch.empty(2, 3)
+    assert "not under torch.compile/export tracing" in dispatch.why_not_triton(fake)
+    assert dispatch.why_not_triton(torch.empty(2, 3)) is None
+
+
+@pytest.mark.skipif(not dispatch.triton_installed(), reason="triton is not installed (extra 'gpu')")
+def test_meta_tensors_and_mixed_devices_are_not_given_to_triton(no_switches):
+    """Only CUDA (and CPU under the interpreter) run the kernels: a meta tensor or a CPU/meta mix is named."""
+    no_switches.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.why_not_triton(torch.empty(2, device="meta")) == \
+        "device meta is not supported by the Triton kernels"
+    assert dispatch.why_not_triton(torch.empty(2), w=torch.empty(2, device="meta")) == \
+        "tensors are on several devices: ['cpu', 'meta']"
+    dispatch.LAUNCHES.clear()
+    assert not dispatch.use_triton("op", torch.empty(2, device="meta"))
+    assert dispatch.LAUNCHES == {"op:reference": 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool])
+def test_check_floating_refuses_every_integer_and_bool_dtype(dtype):
+    with pytest.raises(TypeError, match=f"op: mask has dtype {dtype}"):
+        dispatch.check_floating("op", x=torch.ones(2), bias=None, mask=torch.ones(2, dtype=dtype))
+    dispatch.check_floating("op", x=torch.ones(2, dtype=torch.float16), bias=None)  # floats and None pass
+
+
+def test_check_same_device_tells_one_gpu_from_another():
+    """``cuda:1`` beside ``cuda:0`` is another device (fake tensors: no GPU needed)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x, w = torch.empty(2, device="cuda:0"), torch.empty(2, device="cuda:1")
+    with pytest.raises(ValueError, match="w is on cuda:1 but x is on cuda:0"):
+        dispatch.check_same_device(x=x, w=w)
+
+
+def test_launchable_never_wraps_an_interpreted_kernel(no_switches):
+    """``wrap_triton`` does not take the interpreter's kernels: under TRITON_INTERPRET the kernel is returned as
+    it is even when the ops are triton_ops."""
+    kernel = object()
+    no_switches.setattr(dispatch, "TRACEABLE_LAUNCHES", True)
+    no_switches.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.launchable(kernel) is kernel
