@@ -79,6 +79,31 @@ def test_signed_integer_and_bool_images_are_refused(dtype):
         as_bgr_uint8(np.zeros((2, 2, 3), dtype))
 
 
+def _segments(data: bytes) -> list[bytes]:
+    """A JPEG's marker segments from SOI up to SOS (each with its marker and length), then the rest as one."""
+    out, i = [data[:2]], 2
+    while data[i + 1] != 0xDA:
+        end = i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        out.append(data[i:end])
+        i = end
+    return [*out, data[i:]]
+
+
+def test_a_jpeg_with_its_huffman_tables_before_the_frame_header_has_the_frame_size():
+    """Tables may come in any order before the scan: a DHT segment (0xFFC4) ahead of the SOF0 is not the frame
+    header, whose size bytes come later (OpenCV writes DHT after SOF0; other encoders write it first)."""
+    img = _img(13, 21)
+    parts = _segments(cv2.imencode(".jpg", img)[1].tobytes())
+    dht = [p for p in parts if p[:2] == b"\xff\xc4"]
+    markers = [p[1] for p in parts[1:-1]]
+    assert dht and markers.index(0xC0) < markers.index(0xC4)  # as OpenCV writes it: SOF0, then DHT
+    reordered = b"".join([parts[0], *dht, *(p for p in parts[1:] if p[:2] != b"\xff\xc4")])
+    from vqfr.imaging import header_size
+
+    assert header_size(reordered) == (21, 13)
+    assert np.array_equal(cv2.imdecode(np.frombuffer(reordered, np.uint8), cv2.IMREAD_COLOR).shape, (13, 21, 3))
+
+
 # ----------------------------------------------------------------------------------------------- alignment
 def test_the_affine_is_float64_as_documented():
     """[2, 3] float64, as ``cv2.warpAffine`` and the paste-back take it (the photo -> crop map of a face at 1000 px)."""
@@ -113,6 +138,21 @@ def test_triton_interpret_is_read_as_triton_reads_it(value, on, no_switches):
     """1, true and on (any case) turn the interpreter on, as in Triton; anything else leaves it off."""
     no_switches.setenv("TRITON_INTERPRET", value)
     assert dispatch.interpreting() is on
+
+
+def test_triton_interpret_unset_means_compiled(no_switches):
+    assert dispatch.interpreting() is False
+
+
+@pytest.mark.skipif(not dispatch.triton_installed(), reason="triton is not installed (extra 'gpu')")
+def test_absent_tensors_are_skipped_when_choosing(no_switches):
+    """An op without a bias (None) is decided by the tensors it has: None is neither a dtype nor a device."""
+    no_switches.setenv("TRITON_INTERPRET", "1")
+    if dispatch.interpreter_problem():
+        pytest.skip(dispatch.interpreter_problem())
+    assert dispatch.why_not_triton(torch.ones(2), None, bias=None) is None
+    assert dispatch.why_not_triton(torch.ones(2), bias=None, w=torch.ones(2).double()) == \
+        "w has dtype torch.float64, not one of float16, bfloat16, float32"
 
 
 @pytest.mark.parametrize("version,want", [("3.6.0", (3, 6)), ("2.14.1+cu130", (2, 14)), ("2.4.0rc1", (2, 4)),
