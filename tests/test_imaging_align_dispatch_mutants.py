@@ -213,3 +213,27 @@ def test_launchable_never_wraps_an_interpreted_kernel(no_switches):
     no_switches.setattr(dispatch, "TRACEABLE_LAUNCHES", True)
     no_switches.setenv("TRITON_INTERPRET", "1")
     assert dispatch.launchable(kernel) is kernel
+
+
+def test_a_forced_launch_that_cannot_run_is_not_counted(no_switches):
+    """LAUNCHES counts what ran: mode triton refusing CPU tensors (no interpreter) raises and counts nothing; auto
+    counts the fallback under the name the caller gives it."""
+    dispatch.LAUNCHES.clear()
+    x = torch.ones(2)
+    with dispatch.use("triton"), pytest.raises(RuntimeError, match="CPU tensors need TRITON_INTERPRET=1"):
+        dispatch.use_triton("op", x)
+    assert not dispatch.LAUNCHES
+    assert not dispatch.use_triton("op", x, fallback="grid_sample")
+    assert dispatch.LAUNCHES == {"op:grid_sample": 1}
+
+
+def test_kernels_use_restores_the_mode_when_its_block_raises(no_switches):
+    """An exception inside ``with kernels.use(...)`` (a failed restore caught by a server) leaves no forced mode."""
+    no_switches.setenv("VQFR_KERNELS", "reference")
+    with pytest.raises(KeyError):
+        with dispatch.use("triton"):
+            with dispatch.use("auto"):
+                raise KeyError("boom")
+    assert dispatch.active_mode() == "reference"
+    no_switches.delenv("VQFR_KERNELS")
+    assert dispatch.active_mode() == "auto"
