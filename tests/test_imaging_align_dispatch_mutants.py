@@ -40,6 +40,12 @@ def test_to_tensor_hands_over_a_contiguous_nchw_tensor():
         assert t.is_contiguous() and t.stride()[-1] == 1 and t.stride()[1] == 5 * 7
 
 
+def test_to_tensor_returns_the_tensor_on_the_device_asked_for():
+    """``device=`` is honoured without a GPU too (meta: shapes and dtypes only); the GPU test is skipped on CPU CI."""
+    t = to_tensor(np.stack([_img(5, 7, seed) for seed in range(2)]), device="meta")
+    assert t.device.type == "meta" and t.shape == (2, 3, 5, 7) and t.dtype == torch.float32
+
+
 @pytest.mark.parametrize("suffix", [".png", ".ppm"], ids=["size from the header", "size after decoding"])
 def test_an_image_of_exactly_max_pixels_loads_and_one_pixel_less_of_limit_refuses_it(suffix, tmp_path):
     """The limit is inclusive: 7x3 = 21 pixels load with ``max_pixels=21`` and are refused with 20 (PPM has no
