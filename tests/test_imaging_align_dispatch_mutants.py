@@ -58,6 +58,27 @@ def test_an_image_of_exactly_max_pixels_loads_and_one_pixel_less_of_limit_refuse
         load_image(path, max_pixels=20)
 
 
+def test_the_file_size_guard_allows_64_mib_of_metadata_beyond_8_bytes_a_pixel(tmp_path):
+    """A 16x16 PNG carrying 3 MB of metadata (an embedded preview, a depth map) loads under a 256-pixel limit; a
+    file over 8 * 256 + 64 MiB bytes is refused from its size alone (a sparse file: nothing is read)."""
+    import zlib
+
+    img = _img(16, 16)
+    png = cv2.imencode(".png", img)[1].tobytes()
+    text = b"Comment\0" + b"x" * (3 << 20)
+    chunk = len(text).to_bytes(4, "big") + b"tEXt" + text + (zlib.crc32(b"tEXt" + text) & 0xFFFFFFFF).to_bytes(4, "big")
+    iend = png.rindex(b"IEND") - 4
+    path = tmp_path / "tagged.png"
+    path.write_bytes(png[:iend] + chunk + png[iend:])
+    assert np.array_equal(load_image(path, max_pixels=256), img)
+    huge = tmp_path / "huge.png"
+    with open(huge, "wb") as f:
+        f.truncate(8 * 256 + (64 << 20) + 1)
+    with pytest.raises(InputError, match=f"is {8 * 256 + (64 << 20) + 1:,} bytes, too large for an image of at most "
+                                         "256 pixels"):
+        load_image(huge, max_pixels=256)
+
+
 def test_upscale_truncates_the_size_and_resizes_with_lanczos4():
     """3x7 by 2.7: 8.1 x 18.9 pixels give 8 x 18 (int(), as the official demo), resized by OpenCV's Lanczos-4."""
     img = _img(3, 7)
