@@ -264,3 +264,19 @@ def test_kernels_use_restores_the_mode_when_its_block_raises(no_switches):
     assert dispatch.active_mode() == "reference"
     no_switches.delenv("VQFR_KERNELS")
     assert dispatch.active_mode() == "auto"
+
+
+def test_float32_dots_are_exact_unless_tf32_is_allowed():
+    """torch's default ("none": no TF32) keeps the kernels' float32 dots exact ("ieee"), like torch's own matmuls;
+    only an explicit TF32 setting (either API) gives "tf32"."""
+    saved = torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    try:
+        torch.backends.fp32_precision = "none"
+        torch.backends.cuda.matmul.fp32_precision = "none"
+        assert dispatch.dot_precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert dispatch.dot_precision(torch.float32) == "tf32"
+        torch.set_float32_matmul_precision("highest")
+        assert dispatch.dot_precision(torch.float32) == "ieee"
+    finally:
+        torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved
