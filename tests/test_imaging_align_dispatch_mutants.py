@@ -106,6 +106,16 @@ def test_signed_integer_and_bool_images_are_refused(dtype):
         as_bgr_uint8(np.zeros((2, 2, 3), dtype))
 
 
+@pytest.mark.parametrize("image", [torch.zeros(2, 2, 3, requires_grad=True), [[0, 1], [2]]],
+                         ids=["a tensor that requires grad", "a ragged list"])
+def test_arrays_numpy_cannot_make_are_an_input_error_with_the_fix(image):
+    """``np.asarray`` raises RuntimeError for a tensor that requires grad and ValueError for a ragged list: each
+    becomes one InputError naming the image, not a traceback from numpy or torch."""
+    with pytest.raises(InputError, match=r"photo: cannot be read as an image array.*Fix: pass a path"):
+        as_bgr_uint8(image, name="photo")
+    assert np.array_equal(as_bgr_uint8(torch.zeros(2, 2, 3, dtype=torch.uint8)), np.zeros((2, 2, 3), np.uint8))
+
+
 def _segments(data: bytes) -> list[bytes]:
     """A JPEG's marker segments from SOI up to SOS (each with its marker and length), then the rest as one."""
     out, i = [data[:2]], 2
