@@ -142,6 +142,19 @@ def test_a_jpeg_with_its_huffman_tables_before_the_frame_header_has_the_frame_si
 
 
 # ----------------------------------------------------------------------------------------------- alignment
+@pytest.mark.parametrize("face_size", [1024, 300, 64])
+def test_the_template_scales_with_any_face_size(face_size):
+    """The 512 template times face_size / 512, also above 512 and for sizes that are not a power of two; a face
+    placed on the 512 template is mapped onto it at that size."""
+    from vqfr.faces.align import FFHQ_TEMPLATE_512, estimate_affine, template
+
+    want = np.array([[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935], [201.26117, 371.41043],
+                     [313.08905, 371.15118]]) * face_size / 512
+    np.testing.assert_allclose(template(face_size), want, rtol=1e-6)
+    affine = estimate_affine(FFHQ_TEMPLATE_512, face_size)
+    np.testing.assert_allclose(affine, [[face_size / 512, 0, 0], [0, face_size / 512, 0]], atol=1e-4)
+
+
 def test_the_affine_is_float64_as_documented():
     """[2, 3] float64, as ``cv2.warpAffine`` and the paste-back take it (the photo -> crop map of a face at 1000 px)."""
     from vqfr.faces.align import FFHQ_TEMPLATE_512, estimate_affine
