@@ -116,6 +116,18 @@ def test_arrays_numpy_cannot_make_are_an_input_error_with_the_fix(image):
     assert np.array_equal(as_bgr_uint8(torch.zeros(2, 2, 3, dtype=torch.uint8)), np.zeros((2, 2, 3), np.uint8))
 
 
+@pytest.mark.parametrize("name,fmt", [("a.webp", "WebP"), ("a.bmp", "BMP"), ("a.tif", "TIFF"), ("a.tiff", "TIFF"),
+                                      ("a.PNG", "PNG"), ("a.Webp", "WebP")])
+def test_every_suffix_is_written_in_its_own_format_losslessly(name, fmt):
+    """The suffix picks the format (any case); WebP at OpenCV's default is lossless, as are BMP, TIFF and PNG."""
+    from vqfr.imaging import encode_image, sniff_format
+
+    img = _img(5, 7)
+    data = encode_image(name, img)
+    assert sniff_format(data) == fmt
+    assert np.array_equal(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), img)
+
+
 def _segments(data: bytes) -> list[bytes]:
     """A JPEG's marker segments from SOI up to SOS (each with its marker and length), then the rest as one."""
     out, i = [data[:2]], 2
