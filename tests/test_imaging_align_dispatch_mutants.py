@@ -1,18 +1,23 @@
-"""Mutation round 22: image I/O and the official pre/post-processing, FFHQ alignment, the kernel dispatch switch.
+"""Mutation round 22: image I/O and pre-processing, FFHQ alignment, the kernel dispatch switch.
 
 Each test here failed with a bug planted in ``vqfr/imaging.py``, ``vqfr/faces/align.py`` or ``kernels/dispatch.py``
 that the rest of the suite let through, and passes on the real code. They pin:
 
-- ``to_tensor`` hands over a contiguous tensor; ``load_image`` takes an image of exactly ``max_pixels`` (from the
-  header and after decoding) and refuses one more; ``upscale_lanczos`` truncates its size (at least 1 pixel) and
-  resizes with Lanczos-4; 16-bit levels are scaled by 255/65535 (not 65536); integer dtypes other than uint8 and
-  uint16 are refused;
-- the alignment's affine is float64, and a non-finite LMEDS answer takes the least-squares fallback;
-- ``TRITON_INTERPRET`` parsing, version parsing, the reasons Triton is not chosen (traced, meta, several devices),
-  ``check_floating`` for every integer and bool dtype, ``check_same_device`` telling ``cuda:0`` from ``cuda:1``, and
-  ``launchable`` never wrapping an interpreted kernel.
+- imaging: ``to_tensor`` returns a contiguous tensor on the device asked for; the pixel limit is inclusive (from the
+  header and after decoding); the file-size guard allows 64 MiB of metadata and refuses more from the size alone;
+  ``upscale_lanczos`` truncates its size (at least one pixel) and resizes with Lanczos-4; 16-bit levels are scaled by
+  255/65535 (not 65536); signed integer and bool images are refused; what numpy cannot make an array of is one
+  InputError; each suffix is written in its own format; a JPEG's Huffman tables ahead of its frame header are not
+  read as the frame size;
+- alignment: the template scales with any face size (above 512 too), the affine is float64, and a non-finite LMEDS
+  answer takes the least-squares fallback;
+- dispatch: ``TRITON_INTERPRET`` and version parsing; the reasons Triton is not chosen (traced, meta, several devices;
+  None skipped); ``check_floating`` for every integer and bool dtype; ``check_same_device`` telling ``cuda:0`` from
+  ``cuda:1``; ``launchable`` never wrapping an interpreted kernel; a refused forced launch is not counted in LAUNCHES;
+  ``kernels.use`` restores the mode when its block raises; float32 dots are exact under torch's default precision.
 
-Expected values are written out (numpy, OpenCV calls, hand arithmetic), not taken from the code under test.
+Expected values are written out (numpy, direct OpenCV calls, hand arithmetic), not taken from the code under test.
+CPU only: fake and meta tensors stand in for GPUs, Triton's interpreter for the compiler.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ def test_to_tensor_returns_the_tensor_on_the_device_asked_for():
 
 
 @pytest.mark.parametrize("suffix", [".png", ".ppm"], ids=["size from the header", "size after decoding"])
-def test_an_image_of_exactly_max_pixels_loads_and_one_pixel_less_of_limit_refuses_it(suffix, tmp_path):
+def test_an_image_of_exactly_max_pixels_loads_and_a_limit_one_lower_refuses_it(suffix, tmp_path):
     """The limit is inclusive: 7x3 = 21 pixels load with ``max_pixels=21`` and are refused with 20 (PPM has no
     header the size is read from, so it is checked after decoding)."""
     img = _img(3, 7)
