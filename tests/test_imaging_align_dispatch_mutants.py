@@ -9,8 +9,8 @@ that the rest of the suite let through, and passes on the real code. They pin:
   255/65535 (not 65536); signed integer and bool images are refused; what numpy cannot make an array of is one
   InputError; each suffix is written in its own format; a JPEG's Huffman tables ahead of its frame header are not
   read as the frame size;
-- alignment: the template scales with any face size (above 512 too), the affine is float64, and a non-finite LMEDS
-  answer takes the least-squares fallback;
+- alignment: the template scales with any face size (above 512 too); crop i is the warp of face i's affine; the
+  affine is float64; a non-finite LMEDS answer takes the least-squares fallback;
 - dispatch: ``TRITON_INTERPRET`` and version parsing; the reasons Triton is not chosen (traced, meta, several devices;
   None skipped); ``check_floating`` for every integer and bool dtype; ``check_same_device`` telling ``cuda:0`` from
   ``cuda:1``; ``launchable`` never wrapping an interpreted kernel; a refused forced launch is not counted in LAUNCHES;
@@ -167,9 +167,27 @@ def test_the_template_scales_with_any_face_size(face_size):
 
     want = np.array([[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935], [201.26117, 371.41043],
                      [313.08905, 371.15118]]) * face_size / 512
+    assert template(face_size).dtype == np.float32
     np.testing.assert_allclose(template(face_size), want, rtol=1e-6)
     affine = estimate_affine(FFHQ_TEMPLATE_512, face_size)
     np.testing.assert_allclose(affine, [[face_size / 512, 0, 0], [0, face_size / 512, 0]], atol=1e-4)
+
+
+def test_each_crop_is_the_warp_of_its_own_faces_affine():
+    """align_faces returns crops and affines in the order of the landmarks: crop i is warped with affine i (a face
+    pasted back with another face's affine lands on the wrong face). Expected: OpenCV's LMEDS fit and bilinear warp
+    called directly, with the official border colour."""
+    from vqfr.faces.align import FFHQ_TEMPLATE_512, align_faces
+
+    photo = _img(120, 160)
+    faces = [FFHQ_TEMPLATE_512 * 0.15 + shift for shift in ((10.0, 5.0), (80.0, 40.0), (30.0, 60.0))]
+    crops, affines = align_faces(photo, faces, 64)
+    dst = FFHQ_TEMPLATE_512 * np.float32(64 / 512)
+    for lms, crop, affine in zip(faces, crops, affines, strict=True):
+        want, _ = cv2.estimateAffinePartial2D(lms.astype(np.float32), dst, method=cv2.LMEDS)
+        np.testing.assert_allclose(affine, want, atol=1e-9)
+        assert np.array_equal(crop, cv2.warpAffine(photo, want, (64, 64), flags=cv2.INTER_LINEAR,
+                                                   borderMode=cv2.BORDER_CONSTANT, borderValue=(135, 133, 132)))
 
 
 def test_the_affine_is_float64_as_documented():
