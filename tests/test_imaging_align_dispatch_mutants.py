@@ -13,8 +13,9 @@ that the rest of the suite let through, and passes on the real code. They pin:
   affine is float64; a non-finite LMEDS answer takes the least-squares fallback;
 - dispatch: ``TRITON_INTERPRET`` and version parsing; the reasons Triton is not chosen (traced, meta, several devices;
   None skipped); ``check_floating`` for every integer and bool dtype; ``check_same_device`` telling ``cuda:0`` from
-  ``cuda:1``; ``launchable`` never wrapping an interpreted kernel; a refused forced launch is not counted in LAUNCHES;
-  ``kernels.use`` restores the mode when its block raises; float32 dots are exact under torch's default precision.
+  ``cuda:1``; ``launchable`` never wrapping an interpreted kernel; the compiled and interpreted copies of a kernel
+  module kept apart; a refused forced launch is not counted in LAUNCHES; ``kernels.use`` restores the mode when its
+  block raises; float32 dots are exact under torch's default precision.
 
 Expected values are written out (numpy, direct OpenCV calls, hand arithmetic), not taken from the code under test.
 CPU only: fake and meta tensors stand in for GPUs, Triton's interpreter for the compiler.
@@ -338,3 +339,16 @@ def test_float32_dots_are_exact_unless_tf32_is_allowed():
         assert dispatch.dot_precision(torch.float32) == "ieee"
     finally:
         torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved
+
+
+@pytest.mark.skipif(not dispatch.triton_installed(), reason="triton is not installed (extra 'gpu')")
+def test_the_compiled_and_interpreted_copies_of_a_kernel_module_are_kept_apart(no_switches):
+    """``@triton.jit`` reads TRITON_INTERPRET when it decorates: a module loaded interpreted must not be handed to
+    a compiled-mode call (GPU tensors would run in the interpreter), nor the other way round."""
+    no_switches.setenv("TRITON_INTERPRET", "1")
+    interpreted = dispatch.triton_module("nearest_code_triton")
+    no_switches.delenv("TRITON_INTERPRET")
+    compiled = dispatch.triton_module("nearest_code_triton")
+    assert compiled is not interpreted
+    assert (interpreted.__name__, compiled.__name__) == ("kernels.nearest_code_triton__interpreted",
+                                                         "kernels.nearest_code_triton")
