@@ -3,7 +3,8 @@
 Each test here failed with a bug planted in ``vqfr/imaging.py``, ``vqfr/faces/align.py`` or ``kernels/dispatch.py``
 that the rest of the suite let through, and passes on the real code. They pin:
 
-- imaging: ``to_tensor`` returns a contiguous tensor on the device asked for; the pixel limit is inclusive (from the
+- imaging: ``to_tensor`` returns a contiguous tensor on the device asked for; ``to_images`` post-processes fp16 and
+  bf16 outputs in float32; the pixel limit is inclusive (from the
   header and after decoding); the file-size guard allows 64 MiB of metadata and refuses more from the size alone;
   ``upscale_lanczos`` truncates its size (at least one pixel) and resizes with Lanczos-4; 16-bit levels are scaled by
   255/65535 (not 65536); signed integer and bool images are refused; what numpy cannot make an array of is one
@@ -14,14 +15,16 @@ that the rest of the suite let through, and passes on the real code. They pin:
 - dispatch: ``TRITON_INTERPRET`` and version parsing; the reasons Triton is not chosen (traced, meta, several devices;
   None skipped); ``check_floating`` for every integer and bool dtype; ``check_same_device`` telling ``cuda:0`` from
   ``cuda:1``; ``launchable`` never wrapping an interpreted kernel; the compiled and interpreted copies of a kernel
-  module kept apart; a refused forced launch is not counted in LAUNCHES; ``kernels.use`` restores the mode when its
-  block raises; float32 dots are exact under torch's default precision.
+  module kept apart; a refused forced launch is not counted in LAUNCHES; ``kernels.use`` is per thread and restores the
+  mode when its block raises; float32 dots are exact under torch's default precision.
 
 Expected values are written out (numpy, direct OpenCV calls, hand arithmetic), not taken from the code under test.
 CPU only: fake and meta tensors stand in for GPUs, Triton's interpreter for the compiler.
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import pytest
@@ -50,6 +53,18 @@ def test_to_tensor_returns_the_tensor_on_the_device_asked_for():
     """``device=`` is honoured without a GPU too (meta: shapes and dtypes only); the GPU test is skipped on CPU CI."""
     t = to_tensor(np.stack([_img(5, 7, seed) for seed in range(2)]), device="meta")
     assert t.device.type == "meta" and t.shape == (2, 3, 5, 7) and t.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model_output_is_post_processed_in_float32(dtype):
+    """An fp16/bf16 output is converted as the official tensor2img does: ``.float()`` first, then clamp, (x+1)/2,
+    *255 and round in float32 (in half precision, *255 is off by up to a level)."""
+    from vqfr.imaging import to_images
+
+    out = (torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2.2 - 1.1).to(dtype)
+    x = out.float().numpy()[0]
+    want = np.round((np.clip(x, -1, 1) + 1) / 2 * np.float32(255)).astype(np.uint8).transpose(1, 2, 0)[:, :, ::-1]
+    assert np.array_equal(to_images(out)[0], want)
 
 
 @pytest.mark.parametrize("suffix", [".png", ".ppm"], ids=["size from the header", "size after decoding"])
@@ -352,3 +367,28 @@ def test_the_compiled_and_interpreted_copies_of_a_kernel_module_are_kept_apart(n
     assert compiled is not interpreted
     assert (interpreted.__name__, compiled.__name__) == ("kernels.nearest_code_triton__interpreted",
                                                          "kernels.nearest_code_triton")
+
+
+def test_kernels_use_in_one_thread_is_not_seen_by_another(no_switches):
+    """The forced mode is a context variable: a server thread inside ``kernels.use("reference")`` does not switch
+    the other threads, and a new thread starts from the environment, not from its parent's block."""
+    entered, leave, seen = threading.Event(), threading.Event(), []
+
+    def hold_reference():
+        with dispatch.use("reference"):
+            entered.set()
+            leave.wait(10)
+
+    holder = threading.Thread(target=hold_reference)
+    holder.start()
+    try:
+        assert entered.wait(10)
+        assert dispatch.active_mode() == "auto"
+    finally:
+        leave.set()
+        holder.join()
+    with dispatch.use("reference"):
+        child = threading.Thread(target=lambda: seen.append(dispatch.active_mode()))
+        child.start()
+        child.join()
+    assert seen == ["auto"]
