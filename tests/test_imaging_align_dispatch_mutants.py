@@ -3,15 +3,14 @@
 Each test here failed with a bug planted in ``vqfr/imaging.py``, ``vqfr/faces/align.py`` or ``kernels/dispatch.py``
 that the rest of the suite let through, and passes on the real code. They pin:
 
-- imaging: ``to_tensor`` returns a contiguous tensor on the device asked for; ``to_images`` post-processes fp16 and
-  bf16 outputs in float32; the pixel limit is inclusive (from the
-  header and after decoding); the file-size guard allows 64 MiB of metadata and refuses more from the size alone;
-  ``upscale_lanczos`` truncates its size (at least one pixel) and resizes with Lanczos-4; 16-bit levels are scaled by
-  255/65535 (not 65536); signed integer and bool images are refused; what numpy cannot make an array of is one
-  InputError; each suffix is written in its own format; a JPEG's Huffman tables ahead of its frame header are not
-  read as the frame size;
-- alignment: the template scales with any face size (above 512 too); crop i is the warp of face i's affine; the
-  affine is float64; a non-finite LMEDS answer takes the least-squares fallback;
+- imaging: ``to_tensor`` returns a contiguous tensor on the device asked for; ``to_images`` post-processes fp16 and bf16
+  outputs in float32; the pixel limit is inclusive (from the header and after decoding); the file-size guard allows 64
+  MiB of metadata and refuses more from the size alone; ``upscale_lanczos`` truncates its size (at least one pixel) and
+  resizes with Lanczos-4; 16-bit levels are scaled by 255/65535 (not 65536); signed integer and bool images are refused;
+  what numpy cannot make an array of is one InputError; each suffix is written in its own format; a JPEG's Huffman
+  tables ahead of its frame header are not read as the frame size;
+- alignment: the template scales with any face size (above 512 too); crop i is the warp of face i's affine; the affine
+  is float64; a non-finite LMEDS answer takes the least-squares fallback;
 - dispatch: ``TRITON_INTERPRET`` and version parsing; the reasons Triton is not chosen (traced, meta, several devices;
   None skipped); ``check_floating`` for every integer and bool dtype; ``check_same_device`` telling ``cuda:0`` from
   ``cuda:1``; ``launchable`` never wrapping an interpreted kernel; the compiled and interpreted copies of a kernel
