@@ -85,8 +85,9 @@ def use(mode: str) -> Iterator[None]:
 
 
 def interpreting() -> bool:
-    """True when ``TRITON_INTERPRET`` is on (Triton's own parsing: 1, true or on)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
+    """True when ``TRITON_INTERPRET`` is on, parsed as Triton 3.6 to 3.9 parse it: 1, true, on, yes or y in any
+    case, with no surrounding spaces (``" 1"`` is off for Triton, so it is off here too)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
 
 
 def triton_installed() -> bool:

@@ -232,12 +232,27 @@ def no_switches(monkeypatch):
     return monkeypatch
 
 
-@pytest.mark.parametrize("value,on", [("1", True), ("true", True), ("TRUE", True), ("on", True), ("On", True),
-                                      ("0", False), ("", False), ("false", False), ("off", False)])
+INTERPRET_VALUES = [("1", True), ("true", True), ("TRUE", True), ("on", True), ("On", True), ("yes", True),
+                    ("Y", True), ("0", False), ("", False), ("false", False), ("off", False), ("no", False),
+                    (" 1", False), ("1 ", False)]
+
+
+@pytest.mark.parametrize("value,on", INTERPRET_VALUES)
 def test_triton_interpret_is_read_as_triton_reads_it(value, on, no_switches):
-    """1, true and on (any case) turn the interpreter on, as in Triton; anything else leaves it off."""
+    """1, true, on, yes and y (any case, no spaces) turn the interpreter on, as Triton 3.6 to 3.9 read the variable
+    (checked on each); anything else leaves it off. Before, ``yes`` was off here and on for Triton, and ``" 1"`` the
+    other way round."""
     no_switches.setenv("TRITON_INTERPRET", value)
     assert dispatch.interpreting() is on
+
+
+@pytest.mark.skipif(not dispatch.triton_installed(), reason="triton is not installed (extra 'gpu')")
+@pytest.mark.parametrize("value,on", INTERPRET_VALUES)
+def test_triton_interpret_agrees_with_the_installed_triton(value, on, no_switches):
+    """The installed Triton's own reading of the variable (``triton.knobs``, read on each access) is ours."""
+    knobs = pytest.importorskip("triton.knobs")
+    no_switches.setenv("TRITON_INTERPRET", value)
+    assert knobs.runtime.interpret is dispatch.interpreting() is on
 
 
 def test_triton_interpret_unset_means_compiled(no_switches):
