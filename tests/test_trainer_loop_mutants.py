@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.test_training_loop import records, tiny_vqgan_v2, write_config
+from tests.test_training_loop import records, tiny_vqfr_v2, tiny_vqgan_v2, write_config
 from training.recipes import unwrap
 from training.train import main as train_main
 from training.trainer import Trainer, init_distributed, latest_state, saved_states
@@ -283,3 +283,40 @@ def test_profile_iters_on_the_command_line_reach_the_trainer(tmp_path):
     assert train_main(["--config", str(config), "--out", str(run), "--profile-iters", "2"]) == 0
     assert (run / "profile_iter_2.md").read_text().startswith("# Training step 2\n")
     assert not (run / "profile_iter_1.md").exists()
+
+
+# --- seeds and the validation output --------------------------------------------------------------------------------
+def test_manual_seed_fixes_the_initial_weights_whatever_the_random_state_before(tmp_path):
+    """Two runs of one config start from the same networks (generator and discriminator), however much of torch's
+    random stream was used before; another manual_seed starts elsewhere."""
+    def initial(out: str, seed: int, before: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(before)
+        torch.rand(before)
+        cfg = _cfg(1)
+        cfg["manual_seed"] = seed
+        trainer = Trainer(cfg, tmp_path / out)
+        trainer.close()
+        nets = {f"g.{k}": v for k, v in unwrap(trainer.net).state_dict().items()}
+        for name, d in trainer._discriminators().items():
+            nets.update({f"{name}.{k}": v for k, v in d.state_dict().items()})
+        return nets
+
+    a, b, c = initial("a", 0, 3), initial("b", 0, 17), initial("c", 1, 3)
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+
+
+def test_v2_validation_restores_at_fidelity_1_unless_fidelity_ratio_says_otherwise(tmp_path):
+    cfg = tiny_vqfr_v2()
+    cfg["train"]["total_iter"] = 1
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.close()
+    model = trainer.eval_model().eval()
+    lq = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        at_1, at_0 = model(lq, fidelity=1.0), model(lq, fidelity=0.0)
+    assert not torch.equal(at_1, at_0)  # else the test could not tell them apart
+    assert torch.equal(trainer.restore(model, lq, lq), at_1)
+    trainer.cfg["val"] = {"fidelity_ratio": 0.0}
+    assert torch.equal(trainer.restore(model, lq, lq), at_0)
