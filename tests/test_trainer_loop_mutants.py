@@ -308,6 +308,7 @@ def test_manual_seed_fixes_the_initial_weights_whatever_the_random_state_before(
 
 
 def test_v2_validation_restores_at_fidelity_1_unless_fidelity_ratio_says_otherwise(tmp_path):
+    """val.fidelity_ratio defaults to 1.0; val.test_which: texture_branch validates the texture decoder's output."""
     cfg = tiny_vqfr_v2()
     cfg["train"]["total_iter"] = 1
     trainer = Trainer(cfg, tmp_path / "run")
@@ -320,3 +321,54 @@ def test_v2_validation_restores_at_fidelity_1_unless_fidelity_ratio_says_otherwi
     assert torch.equal(trainer.restore(model, lq, lq), at_1)
     trainer.cfg["val"] = {"fidelity_ratio": 0.0}
     assert torch.equal(trainer.restore(model, lq, lq), at_0)
+    trainer.cfg["val"] = {"test_which": "texture_branch"}
+    with torch.no_grad():
+        texture = model(lq, return_all=True, fidelity=1.0)["texture_dec"]
+    assert not torch.equal(texture, at_1)
+    assert torch.equal(trainer.restore(model, lq, lq), texture)
+
+
+# --- what the run reports -------------------------------------------------------------------------------------------
+def test_the_profile_table_lists_the_top_25_operators():
+    """30 host operators of 1..30 ms: the table keeps the 25 slowest (30 down to 6 ms)."""
+    from types import SimpleNamespace
+
+    from training.trainer import step_profile_table
+
+    events = [SimpleNamespace(key=f"aten::op{i}", self_cpu_time_total=1000.0 * i, count=1, self_device_time_total=0,
+                              device_type=torch.autograd.DeviceType.CPU) for i in range(1, 31)]
+    text = step_profile_table(events, 3, 1.0, cuda=False)
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(rows) == 25
+    assert rows[0].startswith("| `aten::op30` | 30.00 |") and rows[-1].startswith("| `aten::op6` | 6.00 |")
+
+
+def test_tensorboard_is_off_unless_asked_and_gets_the_validation_scores_when_on(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(2, print_freq=1)
+    del cfg["logger"]["use_tb_logger"]
+    Trainer(copy.deepcopy(cfg), tmp_path / "off").train()
+    assert not (tmp_path / "off" / "tb").exists()
+    cfg["logger"]["use_tb_logger"] = True
+    cfg["datasets"]["val"] = {"dataroot_gt": "synthetic:2"}
+    cfg["val"] = {"val_freq": 1}
+    Trainer(cfg, tmp_path / "on").train()
+    events = EventAccumulator(str(tmp_path / "on" / "tb"))
+    events.Reload()
+    vals = [json.loads(line) for line in (tmp_path / "on" / "val_metrics.jsonl").read_text().splitlines()]
+    assert [v["iter"] for v in vals] == [1, 2]
+    for name in ("psnr", "ssim"):
+        scalars = events.Scalars(f"val/{name}")
+        assert [e.step for e in scalars] == [1, 2]
+        assert [e.value for e in scalars] == pytest.approx([v[name] for v in vals])
+
+
+def test_resuming_with_another_global_batch_warns_that_the_data_order_differs(tmp_path, caplog):
+    cfg = _cfg(1, save_checkpoint_freq=1)
+    Trainer(copy.deepcopy(cfg), tmp_path / "run").train()
+    cfg["datasets"]["train"]["batch_size_per_gpu"] = 4
+    caplog.clear()
+    Trainer(cfg, tmp_path / "run", resume=tmp_path / "run").close()
+    assert "resuming with a global batch of 4 instead of 2" in caplog.text
