@@ -23,6 +23,7 @@ from tests.test_training_loop import records, tiny_vqfr_v2, tiny_vqgan_v2, write
 from training.recipes import unwrap
 from training.train import main as train_main
 from training.trainer import Trainer, init_distributed, latest_state, saved_states
+from vqfr.errors import ConfigError
 
 
 @pytest.fixture(autouse=True)
@@ -143,6 +144,15 @@ def test_a_warm_up_of_0_iterations_is_no_warm_up_and_is_accepted(tmp_path):
     cfg = _cfg(1)
     cfg["train"]["warmup_iter"] = 0
     Trainer(cfg, tmp_path / "run").close()
+
+
+def test_a_scheduler_other_than_multisteplr_is_refused_by_name(tmp_path):
+    """Only MultiStepLR is implemented: basicsr's CosineAnnealingRestartLR must not silently train at a constant
+    rate."""
+    cfg = _cfg(1)
+    cfg["train"]["scheduler"] = {"type": "CosineAnnealingRestartLR"}
+    with pytest.raises(ConfigError, match="CosineAnnealingRestartLR"):
+        Trainer(cfg, tmp_path / "run")
 
 
 # --- data order -----------------------------------------------------------------------------------------------------
@@ -372,3 +382,4 @@ def test_resuming_with_another_global_batch_warns_that_the_data_order_differs(tm
     caplog.clear()
     Trainer(cfg, tmp_path / "run", resume=tmp_path / "run").close()
     assert "resuming with a global batch of 4 instead of 2" in caplog.text
+
