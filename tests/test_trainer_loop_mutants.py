@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -268,12 +269,13 @@ def test_each_step_starts_the_generator_from_zero_gradients(tmp_path):
 # --- the log and the command line -----------------------------------------------------------------------------------
 def test_train_log_gets_the_progress_lines_when_the_trainer_is_used_from_python(tmp_path, monkeypatch):
     """Without any logging set up (no ``main``, the "training" logger at NOTSET under a WARNING root), train.log still
-    receives the INFO lines: the data, each record, each save."""
+    receives the INFO lines: the data, each record (loss_total, then every l_* term), each save."""
     monkeypatch.setattr(logging.getLogger("training"), "level", logging.NOTSET)
     monkeypatch.setattr(logging.getLogger(), "level", logging.WARNING)
     Trainer(_cfg(1, save_checkpoint_freq=1), tmp_path / "run").train()
     log = (tmp_path / "run" / "train.log").read_text()
-    assert "training data:" in log and "[iter 1/1]" in log and "saved" in log
+    assert "training data:" in log and "saved" in log
+    assert re.search(r"\[iter 1/1\] loss_total \S+ l_codebook \S+ l_rec \S+ \(\d+\.\d{3} s/iter\)", log), log
 
 
 def test_a_finished_run_detaches_its_train_log(tmp_path):
