@@ -1,19 +1,24 @@
 """What mutation testing (round 21) of the trainer's iteration loop and its command line found unchecked: the
 iterations that log, save and validate (every ``print_freq`` / ``save_checkpoint_freq`` / ``val_freq`` and always the
-last one, with the documented defaults 100 / 5000 / 5000), the epoch each record names, the learning rate of every
-optimiser (discriminators included) dropping on the iteration after each milestone, ``seconds_per_iter`` as the mean
-over the iterations since the previous record, new shuffles and new flips every epoch, the data position of a resume
-in the middle of an epoch, the "nothing to train" warning at the last iteration, validation handing the generator
-back in training mode, ``save_img: true`` saving every image, ``WORLD_SIZE=1`` staying without a process group, a
-warm-up of 0 accepted, states ordered by iteration number, and generator gradients that do not pile up from one
-step to the next. Expected values are worked out in each test; most tests replace the training step with a
-recorder, so the loop itself runs in milliseconds on the CPU."""
+last one, with the documented defaults 100 / 5000 / 5000), the epoch each record names, ``seconds_per_iter`` as the
+mean over the iterations since the previous record, the learning rate of every optimiser (discriminators included)
+dropping on the iteration after each milestone, a scheduler other than MultiStepLR refused and a warm-up of 0
+accepted, new shuffles and new flips every epoch, the data position of a resume in the middle of an epoch, the
+warnings for a resume with nothing to train or another global batch, states ordered by iteration number, validation
+handing the generator back in training mode, ``save_img: true``, v2's validation fidelity and texture branch,
+``manual_seed`` fixing the initial weights, ``WORLD_SIZE=1`` staying without a process group, generator gradients
+that do not pile up, train.log receiving the progress lines (every loss term) without any logging set up and
+detached when the run ends, ``--profile-iters`` reaching the trainer and the profile table's top 25, TensorBoard off
+by default and given the validation scores; and one defect fixed: milestones without ``gamma`` decay tenfold, as
+basicsr and torch (they kept the rate). Expected values are worked out in each test; most replace the training step
+with a recorder, so the loop itself runs in milliseconds on the CPU."""
 
 from __future__ import annotations
 
 import copy
 import json
 import logging
+import math
 import re
 
 import pytest
@@ -235,6 +240,21 @@ def test_save_img_true_saves_every_validation_image(tmp_path):
     assert len(list((tmp_path / "run" / "visualization" / "1").glob("*.png"))) == 3
     line = json.loads((tmp_path / "run" / "val_metrics.jsonl").read_text())
     assert line["iter"] == 1 and line["images"] == 3
+
+
+def test_validation_means_leave_out_the_infinite_psnr_of_a_perfect_restoration(tmp_path):
+    """An image restored exactly scores PSNR inf; the mean over [inf, 30] is 30 (not inf), and val_metrics.jsonl
+    stays strict JSON."""
+    cfg = _cfg(1)
+    cfg["datasets"]["val"] = {"dataroot_gt": "synthetic:2"}
+    trainer = Trainer(cfg, tmp_path / "run")
+    scores = iter([math.inf, 30.0])
+    trainer.val_metrics = {"psnr": (lambda img, ref, crop: next(scores), 0)}
+    result = trainer.validate(1)
+    trainer.close()
+    assert result == {"iter": 1, "psnr": 30.0, "images": 2}
+    line = (tmp_path / "run" / "val_metrics.jsonl").read_text()
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}")) == result
 
 
 # --- one process ----------------------------------------------------------------------------------------------------
