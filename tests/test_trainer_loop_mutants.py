@@ -214,6 +214,24 @@ def test_states_are_ordered_by_iteration_number_not_by_name(tmp_path):
     assert latest_state(tmp_path) == states / "10.state"
 
 
+def test_a_resume_sets_aside_the_validation_images_of_later_iterations_only(tmp_path):
+    """Resumed at iteration 2, visualization/3 and /4 belong to the abandoned future (moved under superseded/);
+    visualization/1 and /2 are the resumed run's own history and stay."""
+    cfg = _cfg(4, save_checkpoint_freq=2)
+    run = tmp_path / "run"
+    trainer = Trainer(copy.deepcopy(cfg), run)
+    _record_steps(trainer)
+    trainer.train()
+    for it in (1, 2, 3, 4):
+        (run / "visualization" / str(it)).mkdir(parents=True)
+        (run / "visualization" / str(it) / "face.png").write_bytes(b"png")
+    Trainer(cfg, run, resume=run / "training_states" / "2.state").close()
+    assert sorted(p.name for p in (run / "visualization").iterdir()) == ["1", "2"]
+    [aside] = (run / "superseded").iterdir()
+    assert sorted(p.name for p in (aside / "visualization").iterdir()) == ["3", "4"]
+    assert (aside / "visualization" / "4" / "face.png").read_bytes() == b"png"
+
+
 # --- validation -----------------------------------------------------------------------------------------------------
 def test_validation_without_ema_hands_the_generator_back_in_training_mode(tmp_path):
     """Without train.ema_decay the trained network itself is validated (in eval mode); training then goes on in
