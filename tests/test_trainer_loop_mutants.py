@@ -29,7 +29,7 @@ from tests.test_training_loop import records, tiny_vqfr_v2, tiny_vqgan_v2, write
 from training.recipes import unwrap
 from training.train import main as train_main
 from training.trainer import Trainer, init_distributed, latest_state, saved_states
-from vqfr.errors import ConfigError
+from vqfr.errors import ConfigError, InputError
 
 
 @pytest.fixture(autouse=True)
@@ -230,6 +230,23 @@ def test_a_resume_sets_aside_the_validation_images_of_later_iterations_only(tmp_
     [aside] = (run / "superseded").iterdir()
     assert sorted(p.name for p in (aside / "visualization").iterdir()) == ["3", "4"]
     assert (aside / "visualization" / "4" / "face.png").read_bytes() == b"png"
+
+
+def test_the_images_drawn_count_the_unreadable_ones_a_sample_replaced(tmp_path):
+    """A batch of 2 samples, each of which first met an unreadable file: 4 images drawn, 2 unreadable, not most of
+    them, so the run goes on (counting only the 2 samples, 2 of 2 would stop it); 3 unreadable of 5 drawn stop it."""
+    cfg = _cfg(1)
+    cfg["datasets"]["train"]["dataroot_gt"] = "synthetic:200"
+    trainer = Trainer(cfg, tmp_path / "run")
+    gt = torch.zeros(2, 3, 16, 16)
+    trainer._count_unreadable({"gt": gt, "skipped": [json.dumps([["a.png", "bad"]]), json.dumps([["b.png", "bad"]])]},
+                              1)
+    assert trainer._drawn == 4 and list(trainer._unreadable) == ["a.png", "b.png"]
+    trainer._unreadable, trainer._drawn = {}, 0
+    with pytest.raises(InputError, match="3 of the 5 training images drawn so far could not be read"):
+        trainer._count_unreadable({"gt": gt, "skipped": [json.dumps([["a.png", "bad"], ["b.png", "bad"]]),
+                                                         json.dumps([["c.png", "bad"]])]}, 1)
+    trainer.close()
 
 
 # --- validation -----------------------------------------------------------------------------------------------------
