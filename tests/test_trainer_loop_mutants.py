@@ -164,8 +164,12 @@ def test_a_scheduler_other_than_multisteplr_is_refused_by_name(tmp_path):
 # --- data order -----------------------------------------------------------------------------------------------------
 def test_each_epoch_draws_a_new_shuffle_and_new_flips(tmp_path):
     """Over 6 epochs of 4 shuffled, randomly flipped faces, the batch order is not the same every epoch, and some
-    face is seen both flipped and unflipped (one seed per epoch; a fixed epoch would repeat epoch 0 six times)."""
-    trainer = Trainer(_cfg(12), tmp_path / "run")
+    face is seen both flipped and unflipped (one seed per epoch; a fixed epoch would repeat epoch 0 six times).
+    use_shuffle and use_hflip are left out: both default to true, as in every official config."""
+    cfg = _cfg(12)
+    del cfg["datasets"]["train"]["use_hflip"]
+    assert "use_shuffle" not in cfg["datasets"]["train"]
+    trainer = Trainer(cfg, tmp_path / "run")
     steps = _record_steps(trainer)
     trainer.train()
     orders = [tuple(i for _, idx, _ in steps[e * 2:e * 2 + 2] for i in idx) for e in range(6)]
