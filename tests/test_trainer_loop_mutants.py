@@ -399,6 +399,23 @@ def test_v2_validation_restores_at_fidelity_1_unless_fidelity_ratio_says_otherwi
     assert torch.equal(trainer.restore(model, lq, lq), texture)
 
 
+def test_validation_restores_each_lq_image_and_scores_it_against_its_gt(tmp_path):
+    """Stage 2 validates the network on the degraded LQ image (restoring the HQ one would flatter every score)."""
+    cfg = tiny_vqfr_v2()
+    cfg["datasets"]["val"] = {"dataroot_gt": "synthetic:2"}
+    trainer = Trainer(cfg, tmp_path / "run")
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    restore = trainer.restore
+    trainer.restore = lambda model, lq, gt: (seen.append((lq, gt)), restore(model, lq, gt))[1]
+    trainer.validate(1)
+    trainer.close()
+    assert len(seen) == 2
+    for i, (lq, gt) in enumerate(seen):
+        item = trainer.val_set[i]
+        assert torch.equal(lq[0], item["lq"]) and torch.equal(gt[0], item["gt"])
+        assert not torch.equal(lq, gt)
+
+
 # --- what the run reports -------------------------------------------------------------------------------------------
 def test_the_profile_table_lists_the_top_25_operators():
     """30 host operators of 1..30 ms: the table keeps the 25 slowest (30 down to 6 ms)."""
