@@ -461,3 +461,18 @@ def test_resuming_with_another_global_batch_warns_that_the_data_order_differs(tm
     Trainer(cfg, tmp_path / "run", resume=tmp_path / "run").close()
     assert "resuming with a global batch of 4 instead of 2" in caplog.text
 
+
+# --- a defect this round fixed --------------------------------------------------------------------------------------
+def test_milestones_without_gamma_decay_the_rate_tenfold_as_basicsr_and_torch(tmp_path):
+    """basicsr's MultiStepRestartLR and torch's MultiStepLR take gamma 0.1 when it is left out; a config with
+    milestones but no gamma (one written for basicsr) used to train at its first rate to the end. Milestones 1 and 2
+    from lr 1e-3: iteration 1 at 1e-3, 2 at 1e-4, 3 at 1e-5."""
+    cfg = _cfg(3)
+    cfg["train"]["scheduler"] = {"type": "MultiStepLR", "milestones": [1, 2]}
+    trainer = Trainer(cfg, tmp_path / "run")
+    lrs = []
+    for it in (1, 2, 3):
+        trainer._set_lr(it)
+        lrs.append(trainer.g_optimizers["optim_g"].param_groups[0]["lr"])
+    trainer.close()
+    assert lrs == pytest.approx([1e-3, 1e-4, 1e-5])

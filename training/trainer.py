@@ -276,7 +276,7 @@ class Trainer:
         if sched.get("type", "MultiStepLR") != "MultiStepLR":
             raise ConfigError(f"scheduler type {sched.get('type')!r} is not supported", fix="use MultiStepLR")
         self.milestones = sorted(int(float(m)) for m in sched.get("milestones", []))
-        self.gamma = float(sched.get("gamma", 1.0))
+        self.gamma = float(sched.get("gamma", 0.1))  # as basicsr's MultiStepRestartLR and torch's MultiStepLR
         if int(float(self.train_opt.get("warmup_iter", -1))) > 0:
             raise ConfigError(f"train.warmup_iter is {self.train_opt['warmup_iter']}: learning-rate warm-up is not "
                               "supported", fix="set warmup_iter: -1 (no warm-up, as in every official config)")
