@@ -253,6 +253,17 @@ def test_the_images_drawn_count_the_unreadable_ones_a_sample_replaced(tmp_path):
     trainer.close()
 
 
+def test_resuming_a_state_without_ema_into_a_config_with_ema_is_refused_by_name(tmp_path):
+    """A state saved with ema_decay 0 holds no EMA; a config that sets ema_decay cannot resume it (the EMA would
+    have nothing to start from)."""
+    cfg = _cfg(1, save_checkpoint_freq=1)
+    cfg["train"]["ema_decay"] = 0
+    Trainer(copy.deepcopy(cfg), tmp_path / "run").train()
+    cfg["train"]["ema_decay"] = 0.5
+    with pytest.raises(ConfigError, match="has no EMA weights but this config sets train.ema_decay"):
+        Trainer(cfg, tmp_path / "run", resume=tmp_path / "run")
+
+
 # --- validation -----------------------------------------------------------------------------------------------------
 def test_validation_without_ema_hands_the_generator_back_in_training_mode(tmp_path):
     """Without train.ema_decay the trained network itself is validated (in eval mode); training then goes on in
