@@ -274,8 +274,12 @@ def test_validation_without_ema_hands_the_generator_back_in_training_mode(tmp_pa
     trainer = Trainer(cfg, tmp_path / "run")
     trainer.net.train()
     assert trainer.ema is None
+    modes: list[bool] = []
+    restore = trainer.restore
+    trainer.restore = lambda model, lq, gt: (modes.append(model.training), restore(model, lq, gt))[1]
     result = trainer.validate(7)
     trainer.close()
+    assert modes == [False, False]
     assert unwrap(trainer.net).training
     assert result is not None and result["iter"] == 7 and result["images"] == 2
 
