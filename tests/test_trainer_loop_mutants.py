@@ -3,13 +3,15 @@ iterations that log, save and validate (every ``print_freq`` / ``save_checkpoint
 last one, with the documented defaults 100 / 5000 / 5000), the epoch each record names, ``seconds_per_iter`` as the
 mean over the iterations since the previous record, the learning rate of every optimiser (discriminators included)
 dropping on the iteration after each milestone, a scheduler other than MultiStepLR refused and a warm-up of 0
-accepted, new shuffles and new flips every epoch, the data position of a resume in the middle of an epoch, the
-warnings for a resume with nothing to train or another global batch, states ordered by iteration number, validation
-handing the generator back in training mode, ``save_img: true``, v2's validation fidelity and texture branch,
-``manual_seed`` fixing the initial weights, ``WORLD_SIZE=1`` staying without a process group, generator gradients
-that do not pile up, train.log receiving the progress lines (every loss term) without any logging set up and
-detached when the run ends, ``--profile-iters`` reaching the trainer and the profile table's top 25, TensorBoard off
-by default and given the validation scores; and one defect fixed: milestones without ``gamma`` decay tenfold, as
+accepted, new shuffles and new flips every epoch (both on by default), the data position of a resume in the middle
+of an epoch, the images drawn counting the unreadable ones replaced, the warnings for a resume with nothing to train
+or another global batch, a state without EMA refused by a config with EMA, states ordered by iteration number, the
+later validation images set aside by a resume, validation on the LQ image in eval mode and handing the generator back
+in training mode, ``save_img: true``, means that leave out an infinite PSNR, v2's validation fidelity and texture
+branch, ``manual_seed`` fixing the initial weights, ``WORLD_SIZE=1`` staying without a process group, generator
+gradients that do not pile up, train.log receiving the progress lines (every loss term) without any logging set up
+and detached when the run ends, ``--profile-iters`` reaching the trainer and the profile table's top 25, TensorBoard
+off by default and given the validation scores; and one defect fixed: milestones without ``gamma`` decay tenfold, as
 basicsr and torch (they kept the rate). Expected values are worked out in each test; most replace the training step
 with a recorder, so the loop itself runs in milliseconds on the CPU."""
 
