@@ -1,19 +1,19 @@
-"""What mutation testing (round 21) of the trainer's iteration loop and its command line found unchecked: the
-iterations that log, save and validate (every ``print_freq`` / ``save_checkpoint_freq`` / ``val_freq`` and always the
-last one, with the documented defaults 100 / 5000 / 5000), the epoch each record names, ``seconds_per_iter`` as the
-mean over the iterations since the previous record, the learning rate of every optimiser (discriminators included)
-dropping on the iteration after each milestone, a scheduler other than MultiStepLR refused and a warm-up of 0
-accepted, new shuffles and new flips every epoch (both on by default), the data position of a resume in the middle
-of an epoch, the images drawn counting the unreadable ones replaced, the warnings for a resume with nothing to train
-or another global batch, a state without EMA refused by a config with EMA, states ordered by iteration number, the
-later validation images set aside by a resume, validation on the LQ image in eval mode and handing the generator back
-in training mode, ``save_img: true``, means that leave out an infinite PSNR, v2's validation fidelity and texture
-branch, ``manual_seed`` fixing the initial weights, ``WORLD_SIZE=1`` staying without a process group, generator
-gradients that do not pile up, train.log receiving the progress lines (every loss term) without any logging set up
-and detached when the run ends, ``--profile-iters`` reaching the trainer and the profile table's top 25, TensorBoard
-off by default and given the validation scores; and one defect fixed: milestones without ``gamma`` decay tenfold, as
-basicsr and torch (they kept the rate). Expected values are worked out in each test; most replace the training step
-with a recorder, so the loop itself runs in milliseconds on the CPU."""
+"""What mutation testing (round 21) of the trainer's iteration loop and its command line found unchecked: the iterations
+that log, save and validate (every ``print_freq`` / ``save_checkpoint_freq`` / ``val_freq`` and always the last one,
+with the documented defaults 100 / 5000 / 5000), the epoch each record names, ``seconds_per_iter`` as the mean over
+the iterations since the previous record, the learning rate of every optimiser (discriminators included) dropping on
+the iteration after each milestone, a scheduler other than MultiStepLR refused and a warm-up of 0 accepted, new
+shuffles and new flips every epoch (both on by default), the data position of a resume in the middle of an epoch, the
+images drawn counting the unreadable ones replaced, the warnings for a resume with nothing to train or another global
+batch, a state without EMA refused by a config with EMA, states ordered by iteration number, the later validation
+images set aside by a resume, a folder of its own for each resume within one second, validation on the LQ image in
+eval mode and handing the generator back in training mode, ``save_img: true``, means that leave out an infinite PSNR,
+v2's validation fidelity and texture branch, ``manual_seed`` fixing the initial weights, ``WORLD_SIZE=1`` staying
+without a process group, generator gradients that do not pile up, train.log receiving the progress lines (every loss
+term) without any logging set up and detached when the run ends, ``--profile-iters`` reaching the trainer and the
+profile table's top 25, TensorBoard off by default and given the validation scores; and one defect fixed: milestones
+without ``gamma`` decay tenfold, as basicsr and torch (they kept the rate). Expected values are worked out in each
+test; most replace the training step with a recorder, so the loop itself runs in milliseconds on the CPU."""
 
 from __future__ import annotations
 
@@ -264,6 +264,25 @@ def test_resuming_a_state_without_ema_into_a_config_with_ema_is_refused_by_name(
     cfg["train"]["ema_decay"] = 0.5
     with pytest.raises(ConfigError, match="has no EMA weights but this config sets train.ema_decay"):
         Trainer(cfg, tmp_path / "run", resume=tmp_path / "run")
+
+
+def test_resumes_within_one_second_each_set_aside_into_a_folder_of_their_own(tmp_path, monkeypatch):
+    """Two earlier resumes to iteration 2 within the same second took after_2_<time> and after_2_<time>_2; a third
+    takes _3 (moving its files into _2 would mix two abandoned futures, and overwrite one with the other)."""
+    import training.trainer as trainer_module
+
+    cfg = _cfg(4, save_checkpoint_freq=2)
+    run = tmp_path / "run"
+    trainer = Trainer(copy.deepcopy(cfg), run)
+    _record_steps(trainer)
+    trainer.train()
+    monkeypatch.setattr(trainer_module.time, "strftime", lambda fmt: "20260101-000000")
+    for taken in ("after_2_20260101-000000", "after_2_20260101-000000_2"):
+        (run / "superseded" / taken).mkdir(parents=True)
+    Trainer(cfg, run, resume=run / "training_states" / "2.state").close()
+    third = run / "superseded" / "after_2_20260101-000000_3"
+    assert (third / "training_states" / "4.state").is_file() and (third / "models" / "net_g_4.pth").is_file()
+    assert not any((run / "superseded" / "after_2_20260101-000000_2").iterdir())
 
 
 # --- validation -----------------------------------------------------------------------------------------------------
