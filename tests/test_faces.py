@@ -556,19 +556,21 @@ def test_parser_by_path(tmp_path):
     assert np.array_equal(out[52, 52], photo[52, 52])  # background class kept
 
 
+class RedSkin(torch.nn.Module):
+    """A stand-in face-parsing network: class 1 (skin) where the red channel is bright, 0 (background) elsewhere;
+    19 classes."""
+
+    def forward(self, x):
+        red = x[:, :1]
+        return torch.cat([-red, red, -red.repeat(1, 17, 1, 1)], 1)
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_onnx_parser_exported_with_a_fixed_batch_size(tmp_path, batch):
     # torch.onnx.export without dynamic axes fixes the batch: a photo with 3 faces must still be parsed, in order
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from vqfr.faces.parsing import load_parser
-
-    class RedSkin(torch.nn.Module):
-        """Class 1 (skin) where the red channel is bright, 0 (background) elsewhere; 19 classes."""
-
-        def forward(self, x):
-            red = x[:, :1]
-            return torch.cat([-red, red, -red.repeat(1, 17, 1, 1)], 1)
 
     path = tmp_path / "parser.onnx"
     torch.onnx.export(RedSkin(), (torch.zeros(batch, 3, 512, 512),), str(path), dynamo=False)

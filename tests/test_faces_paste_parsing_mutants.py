@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.test_faces import RedSkin
 from vqfr.errors import ConfigError
 from vqfr.faces.align import BORDER_VALUE, FFHQ_TEMPLATE_512, align_faces
 from vqfr.faces.detector import check_max_pixels
@@ -258,11 +259,6 @@ def test_an_onnx_parser_with_a_fixed_batch_larger_than_the_faces_parses_them(tmp
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
 
-    class RedSkin(torch.nn.Module):
-        def forward(self, x):
-            red = x[:, :1]
-            return torch.cat([-red, red, -red.repeat(1, 17, 1, 1)], 1)
-
     path = tmp_path / "parser.onnx"
     torch.onnx.export(RedSkin(), (torch.zeros(2, 3, 64, 64),), str(path), dynamo=False)
     faces = np.zeros((1, 16, 16, 3), np.uint8)
@@ -297,11 +293,6 @@ def test_an_onnx_parser_with_a_dynamic_batch_parses_any_number_of_faces_at_once(
     one run, in order."""
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-
-    class RedSkin(torch.nn.Module):
-        def forward(self, x):
-            red = x[:, :1]
-            return torch.cat([-red, red, -red.repeat(1, 17, 1, 1)], 1)
 
     path = tmp_path / "parser.onnx"
     torch.onnx.export(RedSkin(), (torch.zeros(1, 3, 64, 64),), str(path), dynamo=False, input_names=["x"],
