@@ -123,6 +123,11 @@ def _bench(version: str, fidelity: str, backends: str, out: Path, batches: str =
             *([] if importlib.util.find_spec("matplotlib") else ["--no-chart"])]
 
 
+def _python() -> str:
+    """This interpreter's path, quoted for the shell scripts of the steps (a folder with a space stays one word)."""
+    return shlex.quote(sys.executable)
+
+
 #: Seconds a training job keeps after the trainer for the loss plot and the profile copies.
 PLOT_S = 20
 
@@ -143,7 +148,7 @@ def _train(work: Path, out: Path, iters: int, seconds: float) -> list[str]:
     profiles of :data:`TRAIN_PROFILE_ITERS` (``train_profile_iter_N.md``). Each call trains into a folder of its
     own (the trainer refuses a folder that already holds a run)."""
     # every path is quoted for the shell (a folder with a space would split in two)
-    python, run = shlex.quote(sys.executable), shlex.quote(str(work / f"train_{time.strftime('%H%M%S')}"))
+    python, run = _python(), shlex.quote(str(work / f"train_{time.strftime('%H%M%S')}"))
     out_q = shlex.quote(str(out))
     profiled = ",".join(str(i) for i in TRAIN_PROFILE_ITERS if i <= iters)
     script = (f"timeout {seconds:.0f} {python} -m training.train --config "
@@ -158,7 +163,7 @@ def _train(work: Path, out: Path, iters: int, seconds: float) -> list[str]:
 def _kernels(work: Path, out: Path) -> list[str]:
     """The kernel benchmark twice: calls timed one by one (what an eager caller sees), then CUDA-graph replays
     (the device time, as inside a compiled model) for the target cases."""
-    bench = f"{shlex.quote(sys.executable)} -m deploy.bench_kernels --iters 30 --warmup 5"
+    bench = f"{_python()} -m deploy.bench_kernels --iters 30 --warmup 5"
     first, graphs = shlex.quote(str(out / "kernels.json")), shlex.quote(str(work / "kernels_graphs.json"))
     return ["sh", "-c", f"{bench} --levels 128x512x512 128x256x256 --json {first}; "
                         f"{bench} --levels 128x512x512 --batches 1 --graphs 20 --json {graphs}"]
@@ -166,7 +171,7 @@ def _kernels(work: Path, out: Path) -> list[str]:
 
 def _groupnorm(work: Path, out: Path) -> list[str]:
     """The GroupNorm + SiLU kernel benchmark (cut at 90 s), then the v2 model A/B: torch-max against torch-max-gn."""
-    kernels = (f"timeout 90 {shlex.quote(sys.executable)} -m deploy.bench_kernels --ops group_norm --dtypes fp16 "
+    kernels = (f"timeout 90 {_python()} -m deploy.bench_kernels --ops group_norm --dtypes fp16 "
                f"--iters 30 --warmup 5 --json {shlex.quote(str(out / 'group_norm.json'))}")
     # Batch 8 only, where normalisation was 45% of the kernel time: two compiles (about 50 s each) and the baseline
     # rows fit the cap; batch 1 as well would not. The new backend first, so that a cut keeps it.
@@ -185,7 +190,7 @@ PROFILES = (("profile_v2_b1", ("--version", "v2", "--batch", "1")),
 def _profiles(out: Path) -> list[str]:
     """``deploy.profile_model`` (max mode) for each of :data:`PROFILES`, one after the other; a cut at the step's
     cap keeps the files already written."""
-    runs = [" ".join([shlex.quote(sys.executable), "-m", "deploy.profile_model", *args, "--mode", "max", "--out",
+    runs = [" ".join([_python(), "-m", "deploy.profile_model", *args, "--mode", "max", "--out",
                       shlex.quote(str(out / f"{stem}.md"))]) for stem, args in PROFILES]
     return ["sh", "-c", "; ".join(runs)]
 
@@ -197,7 +202,7 @@ MEMORY_MAPS = ("memory.md", "memory_planning.md", "memory_expandable.md")
 def _memory(out: Path) -> list[str]:
     """The memory map of v2 at batch 8 as the benchmark runs it, then with Inductor's memory planning, then with
     expandable segments (each its own process: the allocator reads its settings once)."""
-    base = f"{shlex.quote(sys.executable)} -m deploy.memory_map --version v2 --batches 8"
+    base = f"{_python()} -m deploy.memory_map --version v2 --batches 8"
     first, planned, expandable = (shlex.quote(str(out / name)) for name in MEMORY_MAPS)
     return ["sh", "-c", f"{base} --out {first}; {base} --memory-planning --out {planned}; "
                         f"PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True {base} --out {expandable}"]
@@ -206,7 +211,7 @@ def _memory(out: Path) -> list[str]:
 def _aoti_tests() -> list[str]:
     """The AOTInductor CUDA tests, one pytest process each, so that a segfault (torch 2.11 crashed loading the v2
     package) stops only its own case: a package without custom ops, each custom op alone, then the small v2."""
-    pytest = f"{shlex.quote(sys.executable)} -m pytest -q -p no:cacheprovider tests/test_export_aoti.py"
+    pytest = f"{_python()} -m pytest -q -p no:cacheprovider tests/test_export_aoti.py"
     cases = [f"'isolating and {name} and cuda'" for name in ("plain", "deform", "nearest")] + ["cuda_package_matches"]
     return ["sh", "-c", "; ".join(f"{pytest} -k {case} || status=1" for case in cases) + "; exit ${status:-0}"]
 
