@@ -1,10 +1,11 @@
 """Behaviours of the paste-back, the face-parsing mask and the detector front end that the other test files left
-unchecked (found by mutation round 20): the default mask's feather width and the parser mask's blur at crop sizes
-other than 512; each axis's own scale; which face owns a pixel when faces are turned; each face's own parsed region;
-the far photo edges of an upscaled paste given no ``photo_size``; the anti-aliasing blur just under a 2x shrink, and
-none for a turned face at its own scale; what a parsing network is fed, which of its outputs is read, its eval mode,
-upper-case file suffixes, ONNX batches (fixed and larger than the faces, or dynamic) and providers, too few classes,
-and no faces; no parser for None; and the device and a pixel cap of 0 for a detector built by name or path."""
+unchecked (found by mutation round 20): the default mask's feather width (the parser mask's blur at 256 px, also
+found here, is a case of the 512 px test in tests/test_imaging_faces_mutants.py); each axis's own scale; which face
+owns a pixel when faces are turned; each face's own parsed region; the far photo edges of an upscaled paste given no
+``photo_size``; the anti-aliasing blur just under a 2x shrink, and none for a turned face at its own scale; what a
+parsing network is fed, which of its outputs is read, its eval mode, upper-case file suffixes, ONNX batches (fixed
+and larger than the faces, or dynamic) and providers, too few classes, and no faces; no parser for None; and the
+device and a pixel cap of 0 for a detector built by name or path."""
 
 from __future__ import annotations
 
@@ -13,20 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+from tests.test_core_behaviours import _landmarks
 from tests.test_faces import RedSkin
 from vqfr.errors import ConfigError
-from vqfr.faces.align import BORDER_VALUE, FFHQ_TEMPLATE_512, align_faces
+from vqfr.faces.align import BORDER_VALUE, align_faces
 from vqfr.faces.detector import check_max_pixels
 from vqfr.faces.parsing import NetworkParser, load_parser
-from vqfr.faces.paste import feather_mask, parse_mask, paste_faces
-
-
-def _landmarks(centre: tuple[float, float], side: float, degrees: float) -> np.ndarray:
-    """Landmarks of a face whose aligned square has ``side`` photo pixels, centred at ``centre``, turned ``degrees``
-    (counter-clockwise on screen)."""
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    rot = side / 512 * np.array([[c, s], [-s, c]])
-    return (FFHQ_TEMPLATE_512.astype(np.float64) - 256) @ rot.T + np.asarray(centre)
+from vqfr.faces.paste import feather_mask, paste_faces
 
 
 # ----------------------------------------------------------------------------------------------- masks
@@ -47,17 +41,6 @@ def test_the_feathered_mask_ramps_over_a_twentieth_of_the_square():
     np.testing.assert_allclose(mask[70], ramp, atol=1e-6)
 
 
-def test_the_parsed_region_is_softened_with_the_official_kernels_scaled_to_a_256_crop():
-    """At 256 px the official 512 px recipe is halved: two Gaussian blurs of sigma 5.5 on a 51 px kernel (101 / 2 =
-    50.5, odd), then a 5 px border set to 0 (10 / 2), so the soft mask reaches as far, in face sizes, as at 512."""
-    region = np.zeros((256, 256), np.float32)
-    region[60:210, 70:190] = 1
-    region[100:130, 10:70] = 1  # an ear reaching towards the border
-    want = cv2.GaussianBlur(cv2.GaussianBlur(region, (51, 51), 5.5), (51, 51), 5.5)
-    want[:5], want[-5:], want[:, :5], want[:, -5:] = 0, 0, 0, 0
-    np.testing.assert_allclose(parse_mask(region), want, rtol=0, atol=1e-6)
-
-
 # ----------------------------------------------------------------------------------------------- paste-back
 def test_a_turned_face_owns_the_pixels_nearer_its_own_face_centre_not_its_squares():
     """Where two faces overlap, a pixel goes to the face whose centre (the landmarks' mean, 20 px below the square's
@@ -65,7 +48,8 @@ def test_a_turned_face_owns_the_pixels_nearer_its_own_face_centre_not_its_square
     square's centre, so the seam on the row through both squares' centres moves off their midpoint (x = 200): for
     equal faces it lies where the two landmark means are equally far."""
     photo = np.full((200, 400, 3), 128, np.uint8)
-    lms = [_landmarks((140.0, 100.0), 200.0, 90.0), _landmarks((260.0, 100.0), 200.0, 0.0)]
+    lms = [_landmarks(140.0, 100.0, 200 / 512, -90.0),  # on its side (turned counter-clockwise on screen)
+           _landmarks(260.0, 100.0, 200 / 512, 0.0)]
     crops, affines = align_faces(photo, lms, 128)
     restored = np.stack([np.full(crops.shape[1:], 20, np.uint8), np.full(crops.shape[1:], 230, np.uint8)])
     row = paste_faces(photo, restored, affines, 1)[100, :, 0].astype(np.float64)
@@ -82,8 +66,8 @@ def test_each_face_is_pasted_through_its_own_parsed_region_even_after_a_face_off
     and the one whose region is empty leaves the photo as it was, also when an earlier face lies wholly outside the
     photo (and is skipped)."""
     photo = np.full((120, 240, 3), 90, np.uint8)
-    lms = [_landmarks((-400.0, -400.0), 60.0, 0.0), _landmarks((60.0, 60.0), 100.0, 0.0),
-           _landmarks((180.0, 60.0), 100.0, 0.0)]
+    lms = [_landmarks(-400.0, -400.0, 60 / 512, 0.0), _landmarks(60.0, 60.0, 100 / 512, 0.0),
+           _landmarks(180.0, 60.0, 100 / 512, 0.0)]
     crops, affines = align_faces(photo, lms, 64)
     regions = np.stack([np.zeros((64, 64), np.float32), np.ones((64, 64), np.float32),
                         np.zeros((64, 64), np.float32)])
@@ -103,7 +87,7 @@ def test_an_upscaled_paste_without_the_photo_size_keeps_the_border_colour_off_th
     noise = cv2.GaussianBlur(np.random.default_rng(4).normal(0, 40, (h, w, 3)), (0, 0), 3)
     photo = np.clip(228 + noise, 0, 255).astype(np.uint8)  # bright and smooth: grey blended in would show
     centre = {"bottom": (65.0, h - 30.0), "right": (w - 30.0, 60.0)}[edge]
-    crops, affines = align_faces(photo, [_landmarks(centre, 110.0, 0.0)], 128)
+    crops, affines = align_faces(photo, [_landmarks(*centre, 110 / 512, 0.0)], 128)
     assert (crops[0] == np.array(BORDER_VALUE, np.uint8)).all(2).any(), "the test needs a crop leaving the photo"
     background = upscale_lanczos(photo, s)
     out = paste_faces(background, crops, affines, s).astype(int)

@@ -311,16 +311,23 @@ def test_the_seam_between_overlapping_faces_is_a_few_hundredths_of_a_face_whatev
     assert abs(seam.mean() - 150) <= 2, row  # midway between the faces' centres
 
 
-def test_the_parsed_region_is_softened_exactly_as_the_official_demo_does_at_512():
-    """facexlib's paste with a parsing network: two 101x101 Gaussian blurs of sigma 11, then a 10-pixel border set to
-    0 (OFFICIAL_VQFR.md §7); the soft mask decides how far restored skin reaches into the photo."""
+@pytest.mark.parametrize("size,kernel,sigma,border,face,ear", [
+    (512, 101, 11, 10, np.s_[120:420, 140:380], np.s_[200:260, 40:140]),
+    # mutation round 20: at 256 px the recipe is halved (101 / 2 = 50.5 -> 51, odd), so the soft mask reaches as
+    # far, in face sizes, as at 512
+    (256, 51, 5.5, 5, np.s_[60:210, 70:190], np.s_[100:130, 10:70]),
+])
+def test_the_parsed_region_is_softened_exactly_as_the_official_demo_does(size, kernel, sigma, border, face, ear):
+    """facexlib's paste with a parsing network: at 512 px two 101x101 Gaussian blurs of sigma 11, then a 10-pixel
+    border set to 0 (OFFICIAL_VQFR.md §7), scaled with the face size; the soft mask decides how far restored skin
+    reaches into the photo."""
     from vqfr.faces.paste import parse_mask
 
-    region = np.zeros((512, 512), np.float32)
-    region[120:420, 140:380] = 1
-    region[200:260, 40:140] = 1  # an ear reaching towards the border
-    want = cv2.GaussianBlur(cv2.GaussianBlur(region, (101, 101), 11), (101, 101), 11)
-    want[:10], want[-10:], want[:, :10], want[:, -10:] = 0, 0, 0, 0
+    region = np.zeros((size, size), np.float32)
+    region[face] = 1
+    region[ear] = 1  # an ear reaching towards the border
+    want = cv2.GaussianBlur(cv2.GaussianBlur(region, (kernel, kernel), sigma), (kernel, kernel), sigma)
+    want[:border], want[-border:], want[:, :border], want[:, -border:] = 0, 0, 0, 0
     np.testing.assert_allclose(parse_mask(region), want, rtol=0, atol=1e-6)
 
 
