@@ -55,7 +55,7 @@ def mypy_config(tmp_path_factory) -> Path:
     """
     site = _stub_dir()
     if site is None or importlib.util.find_spec("mypy") is None:
-        pytest.skip("tensorrt-stubs or mypy is not installed")
+        pytest.skip("tensorrt-stubs or mypy is not installed (pip install --no-deps tensorrt-stubs)")
     stubs = tmp_path_factory.mktemp("trt_stubs")
     for package in ("tensorrt", "tensorrt_bindings"):
         shutil.copytree(site / package, stubs / package, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
