@@ -182,8 +182,8 @@ def verify_engine_file(engine: str | Path, meta: EngineMeta) -> None:
     not record them.
 
     Raises:
-        EngineError: the engine is shorter than written (truncated), its size or content changed since export, or
-            it cannot be read.
+        EngineError: the engine is shorter than written (truncated or replaced), its size or content changed since
+            export, or it cannot be read.
     """
     engine = Path(engine)
     fix = (f"re-export it; if you changed {engine.name} on purpose, record the new file with "
@@ -192,8 +192,9 @@ def verify_engine_file(engine: str | Path, meta: EngineMeta) -> None:
         if meta.file_size is not None:
             size = engine.stat().st_size
             if size < meta.file_size:
-                raise EngineError(f"is truncated: {size:,} bytes, but {meta.file_size:,} were written at export "
-                                  f"(sidecar {sidecar_path(engine).name})", path=engine, fix=fix)
+                raise EngineError(f"is shorter than exported (truncated or replaced): {size:,} bytes, but "
+                                  f"{meta.file_size:,} were written at export (sidecar {sidecar_path(engine).name})",
+                                  path=engine, fix=fix)
             if size != meta.file_size:
                 raise EngineError(f"has changed since export: {size:,} bytes, the sidecar says {meta.file_size:,}",
                                   path=engine, fix=fix)
