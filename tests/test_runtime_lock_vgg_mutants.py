@@ -2,14 +2,13 @@
 
 - A signal while a chunk's writes are handed to the writer threads waits until every input of the chunk is handed
   out: the chunk is written and reported whole, and only then does the run stop.
-
 - Two threads that meet a closed runtime load its engine once (the check-then-load of ``_ensure_loaded`` runs under
   the runtime's lock), and both get the model's output.
 - ``training.vgg``'s features equal torchvision's ``vgg16().features`` computed here by hand from the layout its
   source describes (conv 3x3 padding 1 with bias, ReLU, 2x2 max-pool of stride 2; LPIPS taps relu1_2 .. relu5_3),
   and the LPIPS distance equals one computed by hand with ImageNet's mean/std normalisation.
 - ``load_vgg16`` takes ``.safetensors`` files and ``state_dict``-wrapped / ``module.``-prefixed checkpoints, refuses
-  other shapes with a CheckpointError, and never runs a pickle's code.
+  other shapes and a truncated ``.safetensors`` file with a CheckpointError, and never runs a pickle's code.
 - The smoke-test random VGG16 is the same whatever the global seed and leaves the global RNG as it was; a style
   weight of 0 switches the style term off (None); the loss stays in evaluation mode.
 """
@@ -193,6 +192,18 @@ def test_vgg16_weights_load_from_safetensors_and_wrapped_checkpoints(tmp_path):
         vgg = load_vgg16(tmp_path / name)
         for k, v in vgg.state_dict().items():
             torch.testing.assert_close(v, sd[k], rtol=0, atol=0, msg=f"{name}: {k}")
+
+
+def test_a_truncated_safetensors_vgg16_file_is_a_checkpoint_error_naming_it(tmp_path):
+    """An interrupted download of ``.safetensors`` weights: a CheckpointError naming the file and where to get the
+    weights (the trainer prints it as one line), not safetensors' own traceback."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "vgg16.safetensors"
+    save_file({"features.0.weight": torch.zeros(64, 3, 3, 3)}, str(path))
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match=r"vgg16.safetensors: is not a readable safetensors file .*vgg16-39792"):
+        load_vgg16(path)
 
 
 def test_vgg16_weights_of_other_shapes_or_that_run_code_are_refused(tmp_path, monkeypatch):

@@ -62,7 +62,7 @@ def load_vgg16(path: str | Path | None) -> VGG16Features:
 
     Raises:
         ConfigError: no path given, or the file does not exist (the message says where to get it).
-        CheckpointError: the file lacks the ``features.N`` keys or has other shapes.
+        CheckpointError: the file cannot be read, lacks the ``features.N`` keys or has other shapes.
     """
     fix = (f"download torchvision's ImageNet VGG16 weights ({VGG16_URL}) and set perceptual_opt.vgg_weights to the "
            "file, or set perceptual_weight and style_weight to 0 to train without the perceptual loss")
@@ -73,9 +73,14 @@ def load_vgg16(path: str | Path | None) -> VGG16Features:
     if not path.is_file():
         raise ConfigError("VGG16 weights file not found", path=path, fix=fix)
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        sd: Any = load_file(str(path))
+        try:
+            sd: Any = load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"is not a readable safetensors file ({str(exc).splitlines()[0]})", path=path,
+                                  fix=fix) from exc
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
