@@ -3,7 +3,7 @@
 - A signal while a chunk's writes are handed to the writer threads waits until every input of the chunk is handed
   out: the chunk is written and reported whole, and only then does the run stop.
 - Two threads that meet a closed runtime load its engine once (the check-then-load of ``_ensure_loaded`` runs under
-  the runtime's lock), and both get the model's output.
+  the runtime's lock), and both get the model's output; ``device="cuda:N"`` reaches the backend (GPU N).
 - ``training.vgg``'s features equal torchvision's ``vgg16().features`` computed here by hand from the layout its
   source describes (conv 3x3 padding 1 with bias, ReLU, 2x2 max-pool of stride 2; LPIPS taps relu1_2 .. relu5_3),
   and the LPIPS distance equals one computed by hand with ImageNet's mean/std normalisation.
@@ -104,6 +104,25 @@ def test_two_threads_meeting_a_closed_runtime_load_the_engine_once(first):
     rt.close()
     assert errors == [] and len(loads) == 1, (errors, loads)
     assert outputs and all(torch.equal(o, expected) for o in outputs)
+
+
+def test_a_runtime_on_cuda_n_runs_its_backend_on_that_gpu(monkeypatch):
+    """``device="cuda:1"`` reaches the backend (the model goes to GPU 1, not the current GPU); a stand-in GPU machine:
+    the torch[cuda] row is usable and its load only records the device."""
+    import vqfr.backends.torch as torch_backend
+
+    loaded_on = []
+
+    def load(self):
+        self.arch, self.loaded = "VQFRv2", True
+        loaded_on.append(self.device)
+
+    monkeypatch.setattr(torch_backend, "cuda_missing", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "stand-in GPU")
+    monkeypatch.setattr(torch_backend.TorchBackend, "load", load)
+    for device, want in (("cuda:1", torch.device("cuda", 1)), ("cuda", torch.device("cuda"))):
+        rt = Runtime(seeded_model(TINY_V2, seed=1), backend="torch", device=device)
+        assert rt.device == want and loaded_on[-1] == want and rt.entry.label == "torch[cuda]"
 
 
 # --- VGG16 against torchvision's layout, computed by hand -----------------------------------------------------------
