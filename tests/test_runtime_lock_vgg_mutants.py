@@ -3,7 +3,8 @@
 - A signal while a chunk's writes are handed to the writer threads waits until every input of the chunk is handed
   out: the chunk is written and reported whole, and only then does the run stop.
 - Two threads that meet a closed runtime load its engine once (the check-then-load of ``_ensure_loaded`` runs under
-  the runtime's lock), and both get the model's output; ``device="cuda:N"`` reaches the backend (GPU N).
+  the runtime's lock), and both get the model's output; ``device="cuda:N"`` reaches the backend (GPU N),
+  and ``infer`` brings each batch's output back to the host.
 - ``training.vgg``'s features equal torchvision's ``vgg16().features`` computed here by hand from the layout its
   source describes (conv 3x3 padding 1 with bias, ReLU, 2x2 max-pool of stride 2; LPIPS taps relu1_2 .. relu5_3),
   and the LPIPS distance equals one computed by hand with ImageNet's mean/std normalisation.
@@ -123,6 +124,27 @@ def test_a_runtime_on_cuda_n_runs_its_backend_on_that_gpu(monkeypatch):
     for device, want in (("cuda:1", torch.device("cuda", 1)), ("cuda", torch.device("cuda"))):
         rt = Runtime(seeded_model(TINY_V2, seed=1), backend="torch", device=device)
         assert rt.device == want and loaded_on[-1] == want and rt.entry.label == "torch[cuda]"
+
+
+class _OnTheGPU(torch.Tensor):
+    """Stands in for a tensor on a GPU: every operation keeps it there, only ``.cpu()`` gives a host tensor."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        return out.as_subclass(torch.Tensor) if func is torch.Tensor.cpu else out
+
+
+def test_infer_returns_host_tensors_batch_by_batch():
+    """``Runtime.infer`` documents its output on the CPU: each batch the backend leaves on its GPU comes back to the
+    host (a long batch never piles up in GPU memory)."""
+    rt = Runtime(seeded_model(TINY_V2, seed=1), device="cpu", max_batch=1)
+    x = torch.from_numpy(_faces(2, seed=4)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    expected = rt.infer(x, fidelity=0.5)
+    real = rt.backend.infer
+    rt.backend.infer = lambda *args: real(*args).as_subclass(_OnTheGPU)
+    got = rt.infer(x, fidelity=0.5)
+    assert type(got) is torch.Tensor and torch.equal(got, expected)
 
 
 # --- VGG16 against torchvision's layout, computed by hand -----------------------------------------------------------
