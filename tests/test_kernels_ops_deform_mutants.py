@@ -16,8 +16,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import kernels
 import kernels.ops  # noqa: F401  (registers torch.ops.vqfr.*)
 from kernels import dispatch
-from kernels.deform_conv import deform_conv2d_grid_sample, deform_conv2d_reference
+from kernels.deform_conv import bilinear_sample_reference, deform_conv2d_grid_sample, deform_conv2d_reference
 from tests.test_kernels_dispatch import small_dcn
+from tests.test_kernels_reference_mutants import bilinear
 
 
 @pytest.fixture(autouse=True)
@@ -159,3 +160,58 @@ def test_a_weight_with_fewer_input_channels_than_x_is_refused():
     for call in (deform_conv2d_reference, kernels.modulated_deform_conv2d):
         with pytest.raises(ValueError, match="weight has 4 input channels but x has 8"):
             call(x, offset, mask, weight[:, :4], bias, 1, 1, 1)
+
+
+@pytest.mark.parametrize("name", ["offset", "mask"])
+def test_an_offset_or_mask_of_the_wrong_output_size_is_a_value_error_naming_it(name):
+    """The offset and mask must cover [H_out, W_out] exactly (6 x 7 here): one column short is a ValueError naming
+    the tensor and the expected shape, not a view error from inside the sampling."""
+    x, offset, mask, weight, bias = small_dcn()
+    args = {"offset": offset, "mask": mask}
+    args[name] = args[name][..., :6].contiguous()
+    for mode in ("auto", "reference"):
+        with kernels.use(mode), pytest.raises(ValueError, match=rf"{name} shape .* != expected \(1, \d+, 6, 7\)"):
+            kernels.modulated_deform_conv2d(x, args["offset"], args["mask"], weight, bias, 1, 1, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bilinear_sample_reference_returns_the_dtype_of_the_features(dtype):
+    """Its docstring: the samples come back in the dtype of ``feat`` (the reference forward then runs in the dtype
+    of x, as plain torch would), and equal torchvision's bilinear rule up to that dtype's rounding."""
+    gen = torch.Generator().manual_seed(4)
+    feat = torch.randn(2, 3, 4, 5, generator=gen)
+    py, px = torch.rand(2, 6, generator=gen) * 6 - 1.5, torch.rand(2, 6, generator=gen) * 7 - 1.5
+    got = bilinear_sample_reference(feat.to(dtype), py, px)
+    assert got.dtype == dtype
+    want = torch.stack([torch.stack([bilinear(feat[n].to(dtype).double(), float(py[n, i]), float(px[n, i]))
+                                     for i in range(6)], 1) for n in range(2)])
+    torch.testing.assert_close(got.double(), want, atol=3e-2, rtol=0)
+
+
+def test_a_grad_out_with_no_flat_view_is_taken_as_it_is():
+    """A deformable-conv output concatenated along its width gets its gradient as a narrow slice of the
+    concatenation's (no flat H_out*W_out view); the backward takes any strides and gives float64 autograd's
+    gradients."""
+    args = small_dcn(torch.float64)
+    leaves = [t.clone().requires_grad_() for t in args]
+    out = kernels.modulated_deform_conv2d(*leaves, 1, 1, 1)
+    upstream = torch.randn(1, 4, 6, 10, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    torch.cat([out, out.new_zeros(1, 4, 6, 3)], dim=3).backward(upstream)
+    want = autograd_grads(upstream[..., :7], *args[:4])
+    for leaf, w in zip(leaves[:4], want, strict=True):
+        torch.testing.assert_close(leaf.grad, w, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(leaves[4].grad, upstream[..., :7].sum((0, 2, 3)), atol=1e-12, rtol=0)
+
+
+def test_offset_mask_weight_and_bias_of_another_dtype_are_converted_to_the_dtype_of_x():
+    """modulated_deform_conv2d's docstring: an fp32 weight beside fp16 activations (autocast) computes in the dtype
+    of x, so the output equals that of a mask, weight and bias converted to fp16 beforehand (the sample positions
+    are fp32 either way)."""
+    x, offset, mask, weight, bias = small_dcn()
+    for mode in ("auto", "reference"):
+        with kernels.use(mode):
+            mixed = kernels.modulated_deform_conv2d(x.half(), offset, mask, weight, bias, 1, 1, 1)
+            half = kernels.modulated_deform_conv2d(x.half(), offset, mask.half(), weight.half(), bias.half(), 1, 1,
+                                                   1)
+        assert mixed.dtype == torch.float16
+        assert torch.equal(mixed, half), mode
