@@ -215,3 +215,18 @@ def test_offset_mask_weight_and_bias_of_another_dtype_are_converted_to_the_dtype
                                                    1)
         assert mixed.dtype == torch.float16
         assert torch.equal(mixed, half), mode
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_nan_row_offset_beside_a_column_inside_the_image_reads_zero(dtype):
+    """A NaN dy reads 0 even where dx alone would keep the sample inside the image (the grid_sample path maps the
+    row and the column separately): the output equals that of the same tap masked out."""
+    x, offset, mask, weight, bias = small_dcn(torch.float64)
+    off, masked = offset.clone(), mask.clone()
+    off[0, 2 * 4, 3, 3], off[0, 2 * 4 + 1, 3, 3] = float("nan"), 0.25  # tap 4 (the centre) of pixel (3, 3)
+    masked[0, 4, 3, 3] = 0
+    expected = deform_conv2d_reference(x, offset, masked, weight, bias, 1, 1, 1)
+    out = kernels.modulated_deform_conv2d(*(t.to(dtype) for t in (x, off, mask, weight, bias)), 1, 1, 1)
+    path = "grid_sample" if dtype == torch.float32 else "reference"
+    assert dispatch.LAUNCHES == {f"modulated_deform_conv2d:{path}": 1}
+    torch.testing.assert_close(out, expected.to(dtype), atol=1e-5 if dtype == torch.float32 else 1e-12, rtol=0)
