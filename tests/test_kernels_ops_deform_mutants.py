@@ -205,16 +205,18 @@ def test_a_grad_out_with_no_flat_view_is_taken_as_it_is():
 
 def test_offset_mask_weight_and_bias_of_another_dtype_are_converted_to_the_dtype_of_x():
     """modulated_deform_conv2d's docstring: an fp32 weight beside fp16 activations (autocast) computes in the dtype
-    of x, so the output equals that of a mask, weight and bias converted to fp16 beforehand (the sample positions
-    are fp32 either way)."""
+    of x, so the output equals that of a mask, weight and bias converted to the dtype of x beforehand (the sample
+    positions are computed in fp32 either way); float64 ones beside a float32 x likewise, offset included."""
     x, offset, mask, weight, bias = small_dcn()
-    for mode in ("auto", "reference"):
-        with kernels.use(mode):
-            mixed = kernels.modulated_deform_conv2d(x.half(), offset, mask, weight, bias, 1, 1, 1)
-            half = kernels.modulated_deform_conv2d(x.half(), offset, mask.half(), weight.half(), bias.half(), 1, 1,
-                                                   1)
-        assert mixed.dtype == torch.float16
-        assert torch.equal(mixed, half), mode
+    for x_dtype, other in ((torch.float16, torch.float32), (torch.float32, torch.float64)):
+        xd, rest = x.to(x_dtype), [t.to(other) for t in (offset, mask, weight, bias)]
+        for mode in ("auto", "reference"):
+            with kernels.use(mode):
+                mixed = kernels.modulated_deform_conv2d(xd, *rest, 1, 1, 1)
+                converted = kernels.modulated_deform_conv2d(xd, rest[0].float(), *(t.to(x_dtype) for t in rest[1:]),
+                                                            1, 1, 1)
+            assert mixed.dtype == x_dtype
+            assert torch.equal(mixed, converted), (x_dtype, mode)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
