@@ -1,4 +1,4 @@
-"""What holds the GPU memory of the fastest path: ``python -m deploy.memory_map --version v2 --batch 8``.
+"""What holds the GPU memory of the fastest path: ``python -m deploy.memory_map --version v2 --batches 8``.
 
 The benchmark reports one number per row (``peak_mem_mb``: the larger of the peak allocated memory and the memory
 reserved after the timed calls, so that a CUDA graph's private pool counts). This tool says what that number is made
