@@ -73,6 +73,28 @@ def test_loads_a_facexlib_style_file_by_path(tmp_path, net_state, weights):
         RetinaFace(tmp_path / "broken.pth")
 
 
+def test_unreadable_detector_weights_name_the_detectors_file_not_vqfrs(tmp_path):
+    """The reading errors of a VQFR checkpoint, reworded for the detector: a missing or corrupt file names the
+    detector's weights and how to get them, never "a VQFR .pth"."""
+    (tmp_path / "cut.pth").write_bytes(b"PK\x03\x04 not a checkpoint")
+    cases = [
+        (f"retinaface:{tmp_path / 'missing.pth'}", "cannot read RetinaFace weights: does not exist",
+         "check the path; pass facexlib's detection_Resnet50_Final.pth"),
+        (f"retinaface:{tmp_path / 'cut.pth'}", "cannot read RetinaFace weights: is not a readable PyTorch checkpoint",
+         "re-download the file; it may be truncated; pass facexlib's detection_Resnet50_Final.pth"),
+        (f"mtcnn:{tmp_path / 'missing.pth'}", "cannot read MTCNN weights: does not exist",
+         "check the path; pass an MTCNN .safetensors, or reinstall vqfr-deploy for the embedded weights"),
+        (str(tmp_path / "cut.pth"), "cannot read detector weights: is not a readable PyTorch checkpoint",
+         "pass facexlib's detection_Resnet50_Final.pth or an MTCNN .safetensors"),
+    ]
+    for spec, reason, fix in cases:
+        with pytest.raises(ConfigError) as info:
+            load_detector(spec)
+        assert info.value.reason.startswith(reason), info.value
+        assert info.value.fix.endswith(fix) and "VQFR" not in str(info.value), info.value
+        assert info.value.path is not None and info.value.path.name in spec
+
+
 def test_prior_layout():
     priors = prior_boxes(64, 96)
     # stride 8: 8x12 cells, stride 16: 4x6, stride 32: 2x3; two anchors each

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,8 @@ from vqfr.atomic import atomic_path, atomic_write_bytes
 from vqfr.errors import CheckpointError, ConfigError
 from vqfr.models import Network, build_model
 
-__all__ = ["load_model", "read_state_dict", "filter_state_dict", "guess_arch", "save_safetensors", "save_released",
-           "file_sha256"]
+__all__ = ["load_model", "read_state_dict", "read_weights", "filter_state_dict", "guess_arch", "save_safetensors",
+           "save_released", "file_sha256"]
 
 #: A key that only one architecture has, checked in this order.
 _SIGNATURES = (
@@ -86,7 +87,9 @@ def read_state_dict(path: str | Path, param_key: str | None = None) -> tuple[dic
     if path.suffix.lower() == ".safetensors":  # as the backend table reads suffixes
         return _read_safetensors(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of any pickle protocol above 2; the refusal below says enough
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = _pickled_globals(path)
         if found:
@@ -106,6 +109,24 @@ def read_state_dict(path: str | Path, param_key: str | None = None) -> tuple[dic
         return filter_state_dict(obj, param_key), None
     except CheckpointError as exc:
         raise CheckpointError(str(exc), path=path, fix="pass a checkpoint in the released layout") from exc
+
+
+def read_weights(path: str | Path, what: str, fix: str) -> dict[str, Tensor]:
+    """The state dict of another network's weights file (a face detector's), read as :func:`read_state_dict` reads
+    a checkpoint, with its errors reworded for that network.
+
+    Args:
+        what: the weights named in the error, e.g. ``"RetinaFace weights"``.
+        fix: how to get the right file, given after the reading error's own fix (alone for a missing file).
+
+    Raises:
+        ConfigError: ``"cannot read {what}: {reason}"``, naming the file.
+    """
+    try:
+        return read_state_dict(path)[0]
+    except CheckpointError as exc:
+        own = f"check the path; {fix}" if not Path(path).is_file() else f"{exc.fix}; {fix}"
+        raise ConfigError(f"cannot read {what}: {exc.reason}", path=path, fix=own) from exc
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict | None]:

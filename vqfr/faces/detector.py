@@ -183,15 +183,10 @@ def load_detector(spec: str | Path | Detector | None = None, device: str = "cpu"
 
 
 def _guess_kind(path: Path) -> str:
-    from vqfr.checkpoint import read_state_dict
-    from vqfr.errors import CheckpointError
+    from vqfr.checkpoint import read_weights
 
-    try:
-        sd, _ = read_state_dict(path)
-    except CheckpointError as exc:
-        raise ConfigError(f"cannot read detector weights: {exc.reason}", path=path,
-                          fix=f"{exc.fix}; pass facexlib's detection_Resnet50_Final.pth or an MTCNN .safetensors"
-                          ) from exc
+    sd = read_weights(path, "detector weights",
+                      "pass facexlib's detection_Resnet50_Final.pth or an MTCNN .safetensors")
     keys = {k.removeprefix("module.") for k in sd}
     if any(k.startswith("pnet.") for k in keys):
         return "mtcnn"

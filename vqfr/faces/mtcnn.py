@@ -140,15 +140,11 @@ class MTCNN:
     def __init__(self, weights: str | Path | None = None, *, device: str | torch.device = "cpu", min_face: int = 20,
                  thresholds: tuple[float, float, float] = (0.6, 0.7, 0.95), factor: float = 0.709, batch: int = 256,
                  max_level_pixels: int = 4_000_000):
-        from vqfr.checkpoint import read_state_dict
-        from vqfr.errors import CheckpointError
+        from vqfr.checkpoint import read_weights
 
         path = Path(weights) if weights is not None else default_weights()
-        try:
-            sd, _ = read_state_dict(path)
-        except CheckpointError as exc:
-            raise ConfigError(f"cannot read MTCNN weights: {exc.reason}", path=path,
-                              fix=f"{exc.fix}; or reinstall vqfr-deploy for the embedded weights") from exc
+        sd = read_weights(path, "MTCNN weights",
+                          "pass an MTCNN .safetensors, or reinstall vqfr-deploy for the embedded weights")
         self.device = torch.device(device)
         self.pnet, self.rnet, self.onet = PNet(), RNet(), ONet()
         for name, net in (("pnet", self.pnet), ("rnet", self.rnet), ("onet", self.onet)):

@@ -185,15 +185,10 @@ class RetinaFace:
 
     def __init__(self, weights: str | Path, *, device: str | torch.device = "cpu", threshold: float = 0.97,
                  nms_iou: float = 0.4, max_pixels: int = 16_000_000):
-        from vqfr.checkpoint import read_state_dict
-        from vqfr.errors import CheckpointError
+        from vqfr.checkpoint import read_weights
 
         path = Path(weights)
-        try:
-            sd, _ = read_state_dict(path)
-        except CheckpointError as exc:
-            raise ConfigError(f"cannot read RetinaFace weights: {exc.reason}", path=path,
-                              fix=f"{exc.fix}; pass facexlib's detection_Resnet50_Final.pth") from exc
+        sd = read_weights(path, "RetinaFace weights", "pass facexlib's detection_Resnet50_Final.pth")
         self.net = RetinaFaceNet()
         try:
             self.net.load_state_dict(sd, strict=True)
