@@ -80,6 +80,24 @@ def test_outputs_match_the_api_and_resume(tmp_path, weights, capsys):
     assert "0 images, 0 faces restored, 0 failed, 1 skipped (existing)" in capsys.readouterr().out
 
 
+def test_photo_options_given_with_aligned_are_named_as_ignored(tmp_path, weights, capsys):
+    """With --aligned nothing is detected or pasted back, so a --detector or --parser file was silently unused, even
+    a bad one: the run says which options it ignores, and restores the faces as without them."""
+    face = tmp_path / "face.png"
+    cv2.imwrite(str(face), _face(4))
+    (tmp_path / "bad.pth").write_bytes(b"not weights")
+    args = ["-i", str(face), "-o", str(tmp_path / "out"), "--weights", str(weights), "--aligned", "-q"]
+    assert main(args) == EXIT_OK
+    assert "not used with --aligned" not in capsys.readouterr().err
+    assert main([*args, "--detector", str(tmp_path / "bad.pth"), "--parser", str(tmp_path / "bad.pth"),
+                 "--only-center-face"]) == EXIT_OK
+    assert ("vqfr: note: --detector, --parser, --only-center-face are not used with --aligned (aligned faces are "
+            "neither detected nor pasted back); ignored") in capsys.readouterr().err
+    assert main([*args, "--detector-max-pixels", "1000"]) == EXIT_OK
+    assert "note: --detector-max-pixels is not used with --aligned" in capsys.readouterr().err
+    assert len(list((tmp_path / "out" / "restored_faces").iterdir())) == 1
+
+
 @needs_faces
 @pytest.mark.shared
 def test_whole_photo_run(tmp_path, weights, capsys):

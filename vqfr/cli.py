@@ -493,6 +493,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         signals.restore()
 
 
+def _unused_with_aligned(args: argparse.Namespace) -> list[str]:
+    """The options given that only act on whole photos (detection and pasting back)."""
+    given = {"--detector": args.detector, "--detector-max-pixels": args.detector_max_pixels, "--parser": args.parser,
+             "--only-center-face": args.only_center_face}
+    return [name for name, value in given.items() if value]
+
+
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, signals: _Signals) -> int:
     from vqfr.models import resolve_options
     from vqfr.runtime import Runtime, find_weights
@@ -542,6 +549,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, signals: _Si
         if not args.aligned:  # build the detector and parser now: a bad --detector/--parser fails before the loop
             rt.detector  # noqa: B018
             rt.parser  # noqa: B018
+        elif unused := _unused_with_aligned(args):
+            print(f"vqfr: note: {', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used with --aligned "
+                  "(aligned faces are neither detected nor pasted back); ignored", file=sys.stderr)
     except (VQFRError, ImportError, OSError) as exc:
         job.remove_new_folders()
         print(f"vqfr: error: {exc}", file=sys.stderr)
