@@ -62,8 +62,9 @@ def _tensorrt() -> Any:
     """
     module = require("tensorrt", _PURPOSE)
     if not hasattr(module, "Builder"):
-        raise ImportError(f"tensorrt is needed for {_PURPOSE} but only its type stubs are installed "
-                          f"({getattr(module, '__path__', '?')}). Install it with: pip install 'vqfr-deploy[trt]'")
+        where = ", ".join(getattr(module, "__path__", [])) or "?"
+        raise ImportError(f"tensorrt is needed for {_PURPOSE} but only its type stubs are installed ({where}). "
+                          "Install it with: pip install 'vqfr-deploy[trt]'")
     return module
 
 

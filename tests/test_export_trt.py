@@ -13,6 +13,7 @@ node of our graphs is in the TensorRT parser's supported-op list is in test_expo
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import re
 import shutil
@@ -99,6 +100,24 @@ def test_missing_tensorrt_names_the_extra(tmp_path, capsys):
     assert main([str(onnx_path), "-o", str(tmp_path / "m.engine")]) == 1
     assert "vqfr-deploy[trt]" in capsys.readouterr().err
     assert not (tmp_path / "m.engine").exists()
+
+
+def test_type_stubs_alone_are_refused_naming_their_folder(tmp_path, monkeypatch):
+    """tensorrt-stubs alone imports as an empty namespace package: refused, naming where it was found as a plain path
+    (its __path__ object printed as "_NamespacePath([...])" before)."""
+    import export.trt
+
+    (tmp_path / "stubs_only_trt").mkdir()
+    (tmp_path / "stubs_only_trt" / "__init__.pyi").write_text("class Builder: ...\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    namespace = importlib.import_module("stubs_only_trt")
+    monkeypatch.setattr(export.trt, "require", lambda name, purpose: namespace)
+    with pytest.raises(ImportError) as info:
+        export.trt._tensorrt()
+    assert str(info.value) == (f"tensorrt is needed for building TensorRT engines but only its type stubs are "
+                               f"installed ({tmp_path / 'stubs_only_trt'}). Install it with: pip install "
+                               "'vqfr-deploy[trt]'")
+    assert not tensorrt_available()
 
 
 def test_build_options_are_checked_first(tmp_path):
