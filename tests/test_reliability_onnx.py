@@ -124,3 +124,25 @@ def test_fixed_batch_onnx_serves_any_number_of_faces(engine, tmp_path):
     assert rt.batch_size == 2
     for n in (1, 3):
         np.testing.assert_allclose(rt.infer(x[:n], f[:n]).numpy(), dynamic[:n].numpy(), atol=1e-5, rtol=0)
+
+
+def test_an_engine_exported_from_random_weights_warns_as_random_weights_do(engine, tmp_path, capsys):
+    """``export.onnx --random-weights`` is for testing the pipeline; its sidecar says so. An engine of real weights
+    runs quietly; one of random weights gets the random-weights banner, ``random_weights`` and the CLI's warning, so
+    nobody deploys it by mistake."""
+    rt = vqfr.Runtime(engine)
+    assert not rt.random_weights and "RANDOM" not in capsys.readouterr().err
+    rt.close()
+    random_engine = export_onnx(None, tmp_path / "random_v2.onnx", config=MICRO_V2, random_weights=3)
+    capsys.readouterr()
+    rt = vqfr.Runtime(random_engine)
+    err = capsys.readouterr().err
+    assert rt.random_weights and repr(rt).startswith(f"Runtime({random_engine} (random weights): VQFRv2")
+    assert "random_v2.onnx WAS EXPORTED FROM RANDOM WEIGHTS (its sidecar says so)" in err and "MEANINGLESS" in err
+    assert "python -m export.onnx --weights VQFR_v2.pth" in err
+    rt.close()
+    cv2.imwrite(str(tmp_path / "face.png"), _faces(1)[0])
+    code, stderr = _run_cli(["-i", str(tmp_path / "face.png"), "-o", str(tmp_path / "out"), "--engine",
+                             str(random_engine), "--aligned", "-q"])
+    assert code == EXIT_OK
+    assert stderr.rstrip().splitlines()[-1].startswith("vqfr: WARNING: these outputs come from RANDOM weights")

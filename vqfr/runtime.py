@@ -110,13 +110,18 @@ def _random_model(options: Any) -> nn.Module:
         return build_model(options).eval()
 
 
-def _banner(arch: str) -> str:
+def _banner(arch: str, engine: Path | None = None) -> str:
+    """The warning for random weights: none found (``engine`` None), or an engine exported from random weights."""
     line = "!" * 100
-    return (f"\n{line}\n!!! vqfr: NO WEIGHTS GIVEN OR FOUND. Using a RANDOM-WEIGHT {arch} "
-            f"(official architecture, seed 0).\n"
+    what = (f"NO WEIGHTS GIVEN OR FOUND. Using a RANDOM-WEIGHT {arch} (official architecture, seed 0)."
+            if engine is None else f"{engine.name} WAS EXPORTED FROM RANDOM WEIGHTS (its sidecar says so), not "
+            f"from a trained {arch}.")
+    fix = ("pass the released weights (vqfr.Runtime('VQFR_v2.pth'), CLI --weights VQFR_v2.pth) or set "
+           f"{WEIGHTS_ENV}=/path/to/VQFR_v2.pth" if engine is None else
+           "export the released weights (python -m export.onnx --weights VQFR_v2.pth) and use that engine")
+    return (f"\n{line}\n!!! vqfr: {what}\n"
             f"!!! Its output is MEANINGLESS: use it only to test the pipeline, never to judge restoration.\n"
-            f"!!! Fix: pass the released weights (vqfr.Runtime('VQFR_v2.pth'), CLI --weights VQFR_v2.pth) or set "
-            f"{WEIGHTS_ENV}=/path/to/VQFR_v2.pth.\n{line}\n")
+            f"!!! Fix: {fix}.\n{line}\n")
 
 
 class Runtime:
@@ -126,7 +131,8 @@ class Runtime:
         engine: ``.engine``/``.plan`` (TensorRT), ``.onnx`` (ONNX Runtime: TensorRT EP, CUDA EP, then CPU), ``.pt2``
             (AOTInductor), ``.pth``/``.safetensors`` (PyTorch; Triton kernels on CUDA), an ``nn.Module`` such as
             ``vqfr.load_model(...)`` returns, or None: the weights found by :func:`find_weights`, else a seeded
-            random-weight model of the official architecture (a loud warning, and ``random_weights`` is True).
+            random-weight model of the official architecture (a loud warning, and ``random_weights`` is True; so too
+            for an engine whose sidecar says it was exported from random weights).
         backend: ``"auto"`` (the first usable row of :data:`vqfr.backends.BACKENDS` that loads this engine) or a
             backend name: ``tensorrt``, ``onnxruntime``, ``aoti``, ``torch``.
         device: ``"auto"``, ``"cuda"``, ``"cuda:N"`` or ``"cpu"``.
@@ -217,6 +223,10 @@ class Runtime:
                 raise EngineError(f"sidecar says arch {meta.arch!r}, not a VQFR restoration model", path=path,
                                   fix="export a VQFRv1 or VQFRv2 model")
             verify_engine_file(path, meta)
+            if str(meta.extra.get("weights", "")).startswith("random"):  # export --random-weights: testing only
+                self.random_weights = True
+                sys.stderr.write(_banner(meta.arch, path))
+                sys.stderr.flush()
             return path, meta
         return path, None
 
@@ -297,8 +307,10 @@ class Runtime:
         return 1 if self.arch == "VQFRv1" else 2
 
     def __repr__(self) -> str:
-        src = "random weights" if self.random_weights else (
-            "in-memory module" if isinstance(self.engine, nn.Module) else str(self.engine))
+        if isinstance(self.engine, nn.Module):
+            src = "random weights" if self.random_weights else "in-memory module"
+        else:
+            src = f"{self.engine} (random weights)" if self.random_weights else str(self.engine)
         return (f"Runtime({src}: {self.arch} at {self.face_size}px on {self.entry.label} {self.device}, "
                 f"{self.precision})")
 
