@@ -80,6 +80,26 @@ def test_outputs_match_the_api_and_resume(tmp_path, weights, capsys):
     assert "0 images, 0 faces restored, 0 failed, 1 skipped (existing)" in capsys.readouterr().out
 
 
+def test_a_complete_run_resumed_loads_no_model(tmp_path, weights, capsys, monkeypatch):
+    """--skip-existing over a finished run has nothing to restore: it says so without loading the model (a compile
+    or engine load of seconds to minutes); one input left to do loads it as usual."""
+    for seed in (1, 2):
+        cv2.imwrite(str(tmp_path / f"face{seed}.png"), _face(seed))
+    args = ["-i", str(tmp_path / "face*.png"), "-o", str(tmp_path / "out"), "--weights", str(weights), "--aligned",
+            "-q", "--skip-existing"]
+    assert main(args) == EXIT_OK
+    capsys.readouterr()
+    loads = []
+    real_init = vqfr.Runtime.__init__
+    monkeypatch.setattr(vqfr.Runtime, "__init__", lambda self, *a, **k: loads.append(1) or real_init(self, *a, **k))
+    assert main(args) == EXIT_OK and not loads
+    assert capsys.readouterr().out.startswith("vqfr: 0 images, 0 faces restored, 0 failed, 2 skipped (existing); "
+                                              "nothing left to restore, so no model was loaded; outputs in ")
+    (tmp_path / "out" / "restored_faces" / "face2_00.png").unlink()
+    assert main(args) == EXIT_OK and loads == [1]
+    assert "1 images, 1 faces restored, 0 failed, 1 skipped (existing)" in capsys.readouterr().out
+
+
 def test_photo_options_given_with_aligned_are_named_as_ignored(tmp_path, weights, capsys):
     """With --aligned nothing is detected or pasted back, so a --detector or --parser file was silently unused, even
     a bad one: the run says which options it ignores, and restores the faces as without them."""

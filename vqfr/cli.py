@@ -493,6 +493,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         signals.restore()
 
 
+def _notes(job: _Job, args: argparse.Namespace, ignored: int) -> list[str]:
+    """The summary line's counts beyond images, faces and failures."""
+    notes = [f"{job.faceless} without faces"] if job.faceless and not args.aligned else []
+    if job.skipped:
+        notes.append(f"{job.skipped} skipped (existing)")
+    if ignored:
+        notes.append(f"{ignored} non-image files ignored")
+    return notes
+
+
 def _unused_with_aligned(args: argparse.Namespace) -> list[str]:
     """The options given that only act on whole photos (detection and pasting back)."""
     given = {"--detector": args.detector, "--detector-max-pixels": args.detector_max_pixels, "--parser": args.parser,
@@ -528,6 +538,17 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, signals: _Si
     version = args.version[0] if args.version else None
     out = Path(args.output).expanduser()  # the shell leaves the ~ of --output=~/restored to us
     job = _Job(args, out, files, signals)
+    stems = _output_stems(files)
+    todo = []
+    for f in files:
+        if args.skip_existing and job.done_before(f, stems[f]):
+            job.skipped += 1
+        else:
+            todo.append((f, stems[f]))
+    if not todo:  # a resumed run that is already complete: no model to load
+        print(f"vqfr: 0 images, 0 faces restored, 0 failed, {', '.join(_notes(job, args, ignored))}; nothing left "
+              f"to restore, so no model was loaded; outputs in {out}/")
+        return EXIT_OK
     try:
         job.make_folders()
         # -v (or --config) picks the default weights; weights found ($VQFR_WEIGHTS, ./weights ...) then load exactly
@@ -562,13 +583,6 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, signals: _Si
 
     from tqdm import tqdm
 
-    stems = _output_stems(files)
-    todo = []
-    for f in files:
-        if args.skip_existing and job.done_before(f, stems[f]):
-            job.skipped += 1
-        else:
-            todo.append((f, stems[f]))
     started = time.perf_counter()
     with rt, tqdm(total=len(todo), unit="img", disable=args.quiet or None, file=sys.stderr) as bar:
         pipeline = _Pipeline(rt, job, bar, args.io_threads)
@@ -585,11 +599,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, signals: _Si
     interrupted = signals.received is not None
     wall = time.perf_counter() - started
     rate = job.faces / job.infer_s if job.infer_s > 0 else 0.0
-    notes = [f"{job.faceless} without faces"] if job.faceless and not args.aligned else []
-    if job.skipped:
-        notes.append(f"{job.skipped} skipped (existing)")
-    if ignored:
-        notes.append(f"{ignored} non-image files ignored")
+    notes = _notes(job, args, ignored)
     print(f"vqfr: {job.images} images, {job.faces} faces restored, {job.failed} failed"
           f"{', ' + ', '.join(notes) if notes else ''} in {wall:.1f} s ({job.faces / max(wall, 1e-9):.2f} faces/s; "
           f"the model alone {rate:.2f}) "
