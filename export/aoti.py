@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import re
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -236,4 +235,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vqfr.errors import exit_status
+
+    raise SystemExit(exit_status(main))

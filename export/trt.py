@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import math
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -487,4 +486,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vqfr.errors import exit_status
+
+    raise SystemExit(exit_status(main))

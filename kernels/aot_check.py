@@ -167,4 +167,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from vqfr.errors import exit_status
+
+    raise SystemExit(exit_status(main))

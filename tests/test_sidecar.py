@@ -114,3 +114,25 @@ def test_the_old_sidecar_command_points_to_its_new_name(tmp_path):
     done = subprocess.run([sys.executable, "-m", "vqfr.sidecar", str(tmp_path / "m.onnx")], capture_output=True,
                           text=True, cwd=ROOT)
     assert done.returncode == 1 and "python -m vqfr.inspect_engine" in done.stderr
+
+
+@pytest.mark.parametrize("module", ["vqfr.inspect_engine", "training.metrics"])
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path, module):
+    """``python -m vqfr.inspect_engine ENGINE | head -1``: the reader closes the pipe before the report is written,
+    and the command ends with 141 (128 + SIGPIPE, as ``cat`` would) and nothing on stderr, not a BrokenPipeError
+    traceback."""
+    engine = tmp_path / "m.onnx"
+    engine.write_bytes(b"engine bytes")
+    write_sidecar(engine, _meta())
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    (faces / "a.png").write_bytes((ROOT / "vqfr" / "demo" / "astronaut_degraded.jpg").read_bytes())
+    argv = [str(engine)] if module == "vqfr.inspect_engine" else ["psnr-ssim", "--restored", str(faces), "--gt",
+                                                                  str(faces)]
+    proc = subprocess.Popen([sys.executable, "-m", module, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=ROOT)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the command has written anything: its first write finds the pipe closed
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, stderr
+    assert stderr == ""

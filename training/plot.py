@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 
 from training.arguments import whole_number
@@ -108,4 +107,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vqfr.errors import exit_status
+
+    raise SystemExit(exit_status(main))

@@ -104,4 +104,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vqfr.errors import exit_status
+
+    raise SystemExit(exit_status(main))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -56,3 +57,16 @@ def run_command(action: Callable[[], str]) -> int:
         return 1
     print(message)
     return 0
+
+
+def exit_status(main: Callable[[], int]) -> int:
+    """``main()``'s exit status, for a ``python -m`` entry point. A reader that stops early (``| head``) closes the
+    pipe: the command then ends quietly with 141 (128 + SIGPIPE, as a shell reports for ``cat``) instead of a
+    BrokenPipeError traceback."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout again at exit
+        return 141
+    return code
