@@ -7,13 +7,11 @@ the user supplies the file.
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
-from typing import Any
 
-import torch
 from torch import Tensor, nn
 
+from vqfr.checkpoint import read_state_dict
 from vqfr.errors import CheckpointError, ConfigError
 
 __all__ = ["VGG16Features", "LPIPS_TAPS", "load_vgg16", "VGG16_URL"]
@@ -72,24 +70,10 @@ def load_vgg16(path: str | Path | None) -> VGG16Features:
     path = Path(path)
     if not path.is_file():
         raise ConfigError("VGG16 weights file not found", path=path, fix=fix)
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            sd: Any = load_file(str(path))
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"is not a readable safetensors file ({str(exc).splitlines()[0]})", path=path,
-                                  fix=fix) from exc
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-            raise CheckpointError(f"is not a readable PyTorch file ({str(exc).splitlines()[0]})", path=path,
-                                  fix=fix) from exc
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    try:  # as VQFR checkpoints are read: pickles that run code refused, ``module.`` prefixes stripped
+        sd, _ = read_state_dict(path, param_key="state_dict")
+    except CheckpointError as exc:
+        raise CheckpointError(exc.reason, path=path, fix=f"{exc.fix}; {fix}") from exc
     model = VGG16Features()
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
