@@ -11,7 +11,7 @@ import torch
 from export.source import ExportSpec
 from vqfr.checkpoint import file_sha256
 from vqfr.models import Network
-from vqfr.sidecar import EngineMeta
+from vqfr.sidecar import RANDOM_WEIGHTS_NOTE, EngineMeta
 
 __all__ = ["package_versions", "gpu_info", "engine_meta"]
 
@@ -75,7 +75,7 @@ def engine_meta(
     if weights is not None:
         details["weights"] = Path(weights).name
     else:
-        details["weights"] = f"random (seed {random_weights}); NOT a trained model, for testing only"
+        details["weights"] = f"{RANDOM_WEIGHTS_NOTE}{random_weights}); NOT a trained model, for testing only"
     details.update(extra or {})
     return EngineMeta(
         arch=model.options["type"],

@@ -1,5 +1,6 @@
 """The engine sidecar: round trip, validation and clear errors."""
 
+import dataclasses
 import json
 import shlex
 import subprocess
@@ -25,6 +26,21 @@ def test_round_trip(tmp_path):
     assert path == sidecar_path(engine) == tmp_path / "m.onnx.json"
     meta = read_sidecar(engine)
     assert meta == _meta() and meta.takes_fidelity and meta.input_names == ["input", "fidelity"]
+
+
+def test_only_an_export_of_random_weights_counts_as_random_weights():
+    """The runtime's random-weights warning for engines reads this: the note ``export --random-weights`` writes, not a
+    checkpoint whose file name happens to begin with "random"."""
+    from export.metadata import engine_meta
+    from export.source import ExportSpec
+    from tests.conftest import TINY_V2, seeded_model
+
+    model, spec = seeded_model(TINY_V2), ExportSpec(1, 32, 32, False, True)
+    assert engine_meta(model, spec, precision="fp32", weights=None, random_weights=3).from_random_weights
+    for name in ("VQFR_v2.pth", "random_faces_v2.safetensors"):
+        meta = dataclasses.replace(_meta(), extra={"weights": name})
+        assert not meta.from_random_weights, name
+    assert not _meta().from_random_weights  # a sidecar without the note
 
 
 def test_missing_and_malformed(tmp_path):

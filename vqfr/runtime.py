@@ -206,9 +206,7 @@ class Runtime:
             found = find_weights(options["type"])
             if found is not None:
                 return found, None
-            self.random_weights = True
-            sys.stderr.write(_banner(options["type"]))
-            sys.stderr.flush()
+            self._warn_random_weights(options["type"])
             return _random_model(options), None
         path = Path(engine).expanduser()
         kind = path.suffix.lower()
@@ -223,12 +221,16 @@ class Runtime:
                 raise EngineError(f"sidecar says arch {meta.arch!r}, not a VQFR restoration model", path=path,
                                   fix="export a VQFRv1 or VQFRv2 model")
             verify_engine_file(path, meta)
-            if str(meta.extra.get("weights", "")).startswith("random"):  # export --random-weights: testing only
-                self.random_weights = True
-                sys.stderr.write(_banner(meta.arch, path))
-                sys.stderr.flush()
+            if meta.from_random_weights:
+                self._warn_random_weights(meta.arch, path)
             return path, meta
         return path, None
+
+    def _warn_random_weights(self, arch: str, engine: Path | None = None) -> None:
+        """Set ``random_weights`` and print the banner (see :func:`_banner`)."""
+        self.random_weights = True
+        sys.stderr.write(_banner(arch, engine))
+        sys.stderr.flush()
 
     def _load_backend(self, source: Any, meta: EngineMeta | None, backend: str, device: str, precision: str,
                       config: Any) -> Backend:

@@ -33,10 +33,13 @@ from vqfr.atomic import atomic_write_bytes
 from vqfr.errors import EngineError
 
 FORMAT = "vqfr-engine/1"
+#: How ``extra["weights"]`` begins for an engine exported from seeded random weights (``--random-weights``);
+#: for a checkpoint it is the file's name.
+RANDOM_WEIGHTS_NOTE = "random (seed "
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 __all__ = ["EngineMeta", "TensorSpec", "sidecar_path", "write_sidecar", "read_sidecar", "verify_engine_file",
-           "FORMAT"]
+           "FORMAT", "RANDOM_WEIGHTS_NOTE"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +78,11 @@ class EngineMeta:
     @property
     def takes_fidelity(self) -> bool:
         return "fidelity" in self.input_names
+
+    @property
+    def from_random_weights(self) -> bool:
+        """Exported from seeded random weights (testing only), not from a checkpoint."""
+        return str(self.extra.get("weights", "")).startswith(RANDOM_WEIGHTS_NOTE)
 
     def to_dict(self) -> dict[str, Any]:
         return {
